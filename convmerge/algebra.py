@@ -1,0 +1,255 @@
+"""The tensor work: merged kernels and biases, batch-norm folding, evaluation, counterexamples.
+
+Everything is computed in float64 and handed back in the weights' own dtype, so a merge never
+loses precision the original pair did not already lose.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .rules import BiasCheck, Support, Verdict, decide
+from .spec import ConvSpec
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+@dataclass(frozen=True)
+class Conv:
+    """A convolution with its weights: what gets merged."""
+
+    spec: ConvSpec
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if tuple(self.weight.shape) != self.spec.weight_shape:
+            raise ValueError(f"weight shape {list(self.weight.shape)} is not {list(self.spec.weight_shape)}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+
+@dataclass(frozen=True)
+class BatchNorm:
+    """Inference-form batch norm: y = (x - mean) / sqrt(var + eps) * weight + bias."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    eps: float = 1e-5
+    weight: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+
+    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = 1.0 / torch.sqrt(self.var.double() + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight.double()
+        shift = -self.mean.double() * scale
+        if self.bias is not None:
+            shift = shift + self.bias.double()
+        return scale, shift
+
+
+@dataclass(frozen=True)
+class Counterexample:
+    """A concrete input on which the pair and the candidate conv differ (float64)."""
+
+    input: torch.Tensor
+    pair_output: torch.Tensor
+    candidate_output: torch.Tensor
+    index: tuple[int, ...]
+
+    @property
+    def pair_value(self) -> float:
+        return float(self.pair_output[self.index])
+
+    @property
+    def candidate_value(self) -> float:
+        return float(self.candidate_output[self.index])
+
+    def as_dict(self) -> dict:
+        return {
+            "input_shape": list(self.input.shape),
+            "output_index": list(self.index),
+            "pair_value": self.pair_value,
+            "candidate_value": self.candidate_value,
+        }
+
+
+def fold_bn(conv: Conv, bn: BatchNorm) -> Conv:
+    """conv followed by batch norm is one conv: scale the output channels, shift the bias."""
+    scale, shift = bn.scale_shift()
+    if scale.numel() != conv.spec.out_channels:
+        raise ValueError(f"batch norm has {scale.numel()} channels, the conv outputs {conv.spec.out_channels}")
+    w = conv.weight.double() * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+    b = shift if conv.bias is None else conv.bias.double() * scale + shift
+    return Conv(conv.spec.with_bias(True), w.to(conv.dtype), b.to(conv.dtype))
+
+
+def support(weight: torch.Tensor) -> Support:
+    """Per spatial axis, the tap indices whose slice holds a nonzero."""
+    nz = weight != 0
+    out = []
+    for axis in range(2, weight.dim()):
+        other = [d for d in range(weight.dim()) if d != axis]
+        out.append(tuple(int(i) for i in torch.nonzero(nz.any(dim=tuple(other))).flatten()))
+    return tuple(out)
+
+
+def analyze(conv1: Conv, conv2: Conv) -> Verdict:
+    """The verdict for conv2(conv1(x)), using the weights for supports and the bias check."""
+    return decide(conv1.spec, conv2.spec, support(conv1.weight), support(conv2.weight), bias_check(conv1, conv2))
+
+
+def bias_check(conv1: Conv, conv2: Conv) -> Optional[BiasCheck]:
+    """Where conv2 zero-pads, the pair misses conv1's bias by beta(o) = -sum(W2[c] b1) over padded taps c."""
+    if conv1.bias is None or not bool(torch.any(conv1.bias != 0)):
+        return None
+    g2 = conv2.spec.groups
+    w2 = conv2.weight.double()
+    b1 = conv1.bias.double().view(g2, 1, -1, *([1] * conv2.spec.ndim))
+    v = (w2.view(g2, -1, *w2.shape[1:]) * b1).sum(2).reshape(w2.shape[0], *w2.shape[2:])
+    total = v.flatten(1).sum(1)
+    tol = 1e-10 * (v.abs().flatten(1).sum(1) + 1e-300)
+
+    def vanishes(inside: tuple[tuple[int, ...], ...]) -> bool:
+        if any(len(t) == 0 for t in inside):
+            part = torch.zeros_like(total)
+        else:
+            part = v[(slice(None), *torch.meshgrid(*[torch.tensor(t) for t in inside], indexing="ij"))]
+            part = part.flatten(1).sum(1)
+        return bool(torch.all((total - part).abs() <= tol))
+
+    return vanishes
+
+
+def merge(conv1: Conv, conv2: Conv, cand: ConvSpec) -> Conv:
+    """The single conv `cand` (from the rules) with its kernel and bias, in float64.
+
+    Callers verify this float64 result, then store it with `cast` in the weights' dtype.
+    """
+    s1, s2 = conv1.spec, conv2.spec
+    g = cand.groups
+    w1 = _regroup(conv1.weight.double(), s1.groups, g)  # [C1, C0/g, *k1]
+    w2 = _regroup(conv2.weight.double(), s2.groups, g)  # [C2, C1/g, *k2]
+    c1, c2 = s1.out_channels, s2.out_channels
+    # The cross-correlation of a cross-correlation: K[c] = sum over d1*a + s1*d2*b = c of W1[a] W2[b],
+    # a transposed conv of W1 (stride d1) by W2 (dilation s1*d2), batched over conv1's inputs.
+    w2t = w2.view(g, c2 // g, c1 // g, *w2.shape[2:]).transpose(1, 2).reshape(c1, c2 // g, *w2.shape[2:])
+    kernel = _CONV_T[s1.ndim](
+        w1.transpose(0, 1), w2t, stride=s1.dilation, dilation=tuple(a1.stride * a2.dilation
+                                                                      for a1, a2 in zip(s1.axes, s2.axes)), groups=g
+    ).transpose(0, 1)
+    crop = []
+    for a1, a2, am in zip(s1.axes, s2.axes, cand.axes):
+        cut = a1.pad[0] + a1.stride * a2.pad[0] - am.pad[0]
+        crop.append(slice(cut, cut + am.kernel))
+    kernel = kernel[(slice(None), slice(None), *crop)]
+    bias = merged_bias(conv1, conv2)
+    return Conv(replace(cand, bias=bias is not None), kernel.contiguous(), bias)
+
+
+def cast(conv: Conv, dtype: torch.dtype) -> Conv:
+    return Conv(conv.spec, conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype))
+
+
+def merged_bias(conv1: Conv, conv2: Conv) -> Optional[torch.Tensor]:
+    """B = b2 + sum over conv2's taps of W2 * b1 (channel-wise); None when neither has a bias."""
+    if conv1.bias is None and conv2.bias is None:
+        return None
+    b = torch.zeros(conv2.spec.out_channels, dtype=torch.float64)
+    if conv2.bias is not None:
+        b = b + conv2.bias.double()
+    if conv1.bias is not None:
+        g2 = conv2.spec.groups
+        w2sum = conv2.weight.double().flatten(2).sum(2)  # [C2, C1/g2]
+        b1 = conv1.bias.double().view(g2, 1, -1)
+        b = b + (w2sum.view(g2, -1, w2sum.shape[1]) * b1).sum(2).flatten()
+    return b
+
+
+def apply(conv: Conv, x: torch.Tensor) -> torch.Tensor:
+    """Run one conv exactly as PyTorch would (any padding mode, asymmetric padding)."""
+    spec = conv.spec
+    pads = [p for a in reversed(spec.axes) for p in a.pad]
+    if any(pads):
+        x = F.pad(x, pads, mode=_PAD_MODE[spec.padding_mode])
+    w = conv.weight.to(x.dtype)
+    b = None if conv.bias is None else conv.bias.to(x.dtype)
+    return _CONV[spec.ndim](x, w, b, stride=spec.stride, dilation=spec.dilation, groups=spec.groups)
+
+
+def apply_chain(convs: Sequence[Conv], x: torch.Tensor) -> torch.Tensor:
+    for conv in convs:
+        x = apply(conv, x)
+    return x
+
+
+def max_error(convs: Sequence[Conv], merged: Conv, sizes: Sequence[Sequence[int]], seed: int = 0) -> float:
+    """Largest |chain - merged| relative to the output scale, on random float64 inputs of each size."""
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for size in sizes:
+        x = torch.randn(2, convs[0].spec.in_channels, *size, generator=gen, dtype=torch.float64)
+        want = apply_chain(convs, x)
+        got = apply(_as_double(merged), x)
+        if want.shape != got.shape:
+            return math.inf
+        scale = max(float(want.abs().max()), 1.0) if want.numel() else 1.0
+        worst = max(worst, float((want - got).abs().max()) / scale if want.numel() else 0.0)
+    return worst
+
+
+def counterexample(
+    convs: Sequence[Conv], cand: Conv, size: Sequence[int], seed: int = 0
+) -> Optional[Counterexample]:
+    """A small deterministic input where the chain and the candidate differ, or None if none was found."""
+    c0 = convs[0].spec.in_channels
+    gen = torch.Generator().manual_seed(seed)
+    trials = [torch.randn(1, c0, *size, generator=gen, dtype=torch.float64), torch.ones(1, c0, *size, dtype=torch.float64)]
+    for x in trials + list(_impulses(c0, size)):
+        want = apply_chain(convs, x)
+        got = apply(_as_double(cand), x)
+        diff = (want - got).abs()
+        scale = max(float(want.abs().max()), float(got.abs().max()), 1.0)
+        if diff.numel() and float(diff.max()) > 1e-9 * scale:
+            index = tuple(int(i) for i in torch.unravel_index(torch.argmax(diff), diff.shape))
+            return Counterexample(x, want, got, index)
+    return None
+
+
+def _impulses(channels: int, size: Sequence[int], limit: int = 4096):
+    count = 0
+    for c in range(channels):
+        for pos in torch.cartesian_prod(*[torch.arange(n) for n in size]).view(-1, len(size)):
+            if count >= limit:
+                return
+            x = torch.zeros(1, channels, *size, dtype=torch.float64)
+            x[(0, c, *pos.tolist())] = 1.0
+            count += 1
+            yield x
+
+
+def _as_double(conv: Conv) -> Conv:
+    return cast(conv, torch.float64)
+
+
+def _regroup(w: torch.Tensor, groups: int, to: int) -> torch.Tensor:
+    """A grouped weight [out, in/groups, *k] rewritten with fewer groups `to` (zeros off the blocks)."""
+    if groups == to:
+        return w
+    r = groups // to
+    out, in_g = w.shape[:2]
+    k = w.shape[2:]
+    blocks = w.reshape(to, r, out // groups, in_g, -1)
+    eye = torch.eye(r, dtype=w.dtype).view(1, r, 1, r, 1, 1)
+    dense = blocks.unsqueeze(3) * eye  # [to, r, og, r, in_g, K]
+    return dense.reshape(out, r * in_g, *k)

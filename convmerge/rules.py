@@ -1,0 +1,443 @@
+"""When is conv2(conv1(x)) one convolution?  Decided on hyperparameters and kernel supports.
+
+The candidate single conv is forced (DESIGN.md, rule 8): stride s1*s2, the kernels convolved,
+padding l1 + s1*l2.  It differs from the pair only at the borders, where the pair pads the
+*intermediate* while the candidate sees what conv1 would have computed there.  We apply the
+master rule literally: for every output o, every nonzero tap c of conv2 and a of conv1, the
+input cell the pair uses (after both paddings) must be the cell the candidate uses, or both
+must be zero.  With generic weights that is exact (each (c, a) is its own monomial W2[c]W1[a]);
+the one place where actual numbers matter, conv1's bias meeting conv2's zero padding, is a
+predicate the caller supplies (`BiasCheck`).
+
+Only border outputs are enumerated, so a size costs O(border x taps), whatever the size.  Past
+a bound that the kernels, paddings and strides fix, an axis behaves periodically in the size
+with period s1*s2, so "every size" is decided by a finite enumeration, not by trusting closed
+forms; the closed forms of DESIGN.md are what the tests check this against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import product
+from typing import Callable, Optional, Sequence
+
+from .spec import Axis, ConvSpec
+
+Support = tuple[tuple[int, ...], ...]
+"""Per axis, the kernel tap indices whose slice holds a nonzero (sorted)."""
+
+BiasCheck = Callable[[tuple[tuple[int, ...], ...]], bool]
+"""Given, per axis, the conv2 taps that read inside the intermediate at one output, say whether
+conv1's bias reaching the other (zero-padded) taps cancels (True) or shows (False)."""
+
+EQ, NE, PZ, CZ, ZZ = "EQ", "NE", "PZ", "CZ", "ZZ"
+_ZERO = None
+
+
+@dataclass(frozen=True)
+class AxisView:
+    """What one axis does at one input length."""
+
+    types: frozenset[str]  # kinds of (o, c, a) triples: equal cells, different, zero on one side...
+    fails: frozenset[str]  # sides ('left', 'right') with a triple that differs on its own
+    inside_sets: frozenset[tuple[int, ...]]  # conv2 taps reading the intermediate, per output
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The decision for one pair (or a merged conv and the next one)."""
+
+    verdict: str  # 'mergeable' | 'size-dependent' | 'unmergeable'
+    reason: str
+    sizes: Optional[str]  # for size-dependent: which sizes, in words
+    candidate: ConvSpec
+    analysis: "Analysis" = field(repr=False, compare=False)
+
+    def exact_at(self, size: Sequence[int]) -> bool:
+        return self.analysis.exact_at(size)
+
+
+def merged_mode(spec1: ConvSpec, spec2: ConvSpec, sup1: Support, sup2: Support) -> str:
+    """conv1's mode if conv2 reads no padding, conv2's if conv1 reads none, the common one, or zeros."""
+    reads2 = any(_eff_pad(a, s) != (0, 0) for a, s in zip(spec2.axes, sup2))
+    reads1 = any(_eff_pad(a, s) != (0, 0) for a, s in zip(spec1.axes, sup1))
+    if not reads2:
+        return spec1.padding_mode if reads1 else "zeros"
+    if not reads1:
+        return spec2.padding_mode
+    return spec1.padding_mode if spec1.padding_mode == spec2.padding_mode else "zeros"
+
+
+def candidate(spec1: ConvSpec, spec2: ConvSpec, sup1: Support, sup2: Support) -> ConvSpec:
+    """The only single conv that can equal the pair (zero border taps trimmed while pads allow)."""
+    axes = []
+    for a1, a2, t1, t2 in zip(spec1.axes, spec2.axes, sup1, sup2):
+        extent = a1.extent + a1.stride * (a2.extent - 1)
+        lo, hi = a1.pad[0] + a1.stride * a2.pad[0], a1.pad[1] + a1.stride * a2.pad[1]
+        if t1 and t2:  # zero border taps of the merged kernel are dropped, never below pad 0
+            cut_lo = min(a1.dilation * t1[0] + a1.stride * a2.dilation * t2[0], lo)
+            cut_hi = min(
+                a1.dilation * (a1.kernel - 1 - t1[-1]) + a1.stride * a2.dilation * (a2.kernel - 1 - t2[-1]), hi
+            )
+        else:
+            cut_lo = cut_hi = 0
+        axes.append(Axis(extent - cut_lo - cut_hi, a1.stride * a2.stride, 1, (lo - cut_lo, hi - cut_hi)))
+    mode = merged_mode(spec1, spec2, sup1, sup2)
+    if all(a.pad == (0, 0) for a in axes):
+        mode = "zeros"
+    return ConvSpec(
+        tuple(axes),
+        spec1.in_channels,
+        spec2.out_channels,
+        math.gcd(spec1.groups, spec2.groups),
+        mode,
+        spec1.bias or spec2.bias,
+    )
+
+
+class Analysis:
+    """The per-axis enumeration behind a verdict; answers exactness at any size."""
+
+    def __init__(
+        self, spec1: ConvSpec, spec2: ConvSpec, sup1: Support, sup2: Support, bias_ok: Optional[BiasCheck]
+    ) -> None:
+        if spec1.ndim != spec2.ndim or spec1.out_channels != spec2.in_channels:
+            raise ValueError("conv2 does not take conv1's output: dimensions or channels differ")
+        self.spec1, self.spec2, self.sup1, self.sup2 = spec1, spec2, sup1, sup2
+        self.cand = candidate(spec1, spec2, sup1, sup2)
+        self.bias_ok = bias_ok if spec2.padding_mode == "zeros" else None
+        self.period = [a1.stride * a2.stride for a1, a2 in zip(spec1.axes, spec2.axes)]
+        self.start = [_periodic_from(a1, a2, am) for a1, a2, am in zip(spec1.axes, spec2.axes, self.cand.axes)]
+
+    def view(self, k: int, n: int) -> Optional[AxisView]:
+        """Axis k at input length n; None where the pair is undefined there."""
+        s1, s2 = self.spec1, self.spec2
+        return axis_view(
+            s1.axes[k], s2.axes[k], self.cand.axes[k],
+            (s1.padding_mode, s2.padding_mode, self.cand.padding_mode),
+            self.sup1[k], self.sup2[k], n,
+        )
+
+    def sizes(self, k: int) -> range:
+        """Input lengths that represent every length of axis k (the tail repeats with the period)."""
+        return range(1, self.start[k] + self.period[k])
+
+    def combo_exact(self, views: Sequence[AxisView]) -> bool:
+        if not _x_exact([v.types for v in views]):
+            return False
+        if self.bias_ok is None:
+            return True
+        full = tuple(self.sup2)
+        for sets in product(*[v.inside_sets for v in views]):
+            if sets != full and not self.bias_ok(sets):
+                return False
+        return True
+
+    def exact_at(self, size: Sequence[int]) -> bool:
+        """Whether the candidate equals the pair at this input size (False where undefined)."""
+        if len(size) != self.spec1.ndim:
+            raise ValueError(f"size {list(size)} has {len(size)} axes; the convs have {self.spec1.ndim}")
+        views = [self.view(k, n) for k, n in enumerate(size)]
+        if any(v is None for v in views):
+            return False
+        return self.combo_exact(views)  # type: ignore[arg-type]
+
+    def axis_exact_alone(self, k: int, n: int) -> Optional[bool]:
+        """Axis k at length n while every other axis is large; None where undefined."""
+        v = self.view(k, n)
+        if v is None:
+            return None
+        if not v.types <= {EQ, ZZ}:
+            return False
+        if self.bias_ok is None:
+            return True
+        full = list(self.sup2)
+        for s in v.inside_sets:
+            sets = tuple(full[:k] + [s] + full[k + 1:])
+            if sets != tuple(full) and not self.bias_ok(sets):
+                return False
+        return True
+
+
+def axis_view(
+    a1: Axis, a2: Axis, am: Axis, modes: tuple[str, str, str], t1: tuple[int, ...], t2: tuple[int, ...], n: int
+) -> Optional[AxisView]:
+    """Classify every (output, conv2 tap, conv1 tap) triple at the borders of one axis."""
+    mode1, mode2, modem = modes
+    if not _pad_fits(mode1, a1.pad, n):
+        return None
+    n1 = a1.out_len(n)
+    if n1 < 1 or not _pad_fits(mode2, a2.pad, n1):
+        return None
+    n2 = a2.out_len(n1)
+    if n2 < 1:
+        return None
+    if not _pad_fits(modem, am.pad, n):
+        return AxisView(frozenset({NE}), frozenset({"left", "right"}), frozenset())
+    if not t1 or not t2:
+        return AxisView(frozenset(), frozenset(), frozenset())
+    s1, d1, l1 = a1.stride, a1.dilation, a1.pad[0]
+    s2, d2, l2 = a2.stride, a2.dilation, a2.pad[0]
+    # Outputs whose every read lies inside the intermediate and the input are all equal cells.
+    p_lo = max(0, _ceil_div(l1 - d1 * t1[0], s1))
+    o_first = max(0, _ceil_div(p_lo + l2 - d2 * t2[0], s2))
+    p_hi = min(n1 - 1, (n - 1 + l1 - d1 * t1[-1]) // s1)
+    o_last = min(n2 - 1, (p_hi + l2 - d2 * t2[-1]) // s2)
+    types: set[str] = set()
+    fails: set[str] = set()
+    inside: set[tuple[int, ...]] = set()
+    if o_first <= o_last:
+        types.add(EQ)
+        inside.add(t2)
+    border = list(range(0, min(o_first, n2))) + list(range(max(o_last + 1, min(o_first, n2)), n2))
+    for o in border:
+        inside_taps = []
+        for c in t2:
+            p = s2 * o + d2 * c - l2
+            if 0 <= p < n1:
+                pp = p
+                inside_taps.append(c)
+            else:
+                pp = _cell(mode2, p, n1)
+            for a in t1:
+                j = s1 * p - l1 + d1 * a
+                cand = _cell(modem, j, n)
+                pair = _ZERO if pp is _ZERO else _cell(mode1, s1 * pp - l1 + d1 * a, n)
+                kind = _kind(pair, cand)
+                types.add(kind)
+                if kind in (NE, PZ, CZ):
+                    fails.add("left" if p < 0 or (p < n1 and j < 0) else "right")
+        inside.add(tuple(inside_taps))
+    return AxisView(frozenset(types), frozenset(fails), frozenset(inside))
+
+
+def decide(
+    spec1: ConvSpec, spec2: ConvSpec, sup1: Support, sup2: Support, bias_ok: Optional[BiasCheck] = None
+) -> Verdict:
+    """Mergeable at every size, at some sizes, or at none; with the reason in one sentence."""
+    an = Analysis(spec1, spec2, sup1, sup2, bias_ok)
+    signatures = []
+    for k in range(spec1.ndim):
+        sig = {}
+        for n in an.sizes(k):
+            v = an.view(k, n)
+            if v is not None:
+                sig.setdefault((v.types, v.inside_sets), v)
+        signatures.append(list(sig.values()))
+    outcomes = {an.combo_exact(views) for views in product(*signatures)}
+    if outcomes == {True}:
+        verdict = "mergeable"
+    elif True in outcomes:
+        verdict = "size-dependent"
+    else:
+        verdict = "unmergeable"
+    sizes = _sizes_sentence(an) if verdict == "size-dependent" else None
+    return Verdict(verdict, _reason(an, verdict, sizes), sizes, an.cand, an)
+
+
+def conv2_reads_padding(spec2: ConvSpec, sup2: Support) -> bool:
+    """Whether conv2 ever reads a padded cell (at some input size) through a nonzero tap."""
+    return any(_eff_pad(a, s) != (0, 0) for a, s in zip(spec2.axes, sup2))
+
+
+def full_support(spec: ConvSpec) -> Support:
+    """The support of a kernel with no zero slices (what hyperparameters alone can say)."""
+    return tuple(tuple(range(a.kernel)) for a in spec.axes)
+
+
+# --- reasons -------------------------------------------------------------------------------
+
+
+def _reason(an: Analysis, verdict: str, sizes: Optional[str]) -> str:
+    s1, s2 = an.spec1, an.spec2
+    if verdict == "mergeable":
+        if not conv2_reads_padding(s2, an.sup2):
+            return "conv2 reads no padding, so the convolved kernels are exact at every size"
+        if s2.padding_mode != "zeros" and _pointwise(s1, an.sup1):
+            return f"conv1 is pointwise, so it commutes with conv2's {s2.padding_mode} padding"
+        return "conv1's padding covers every border cell conv2 pads, so the merge is exact at every size"
+    side = _failing_side(an)
+    if side is None:  # only through the bias
+        prefix = f"exact only when {sizes}: " if sizes else ""
+        return (
+            f"{prefix}conv1's bias (or the batch norm's shift) meets conv2's zero padding, "
+            "where the pair adds nothing but a merged conv would add it"
+        )
+    k, where = side
+    ax = s1.axis_names[k]
+    prefix = f"exact only when {sizes}: " if sizes else ""
+    if s1.padding_mode == "zeros" and s2.padding_mode == "zeros":
+        pad1 = s1.axes[k].pad[0 if where == "left" else 1]
+        pad2 = s2.axes[k].pad[0 if where == "left" else 1]
+        need = _pad_needed(an, k, where)
+        if need is not None and need > pad1:
+            return (
+                f"{prefix}conv1 pads {pad1} on the {where} of {ax} but needs >= {need} for every size, "
+                f"because conv2 pads {pad2} there"
+            )
+        return f"{prefix}conv2's zero padding on the {where} of {ax} hides input cells that a merged conv would read"
+    return (
+        f"{prefix}conv2's {s2.padding_mode} padding on the {where} of {ax} repeats conv1's border outputs, "
+        f"which a single {an.cand.padding_mode}-padded conv over conv1's {s1.padding_mode} padding cannot reproduce"
+    )
+
+
+def _failing_side(an: Analysis) -> Optional[tuple[int, str]]:
+    """First axis and side that differ on their own, preferring the periodic tail (large sizes)."""
+    found = None
+    for k in range(an.spec1.ndim):
+        for n in reversed(an.sizes(k)):
+            v = an.view(k, n)
+            if v is not None and v.fails:
+                side = "left" if "left" in v.fails else "right"
+                if n >= an.start[k]:
+                    return k, side
+                found = found or (k, side)
+    return found
+
+
+def _pad_needed(an: Analysis, k: int, where: str) -> Optional[int]:
+    """The least conv1 padding on this side that makes the axis exact at every size (searched)."""
+    a1 = an.spec1.axes[k]
+    cur = a1.pad[0 if where == "left" else 1]
+    for extra in range(1, a1.extent + a1.stride + 2):
+        pad = (cur + extra, a1.pad[1]) if where == "left" else (a1.pad[0], cur + extra)
+        axes = list(an.spec1.axes)
+        axes[k] = Axis(a1.kernel, a1.stride, a1.dilation, pad)
+        spec1 = ConvSpec(tuple(axes), an.spec1.in_channels, an.spec1.out_channels, an.spec1.groups,
+                         an.spec1.padding_mode, an.spec1.bias)
+        trial = Analysis(spec1, an.spec2, an.sup1, an.sup2, None)
+        if all(where not in (trial.view(k, n) or _NO_FAIL).fails for n in trial.sizes(k)):
+            return cur + extra
+    return None
+
+
+_NO_FAIL = AxisView(frozenset(), frozenset(), frozenset())
+
+
+def _sizes_sentence(an: Analysis) -> str:
+    parts = []
+    for k in range(an.spec1.ndim):
+        ok = {n: an.axis_exact_alone(k, n) for n in an.sizes(k)}
+        if all(v is not False for v in ok.values()):
+            continue
+        parts.append(describe_sizes(an.spec1.axis_names[k], ok, an.start[k], an.period[k]))
+    return " and ".join(parts) if parts else "the sizes of different axes fit together"
+
+
+def describe_sizes(name: str, ok: dict[int, Optional[bool]], start: int, period: int) -> str:
+    """Words for a set of lengths that is periodic from `start` on (None: the pair is undefined)."""
+    tail = {n % period for n in range(start, start + period) if ok.get(n)}
+    period, tail = _shortest_period(period, tail)
+    rule = _residue_words(name, period, tail)
+
+    def follows(n: int) -> bool:
+        return (n % period) in tail
+
+    extra = sorted(n for n, v in ok.items() if n < start and v and not follows(n))
+    missing = sorted(n for n, v in ok.items() if n < start and v is False and follows(n))
+    if rule is None:
+        return f"{name} is {_list_words(extra)}" if extra else f"{name} fits no size"
+    words = rule
+    if missing:
+        low = [n for n in missing if all(m in missing or ok.get(m) is None or not follows(m) for m in range(1, n))]
+        if low == missing:
+            words += f" and {name} >= {missing[-1] + 1}"
+        else:
+            words += f", except {name} = {_list_words(missing)}"
+    if extra:
+        words += f", or {name} = {_list_words(extra)}"
+    return words
+
+
+def _shortest_period(period: int, tail: set[int]) -> tuple[int, set[int]]:
+    for p in range(1, period + 1):
+        if period % p == 0 and all(((r % p) in {t % p for t in tail}) == (r in tail) for r in range(period)):
+            return p, {t % p for t in tail}
+    return period, tail
+
+
+def _residue_words(name: str, period: int, tail: set[int]) -> Optional[str]:
+    if not tail:
+        return None
+    if len(tail) == period:
+        return f"{name} is any size"
+    if period == 2:
+        return f"{name} is {'odd' if tail == {1} else 'even'}"
+    if tail == {0}:
+        return f"{name} is a multiple of {period}"
+    return f"{name} mod {period} is {_list_words(sorted(tail))}"
+
+
+def _list_words(values: Sequence[int]) -> str:
+    return ", ".join(map(str, values[:-1])) + (" or " if len(values) > 1 else "") + str(values[-1])
+
+
+# --- small arithmetic ----------------------------------------------------------------------
+
+
+def _eff_pad(axis: Axis, taps: tuple[int, ...]) -> tuple[int, int]:
+    """Padding that nonzero taps can reach: l' = l - d*a_lo, r' = r - d*(k-1-a_hi), floored at 0."""
+    if not taps:
+        return (0, 0)
+    lo = axis.pad[0] - axis.dilation * taps[0]
+    hi = axis.pad[1] - axis.dilation * (axis.kernel - 1 - taps[-1])
+    return (max(lo, 0), max(hi, 0))
+
+
+def _pointwise(spec: ConvSpec, sup: Support) -> bool:
+    return all(len(t) <= 1 and a.stride == 1 and _eff_pad(a, t) == (0, 0) for a, t in zip(spec.axes, sup))
+
+
+def _periodic_from(a1: Axis, a2: Axis, am: Axis) -> int:
+    """A length past which the axis repeats with period s1*s2 (borders no longer interact)."""
+    reach = a1.extent + sum(a1.pad) + a1.stride * (a2.extent + sum(a2.pad)) + am.extent + sum(am.pad)
+    return 2 * reach + 4 * a1.stride * a2.stride + 8
+
+
+def _pad_fits(mode: str, pad: tuple[int, int], n: int) -> bool:
+    """PyTorch refuses reflect padding >= n and circular padding > n."""
+    if mode == "reflect":
+        return max(pad) < n
+    if mode == "circular":
+        return max(pad) <= n
+    return True
+
+
+def _cell(mode: str, j: int, n: int):
+    """The input cell a padded read at j takes its value from, or _ZERO."""
+    if 0 <= j < n:
+        return j
+    if mode == "zeros":
+        return _ZERO
+    if mode == "reflect":
+        return -j if j < 0 else 2 * (n - 1) - j
+    if mode == "replicate":
+        return 0 if j < 0 else n - 1
+    return j % n
+
+
+def _kind(pair, cand) -> str:
+    if pair is _ZERO:
+        return ZZ if cand is _ZERO else PZ
+    if cand is _ZERO:
+        return CZ
+    return EQ if pair == cand else NE
+
+
+def _x_exact(type_sets: Sequence[frozenset[str]]) -> bool:
+    """N-d triples combine per axis: a cell is zero if any axis says so, equal if all axes agree."""
+    for combo in product(*type_sets):
+        pair_zero = any(t in (PZ, ZZ) for t in combo)
+        cand_zero = any(t in (CZ, ZZ) for t in combo)
+        if pair_zero and cand_zero:
+            continue
+        if not pair_zero and not cand_zero and all(t == EQ for t in combo):
+            continue
+        return False
+    return True
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -((-a) // b)

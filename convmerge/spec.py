@@ -1,0 +1,237 @@
+"""A convolution's hyperparameters as a plain value: no tensors, no torch.
+
+Everything convmerge decides is decided per spatial axis, so a conv is a tuple of `Axis`
+values plus the few things that are not per axis (channels, groups, padding mode, bias).
+Padding is always stored as explicit ``(lo, hi)`` pairs: PyTorch's ``'same'`` is asymmetric
+for even kernels, and merged convs are often asymmetric too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Sequence
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+AXIS_NAMES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
+
+
+class SpecError(ValueError):
+    """A conv description that cannot be a convolution; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One spatial axis of a conv: what decides where each output reads its input."""
+
+    kernel: int
+    stride: int = 1
+    dilation: int = 1
+    pad: tuple[int, int] = (0, 0)
+
+    @property
+    def extent(self) -> int:
+        """Input cells one output window spans (the dilated kernel)."""
+        return self.dilation * (self.kernel - 1) + 1
+
+    def out_len(self, n: int) -> int:
+        """Output length for input length ``n`` (may be <= 0: the conv is undefined there)."""
+        return (n + self.pad[0] + self.pad[1] - self.extent) // self.stride + 1
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """A Conv1d/2d/3d without its weights."""
+
+    axes: tuple[Axis, ...]
+    in_channels: int
+    out_channels: int
+    groups: int = 1
+    padding_mode: str = "zeros"
+    bias: bool = False
+
+    @property
+    def ndim(self) -> int:
+        return len(self.axes)
+
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        return AXIS_NAMES[self.ndim]
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(a.kernel for a in self.axes)
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return tuple(a.stride for a in self.axes)
+
+    @property
+    def dilation(self) -> tuple[int, ...]:
+        return tuple(a.dilation for a in self.axes)
+
+    @property
+    def padding(self) -> tuple[tuple[int, int], ...]:
+        return tuple(a.pad for a in self.axes)
+
+    @property
+    def pads_anything(self) -> bool:
+        return any(a.pad != (0, 0) for a in self.axes)
+
+    @property
+    def symmetric(self) -> bool:
+        return all(a.pad[0] == a.pad[1] for a in self.axes)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def out_size(self, size: Sequence[int]) -> tuple[int, ...]:
+        return tuple(a.out_len(n) for a, n in zip(self.axes, size))
+
+    def with_bias(self, bias: bool) -> "ConvSpec":
+        return replace(self, bias=bias)
+
+
+def conv_spec(
+    kernel_size: Sequence[int],
+    in_channels: int,
+    out_channels: int,
+    *,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    bias: bool = False,
+) -> ConvSpec:
+    """Build and validate a spec from PyTorch-style arguments (ints, tuples, 'same', 'valid')."""
+    nd = len(kernel_size)
+    if nd not in AXIS_NAMES:
+        raise SpecError(f"kernel_size: {nd} spatial axes; only 1, 2 or 3 are convolutions")
+    kernel = _positive_ints(kernel_size, nd, "kernel_size")
+    strides = _positive_ints(stride, nd, "stride")
+    dilations = _positive_ints(dilation, nd, "dilation")
+    pads = parse_padding(padding, kernel, dilations, strides)
+    if padding_mode not in PADDING_MODES:
+        raise SpecError(f"padding_mode: {padding_mode!r} is not one of {', '.join(PADDING_MODES)}")
+    for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+        if not _is_int(value) or value < 1:
+            raise SpecError(f"{name}: {value!r} must be a positive integer")
+    if in_channels % groups or out_channels % groups:
+        raise SpecError(
+            f"groups: {groups} does not divide in_channels {in_channels} and out_channels {out_channels}"
+        )
+    axes = tuple(Axis(k, s, d, p) for k, s, d, p in zip(kernel, strides, dilations, pads))
+    return ConvSpec(axes, in_channels, out_channels, groups, padding_mode, bool(bias))
+
+
+def parse_padding(
+    padding: Any, kernel: Sequence[int], dilation: Sequence[int], stride: Sequence[int]
+) -> tuple[tuple[int, int], ...]:
+    """Every padding form of PyTorch and of the graph description, as explicit (lo, hi) pairs.
+
+    Forms: int (all sides), one int per axis (symmetric), one [lo, hi] pair per axis
+    (always nested, even for one axis), 'valid', or 'same' (stride 1 only, as in PyTorch;
+    the odd cell of an even total goes to the high side, as PyTorch does).
+    """
+    nd = len(kernel)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return ((0, 0),) * nd
+        if padding == "same":
+            if any(s != 1 for s in stride):
+                raise SpecError("padding: 'same' needs stride 1 on every axis (as in PyTorch)")
+            totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+            return tuple((t // 2, t - t // 2) for t in totals)
+        raise SpecError(f"padding: {padding!r} is not 'same', 'valid', an int or a list")
+    if _is_int(padding):
+        return (_pad_pair((padding, padding)),) * nd
+    if isinstance(padding, (list, tuple)) and len(padding) == nd:
+        if all(_is_int(p) for p in padding):
+            return tuple(_pad_pair((p, p)) for p in padding)
+        if all(isinstance(p, (list, tuple)) for p in padding):
+            return tuple(_pad_pair(p) for p in padding)
+    raise SpecError(
+        f"padding: {padding!r} is not an int, {nd} int(s), {nd} [lo, hi] pair(s), 'same' or 'valid'"
+    )
+
+
+def padding_fields(spec: ConvSpec) -> dict[str, Any]:
+    """The spec's hyperparameters in the graph description's field names (padding as pairs)."""
+    return {
+        "kernel_size": list(spec.kernel_size),
+        "stride": list(spec.stride),
+        "padding": [list(a.pad) for a in spec.axes],
+        "dilation": list(spec.dilation),
+        "groups": spec.groups,
+        "padding_mode": spec.padding_mode,
+    }
+
+
+def spec_from_fields(fields: Mapping[str, Any], weight_shape: Sequence[int], has_bias: bool) -> ConvSpec:
+    """A conv layer of the graph description; kernel size and channels come from the weight."""
+    nd = len(weight_shape) - 2
+    op = fields.get("op", f"conv{nd}d")
+    if op != f"conv{nd}d":
+        raise SpecError(f"weight: shape {list(weight_shape)} has {nd} spatial axes but op is {op!r}")
+    groups = fields.get("groups", 1)
+    if not _is_int(groups) or groups < 1:
+        raise SpecError(f"groups: {groups!r} must be a positive integer")
+    kernel = tuple(weight_shape[2:])
+    if "kernel_size" in fields:
+        declared = _positive_ints(fields["kernel_size"], nd, "kernel_size")
+        if declared != kernel:
+            raise SpecError(f"kernel_size: {list(declared)} contradicts the weight's shape {list(weight_shape)}")
+    if any(k < 1 for k in kernel) or weight_shape[0] < 1 or weight_shape[1] < 1:
+        raise SpecError(f"weight: shape {list(weight_shape)} has an empty axis")
+    for key in ("in_channels", "out_channels"):
+        if key in fields:
+            want = weight_shape[0] if key == "out_channels" else weight_shape[1] * groups
+            if fields[key] != want:
+                raise SpecError(f"{key}: {fields[key]!r} contradicts the weight's shape {list(weight_shape)}")
+    return conv_spec(
+        kernel,
+        weight_shape[1] * groups,
+        weight_shape[0],
+        stride=fields.get("stride", 1),
+        padding=fields.get("padding", 0),
+        dilation=fields.get("dilation", 1),
+        groups=groups,
+        padding_mode=fields.get("padding_mode", "zeros"),
+        bias=has_bias,
+    )
+
+
+def macs(spec: ConvSpec, size: Sequence[int]) -> int:
+    """Multiply-accumulates of one forward pass for one input of spatial ``size``."""
+    out = spec.out_size(size)
+    if any(n < 1 for n in out):
+        return 0
+    return math.prod(out) * spec.out_channels * (spec.in_channels // spec.groups) * math.prod(spec.kernel_size)
+
+
+def params(spec: ConvSpec) -> int:
+    """Weights plus bias."""
+    return math.prod(spec.weight_shape) + (spec.out_channels if spec.bias else 0)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_ints(value: Any, nd: int, field: str) -> tuple[int, ...]:
+    values = (value,) * nd if _is_int(value) else value
+    if not isinstance(values, (list, tuple)) or len(values) != nd or not all(_is_int(v) for v in values):
+        raise SpecError(f"{field}: {value!r} is not an int or {nd} int(s)")
+    if any(v < 1 for v in values):
+        raise SpecError(f"{field}: {list(values)} must be >= 1 on every axis")
+    return tuple(values)
+
+
+def _pad_pair(pair: Any) -> tuple[int, int]:
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(_is_int(p) for p in pair):
+        raise SpecError(f"padding: {pair!r} is not an int or a [lo, hi] pair of ints")
+    if pair[0] < 0 or pair[1] < 0:
+        raise SpecError(f"padding: {list(pair)} must not be negative")
+    return (pair[0], pair[1])
