@@ -194,11 +194,16 @@ def apply_chain(convs: Sequence[Conv], x: torch.Tensor) -> torch.Tensor:
 
 
 def max_error(convs: Sequence[Conv], merged: Conv, sizes: Sequence[Sequence[int]], seed: int = 0) -> float:
-    """Largest |chain - merged| relative to the output scale, on random float64 inputs of each size."""
+    """Largest |chain - merged| relative to the output scale, on random float64 inputs of each size.
+
+    Wide dense convs are checked on a random few input and output channels: slicing a weight is
+    exact, and it keeps the check at milliseconds where the full layers would take seconds.
+    """
     gen = torch.Generator().manual_seed(seed)
+    convs, merged = _narrow(list(convs), merged, gen)
     worst = 0.0
     for size in sizes:
-        x = torch.randn(2, convs[0].spec.in_channels, *size, generator=gen, dtype=torch.float64)
+        x = torch.randn(1, convs[0].spec.in_channels, *size, generator=gen, dtype=torch.float64)
         want = apply_chain(convs, x)
         got = apply(_as_double(merged), x)
         if want.shape != got.shape:
@@ -236,6 +241,22 @@ def _impulses(channels: int, size: Sequence[int], limit: int = 4096):
             x[(0, c, *pos.tolist())] = 1.0
             count += 1
             yield x
+
+
+def _narrow(convs: list[Conv], merged: Conv, gen: torch.Generator, keep_in: int = 4, keep_out: int = 8):
+    first, last = convs[0], convs[-1]
+    if merged.spec.groups != 1:
+        return convs, merged
+    if first.spec.groups == 1 and first.spec.in_channels > keep_in:
+        idx = torch.randperm(first.spec.in_channels, generator=gen)[:keep_in]
+        convs[0] = first = Conv(replace(first.spec, in_channels=keep_in), first.weight[:, idx], first.bias)
+        merged = Conv(replace(merged.spec, in_channels=keep_in), merged.weight[:, idx], merged.bias)
+    if last.spec.groups == 1 and last.spec.out_channels > keep_out and len(convs) > 1:
+        idx = torch.randperm(last.spec.out_channels, generator=gen)[:keep_out]
+        pick = lambda b: None if b is None else b[idx]  # noqa: E731
+        convs[-1] = Conv(replace(last.spec, out_channels=keep_out), last.weight[idx], pick(last.bias))
+        merged = Conv(replace(merged.spec, out_channels=keep_out), merged.weight[idx], pick(merged.bias))
+    return convs, merged
 
 
 def _as_double(conv: Conv) -> Conv:
