@@ -1,0 +1,582 @@
+"""Safetensors I/O: validated headers, lazy tensor reads and atomic streamed writes.
+
+Every model file is treated as hostile: the header is parsed and checked here,
+byte by byte, before any tensor is touched, so a bad file always ends in one
+``ModelFileError`` whose message names the file and the field at fault, never
+in a crash, a hang on a huge allocation, or a library error whose text changes
+between versions.  Data is read with plain reads (no mmap: a file truncated
+under a mapping kills the process with SIGBUS), and outputs are written to a
+temporary file that is renamed into place only once complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import signal
+import secrets
+import stat
+import struct
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import torch
+
+__all__ = [
+    "Header",
+    "LazyTensor",
+    "ModelFileError",
+    "Source",
+    "TensorInfo",
+    "dtype_name",
+    "read_header",
+    "read_tensor",
+    "torch_dtype",
+    "write_model",
+]
+
+MAX_HEADER_BYTES = 100_000_000
+"""Same cap as the safetensors library; a longer header is rejected unread."""
+
+_MAX_DEPTH = 64
+_MAX_RANK = 64
+_MAX_BYTES = 2**63 - 1
+_CHUNK = 16 * 1024 * 1024
+_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+_DTYPE_ATTRS = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "C64": "complex64",
+}
+_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr) for name, attr in _DTYPE_ATTRS.items() if hasattr(torch, attr)
+}
+_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _DTYPES.items()}
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+class ModelFileError(ValueError):
+    """A model file we cannot use; ``str(e)`` is one line naming the file and the problem."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a file; absolute offsets so reads need no header arithmetic."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in the file."""
+        return self.end - self.start
+
+    @property
+    def is_float(self) -> bool:
+        """True for F16/BF16/F32/F64: the only dtypes whose weights may be merged (never F8)."""
+        return self.dtype in _FLOAT_DTYPES
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated safetensors header: every tensor range lies inside the file, no overlaps, no holes."""
+
+    path: str
+    metadata: dict[str, str]
+    tensors: dict[str, TensorInfo]
+    data_offset: int
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor computed only when the writer reaches it, so a merged model never sits in memory whole."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+
+Source = torch.Tensor | TensorInfo | LazyTensor
+"""What write_model stores: a tensor's values, or raw bytes copied from ``src``."""
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    """Map a safetensors dtype string to torch; ValueError for dtypes we do not handle."""
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unsupported safetensors dtype {_quote(dtype)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Map a torch dtype to its safetensors string; ValueError when safetensors cannot store it."""
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"cannot store {dtype} in safetensors") from None
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Read and validate only the header; any defect raises ModelFileError before data is touched."""
+    shown = _show(path)
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(mode):
+            raise ModelFileError(f"{shown}: not a regular file")
+        with open(path, "rb", buffering=0) as f:
+            return _parse_file(f, os.fsdecode(path), shown)
+    except OSError as e:
+        raise ModelFileError(f"{shown}: cannot read: {e.strerror or e}") from None
+
+
+def read_tensor(header: Header, name: str) -> torch.Tensor:
+    """Read one tensor into fresh writable memory; KeyError if ``name`` is not in the header."""
+    info = header.tensors[name]
+    dtype = _DTYPES[info.dtype]
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    buf = bytearray(info.nbytes)
+    with _open_source(header.path) as f:
+        _read_tensor_bytes(f, memoryview(buf), info.start, name)
+    raw = torch.frombuffer(buf, dtype=torch.uint8)
+    if dtype == torch.bool and bool((raw > 1).any()):
+        raise ModelFileError(f"{_show(header.path)}: tensor {_quote(name)}: BOOL data holds a byte other than 0 or 1")
+    return raw.view(dtype).reshape(info.shape)
+
+
+def write_model(
+    out: str | os.PathLike[str],
+    tensors: Sequence[tuple[str, Source]],
+    metadata: dict[str, str],
+    *,
+    src: Header | None = None,
+    force: bool = False,
+) -> None:
+    """Write a safetensors file atomically: ``out`` is either untouched or complete, never partial.
+
+    Tensors are laid out in the given order.  A ``TensorInfo`` source is copied
+    byte for byte from ``src.path`` in chunks, so huge unchanged tensors never
+    sit in memory.  ``out`` may not be the input file, and an existing ``out``
+    is only replaced with ``force``.
+    """
+    out_path = os.fsdecode(out)
+    shown = _show(out_path)
+    plan = _plan(tensors, src)
+    head = _encode_header(plan, metadata)
+    _check_target(out_path, shown, src, force)
+    directory = os.path.dirname(out_path) or "."
+    with _terminating_as_interrupt():
+        fd, tmp = -1, ""
+        try:
+            # Named before it exists (not mkstemp), so an interrupt landing right after os.open still finds
+            # the name to remove; a FileExistsError from os.open means the name was taken: not ours to remove.
+            tmp = os.path.join(directory, f".{os.path.basename(out_path)[:64]}.tmp-{secrets.token_hex(8)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            _stream(fd, head, plan, src)
+            os.fsync(fd)
+            os.fchmod(fd, 0o666 & ~_umask())
+            os.close(fd)
+            fd = -1
+            _publish(tmp, out_path, shown, force)
+            _fsync_dir(directory)
+        except BaseException as e:
+            if fd >= 0:
+                with suppress(OSError):
+                    os.close(fd)
+            if tmp and not (fd < 0 and isinstance(e, FileExistsError)):
+                with suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise ModelFileError(f"cannot write {shown}: {e.strerror or e}") from None
+            raise
+
+
+@contextmanager
+def _terminating_as_interrupt() -> Iterator[None]:
+    """Let ``kill -TERM`` unwind like Ctrl-C, so write_model removes its temp file.
+
+    Only replaces the default action (which kills without cleanup), only in the
+    main thread (the only place Python may install handlers), and restores it.
+    A handler the application installed, or SIG_IGN, is left alone.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _parse_file(f: BinaryIO, path: str, shown: str) -> Header:
+    size = os.fstat(f.fileno()).st_size
+    if size < 8:
+        raise ModelFileError(f"{shown}: file is {size} bytes, too short for the 8-byte header length")
+    (length,) = struct.unpack("<Q", _read_header_bytes(f, 0, 8, shown))
+    if length == 0:
+        raise ModelFileError(f"{shown}: header length is 0")
+    if length > MAX_HEADER_BYTES:
+        raise ModelFileError(f"{shown}: header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if length > size - 8:
+        raise ModelFileError(f"{shown}: header length {length} runs past the end of the file ({size} bytes)")
+    raw = _read_header_bytes(f, 8, length, shown)
+    data_offset = 8 + length
+    metadata, entries = _decode_json(raw, shown)
+    tensors = {name: _tensor_info(name, entry, data_offset, shown) for name, entry in entries.items()}
+    _check_layout(tensors, size - data_offset, data_offset, shown)
+    return Header(path=path, metadata=metadata, tensors=tensors, data_offset=data_offset)
+
+
+def _decode_json(raw: bytes, shown: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """Decode the header to (metadata, entries), refusing deep nesting before the recursive parser sees it."""
+    where = f"{shown}: header"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ModelFileError(f"{where} is not valid UTF-8 (byte {e.start})") from None
+    if _too_deep(text):
+        raise ModelFileError(f"{where} is nested more than {_MAX_DEPTH} levels deep")
+    try:
+        obj = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except RecursionError:
+        raise ModelFileError(f"{where} is nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{where} is not valid JSON ({e.msg} at character {e.pos})") from None
+    except ValueError as e:
+        raise ModelFileError(f"{where} is not valid JSON ({_one_line(str(e))})") from None
+    if not isinstance(obj, dict):
+        raise ModelFileError(f"{where} is a JSON {type(obj).__name__}, not an object")
+    for key in obj:
+        if not _utf8_ok(key):
+            raise ModelFileError(f"{where}: key {_quote(key)} is not encodable as UTF-8")
+    metadata = obj.pop("__metadata__", {})
+    if not isinstance(metadata, dict):
+        raise ModelFileError(f"{where}: __metadata__ is not an object")
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise ModelFileError(f"{where}: __metadata__ {_quote(key)} is not a string")
+        if not (_utf8_ok(key) and _utf8_ok(value)):
+            raise ModelFileError(f"{where}: __metadata__ {_quote(key)} is not encodable as UTF-8")
+    return metadata, obj
+
+
+def _too_deep(text: str) -> bool:
+    """Bracket depth outside strings; json recurses once per level, so depth is checked before parsing."""
+    depth = 0
+    for ch in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        depth += 1 if ch in "[{" else -1
+        if depth > _MAX_DEPTH:
+            return True
+    return False
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Duplicate keys would let two readers see two different tensors under one name."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {_quote(key)}")
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _tensor_info(name: str, entry: Any, data_offset: int, shown: str) -> TensorInfo:
+    where = f"{shown}: header: tensor {_quote(name)}"
+    if not isinstance(entry, dict):
+        raise ModelFileError(f"{where}: entry is not an object")
+    for field in ("dtype", "shape", "data_offsets"):
+        if field not in entry:
+            raise ModelFileError(f"{where}: missing '{field}'")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str):
+        raise ModelFileError(f"{where}: dtype is not a string")
+    if dtype not in _DTYPES:
+        raise ModelFileError(f"{where}: unknown dtype {_quote(dtype)}")
+    if not isinstance(shape, list):
+        raise ModelFileError(f"{where}: shape is not a list")
+    if len(shape) > _MAX_RANK:
+        raise ModelFileError(f"{where}: shape has {len(shape)} dimensions (at most {_MAX_RANK})")
+    if not all(type(d) is int for d in shape):
+        raise ModelFileError(f"{where}: shape {_brief(shape)} holds a non-integer")
+    if any(d < 0 for d in shape):
+        raise ModelFileError(f"{where}: shape {_brief(shape)} holds a negative dimension")
+    itemsize = _DTYPES[dtype].itemsize
+    nbytes = itemsize
+    for d in shape:
+        nbytes *= d
+        if nbytes > _MAX_BYTES:
+            raise ModelFileError(f"{where}: shape {_brief(shape)} is absurdly large")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise ModelFileError(f"{where}: data_offsets {_brief(offsets)} is not a list of two integers")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise ModelFileError(f"{where}: data_offsets {_brief(offsets)} are not 0 <= begin <= end")
+    if end - begin != nbytes:
+        raise ModelFileError(
+            f"{where}: offsets {_brief(offsets)} do not match shape {_brief(shape)} of {dtype} ({nbytes} bytes)"
+        )
+    return TensorInfo(name, dtype, tuple(shape), data_offset + begin, data_offset + end)
+
+
+def _check_layout(tensors: dict[str, TensorInfo], data_len: int, data_offset: int, shown: str) -> None:
+    """Tensors must tile the data region exactly, as the safetensors format requires."""
+    where = f"{shown}: header"
+    covered, previous = 0, None
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        begin, end = info.start - data_offset, info.end - data_offset
+        if end > data_len:
+            raise ModelFileError(
+                f"{where}: tensor {_quote(info.name)}: offsets [{begin}, {end}] run past the end of the "
+                f"data region ({data_len} bytes)"
+            )
+        if begin < covered:
+            raise ModelFileError(f"{where}: tensors {_quote(previous)} and {_quote(info.name)} overlap")
+        if begin > covered:
+            raise ModelFileError(f"{where}: bytes {covered}..{begin} of the data region belong to no tensor")
+        covered, previous = end, info.name
+    if covered != data_len:
+        raise ModelFileError(f"{where}: bytes {covered}..{data_len} of the data region belong to no tensor")
+
+
+def _read_header_bytes(f: BinaryIO, offset: int, length: int, shown: str) -> bytes:
+    buf = bytearray(length)
+    if not _read_exact(f, memoryview(buf), offset):
+        raise ModelFileError(f"{shown}: file changed or truncated while reading the header")
+    return bytes(buf)
+
+
+def _read_exact(f: BinaryIO, view: memoryview, offset: int) -> bool:
+    """Fill ``view`` from ``offset``; False when the file ends first (it shrank since the header was read)."""
+    f.seek(offset)
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            return False
+        done += n
+    return True
+
+
+_Plan = list[tuple[str, str, tuple[int, ...], int, Source]]
+
+
+def _plan(tensors: Sequence[tuple[str, Source]], src: Header | None) -> _Plan:
+    """Check the caller's tensors and fix (name, dtype, shape, nbytes, source) for each, in order."""
+    plan: _Plan = []
+    seen: set[str] = set()
+    for name, source in tensors:
+        if not isinstance(name, str) or not _utf8_ok(name) or name == "__metadata__":
+            raise ValueError(f"invalid tensor name {name!r}")
+        if name in seen:
+            raise ValueError(f"duplicate tensor name {_quote(name)}")
+        seen.add(name)
+        if isinstance(source, TensorInfo):
+            if src is None:
+                raise ValueError(f"tensor {_quote(name)} copies bytes from a file, but no src header was given")
+            expected = torch_dtype(source.dtype).itemsize
+            for d in source.shape:
+                expected *= d
+            if source.nbytes != expected or source.start < src.data_offset:
+                raise ValueError(f"tensor {_quote(name)}: TensorInfo range does not fit its dtype and shape")
+            plan.append((name, source.dtype, tuple(source.shape), source.nbytes, source))
+        elif isinstance(source, LazyTensor):
+            nbytes = torch_dtype(source.dtype).itemsize * math.prod(source.shape)
+            plan.append((name, source.dtype, tuple(source.shape), nbytes, source))
+        elif isinstance(source, torch.Tensor):
+            if source.layout != torch.strided:
+                raise ValueError(f"tensor {_quote(name)}: cannot store a {source.layout} tensor")
+            nbytes = source.numel() * source.element_size()
+            plan.append((name, dtype_name(source.dtype), tuple(source.shape), nbytes, source))
+        else:
+            raise TypeError(f"tensor {_quote(name)}: source must be a torch.Tensor, TensorInfo or LazyTensor")
+    return plan
+
+
+def _encode_header(plan: _Plan, metadata: dict[str, str]) -> bytes:
+    """Length prefix plus JSON, space-padded so the data starts 8-byte aligned (as safetensors does)."""
+    for key, value in metadata.items():
+        if not (isinstance(key, str) and isinstance(value, str) and _utf8_ok(key) and _utf8_ok(value)):
+            raise ValueError(f"metadata must map str to str, got {key!r}: {type(value).__name__}")
+    obj: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, dtype, shape, nbytes, _ in plan:
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ValueError(f"header would be {len(raw)} bytes, over the {MAX_HEADER_BYTES}-byte limit")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _check_target(out: str, shown: str, src: Header | None, force: bool) -> None:
+    """Refuse to replace the input (it is never modified) or, without force, any existing file."""
+    if src is not None:
+        try:
+            if os.path.exists(out):
+                same = os.path.samefile(out, src.path)
+            else:
+                same = os.path.realpath(out) == os.path.realpath(src.path)
+        except OSError as e:
+            raise ModelFileError(f"{_show(src.path)}: cannot read: {e.strerror or e}") from None
+        if same:
+            raise ModelFileError(f"{shown}: is the input file; write the output elsewhere")
+    if os.path.isdir(out):
+        raise ModelFileError(f"{shown}: is a directory")
+    if os.path.lexists(out) and not force:
+        raise ModelFileError(f"{shown}: exists; pass --force to overwrite")
+
+
+def _stream(fd: int, head: bytes, plan: _Plan, src: Header | None) -> None:
+    """Write header then data through one bounded staging buffer, whatever the model's size."""
+    _write_all(fd, memoryview(head))
+    biggest = max((nbytes for *_, nbytes, _ in plan), default=0)
+    buf = bytearray(max(1, min(_CHUNK, biggest)))
+    view = memoryview(buf)
+    staging = torch.frombuffer(buf, dtype=torch.uint8)
+    needs_file = any(isinstance(source, TensorInfo) for *_, source in plan)
+    with _open_source(src.path) if needs_file and src is not None else nullcontext() as f:
+        for name, dtype, shape, nbytes, source in plan:
+            if isinstance(source, LazyTensor):
+                source = source.make()
+                if dtype_name(source.dtype) != dtype or tuple(source.shape) != shape:
+                    raise ValueError(f"tensor {_quote(name)}: computed {list(source.shape)} {source.dtype}, "
+                                     f"announced {list(shape)} {dtype}")
+            if isinstance(source, torch.Tensor) and nbytes:
+                flat = source.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+            for lo in range(0, nbytes, len(buf)):
+                chunk = view[: min(len(buf), nbytes - lo)]
+                if isinstance(source, TensorInfo):
+                    _read_tensor_bytes(f, chunk, source.start + lo, name)
+                else:
+                    staging[: len(chunk)].copy_(flat[lo : lo + len(chunk)])
+                _write_all(fd, chunk)
+
+
+def _open_source(path: str) -> BinaryIO:
+    try:
+        return open(path, "rb", buffering=0)
+    except OSError as e:
+        raise ModelFileError(f"{_show(path)}: cannot read: {e.strerror or e}") from None
+
+
+def _read_tensor_bytes(f: BinaryIO, view: memoryview, offset: int, name: str) -> None:
+    """Fill ``view`` with (part of) tensor ``name``; a short read means the file shrank under us."""
+    shown = _show(f.name)
+    try:
+        complete = _read_exact(f, view, offset)
+    except OSError as e:
+        raise ModelFileError(f"{shown}: cannot read tensor {_quote(name)}: {e.strerror or e}") from None
+    if not complete:
+        raise ModelFileError(f"{shown}: file changed or truncated while reading tensor {_quote(name)}")
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        view = view[n:]
+
+
+def _publish(tmp: str, out: str, shown: str, force: bool) -> None:
+    """Move the finished temp file into place; without force, a hard link makes 'do not clobber' race-free."""
+    if force:
+        os.replace(tmp, out)
+        return
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise ModelFileError(f"{shown}: exists; pass --force to overwrite") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            raise
+        os.replace(tmp, out)
+        return
+    os.unlink(tmp)
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make the rename durable; some filesystems cannot fsync a directory, which is fine."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    """The process umask: the temp file is created 0600, but users expect the usual 0644 (0666 & ~umask)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _utf8_ok(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _quote(value: object) -> str:
+    """repr() keeps hostile names on one line; long ones are cut so messages stay readable."""
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _brief(value: object) -> str:
+    text = repr(value[:17] if isinstance(value, list) else value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _show(path: str | os.PathLike[str]) -> str:
+    text = os.fsdecode(path)
+    return text if text.isprintable() else repr(text)
