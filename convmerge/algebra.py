@@ -85,13 +85,13 @@ class Counterexample:
 
 
 def fold_bn(conv: Conv, bn: BatchNorm) -> Conv:
-    """conv followed by batch norm is one conv: scale the output channels, shift the bias."""
+    """conv followed by batch norm is one conv: scale the output channels, shift the bias (float64)."""
     scale, shift = bn.scale_shift()
     if scale.numel() != conv.spec.out_channels:
         raise ValueError(f"batch norm has {scale.numel()} channels, the conv outputs {conv.spec.out_channels}")
     w = conv.weight.double() * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
     b = shift if conv.bias is None else conv.bias.double() * scale + shift
-    return Conv(conv.spec.with_bias(True), w.to(conv.dtype), b.to(conv.dtype))
+    return Conv(conv.spec.with_bias(True), w, b)
 
 
 def support(weight: torch.Tensor) -> Support:

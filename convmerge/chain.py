@@ -130,6 +130,14 @@ def plan(convs: Sequence[Conv], size: Optional[Size], policy: str = "cheaper", n
     return segments
 
 
+def merge_run(convs: Sequence[Conv]) -> Conv:
+    """Merge convs left to right exactly as `plan` did (same candidates, same float64 arithmetic)."""
+    m = convs[0]
+    for c in convs[1:]:
+        m = algebra.merge(m, c, algebra.analyze(m, c).candidate)
+    return m
+
+
 def verify(convs: Sequence[Conv], merged: Conv, size: Optional[Size]) -> float:
     """Run chain and merged conv in float64 on sizes that exercise the borders; raise if they differ."""
     sizes = verification_sizes(convs, merged.spec, size)

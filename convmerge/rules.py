@@ -217,8 +217,17 @@ def decide(
 ) -> Verdict:
     """Mergeable at every size, at some sizes, or at none; with the reason in one sentence."""
     an = Analysis(spec1, spec2, sup1, sup2, bias_ok)
+    verdict = _classify(an)
+    sizes = _sizes_sentence(an) if verdict == "size-dependent" else None
+    bias_blocks = an.bias_ok is not None and verdict != "mergeable" and (
+        _classify(Analysis(spec1, spec2, sup1, sup2, None)) != verdict
+    )
+    return Verdict(verdict, _reason(an, verdict, sizes, bias_blocks), sizes, an.cand, an)
+
+
+def _classify(an: Analysis) -> str:
     signatures = []
-    for k in range(spec1.ndim):
+    for k in range(an.spec1.ndim):
         sig = {}
         for n in an.sizes(k):
             v = an.view(k, n)
@@ -227,13 +236,8 @@ def decide(
         signatures.append(list(sig.values()))
     outcomes = {an.combo_exact(views) for views in product(*signatures)}
     if outcomes == {True}:
-        verdict = "mergeable"
-    elif True in outcomes:
-        verdict = "size-dependent"
-    else:
-        verdict = "unmergeable"
-    sizes = _sizes_sentence(an) if verdict == "size-dependent" else None
-    return Verdict(verdict, _reason(an, verdict, sizes), sizes, an.cand, an)
+        return "mergeable"
+    return "size-dependent" if True in outcomes else "unmergeable"
 
 
 def conv2_reads_padding(spec2: ConvSpec, sup2: Support) -> bool:
@@ -249,7 +253,7 @@ def full_support(spec: ConvSpec) -> Support:
 # --- reasons -------------------------------------------------------------------------------
 
 
-def _reason(an: Analysis, verdict: str, sizes: Optional[str]) -> str:
+def _reason(an: Analysis, verdict: str, sizes: Optional[str], bias_blocks: bool) -> str:
     s1, s2 = an.spec1, an.spec2
     if verdict == "mergeable":
         if not conv2_reads_padding(s2, an.sup2):
@@ -257,16 +261,17 @@ def _reason(an: Analysis, verdict: str, sizes: Optional[str]) -> str:
         if s2.padding_mode != "zeros" and _pointwise(s1, an.sup1):
             return f"conv1 is pointwise, so it commutes with conv2's {s2.padding_mode} padding"
         return "conv1's padding covers every border cell conv2 pads, so the merge is exact at every size"
-    side = _failing_side(an)
-    if side is None:  # only through the bias
-        prefix = f"exact only when {sizes}: " if sizes else ""
-        return (
-            f"{prefix}conv1's bias (or the batch norm's shift) meets conv2's zero padding, "
-            "where the pair adds nothing but a merged conv would add it"
-        )
+    prefix = f"exact only when {sizes}: " if sizes else ""
+    side = _bias_side(an) if bias_blocks else _failing_side(an)
+    if side is None:
+        return f"{prefix}the single conv differs from the pair where the borders of different axes meet"
     k, where = side
     ax = s1.axis_names[k]
-    prefix = f"exact only when {sizes}: " if sizes else ""
+    if bias_blocks:
+        return (
+            f"{prefix}conv2's zero padding on the {where} of {ax} cuts off conv1's bias (or the batch norm's shift), "
+            "so the pair's bias varies near the border and no conv's bias can match it"
+        )
     if s1.padding_mode == "zeros" and s2.padding_mode == "zeros":
         pad1 = s1.axes[k].pad[0 if where == "left" else 1]
         pad2 = s2.axes[k].pad[0 if where == "left" else 1]
@@ -281,6 +286,19 @@ def _reason(an: Analysis, verdict: str, sizes: Optional[str]) -> str:
         f"{prefix}conv2's {s2.padding_mode} padding on the {where} of {ax} repeats conv1's border outputs, "
         f"which a single {an.cand.padding_mode}-padded conv over conv1's {s1.padding_mode} padding cannot reproduce"
     )
+
+
+def _bias_side(an: Analysis) -> Optional[tuple[int, str]]:
+    """An axis and side where conv2's zero padding cuts off conv1's bias."""
+    full = list(an.sup2)
+    for k in range(an.spec1.ndim):
+        for n in reversed(an.sizes(k)):
+            v = an.view(k, n)
+            for inside in (v.inside_sets if v is not None else ()):
+                sets = tuple(full[:k] + [inside] + full[k + 1:])
+                if sets != tuple(full) and an.bias_ok is not None and not an.bias_ok(sets):
+                    return k, "left" if not inside or inside[0] != full[k][0] else "right"
+    return None
 
 
 def _failing_side(an: Analysis) -> Optional[tuple[int, str]]:

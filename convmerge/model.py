@@ -1,0 +1,309 @@
+"""Whole models: find the description, judge every pair, plan the merges, write the fused file.
+
+Header first, tensors later (as mergekit does): planning reads only the weights of conv
+chains, one chain at a time; writing streams every untouched tensor byte for byte and
+recomputes each merged conv just before it is written, so memory follows the largest chain,
+not the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from . import algebra, chain, io
+from .algebra import BatchNorm, Conv
+from .graph import CONV_OPS, Graph, GraphError, load_description, parse, removed_tensors, rewrite
+from .report import MergeEntry, PairEntry, Report
+from .spec import ConvSpec, macs, padding_fields
+
+GRAPH_KEY = "convmerge.graph"
+DEFAULT_COST_SIZE = 224
+"""Spatial size per axis the cost model assumes where neither --input-size nor the graph tells."""
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """Where a model's tensors come from: their metadata now, their values on demand."""
+
+    info: Mapping[str, Any]  # name -> object with .shape, .dtype, .is_float
+    get: Callable[[str], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """One merged segment: its layers (convs and what lies between), and what replaces them."""
+
+    layers: list[str]
+    convs: list[str]
+    spec: ConvSpec
+    dtype: torch.dtype
+
+
+class ModuleTensor:
+    """Tensor metadata for a state-dict entry, shaped like io.TensorInfo."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.shape = tuple(t.shape)
+        self.dtype = io.dtype_name(t.dtype)
+        self.is_float = t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def file_tensors(header: io.Header) -> Tensors:
+    return Tensors(header.tensors, lambda name: io.read_tensor(header, name))
+
+
+def module_tensors(state: Mapping[str, torch.Tensor]) -> Tensors:
+    return Tensors({k: ModuleTensor(v) for k, v in state.items()}, lambda name: state[name].detach())
+
+
+def find_description(header: io.Header, graph_file: Optional[str] = None, arch: Optional[str] = None) -> tuple[dict, str]:
+    """The description from --graph, else the header, else by tracing --arch (FORMAT.md, section 1)."""
+    if graph_file:
+        try:
+            text = Path(graph_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise GraphError(f"{graph_file}: cannot read the description ({getattr(e, 'strerror', None) or e})") from None
+        return load_description(text, graph_file), graph_file
+    if GRAPH_KEY in header.metadata:
+        where = f"{header.path}: header key '{GRAPH_KEY}'"
+        return load_description(header.metadata[GRAPH_KEY], where), where
+    if arch:
+        from . import trace
+
+        return trace.describe_module(trace.build_module(arch), arch), f"--arch {arch}"
+    raise GraphError(
+        f"{header.path}: no graph description: pass --graph FILE or --arch MODULE:CALLABLE "
+        "(or store one with `convmerge annotate`); convmerge never guesses how layers connect"
+    )
+
+
+def analyze(
+    graph: Graph,
+    tensors: Tensors,
+    input_size: Optional[Sequence[int]] = None,
+    policy: str = "cheaper",
+    on_chain: Optional[Callable[[], None]] = None,
+) -> tuple[Report, list[MergePlan]]:
+    """Judge every pair and plan the merges; every planned merge has been verified in float64."""
+    size_at = graph.sizes(input_size)
+    nominal = graph.sizes(_nominal(graph, input_size))
+    entries: dict[tuple[str, str], PairEntry] = {}
+    plans: list[MergePlan] = []
+    merges: list[MergeEntry] = []
+    for run in graph.chains():
+        names = [run[0].first] + [p.second for p in run]
+        convs = [_load_conv(graph, tensors, n, via) for n, via in zip(names, [p.via for p in run] + [()])]
+        for piece in _finite_pieces(names, convs, run, entries):
+            p_names, p_convs, p_run = piece
+            src = graph.layers[p_names[0]].inputs[0]
+            here, cost_in = size_at.get(src), nominal.get(src) or (DEFAULT_COST_SIZE,) * p_convs[0].spec.ndim
+            cost_sizes = chain.sizes_along(p_convs, cost_in)
+            segments = chain.plan(p_convs, here, policy, nominal=cost_in)
+            applied = {t for s in segments if s.merged for t in range(s.start, s.stop - 1)}
+            for t, rep in enumerate(chain.judge_pairs(p_convs, here)):
+                v = rep.verdict
+                exact = v.verdict == "mergeable" or rep.exact_here is True
+                entries[(p_names[t], p_names[t + 1])] = PairEntry(
+                    p_names[t], p_names[t + 1], list(p_run[t].via), v.verdict, v.reason, v.sizes,
+                    padding_fields(v.candidate) if exact else None, rep.counterexample, rep.exact_here,
+                    macs(p_convs[t].spec, cost_sizes[t]) + macs(p_convs[t + 1].spec, cost_sizes[t + 1]),
+                    macs(v.candidate, cost_sizes[t]), t in applied,
+                )
+            for seg in segments:
+                if seg.merged:
+                    plan, entry = _plan_segment(graph, tensors, p_names, p_run, p_convs, seg, cost_sizes, here)
+                    plans.append(plan)
+                    merges.append(entry)
+            if on_chain:
+                on_chain()
+    report = Report(policy=policy, input_size=list(input_size) if input_size else None)
+    for pair in graph.pairs():
+        key = (pair.first, pair.second)
+        report.pairs.append(entries.get(key) or PairEntry(pair.first, pair.second, list(pair.via), "skipped",
+                                                           _skip_reason(pair.blocked)))
+    report.merges = merges
+    return report, plans
+
+
+def merged_conv(graph: Graph, tensors: Tensors, plan: MergePlan) -> Conv:
+    """Recompute a planned merge (deterministically, as verified) in its storage dtype."""
+    vias = _vias(graph, plan)
+    convs = [_load_conv(graph, tensors, n, via) for n, via in zip(plan.convs, vias)]
+    return algebra.cast(chain.merge_run(convs), plan.dtype)
+
+
+def fused_tensors(graph: Graph, tensors: Tensors, plans: Sequence[MergePlan], order: Sequence[str],
+                  copy: Callable[[str], Any]) -> list[tuple[str, Any]]:
+    """The output's tensors in the input's order: removed ones dropped, merged ones computed lazily."""
+    drop: set[str] = set()
+    replace: dict[str, MergePlan] = {}
+    for plan in plans:
+        drop.update(removed_tensors(graph, plan.layers))
+        replace[plan.convs[-1]] = plan
+    out: list[tuple[str, Any]] = []
+    done: set[str] = set()
+    for name in order:
+        layer = name.rsplit(".", 1)[0]
+        if name in drop or (layer in replace and name in (f"{layer}.weight", f"{layer}.bias")):
+            if layer in replace and layer not in done:
+                done.add(layer)
+                out += _lazy_merged(graph, tensors, replace[layer])
+            continue
+        out.append((name, copy(name)))
+    for layer, plan in replace.items():
+        if layer not in done:
+            out += _lazy_merged(graph, tensors, plan)
+    return out
+
+
+def fuse_file(
+    path: str,
+    out: str,
+    *,
+    graph_file: Optional[str] = None,
+    arch: Optional[str] = None,
+    input_size: Optional[Sequence[int]] = None,
+    policy: str = "cheaper",
+    force: bool = False,
+    on_chain: Optional[Callable[[], None]] = None,
+) -> Report:
+    """Read, plan, verify and write `<out>` atomically; the input is never modified."""
+    header = io.read_header(path)
+    doc, where = find_description(header, graph_file, arch)
+    tensors = file_tensors(header)
+    graph = parse(doc, header.tensors, where)
+    report, plans = analyze(graph, tensors, input_size, policy, on_chain)
+    metadata = dict(header.metadata)
+    metadata[GRAPH_KEY] = json.dumps(rewrite(graph, [(p.layers, p.spec) for p in plans]))
+    metadata["format"] = "pt"
+    listing = fused_tensors(graph, tensors, plans, list(header.tensors), lambda n: header.tensors[n])
+    io.write_model(out, listing, metadata, src=header, force=force)
+    report.source, report.description, report.output = os.fspath(path), where, os.fspath(out)
+    return report
+
+
+def check_file(path: str, *, graph_file: Optional[str] = None, arch: Optional[str] = None,
+               input_size: Optional[Sequence[int]] = None, policy: str = "cheaper",
+               on_chain: Optional[Callable[[], None]] = None) -> Report:
+    """The dry run: the same report as `fuse_file`, nothing written."""
+    header = io.read_header(path)
+    doc, where = find_description(header, graph_file, arch)
+    graph = parse(doc, header.tensors, where)
+    report, _ = analyze(graph, file_tensors(header), input_size, policy, on_chain)
+    report.source, report.description = os.fspath(path), where
+    return report
+
+
+def _lazy_merged(graph: Graph, tensors: Tensors, plan: MergePlan) -> list[tuple[str, io.LazyTensor]]:
+    """Weight and bias of one merged conv, computed once when the writer reaches the weight."""
+    cache: dict[str, torch.Tensor] = {}
+    name = plan.convs[-1]
+    dtype = io.dtype_name(plan.dtype)
+
+    def take(part: str) -> torch.Tensor:
+        if not cache:
+            conv = merged_conv(graph, tensors, plan)
+            cache["weight"], cache["bias"] = conv.weight, conv.bias
+        return cache.pop(part)
+
+    out = [(f"{name}.weight", io.LazyTensor(dtype, plan.spec.weight_shape, lambda: take("weight")))]
+    if plan.spec.bias:
+        out.append((f"{name}.bias", io.LazyTensor(dtype, (plan.spec.out_channels,), lambda: take("bias"))))
+    return out
+
+
+def _plan_segment(
+    graph: Graph, tensors: Tensors, names: list[str], run: Sequence[Any], convs: list[Conv], seg: chain.Segment,
+    cost_sizes: list[tuple[int, ...]], here: Optional[tuple[int, ...]],
+) -> tuple[MergePlan, MergeEntry]:
+    seg_names = names[seg.start:seg.stop]
+    layers = [seg_names[0]]
+    for t in range(seg.start, seg.stop - 1):
+        layers += list(run[t].via) + [names[t + 1]]
+    dtype = _storage_dtype(tensors, seg_names)
+    spec = seg.conv.spec
+    seg_convs = convs[seg.start:seg.stop]
+    sizes = chain.verification_sizes(seg_convs, spec, chain.sizes_along(convs, here)[seg.start] if here else None)
+    err = algebra.max_error(seg_convs, seg.conv, sizes)
+    rounding = algebra.max_error(seg_convs, algebra.cast(seg.conv, dtype), sizes)
+    entry = MergeEntry(
+        layers, seg_names[-1], padding_fields(spec), io.dtype_name(dtype), err, rounding,
+        sum(macs(c.spec, cost_sizes[seg.start + i]) for i, c in enumerate(seg_convs)),
+        macs(spec, cost_sizes[seg.start]),
+    )
+    return MergePlan(layers, seg_names, spec, dtype), entry
+
+
+def _load_conv(graph: Graph, tensors: Tensors, name: str, via: Sequence[str]) -> Conv:
+    """A conv's weights in float64 with the batch norms after it (in `via`) folded in."""
+    spec = graph.specs[name]
+    bias = f"{name}.bias"
+    conv = Conv(spec, tensors.get(f"{name}.weight").double(), tensors.get(bias).double() if bias in tensors.info else None)
+    for v in via:
+        if graph.layers[v].op == "batch_norm":
+            conv = algebra.fold_bn(conv, _load_bn(graph, tensors, v))
+    return conv
+
+
+def _load_bn(graph: Graph, tensors: Tensors, name: str) -> BatchNorm:
+    def opt(suffix: str) -> Optional[torch.Tensor]:
+        key = f"{name}.{suffix}"
+        return tensors.get(key).double() if key in tensors.info else None
+
+    return BatchNorm(opt("running_mean"), opt("running_var"), float(graph.layers[name].fields.get("eps", 1e-5)),
+                     opt("weight"), opt("bias"))
+
+
+def _finite_pieces(names, convs, run, entries):
+    """Split a chain at convs with NaN/Inf weights (after folding): those never merge."""
+    bad = [not (bool(torch.isfinite(c.weight).all()) and (c.bias is None or bool(torch.isfinite(c.bias).all())))
+           for c in convs]
+    pieces, start = [], 0
+    for t in range(len(convs) + 1):
+        if t == len(convs) or bad[t]:
+            if t - start >= 2:
+                pieces.append((names[start:t], convs[start:t], run[start:t - 1]))
+            start = t + 1
+    for t in range(len(convs) - 1):
+        if bad[t] or bad[t + 1]:
+            culprit = names[t] if bad[t] else names[t + 1]
+            entries[(names[t], names[t + 1])] = PairEntry(
+                names[t], names[t + 1], list(run[t].via), "skipped",
+                f"{culprit} has NaN or Inf in its weights (or its batch norm's), so this pair is not merged",
+            )
+    return pieces
+
+
+def _vias(graph: Graph, plan: MergePlan) -> list[list[str]]:
+    vias: list[list[str]] = []
+    for name in plan.layers:
+        if name in plan.convs:
+            vias.append([])
+        else:
+            vias[-1].append(name)
+    return vias
+
+
+def _storage_dtype(tensors: Tensors, convs: Sequence[str]) -> torch.dtype:
+    dtype = None
+    for n in convs:
+        t = io.torch_dtype(tensors.info[f"{n}.weight"].dtype)
+        dtype = t if dtype is None else torch.promote_types(dtype, t)
+    return dtype
+
+
+def _nominal(graph: Graph, input_size: Optional[Sequence[int]]) -> Optional[tuple[int, ...]]:
+    if input_size:
+        return tuple(input_size)
+    dims = {spec.ndim for spec in graph.specs.values()}
+    return (DEFAULT_COST_SIZE,) * dims.pop() if len(dims) == 1 else None
+
+
+def _skip_reason(blocked: Optional[str]) -> str:
+    return f"not merged: {blocked}"
