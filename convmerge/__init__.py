@@ -1,0 +1,20 @@
+"""convmerge: merge consecutive convolutions into one, exactly, and prove when it cannot.
+
+`check`, `fuse` and `save` are the Python API (see convmerge.api); they are imported on first
+use so that `import convmerge` (and `convmerge --help`) does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["check", "fuse", "save", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("check", "fuse", "save"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'convmerge' has no attribute {name!r}")

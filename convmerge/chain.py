@@ -75,7 +75,7 @@ def find_counterexample(a: Conv, b: Conv, v: Verdict, size: Optional[Size]) -> O
     cand = algebra.merge(a, b, v.candidate)
     tries = [size] if size else [(n,) * a.spec.ndim for n in range(1, 65)]
     for s in tries:
-        if v.analysis.exact_at(s) or not _defined(a, b, s):
+        if v.analysis.exact_at(s) or not defined(a, b, s):
             continue
         try:
             ce = algebra.counterexample([a, b], cand, s)
@@ -199,5 +199,5 @@ def _pad_ok(mode: str, pad: tuple[int, int], n: int) -> bool:
     return (mode != "reflect" or max(pad) < n) and (mode != "circular" or max(pad) <= n)
 
 
-def _defined(a: Conv, b: Conv, size: Size) -> bool:
+def defined(a: Conv, b: Conv, size: Size) -> bool:
     return all(_runs([a, b], a.spec, k, n) for k, n in enumerate(size))

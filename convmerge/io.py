@@ -38,6 +38,7 @@ __all__ = [
     "read_header",
     "read_tensor",
     "torch_dtype",
+    "write_bytes",
     "write_model",
 ]
 
@@ -193,6 +194,19 @@ def write_model(
     plan = _plan(tensors, src)
     head = _encode_header(plan, metadata)
     _check_target(out_path, shown, src, force)
+    _write_atomic(out_path, shown, force, lambda fd: _stream(fd, head, plan, src))
+
+
+def write_bytes(out: str | os.PathLike[str], data: bytes, *, force: bool = False) -> None:
+    """Write a small file (a JSON report, an exported program) with the same all-or-nothing guarantee."""
+    out_path = os.fsdecode(out)
+    shown = _show(out_path)
+    _check_target(out_path, shown, None, force)
+    _write_atomic(out_path, shown, force, lambda fd: _write_all(fd, memoryview(data)))
+
+
+def _write_atomic(out_path: str, shown: str, force: bool, fill: Callable[[int], None]) -> None:
+    """Temp file in the target folder, fsync, normal permissions, then publish; no temp file survives."""
     directory = os.path.dirname(out_path) or "."
     with _terminating_as_interrupt():
         fd, tmp = -1, ""
@@ -201,7 +215,7 @@ def write_model(
             # the name to remove; a FileExistsError from os.open means the name was taken: not ours to remove.
             tmp = os.path.join(directory, f".{os.path.basename(out_path)[:64]}.tmp-{secrets.token_hex(8)}")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            _stream(fd, head, plan, src)
+            fill(fd)
             os.fsync(fd)
             os.fchmod(fd, 0o666 & ~_umask())
             os.close(fd)

@@ -98,7 +98,7 @@ def analyze(
     merges: list[MergeEntry] = []
     for run in graph.chains():
         names = [run[0].first] + [p.second for p in run]
-        convs = [_load_conv(graph, tensors, n, via) for n, via in zip(names, [p.via for p in run] + [()])]
+        convs = [load_conv(graph, tensors, n, via) for n, via in zip(names, [p.via for p in run] + [()])]
         for piece in _finite_pieces(names, convs, run, entries):
             p_names, p_convs, p_run = piece
             src = graph.layers[p_names[0]].inputs[0]
@@ -122,7 +122,9 @@ def analyze(
                     merges.append(entry)
             if on_chain:
                 on_chain()
-    report = Report(policy=policy, input_size=list(input_size) if input_size else None)
+    cost = _nominal(graph, input_size)
+    report = Report(policy=policy, input_size=list(input_size) if input_size else None,
+                    cost_size=list(cost) if cost else None)
     for pair in graph.pairs():
         key = (pair.first, pair.second)
         report.pairs.append(entries.get(key) or PairEntry(pair.first, pair.second, list(pair.via), "skipped",
@@ -134,7 +136,7 @@ def analyze(
 def merged_conv(graph: Graph, tensors: Tensors, plan: MergePlan) -> Conv:
     """Recompute a planned merge (deterministically, as verified) in its storage dtype."""
     vias = _vias(graph, plan)
-    convs = [_load_conv(graph, tensors, n, via) for n, via in zip(plan.convs, vias)]
+    convs = [load_conv(graph, tensors, n, via) for n, via in zip(plan.convs, vias)]
     return algebra.cast(chain.merge_run(convs), plan.dtype)
 
 
@@ -240,7 +242,7 @@ def _plan_segment(
     return MergePlan(layers, seg_names, spec, dtype), entry
 
 
-def _load_conv(graph: Graph, tensors: Tensors, name: str, via: Sequence[str]) -> Conv:
+def load_conv(graph: Graph, tensors: Tensors, name: str, via: Sequence[str]) -> Conv:
     """A conv's weights in float64 with the batch norms after it (in `via`) folded in."""
     spec = graph.specs[name]
     bias = f"{name}.bias"

@@ -240,6 +240,33 @@ def _classify(an: Analysis) -> str:
     return "size-dependent" if True in outcomes else "unmergeable"
 
 
+def side_conditions(v: Verdict, size: Optional[Sequence[int]] = None) -> list[dict]:
+    """Per axis and side: both paddings, the least conv1 padding that suffices, and whether it holds.
+
+    `holds` is judged at `size` when given, else over every size (the axis on its own).
+    """
+    an = v.analysis
+    rows = []
+    for k, name in enumerate(an.spec1.axis_names):
+        ns = [size[k]] if size else list(an.sizes(k))
+        views = [an.view(k, n) for n in ns]
+        for i, where in enumerate(("left", "right")):
+            zeros = an.spec1.padding_mode == an.spec2.padding_mode == "zeros"
+            need = _pad_needed(an, k, where) if zeros else None
+            rows.append({
+                "axis": name, "side": where,
+                "conv1_pad": an.spec1.axes[k].pad[i], "conv2_pad": an.spec2.axes[k].pad[i],
+                "conv1_pad_needed": need,
+                "conv2_reads_padding": _eff_pad(an.spec2.axes[k], an.sup2[k])[i] > 0,
+                "holds": all(w is None or where not in w.fails for w in views),
+            })
+    return rows
+
+
+def an_views(an: Analysis, k: int) -> list[Optional[AxisView]]:
+    return [an.view(k, n) for n in an.sizes(k)]
+
+
 def conv2_reads_padding(spec2: ConvSpec, sup2: Support) -> bool:
     """Whether conv2 ever reads a padded cell (at some input size) through a nonzero tap."""
     return any(_eff_pad(a, s) != (0, 0) for a, s in zip(spec2.axes, sup2))
@@ -316,18 +343,17 @@ def _failing_side(an: Analysis) -> Optional[tuple[int, str]]:
 
 
 def _pad_needed(an: Analysis, k: int, where: str) -> Optional[int]:
-    """The least conv1 padding on this side that makes the axis exact at every size (searched)."""
+    """The least conv1 padding on this side that makes the side exact at every size (searched)."""
     a1 = an.spec1.axes[k]
-    cur = a1.pad[0 if where == "left" else 1]
-    for extra in range(1, a1.extent + a1.stride + 2):
-        pad = (cur + extra, a1.pad[1]) if where == "left" else (a1.pad[0], cur + extra)
+    for pad_side in range(0, max(a1.pad) + a1.extent + a1.stride + 2):
+        pad = (pad_side, a1.pad[1]) if where == "left" else (a1.pad[0], pad_side)
         axes = list(an.spec1.axes)
         axes[k] = Axis(a1.kernel, a1.stride, a1.dilation, pad)
         spec1 = ConvSpec(tuple(axes), an.spec1.in_channels, an.spec1.out_channels, an.spec1.groups,
                          an.spec1.padding_mode, an.spec1.bias)
         trial = Analysis(spec1, an.spec2, an.sup1, an.sup2, None)
-        if all(where not in (trial.view(k, n) or _NO_FAIL).fails for n in trial.sizes(k)):
-            return cur + extra
+        if all(where not in (v or _NO_FAIL).fails for v in an_views(trial, k)):
+            return pad_side
     return None
 
 

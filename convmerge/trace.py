@@ -15,7 +15,8 @@ import importlib.util
 import os
 import sys
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -29,6 +30,7 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PADDED_CONVS = (PaddedConv1d, PaddedConv2d, PaddedConv3d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_STRUCTURAL = _CONVS + _PADDED_CONVS + _BATCH_NORMS + _DROPOUTS + (nn.Identity,)
 
 
 class TraceError(ValueError):
@@ -81,7 +83,7 @@ def build_module(ref: str) -> nn.Module:
 def describe_module(module: nn.Module, name: str = "model") -> dict[str, Any]:
     """The graph description of ``module``: one layer per fx node, in the graph's (topological) order."""
     try:
-        graph = _LeafConvTracer().trace(module)
+        graph = _StructuralTracer().trace(module)
     except Exception as exc:
         raise TraceError(
             f"{name}: torch.fx cannot trace it ({_first_line(exc)}); pass --graph FILE instead"
@@ -94,7 +96,7 @@ def describe_module(module: nn.Module, name: str = "model") -> dict[str, Any]:
         try:
             layers.append(describe_node(node, module, names, shared))
         except SpecError as exc:
-            raise TraceError(f"{name}: layer {names[node]}: {exc}") from exc
+            raise TraceError(f"{name}: layer {names[node]}: {exc}; pass --graph FILE instead") from exc
     output = next(node for node in graph.nodes if node.op == "output")
     return {
         "version": 1,
@@ -168,13 +170,12 @@ def module_fields(module: nn.Module) -> dict[str, Any]:
     return {"op": _opaque(type(module).__name__.lower())}
 
 
-class _LeafConvTracer(fx.Tracer):
+class _StructuralTracer(fx.Tracer):
     """Keeps every structural module whole, ours and users' subclasses included (fx's default
     only keeps modules defined inside ``torch.nn`` whole and traces into the rest)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        structural = _CONVS + _PADDED_CONVS + _BATCH_NORMS + _DROPOUTS + (nn.Identity,)
-        return _is_plain(m, structural) or super().is_leaf_module(m, module_qualified_name)
+        return _is_plain(m, _STRUCTURAL) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _is_plain(module: nn.Module, classes: tuple[type, ...]) -> bool:
@@ -241,7 +242,7 @@ def _import_file(ref: str, path: str) -> Any:
     try:
         spec.loader.exec_module(module)
     except (Exception, SystemExit) as exc:
-        del sys.modules[module_name]
+        sys.modules.pop(module_name, None)
         raise TraceError(f"--arch {ref}: importing {path} raised {_first_line(exc)}") from exc
     finally:
         if directory in sys.path:
