@@ -22,7 +22,7 @@ def conv_words(fields: Optional[dict[str, Any]]) -> str:
     if not fields:
         return "-"
     k = "x".join(map(str, fields["kernel_size"]))
-    s = "x".join(map(str, fields["stride"]))
+    s = _axes(fields["stride"])
     pads = fields["padding"]
     p = str(pads[0][0]) if all(lo == hi == pads[0][0] for lo, hi in pads) else "".join(f"[{lo},{hi}]" for lo, hi in pads)
     extra = ""
@@ -31,8 +31,12 @@ def conv_words(fields: Optional[dict[str, Any]]) -> str:
     if fields.get("padding_mode", "zeros") != "zeros":
         extra += f" {fields['padding_mode']}"
     if any(d != 1 for d in fields.get("dilation", [1])):
-        extra += " d" + "x".join(map(str, fields["dilation"]))
+        extra += " d" + _axes(fields["dilation"])
     return f"{k} s{s} p{p}{extra}"
+
+
+def _axes(values: list[int]) -> str:
+    return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
 
 
 def _macs(m: Optional[dict[str, int]]) -> str:
@@ -62,8 +66,6 @@ def report(console: Console, rep: dict[str, Any], verbose: bool = False) -> None
     console.print(t)
     for i, p in enumerate(rep["pairs"], 1):
         line = Text(f" {i}. ", style="bold").append(p["reason"])
-        if p.get("sizes"):
-            line.append(f" (exact when {p['sizes']})", style="dim")
         ce = p.get("counterexample")
         if ce and verbose:
             line.append(f"\n    counterexample: input {ce['input_shape']}, output {ce['output_index']}: pair "
