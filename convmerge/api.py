@@ -49,7 +49,9 @@ def fuse(module: nn.Module, *, input_size: Optional[Sequence[int]] = None, polic
         new = to_module(model.merged_conv(g, tensors, plan)).to(device=old.weight.device)
         new.train(old.training)
         _set_submodule(fused, plan.convs[-1], new)
-        for name in plan.layers[:-1]:
+        for name in plan.layers:
+            if name == plan.convs[-1]:
+                continue
             _set_submodule(fused, name, nn.Identity())
     return fused
 

@@ -81,6 +81,17 @@ class Graph:
             out.append(run)
         return out
 
+    def trailing(self, conv: str) -> list[str]:
+        """Batch norm / identity / dropout right after a conv that a merged conv can absorb."""
+        out, cur = [], conv
+        while cur not in self.outputs and len(self.consumers.get(cur, [])) == 1:
+            layer = self.layers[self.consumers[cur][0]]
+            if layer.op not in PASSTHROUGH_OPS or layer.name in self.outputs or layer.fields.get("_not_float"):
+                break
+            out.append(layer.name)
+            cur = layer.name
+        return out
+
     def sizes(self, input_size: Optional[Sequence[int]]) -> dict[str, Optional[tuple[int, ...]]]:
         """Spatial size at each layer's output, where convs and shape-preserving ops determine it."""
         known: dict[str, Optional[tuple[int, ...]]] = {n: (tuple(input_size) if input_size else None) for n in self.inputs}
@@ -180,35 +191,43 @@ def parse(doc: dict, tensors: Mapping[str, Any], where: str = "description") -> 
     return graph
 
 
-def rewrite(graph: Graph, merges: Sequence[tuple[Sequence[str], ConvSpec]]) -> dict:
-    """The description after merging each chain of layer names into its last conv."""
+def rewrite(graph: Graph, merges: Sequence[tuple[Sequence[str], str, ConvSpec]]) -> dict:
+    """The description after merging each segment's layers into one conv named `into`.
+
+    Layers absorbed after `into` (a trailing batch norm) are referred to by `into` from then on.
+    """
     doc = json.loads(json.dumps(graph.doc))
-    removed: set[str] = set()
+    gone: dict[str, str] = {}
     replaced: dict[str, tuple[Sequence[str], ConvSpec]] = {}
-    for names, spec in merges:
-        removed.update(names[:-1])
-        replaced[names[-1]] = (names, spec)
-    layers = []
+    for layers, into, spec in merges:
+        gone.update({n: into for n in layers if n != into})
+        replaced[into] = (layers, spec)
+    kept = []
     for raw in doc["layers"]:
         name = raw["name"]
-        if name in removed:
+        if name in gone:
             continue
         if name in replaced:
-            names, spec = replaced[name]
+            layers, spec = replaced[name]
             raw.pop("inputs", None)
-            raw["input"] = graph.layers[names[0]].inputs[0]
+            raw["input"] = graph.layers[layers[0]].inputs[0]
             raw.update(padding_fields(spec))
             raw["op"] = f"conv{spec.ndim}d"
-            raw["merged_from"] = list(raw.get("merged_from", [])) + [n for n in names if n != name]
-        layers.append(raw)
-    doc["layers"] = layers
+            raw["merged_from"] = list(raw.get("merged_from", [])) + [n for n in layers if n != name]
+        elif "input" in raw:
+            raw["input"] = gone.get(raw["input"], raw["input"])
+        elif isinstance(raw.get("inputs"), list):
+            raw["inputs"] = [gone.get(n, n) for n in raw["inputs"]]
+        kept.append(raw)
+    doc["layers"] = kept
+    doc["outputs"] = [gone.get(n, n) for n in doc["outputs"]]
     return doc
 
 
 def removed_tensors(graph: Graph, names: Sequence[str]) -> list[str]:
-    """Tensors owned by the layers a merge removes (all but the last conv)."""
+    """Tensors owned by layers that a merge removes."""
     out = []
-    for name in names[:-1]:
+    for name in names:
         suffixes = ("weight", "bias") if graph.layers[name].op in CONV_OPS else BN_TENSORS
         out += [f"{name}.{s}" for s in suffixes]
     return out

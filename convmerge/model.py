@@ -98,9 +98,11 @@ def analyze(
     merges: list[MergeEntry] = []
     for run in graph.chains():
         names = [run[0].first] + [p.second for p in run]
-        convs = [load_conv(graph, tensors, n, via) for n, via in zip(names, [p.via for p in run] + [()])]
+        tail = graph.trailing(names[-1])  # a batch norm after the last conv folds into a merge ending there
+        convs = [load_conv(graph, tensors, n, via) for n, via in zip(names, [p.via for p in run] + [tail])]
         for piece in _finite_pieces(names, convs, run, entries):
             p_names, p_convs, p_run = piece
+            p_tail = tail if p_names[-1] == names[-1] else []
             src = graph.layers[p_names[0]].inputs[0]
             here, cost_in = size_at.get(src), nominal.get(src) or (DEFAULT_COST_SIZE,) * p_convs[0].spec.ndim
             cost_sizes = chain.sizes_along(p_convs, cost_in)
@@ -117,7 +119,8 @@ def analyze(
                 )
             for seg in segments:
                 if seg.merged:
-                    plan, entry = _plan_segment(graph, tensors, p_names, p_run, p_convs, seg, cost_sizes, here)
+                    seg_tail = p_tail if seg.stop == len(p_convs) else []
+                    plan, entry = _plan_segment(tensors, p_names, p_run, p_convs, seg, cost_sizes, here, seg_tail)
                     plans.append(plan)
                     merges.append(entry)
             if on_chain:
@@ -146,7 +149,7 @@ def fused_tensors(graph: Graph, tensors: Tensors, plans: Sequence[MergePlan], or
     drop: set[str] = set()
     replace: dict[str, MergePlan] = {}
     for plan in plans:
-        drop.update(removed_tensors(graph, plan.layers))
+        drop.update(removed_tensors(graph, [n for n in plan.layers if n != plan.convs[-1]]))
         replace[plan.convs[-1]] = plan
     out: list[tuple[str, Any]] = []
     done: set[str] = set()
@@ -182,7 +185,7 @@ def fuse_file(
     graph = parse(doc, header.tensors, where)
     report, plans = analyze(graph, tensors, input_size, policy, on_chain)
     metadata = dict(header.metadata)
-    metadata[GRAPH_KEY] = json.dumps(rewrite(graph, [(p.layers, p.spec) for p in plans]))
+    metadata[GRAPH_KEY] = json.dumps(rewrite(graph, [(p.layers, p.convs[-1], p.spec) for p in plans]))
     metadata["format"] = "pt"
     listing = fused_tensors(graph, tensors, plans, list(header.tensors), lambda n: header.tensors[n])
     io.write_model(out, listing, metadata, src=header, force=force)
@@ -221,13 +224,14 @@ def _lazy_merged(graph: Graph, tensors: Tensors, plan: MergePlan) -> list[tuple[
 
 
 def _plan_segment(
-    graph: Graph, tensors: Tensors, names: list[str], run: Sequence[Any], convs: list[Conv], seg: chain.Segment,
-    cost_sizes: list[tuple[int, ...]], here: Optional[tuple[int, ...]],
+    tensors: Tensors, names: list[str], run: Sequence[Any], convs: list[Conv], seg: chain.Segment,
+    cost_sizes: list[tuple[int, ...]], here: Optional[tuple[int, ...]], tail: Sequence[str],
 ) -> tuple[MergePlan, MergeEntry]:
     seg_names = names[seg.start:seg.stop]
     layers = [seg_names[0]]
     for t in range(seg.start, seg.stop - 1):
         layers += list(run[t].via) + [names[t + 1]]
+    layers += list(tail)
     dtype = _storage_dtype(tensors, seg_names)
     spec = seg.conv.spec
     seg_convs = convs[seg.start:seg.stop]
@@ -249,7 +253,11 @@ def load_conv(graph: Graph, tensors: Tensors, name: str, via: Sequence[str]) -> 
     conv = Conv(spec, tensors.get(f"{name}.weight").double(), tensors.get(bias).double() if bias in tensors.info else None)
     for v in via:
         if graph.layers[v].op == "batch_norm":
-            conv = algebra.fold_bn(conv, _load_bn(graph, tensors, v))
+            bn = _load_bn(graph, tensors, v)
+            if bn.mean.numel() != conv.spec.out_channels:
+                raise GraphError(f"layer '{v}': tensor '{v}.running_mean' has {bn.mean.numel()} channels, "
+                                 f"but conv '{name}' before it gives {conv.spec.out_channels}")
+            conv = algebra.fold_bn(conv, bn)
     return conv
 
 

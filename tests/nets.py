@@ -80,6 +80,13 @@ def same_padding_chain() -> nn.Module:
                          nn.Conv2d(6, 3, 3, padding=1, padding_mode="reflect", bias=False))
 
 
+def vgg_bn() -> nn.Module:
+    """conv -> BN -> conv -> BN pairs (the 1x1 reads no padding, so the BN shift between is fine)."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1, bias=False),
+                         nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+                         nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+
+
 ALL = {
     "residual": lambda: randomize_bn(Residual()),
     "branches": Branches,
@@ -88,9 +95,10 @@ ALL = {
     "grouped": lambda: randomize_bn(grouped_chain()),
     "conv3d": conv3d_pair,
     "same": same_padding_chain,
+    "vgg": lambda: randomize_bn(vgg_bn()),
 }
 INPUT_DIMS = {"conv1d": 1, "conv3d": 3}
-CHANNELS = {"residual": 8, "branches": 3, "expandnet": 4, "conv1d": 2, "grouped": 4, "conv3d": 2, "same": 3}
+CHANNELS = {"residual": 8, "branches": 3, "expandnet": 4, "conv1d": 2, "grouped": 4, "conv3d": 2, "same": 3, "vgg": 3}
 
 
 def evaluate(doc: dict, state: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,22 @@ def test_batch_norm_between_is_folded_and_removed():
     assert torch.allclose(fused(x), net(x), atol=1e-9)
 
 
+def test_batch_norm_after_a_merged_chain_is_absorbed(tmp_path):
+    net = nets.randomize_bn(nets.vgg_bn()).double()
+    fused = convmerge.fuse(net, policy="all")
+    assert not [m for m in fused.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len([m for m in fused.modules() if isinstance(m, nn.Conv2d)]) == 2
+    x = torch.randn(1, 3, 9, 9, dtype=torch.float64)
+    assert torch.allclose(fused(x), net(x), atol=1e-9)
+    src = tmp_path / "v.safetensors"
+    convmerge.save(net, src)
+    model.fuse_file(str(src), str(tmp_path / "o.safetensors"), policy="all")
+    doc, state = nets.description_of(tmp_path / "o.safetensors")
+    assert [layer["op"] for layer in doc["layers"]] == ["conv2d", "relu", "conv2d", "relu"]
+    assert doc["layers"][3]["input"] == "7" and not any(k.startswith(("1.", "3.", "6.", "8.")) for k in state)
+    assert torch.allclose(nets.evaluate(doc, state, x), net(x), atol=1e-9)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_weights_merge_in_float64_and_keep_their_dtype(tmp_path, dtype):
     net = nets.expandnet().to(dtype)
