@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -127,3 +129,29 @@ def test_random_chains_plan_equals_running_the_chain(data):
             continue
         got = run_chain(x, [seg.conv for seg in segments])
         assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), s
+
+
+@pytest.mark.parametrize("mode,padding,groups", [("zeros", 0, 1), ("zeros", 1, 1), ("reflect", 1, 2),
+                                                  ("zeros", 1, 2), ("circular", 2, 1)])
+def test_batch_norm_before_a_conv_folds_when_exact(mode, padding, groups):
+    gen = torch.Generator().manual_seed(3)
+    conv = mk((3, 3), 4, 6, 1, padding=padding, padding_mode=mode, groups=groups, bias=True)
+    bn_mod = torch.nn.BatchNorm2d(4).double().eval()
+    with torch.no_grad():
+        bn_mod.running_mean.copy_(torch.randn(4, generator=gen))
+        bn_mod.running_var.copy_(torch.rand(4, generator=gen) + 0.5)
+        bn_mod.weight.copy_(torch.randn(4, generator=gen))
+        bn_mod.bias.copy_(torch.randn(4, generator=gen))
+    bn = BatchNorm(bn_mod.running_mean, bn_mod.running_var, bn_mod.eps, bn_mod.weight, bn_mod.bias)
+    folded = algebra.fold_bn_before(bn, conv)
+    x = torch.randn(1, 4, 7, 7, dtype=torch.float64)
+    want = run_chain(bn_mod(x), [conv])
+    assert (folded is not None) == (mode != "zeros" or padding == 0)
+    if folded is not None:
+        assert torch.allclose(run_chain(x, [folded]), want, atol=1e-9)
+    else:  # the naive fold (same weights, conv's zero padding) really differs at the border
+        unpadded = Conv(dataclasses.replace(conv.spec, axes=tuple(dataclasses.replace(a, pad=(0, 0))
+                                                                  for a in conv.spec.axes)), conv.weight, conv.bias)
+        naive = algebra.fold_bn_before(bn, unpadded)
+        naive = Conv(dataclasses.replace(naive.spec, axes=conv.spec.axes), naive.weight, naive.bias)
+        assert not torch.allclose(run_chain(x, [naive]), want, atol=1e-6)
