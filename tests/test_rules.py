@@ -218,3 +218,37 @@ def test_describe_sizes_words():
     assert describe_sizes("W", ok, 10, 2) == "W is any size and W >= 3"
     ok = {n: n in (1, 2) for n in range(1, 20)}
     assert describe_sizes("H", ok, 10, 1) == "H is 1 or 2"
+
+
+def test_closed_forms_of_design_rules_2_and_3_agree_with_the_enumeration():
+    """DESIGN.md rules 2-3 (zero padding, stride-s1 conv1, dense kernels), over an exhaustive sweep."""
+    import itertools
+
+    for k1, s1, l1, r1, k2, l2, r2 in itertools.product(range(1, 5), range(1, 4), range(5), range(5), (1, 3),
+                                                        range(3), range(3)):
+        a = conv_spec((k1,), 1, 1, stride=s1, padding=[[l1, r1]])
+        b = conv_spec((k2,), 1, 1, padding=[[l2, r2]])
+        left = l2 == 0 or l1 >= k1 - s1
+        right_always = r2 == 0 or r1 >= k1 - 1
+        right_never = r2 > 0 and r1 < k1 - s1
+        want = ("mergeable" if left and right_always else
+                "unmergeable" if not left or right_never else "size-dependent")
+        assert decide(a, b, full_support(a), full_support(b)).verdict == want, (k1, s1, l1, r1, k2, l2, r2)
+
+
+def test_circular_rule_6_and_replicate_rule_7():
+    """circular o circular: exact iff n divides s1*m1 (or no padding read); replicate needs e1-1 each side."""
+    for k1, s1, p1 in [(3, 1, 1), (3, 2, 1), (2, 2, 0), (5, 1, 2), (3, 1, 0)]:
+        a = conv_spec((k1,), 1, 1, stride=s1, padding=p1, padding_mode="circular")
+        b = conv_spec((3,), 1, 1, padding=1, padding_mode="circular")
+        v = decide(a, b, full_support(a), full_support(b))
+        for n in range(max(3, k1), 30):
+            m1 = a.axes[0].out_len(n)
+            if m1 < 1 or v.candidate.axes[0].pad[0] > n:
+                continue
+            assert v.exact_at((n,)) == ((s1 * m1) % n == 0), (k1, s1, p1, n)
+    for k1, l1, r1 in [(3, 2, 2), (3, 1, 2), (3, 2, 1), (2, 1, 1)]:
+        a = conv_spec((k1,), 1, 1, padding=[[l1, r1]], padding_mode="replicate")
+        b = conv_spec((3,), 1, 1, padding=1, padding_mode="replicate")
+        v = decide(a, b, full_support(a), full_support(b))
+        assert (v.verdict == "mergeable") == (l1 >= k1 - 1 and r1 >= k1 - 1), (k1, l1, r1, v.verdict)
