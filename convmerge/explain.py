@@ -10,7 +10,7 @@ from . import algebra, chain
 from .graph import Graph, GraphError
 from .model import Tensors, load_conv
 from .rules import side_conditions
-from .spec import macs, padding_fields
+from .spec import fit_size, macs, padding_fields
 
 DEFAULT_SIZE = 12
 
@@ -26,9 +26,7 @@ def explain_pair(graph: Graph, tensors: Tensors, first: str, second: str,
     b = load_conv(graph, tensors, second, ())
     v = algebra.analyze(a, b)
     nd = a.spec.ndim
-    if size is None:
-        size = _default_size(a, b, v)
-    size = tuple(size)
+    size = _default_size(a, b, v) if size is None else fit_size(size, nd)
     cand = algebra.merge(a, b, v.candidate)
     exact = v.exact_at(size)
     ce = None if exact else chain.find_counterexample(a, b, v, size)

@@ -20,7 +20,7 @@ from . import algebra, chain, io
 from .algebra import BatchNorm, Conv
 from .graph import CONV_OPS, Graph, GraphError, load_description, parse, removed_tensors, rewrite
 from .report import MergeEntry, PairEntry, Report
-from .spec import ConvSpec, macs, padding_fields
+from .spec import ConvSpec, fit_size, macs, padding_fields
 
 GRAPH_KEY = "convmerge.graph"
 DEFAULT_COST_SIZE = 224
@@ -91,6 +91,9 @@ def analyze(
     on_chain: Optional[Callable[[], None]] = None,
 ) -> tuple[Report, list[MergePlan]]:
     """Judge every pair and plan the merges; every planned merge has been verified in float64."""
+    if input_size is not None:
+        dims = sorted({spec.ndim for spec in graph.specs.values()}) or [len(input_size)]
+        input_size = fit_size(input_size, dims[0])
     size_at = graph.sizes(input_size)
     nominal = graph.sizes(_nominal(graph, input_size))
     entries: dict[tuple[str, str], PairEntry] = {}

@@ -203,6 +203,16 @@ def spec_from_fields(fields: Mapping[str, Any], weight_shape: Sequence[int], has
     )
 
 
+def fit_size(size: Sequence[int], ndim: int) -> tuple[int, ...]:
+    """An input size for `ndim` spatial axes: one number per axis, or one number for all."""
+    if len(size) == 1:
+        return tuple(size) * ndim
+    if len(size) != ndim:
+        raise SpecError(f"input size: {len(size)} numbers given ({'x'.join(map(str, size))}) "
+                        f"but the convs have {ndim} spatial axes")
+    return tuple(size)
+
+
 def macs(spec: ConvSpec, size: Sequence[int]) -> int:
     """Multiply-accumulates of one forward pass for one input of spatial ``size``."""
     out = spec.out_size(size)
