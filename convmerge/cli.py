@@ -6,6 +6,7 @@ torch is imported only inside the commands that need it, so `convmerge --help` s
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -152,9 +153,7 @@ def fuse(
         from . import io
         from . import model as m
 
-        for path in filter(None, (report, export)):
-            if path.exists() and not force:
-                raise io.ModelFileError(f"{path}: exists; pass --force to overwrite")
+        io.check_outputs([p for p in (out, report, export) if p is not None], [model], force)
         with _progress(json_out, quiet) as tick:
             rep = m.fuse_file(str(model), str(out), graph_file=_s(graph), arch=arch, input_size=size,
                               policy=policy.value, force=force, on_chain=tick)
@@ -297,7 +296,8 @@ def _s(path: Optional[Path]) -> Optional[str]:
 
 
 def _console(to_stderr: bool) -> Console:
-    return Console(stderr=to_stderr, highlight=False)
+    """NO_COLOR means no escape codes at all here, not only no colours (rich keeps bold and dim)."""
+    return Console(stderr=to_stderr, highlight=False, color_system=None if os.environ.get("NO_COLOR") else "auto")
 
 
 def _usage(message: str) -> None:
@@ -360,7 +360,10 @@ def _gate(rep: dict[str, Any], fail_on: Optional[FailOn]) -> str:
 def _write_counterexamples(rep: Any, directory: Path) -> None:
     from . import io
 
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise io.ModelFileError(f"{directory}: cannot create the counterexample folder: {e.strerror or e}") from None
     for p in rep.pairs:
         ce = p.counterexample
         if ce is None:
@@ -374,7 +377,7 @@ def _write_counterexamples(rep: Any, directory: Path) -> None:
 @contextmanager
 def _progress(json_out: bool, quiet: bool) -> Iterator[Callable[[], None]]:
     """A transient spinner on stderr, shown only on a terminal and only once work passes a second."""
-    console = Console(stderr=True)
+    console = _console(True)
     if quiet or not console.is_terminal:
         yield lambda: None
         return

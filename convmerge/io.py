@@ -33,6 +33,7 @@ __all__ = [
     "LazyTensor",
     "ModelFileError",
     "Source",
+    "check_outputs",
     "TensorInfo",
     "dtype_name",
     "read_header",
@@ -462,18 +463,37 @@ def _encode_header(plan: _Plan, metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def check_outputs(outputs: Sequence[str | os.PathLike[str]], inputs: Sequence[str | os.PathLike[str]],
+                  force: bool) -> None:
+    """Refuse, before any work, outputs that would replace an input, each other, or (without force) a file."""
+    seen: list[str] = []
+    for out in outputs:
+        out_path = os.fsdecode(out)
+        shown = _show(out_path)
+        for other in list(inputs) + seen:
+            if _same_file(out_path, os.fsdecode(other)):
+                what = "the input file" if other not in seen else "named twice as an output"
+                raise ModelFileError(f"{shown}: is {what}; write it elsewhere")
+        _check_target(out_path, shown, None, force)
+        directory = os.path.dirname(out_path) or "."
+        if not os.path.isdir(directory):
+            raise ModelFileError(f"{shown}: folder {directory} does not exist")
+        seen.append(out_path)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _check_target(out: str, shown: str, src: Header | None, force: bool) -> None:
     """Refuse to replace the input (it is never modified) or, without force, any existing file."""
-    if src is not None:
-        try:
-            if os.path.exists(out):
-                same = os.path.samefile(out, src.path)
-            else:
-                same = os.path.realpath(out) == os.path.realpath(src.path)
-        except OSError as e:
-            raise ModelFileError(f"{_show(src.path)}: cannot read: {e.strerror or e}") from None
-        if same:
-            raise ModelFileError(f"{shown}: is the input file; write the output elsewhere")
+    if src is not None and _same_file(out, src.path):
+        raise ModelFileError(f"{shown}: is the input file; write the output elsewhere")
     if os.path.isdir(out):
         raise ModelFileError(f"{shown}: is a directory")
     if os.path.lexists(out) and not force:

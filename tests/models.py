@@ -1,0 +1,187 @@
+"""Tiny model files for CLI tests, and a float64 reference evaluator of a graph description.
+
+Everything here is built in a test's tmp_path; no model file is ever committed.  The evaluator
+follows FORMAT.md section 1 independently of the library (only torch.nn.functional), so a test can
+check that a fused file computes the same function as the file it came from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+GRAPH_KEY = "convmerge.graph"
+
+
+def conv(name: str, inp: str, cin: int, cout: int, k: int, *, stride: Any = 1, padding: Any = 0,
+         groups: int = 1, bias: bool = False, gen: Optional[torch.Generator] = None,
+         dtype: torch.dtype = torch.float32, **fields: Any) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A conv2d layer description and its tensors (kernel k x k)."""
+    layer = {"name": name, "op": "conv2d", "input": inp, "stride": stride, "padding": padding,
+             "dilation": 1, "groups": groups, **fields}
+    fan_in = cin // groups * k * k
+    tensors = {f"{name}.weight": (torch.randn(cout, cin // groups, k, k, generator=gen) / fan_in ** 0.5).to(dtype)}
+    if bias:
+        tensors[f"{name}.bias"] = torch.randn(cout, generator=gen).to(dtype)
+    return layer, tensors
+
+
+def describe(layers: Sequence[dict], outputs: Sequence[str], inputs: Sequence[str] = ("x",)) -> dict:
+    return {"version": 1, "inputs": list(inputs), "layers": list(layers), "outputs": list(outputs)}
+
+
+def save(path: Path, tensors: Mapping[str, torch.Tensor], description: Optional[dict] = None,
+         extra_metadata: Optional[Mapping[str, str]] = None) -> Path:
+    """Write `tensors` with the description (if any) in the header."""
+    metadata = dict(extra_metadata or {})
+    if description is not None:
+        metadata[GRAPH_KEY] = json.dumps(description)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata or None)
+    return path
+
+
+def stack_parts(seed: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
+    """float32, no biases:
+
+    c1 (3->8, 3x3, pad 2) -> c2 (8->4, 3x3, pad 1)        mergeable (and cheaper merged)
+    relu
+    c3 (4->4, 3x3, stride 2, pad 1) -> c4 (4->2, 3x3, pad 1)   size-dependent: exact iff the size at c3 is odd
+    relu
+    c5 (2->2, 3x3, pad 0) -> c6 (2->2, 3x3, pad 2)        unmergeable
+
+    (Few channels keep the float64 verification, and so the tests, fast.)
+    """
+    gen = torch.Generator().manual_seed(seed)
+    layers: list[dict] = []
+    tensors: dict[str, torch.Tensor] = {}
+
+    def add(part: tuple[dict, dict]) -> None:
+        layers.append(part[0])
+        tensors.update(part[1])
+
+    add(conv("c1", "x", 3, 8, 3, padding=2, gen=gen))
+    add(conv("c2", "c1", 8, 4, 3, padding=1, gen=gen))
+    layers.append({"name": "r1", "op": "relu", "input": "c2"})
+    add(conv("c3", "r1", 4, 4, 3, stride=2, padding=1, gen=gen))
+    add(conv("c4", "c3", 4, 2, 3, padding=1, gen=gen))
+    layers.append({"name": "r2", "op": "relu", "input": "c4"})
+    add(conv("c5", "r2", 2, 2, 3, padding=0, gen=gen))
+    add(conv("c6", "c5", 2, 2, 3, padding=2, gen=gen))
+    return describe(layers, ["c6"]), tensors
+
+
+def stack_model(path: Path, **metadata: str) -> Path:
+    desc, tensors = stack_parts()
+    return save(path, tensors, desc, metadata)
+
+
+def branch_model(path: Path) -> Path:
+    """c1's output feeds c2 and c3, whose outputs are added: both pairs are skipped."""
+    gen = torch.Generator().manual_seed(1)
+    l1, t1 = conv("c1", "x", 3, 4, 3, padding=1, gen=gen)
+    l2, t2 = conv("c2", "c1", 4, 4, 3, padding=1, gen=gen)
+    l3, t3 = conv("c3", "c1", 4, 4, 1, gen=gen)
+    add = {"name": "sum", "op": "add", "inputs": ["c2", "c3"]}
+    return save(path, {**t1, **t2, **t3}, describe([l1, l2, l3, add], ["sum"]))
+
+
+def bn_parts(seed: int = 2) -> tuple[dict, dict[str, torch.Tensor]]:
+    """c1 (3->6, 3x3, pad 1, bias) -> bn (affine) -> c2 (6->5, 3x3, pad 0, bias): mergeable via bn."""
+    gen = torch.Generator().manual_seed(seed)
+    l1, t1 = conv("c1", "x", 3, 6, 3, padding=1, bias=True, gen=gen)
+    bn = {"name": "bn", "op": "batch_norm", "input": "c1", "eps": 1e-5}
+    tb = {"bn.running_mean": torch.randn(6, generator=gen), "bn.running_var": torch.rand(6, generator=gen) + 0.5,
+          "bn.weight": torch.randn(6, generator=gen), "bn.bias": torch.randn(6, generator=gen)}
+    l2, t2 = conv("c2", "bn", 6, 5, 3, padding=0, bias=True, gen=gen)
+    return describe([l1, bn, l2], ["c2"]), {**t1, **tb, **t2}
+
+
+def bn_model(path: Path) -> Path:
+    desc, tensors = bn_parts()
+    return save(path, tensors, desc)
+
+
+def depthwise_model(path: Path, channels: int = 4) -> Path:
+    """depthwise 3x3 (groups=C, pad 2) -> pointwise 1x1: exact, but the merged dense 3x3 costs more."""
+    gen = torch.Generator().manual_seed(3)
+    l1, t1 = conv("dw", "x", channels, channels, 3, padding=2, groups=channels, gen=gen)
+    l2, t2 = conv("pw", "dw", channels, channels, 1, gen=gen)
+    return save(path, {**t1, **t2}, describe([l1, l2], ["pw"]))
+
+
+def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the header metadata of a safetensors file."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def description_of(path: Path) -> dict:
+    return json.loads(read(path)[1][GRAPH_KEY])
+
+
+# --- reference evaluator ----------------------------------------------------------------------
+
+
+def _per_axis(value: Any, nd: int) -> list[int]:
+    return [value] * nd if isinstance(value, int) else list(value)
+
+
+def _pads(layer: dict, kernel: Sequence[int]) -> list[tuple[int, int]]:
+    nd = len(kernel)
+    padding = layer.get("padding", 0)
+    dilation = _per_axis(layer.get("dilation", 1), nd)
+    if padding == "valid":
+        return [(0, 0)] * nd
+    if padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return [(t // 2, t - t // 2) for t in totals]
+    if isinstance(padding, int):
+        return [(padding, padding)] * nd
+    return [(p, p) if isinstance(p, int) else (p[0], p[1]) for p in padding]
+
+
+def _conv(layer: dict, x: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    name = layer["name"]
+    weight = tensors[f"{name}.weight"].double()
+    bias = tensors.get(f"{name}.bias")
+    nd = weight.dim() - 2
+    pads = _pads(layer, weight.shape[2:])
+    flat: list[int] = []
+    for lo, hi in reversed(pads):  # F.pad takes the last axis first
+        flat += [lo, hi]
+    mode = layer.get("padding_mode", "zeros")
+    x = F.pad(x, flat) if mode == "zeros" else F.pad(x, flat, mode=mode)
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+    return fn(x, weight, None if bias is None else bias.double(), stride=_per_axis(layer.get("stride", 1), nd),
+              dilation=_per_axis(layer.get("dilation", 1), nd), groups=layer.get("groups", 1))
+
+
+def evaluate(description: dict, tensors: Mapping[str, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+    """The description's outputs on input x, in float64."""
+    values: dict[str, torch.Tensor] = {description["inputs"][0]: x.double()}
+    for layer in description["layers"]:
+        srcs = [layer["input"]] if "input" in layer else list(layer["inputs"])
+        args = [values[s] for s in srcs]
+        op, name = layer["op"], layer["name"]
+        if op in ("conv1d", "conv2d", "conv3d"):
+            out = _conv(layer, args[0], tensors)
+        elif op == "relu":
+            out = F.relu(args[0])
+        elif op in ("identity", "dropout"):
+            out = args[0]
+        elif op == "add":
+            out = args[0] + args[1]
+        elif op == "batch_norm":
+            get = lambda s: tensors[f"{name}.{s}"].double() if f"{name}.{s}" in tensors else None  # noqa: E731
+            out = F.batch_norm(args[0], get("running_mean"), get("running_var"), get("weight"), get("bias"),
+                               training=False, eps=float(layer.get("eps", 1e-5)))
+        else:
+            raise NotImplementedError(op)
+        values[name] = out
+    return [values[o] for o in description["outputs"]]
