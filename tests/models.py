@@ -125,6 +125,12 @@ def description_of(path: Path) -> dict:
     return json.loads(read(path)[1][GRAPH_KEY])
 
 
+def described(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The description and the tensors of a self-describing file."""
+    tensors, metadata = read(path)
+    return json.loads(metadata[GRAPH_KEY]), tensors
+
+
 # --- reference evaluator ----------------------------------------------------------------------
 
 
@@ -177,6 +183,8 @@ def evaluate(description: dict, tensors: Mapping[str, torch.Tensor], x: torch.Te
             out = args[0]
         elif op == "add":
             out = args[0] + args[1]
+        elif op == "mul":
+            out = args[0] * args[1]
         elif op == "batch_norm":
             get = lambda s: tensors[f"{name}.{s}"].double() if f"{name}.{s}" in tensors else None  # noqa: E731
             out = F.batch_norm(args[0], get("running_mean"), get("running_var"), get("weight"), get("bias"),

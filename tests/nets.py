@@ -1,17 +1,9 @@
-"""Small PyTorch models covering the shapes convmerge meets, and an evaluator for descriptions."""
+"""Small PyTorch models covering the shapes convmerge meets."""
 
 from __future__ import annotations
 
-import json
-from typing import Mapping
-
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-from convmerge.spec import spec_from_fields
-
-from .oracle import run
 
 
 def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -99,41 +91,3 @@ ALL = {
 }
 INPUT_DIMS = {"conv1d": 1, "conv3d": 3}
 CHANNELS = {"residual": 8, "branches": 3, "expandnet": 4, "conv1d": 2, "grouped": 4, "conv3d": 2, "same": 3, "vgg": 3}
-
-
-def evaluate(doc: dict, state: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Run a description (FORMAT.md) with its weights in float64: the test's own reading of the contract."""
-    values = {doc["inputs"][0]: x.double()}
-    for layer in doc["layers"]:
-        srcs = [values[n] for n in ([layer["input"]] if "input" in layer else layer["inputs"])]
-        op, name = layer["op"], layer["name"]
-        if op.startswith("conv"):
-            w = state[f"{name}.weight"]
-            b = state.get(f"{name}.bias")
-            spec = spec_from_fields(layer, tuple(w.shape), b is not None)
-            values[name] = run(srcs[0], w, b, spec)
-        elif op == "batch_norm":
-            g = lambda k: state[f"{name}.{k}"].double() if f"{name}.{k}" in state else None  # noqa: E731
-            values[name] = F.batch_norm(srcs[0], g("running_mean"), g("running_var"), g("weight"), g("bias"),
-                                        False, 0.0, layer.get("eps", 1e-5))
-        elif op in ("identity", "dropout"):
-            values[name] = srcs[0]
-        elif op == "relu":
-            values[name] = torch.relu(srcs[0])
-        elif op == "add":
-            values[name] = srcs[0] + srcs[1]
-        elif op == "mul":
-            values[name] = srcs[0] * srcs[1]
-        else:
-            raise NotImplementedError(op)
-    out = [values[n] for n in doc["outputs"]]
-    return out[0] if len(out) == 1 else out
-
-
-def description_of(path) -> tuple[dict, dict]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        doc = json.loads(f.metadata()["convmerge.graph"])
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    return doc, state

@@ -14,7 +14,7 @@ from torch import nn
 import convmerge
 from convmerge import io, model
 
-from . import nets
+from . import models, nets
 
 
 def sizes_for(name: str) -> list[tuple[int, ...]]:
@@ -46,12 +46,12 @@ def test_fused_file_computes_the_same_function(tmp_path, name):
     out = tmp_path / "m.fused.safetensors"
     rep = model.fuse_file(str(src), str(out), policy="all")
     assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
-    doc0, state0 = nets.description_of(src)
-    doc1, state1 = nets.description_of(out)
+    doc0, state0 = models.described(src)
+    doc1, state1 = models.described(out)
     for size in sizes_for(name):
         x = torch.randn(1, nets.CHANNELS[name], *size, dtype=torch.float64)
-        assert torch.allclose(nets.evaluate(doc1, state1, x), net(x), rtol=1e-9, atol=1e-9)
-        assert torch.allclose(nets.evaluate(doc0, state0, x), net(x), rtol=1e-9, atol=1e-9)
+        assert torch.allclose(models.evaluate(doc1, state1, x)[0], net(x), rtol=1e-9, atol=1e-9)
+        assert torch.allclose(models.evaluate(doc0, state0, x)[0], net(x), rtol=1e-9, atol=1e-9)
     assert rep.summary()["merged"] == sum(p.applied for p in rep.pairs)
     # Self-describing: a second fuse finds nothing more.
     again = model.fuse_file(str(out), str(tmp_path / "again.safetensors"), policy="all")
@@ -109,10 +109,10 @@ def test_batch_norm_after_a_merged_chain_is_absorbed(tmp_path):
     src = tmp_path / "v.safetensors"
     convmerge.save(net, src)
     model.fuse_file(str(src), str(tmp_path / "o.safetensors"), policy="all")
-    doc, state = nets.description_of(tmp_path / "o.safetensors")
+    doc, state = models.described(tmp_path / "o.safetensors")
     assert [layer["op"] for layer in doc["layers"]] == ["conv2d", "relu", "conv2d", "relu"]
     assert doc["layers"][3]["input"] == "7" and not any(k.startswith(("1.", "3.", "6.", "8.")) for k in state)
-    assert torch.allclose(nets.evaluate(doc, state, x), net(x), atol=1e-9)
+    assert torch.allclose(models.evaluate(doc, state, x)[0], net(x), atol=1e-9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
