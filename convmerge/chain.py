@@ -41,6 +41,7 @@ class Segment:
     start: int
     stop: int
     conv: Conv
+    error: float = 0.0  # verified max |chain - merged| (relative, float64)
 
     @property
     def merged(self) -> bool:
@@ -86,11 +87,18 @@ def find_counterexample(a: Conv, b: Conv, v: Verdict, size: Optional[Size]) -> O
     return None
 
 
-def plan(convs: Sequence[Conv], size: Optional[Size], policy: str = "cheaper", nominal: Optional[Size] = None) -> list[Segment]:
+def plan(
+    convs: Sequence[Conv],
+    size: Optional[Size],
+    policy: str = "cheaper",
+    nominal: Optional[Size] = None,
+    pairs: Optional[Sequence[PairReport]] = None,
+) -> list[Segment]:
     """The best exact segmentation: fewest MACs then fewest layers ('cheaper'), or the reverse ('all').
 
     A segment merges only if every step is exact at every size, or at `size` when it is given.
-    Costs are counted at `size`, or at `nominal` when the real size is unknown.
+    Costs are counted at `size`, or at `nominal` when the real size is unknown. `pairs` (from
+    `judge_pairs`) saves analysing the adjacent pairs twice.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy: {policy!r} is not one of {', '.join(POLICIES)}")
@@ -102,7 +110,7 @@ def plan(convs: Sequence[Conv], size: Optional[Size], policy: str = "cheaper", n
         merged[(i, i + 1)] = convs[i]
         m = convs[i]
         for j in range(i + 1, n):
-            v = algebra.analyze(m, convs[j])
+            v = pairs[i].verdict if pairs is not None and j == i + 1 else algebra.analyze(m, convs[j])
             ok = v.verdict == "mergeable" or (size is not None and v.exact_at(sizes[i]))
             if not ok:
                 break
@@ -123,10 +131,10 @@ def plan(convs: Sequence[Conv], size: Optional[Size], policy: str = "cheaper", n
             score = (prev_score[0] + k[0], prev_score[1] + k[1])
             if best[j] is None or score < best[j][0]:  # type: ignore[index]
                 best[j] = (score, prev + [(i, j)])
-    segments = [Segment(i, j, merged[(i, j)]) for i, j in best[n][1]]  # type: ignore[index]
-    for seg in segments:
-        if seg.merged:
-            verify(convs[seg.start:seg.stop], seg.conv, sizes[seg.start] if size else None)
+    segments = []
+    for i, j in best[n][1]:  # type: ignore[index]
+        err = verify(convs[i:j], merged[(i, j)], sizes[i] if size else None) if j - i > 1 else 0.0
+        segments.append(Segment(i, j, merged[(i, j)], err))
     return segments
 
 

@@ -8,6 +8,8 @@ everything here comes from the description; tensors only confirm it (shapes, pre
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
@@ -23,6 +25,13 @@ SHAPE_PRESERVING_OPS = PASSTHROUGH_OPS | {
 BN_TENSORS = ("running_mean", "running_var", "weight", "bias", "num_batches_tracked")
 MAX_DESCRIPTION_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 64
+MAX_INT = 2**63 - 1
+"""Largest hyperparameter PyTorch can hold (int64); a bigger one cannot describe a real conv."""
+INT_FIELDS = ("stride", "dilation", "padding", "groups", "kernel_size", "in_channels", "out_channels")
+CHANNEL_OPS = SHAPE_PRESERVING_OPS - {"add", "sub", "mul"}
+"""Single-input ops whose output has as many channels as their input."""
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 
 
 class GraphError(ValueError):
@@ -55,6 +64,7 @@ class Graph:
     outputs: tuple[str, ...]
     consumers: dict[str, list[str]] = field(default_factory=dict)
     specs: dict[str, ConvSpec] = field(default_factory=dict)
+    _index: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     def pairs(self) -> list[Pair]:
         """Every adjacent conv pair, in layer order, with skipped ones saying why."""
@@ -108,17 +118,37 @@ class Graph:
 
     def _next_convs(self, name: str) -> list[tuple[list[str], str]]:
         """Convs reached from `name` through passthrough layers only."""
-        found = []
-        stack: list[tuple[list[str], str]] = [([], name)]
+        # Passthrough layers take one input, so they form a tree below `name`: walk it once, keeping
+        # parent links rather than copying the path at every step (a description may hold very long runs).
+        found: list[str] = []
+        parent: dict[str, str] = {}
+        stack = [name]
         while stack:
-            via, cur = stack.pop()
+            cur = stack.pop()
             for nxt in self.consumers.get(cur, []):
                 layer = self.layers[nxt]
                 if layer.op in CONV_OPS:
-                    found.append((via, nxt))
-                elif layer.op in PASSTHROUGH_OPS:
-                    stack.append((via + [nxt], nxt))
-        return sorted(found, key=lambda f: list(self.layers).index(f[1]))
+                    parent.setdefault(nxt, cur)
+                    found.append(nxt)
+                elif layer.op in PASSTHROUGH_OPS and nxt not in parent:
+                    parent[nxt] = cur
+                    stack.append(nxt)
+        if not found:
+            return []
+        order = self._order()
+        out = []
+        for conv in sorted(set(found), key=order.__getitem__):
+            via, cur = [], parent[conv]
+            while cur != name:
+                via.append(cur)
+                cur = parent[cur]
+            out.append((via[::-1], conv))
+        return out
+
+    def _order(self) -> dict[str, int]:
+        if len(self._index) != len(self.layers):
+            self._index = {n: i for i, n in enumerate(self.layers)}
+        return self._index
 
     def _blocked(self, first: str, via: list[str], second: str) -> Optional[str]:
         for name in [first, *via]:
@@ -138,44 +168,60 @@ class Graph:
 
 
 def load_description(text: str, where: str) -> dict:
-    """Parse the JSON text of a description, refusing absurd sizes and nesting up front."""
+    """Parse the JSON text of a description, refusing absurd sizes and nesting up front.
+
+    Stricter than ``json.loads``: NaN/Infinity and duplicate keys are refused (two readers could
+    otherwise see two different layers), as the safetensors header itself is read in io.py.
+    """
     if len(text) > MAX_DESCRIPTION_BYTES:
         raise GraphError(f"{where}: description is {len(text)} bytes; more than {MAX_DESCRIPTION_BYTES} is refused")
     depth = _max_depth(text)
     if depth > MAX_DEPTH:
         raise GraphError(f"{where}: description nests {depth} levels deep; at most {MAX_DEPTH} are allowed")
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:
-        raise GraphError(f"{where}: description is not valid JSON ({_first_line(e)})") from None
+        raise GraphError(f"{where}: description is not valid JSON ({_clip(_first_line(e))})") from None
     if not isinstance(doc, dict):
-        raise GraphError(f"{where}: description must be a JSON object, not {type(doc).__name__}")
+        raise GraphError(f"{where}: description must be a JSON object, not {_json_type(doc)}")
     return doc
 
 
 def parse(doc: dict, tensors: Mapping[str, Any], where: str = "description") -> Graph:
-    """Validate a description against the file's tensors (name -> object with .shape and .is_float)."""
-    if doc.get("version") != VERSION:
-        raise GraphError(f"{where}: field 'version': {doc.get('version')!r} is not supported (expected {VERSION})")
+    """Validate a description against the file's tensors (name -> object with .shape and .is_float).
+
+    Every error names the layer (or the top-level field) and the field at fault, in one line.
+    """
+    if not isinstance(doc, dict):
+        raise GraphError(f"{where}: description must be a JSON object, not {_json_type(doc)}")
+    version = doc.get("version")
+    if type(version) is not int or version != VERSION:
+        raise GraphError(f"{where}: field 'version': {_brief(version)} is not supported (expected {VERSION})")
     inputs = _names(doc.get("inputs"), f"{where}: field 'inputs'")
+    input_set = set(inputs)
+    if len(input_set) != len(inputs):
+        twice = next(n for i, n in enumerate(inputs) if n in inputs[:i])
+        raise GraphError(f"{where}: field 'inputs': {_q(twice)} is named twice")
     raw_layers = doc.get("layers")
     if not isinstance(raw_layers, list):
-        raise GraphError(f"{where}: field 'layers' must be a list")
+        raise GraphError(f"{where}: field 'layers' must be a list, not {_json_type(raw_layers)}")
     layers: dict[str, Layer] = {}
     for i, raw in enumerate(raw_layers):
         layer = _layer(raw, i, where)
-        if layer.name in layers or layer.name in inputs:
-            raise GraphError(f"{where}: layer '{layer.name}': field 'name': duplicate name")
+        if layer.name in layers or layer.name in input_set:
+            raise GraphError(f"{where}: layer {_q(layer.name)}: field 'name': duplicate name "
+                             f"({'a graph input' if layer.name in input_set else 'another layer'} has it)")
         layers[layer.name] = layer
     outputs = _names(doc.get("outputs"), f"{where}: field 'outputs'")
-    known = set(inputs) | set(layers)
     for layer in layers.values():
         for src in layer.inputs:
-            if src not in known:
-                raise GraphError(f"{where}: layer '{layer.name}': field 'input': '{src}' is no layer or graph input")
+            if src not in layers and src not in input_set:
+                field_name = "input" if "input" in layer.fields else "inputs"
+                raise GraphError(f"{where}: layer {_q(layer.name)}: field '{field_name}': {_q(src)} is no layer "
+                                 "or graph input")
     for name in outputs:
-        if name not in known:
-            raise GraphError(f"{where}: field 'outputs': '{name}' is no layer or graph input")
+        if name not in layers and name not in input_set:
+            raise GraphError(f"{where}: field 'outputs': {_q(name)} is no layer or graph input")
     order = _topological(layers, inputs, where)
     graph = Graph(doc, tuple(inputs), {n: layers[n] for n in order}, tuple(outputs))
     for layer in graph.layers.values():
@@ -188,6 +234,7 @@ def parse(doc: dict, tensors: Mapping[str, Any], where: str = "description") -> 
             graph.specs[layer.name] = _conv_spec(layer, tensors, where)
         elif layer.op == "batch_norm":
             _check_bn(layer, tensors, where)
+    _check_channels(graph, tensors, where)
     return graph
 
 
@@ -234,74 +281,120 @@ def removed_tensors(graph: Graph, names: Sequence[str]) -> list[str]:
 
 
 def _conv_spec(layer: Layer, tensors: Mapping[str, Any], where: str) -> ConvSpec:
+    at = f"{where}: layer {_q(layer.name)}"
     weight = tensors.get(f"{layer.name}.weight")
     if weight is None:
-        raise GraphError(f"{where}: layer '{layer.name}': tensor '{layer.name}.weight' is missing from the file")
+        raise GraphError(f"{at}: tensor {_q(layer.name + '.weight')} is missing from the file")
     shape = tuple(weight.shape)
     if len(shape) != CONV_OPS[layer.op] + 2:
         raise GraphError(
-            f"{where}: layer '{layer.name}': field 'op': {layer.op} needs a {CONV_OPS[layer.op] + 2}-d weight, "
-            f"'{layer.name}.weight' has shape {list(shape)}"
+            f"{at}: field 'op': {layer.op} needs a {CONV_OPS[layer.op] + 2}-d weight, "
+            f"{_q(layer.name + '.weight')} has shape {list(shape)}"
         )
     bias = tensors.get(f"{layer.name}.bias")
     if bias is not None and tuple(bias.shape) != (shape[0],):
-        raise GraphError(f"{where}: layer '{layer.name}': tensor '{layer.name}.bias' has shape {list(bias.shape)}, "
-                         f"expected [{shape[0]}]")
+        raise GraphError(f"{at}: tensor {_q(layer.name + '.bias')} has shape {list(bias.shape)}, expected [{shape[0]}]")
+    for key in INT_FIELDS:
+        if key in layer.fields and _too_big(layer.fields[key]):
+            raise GraphError(f"{at}: field '{key}': {_brief(layer.fields[key])} is out of range "
+                             f"(PyTorch holds at most {MAX_INT})")
     try:
         spec = spec_from_fields(layer.fields, shape, bias is not None)
     except SpecError as e:
-        raise GraphError(f"{where}: layer '{layer.name}': field {e}") from None
+        raise GraphError(f"{at}: {_spec_message(e)}") from None
     if not weight.is_float or (bias is not None and not bias.is_float):
         layer.fields["_not_float"] = True  # type: ignore[index]
     return spec
 
 
 def _check_bn(layer: Layer, tensors: Mapping[str, Any], where: str) -> None:
+    at = f"{where}: layer {_q(layer.name)}"
     eps = layer.fields.get("eps", 1e-5)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
-        raise GraphError(f"{where}: layer '{layer.name}': field 'eps': {eps!r} must be a number >= 0")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (eps >= 0 and math.isfinite(eps)):
+        raise GraphError(f"{at}: field 'eps': {_brief(eps)} must be a finite number >= 0")
     shapes = []
     for suffix in ("running_mean", "running_var", "weight", "bias"):
         t = tensors.get(f"{layer.name}.{suffix}")
         if t is None:
             if suffix.startswith("running"):
-                raise GraphError(f"{where}: layer '{layer.name}': tensor '{layer.name}.{suffix}' is missing from the file")
+                raise GraphError(f"{at}: tensor {_q(f'{layer.name}.{suffix}')} is missing from the file "
+                                 "(a batch_norm needs its running statistics)")
             continue
         if len(t.shape) != 1:
-            raise GraphError(f"{where}: layer '{layer.name}': tensor '{layer.name}.{suffix}' has shape {list(t.shape)}, "
+            raise GraphError(f"{at}: tensor {_q(f'{layer.name}.{suffix}')} has shape {list(t.shape)}, "
                              "expected one channel axis")
-        shapes.append(tuple(t.shape))
+        shapes.append((suffix, tuple(t.shape)))
         if not t.is_float:
             layer.fields["_not_float"] = True  # type: ignore[index]
-    if len(set(shapes)) > 1:
-        raise GraphError(f"{where}: layer '{layer.name}': its tensors disagree on the channel count")
+    if len({shape for _, shape in shapes}) > 1:
+        detail = ", ".join(f"{suffix} {list(shape)}" for suffix, shape in shapes)
+        raise GraphError(f"{at}: its tensors disagree on the channel count ({detail})")
+
+
+def _check_channels(graph: Graph, tensors: Mapping[str, Any], where: str) -> None:
+    """Channel counts must agree along every edge where both ends are known (convs, batch norms and
+    the single-input ops between them): a description that contradicts its weights is an error, not
+    a pair to skip."""
+    channels: dict[str, Optional[int]] = {n: None for n in graph.inputs}
+    for name, layer in graph.layers.items():
+        got = [channels.get(src) for src in layer.inputs]
+        src_channels = got[0] if len(got) == 1 else None
+        at = f"{where}: layer {_q(name)}: field '{'input' if 'input' in layer.fields else 'inputs'}'"
+        if layer.op in CONV_OPS:
+            spec = graph.specs[name]
+            if src_channels is not None and src_channels != spec.in_channels:
+                raise GraphError(
+                    f"{at}: {_q(layer.inputs[0])} gives {src_channels} channels, but {_q(name + '.weight')} "
+                    f"(shape {list(spec.weight_shape)}, groups {spec.groups}) takes {spec.in_channels}"
+                )
+            channels[name] = spec.out_channels
+        elif layer.op == "batch_norm":
+            mean = tensors.get(f"{name}.running_mean")
+            count = int(mean.shape[0]) if mean is not None else None
+            if src_channels is not None and count is not None and src_channels != count:
+                raise GraphError(
+                    f"{at}: {_q(layer.inputs[0])} gives {src_channels} channels, but {_q(name + '.running_mean')} "
+                    f"has {count}"
+                )
+            channels[name] = count if count is not None else src_channels
+        elif layer.op in CHANNEL_OPS and len(got) == 1:
+            channels[name] = src_channels
+        elif layer.op in SHAPE_PRESERVING_OPS and got and None not in got and len(set(got)) == 1:
+            channels[name] = got[0]
+        else:
+            channels[name] = None
 
 
 def _layer(raw: Any, i: int, where: str) -> Layer:
     if not isinstance(raw, dict):
-        raise GraphError(f"{where}: layers[{i}] must be an object")
+        raise GraphError(f"{where}: layers[{i}] must be an object, not {_json_type(raw)}")
     name = raw.get("name")
     if not isinstance(name, str) or not name:
-        raise GraphError(f"{where}: layers[{i}]: field 'name' must be a non-empty string")
+        raise GraphError(f"{where}: layers[{i}]: field 'name' must be a non-empty string, not {_brief(name)}")
+    at = f"{where}: layer {_q(name)}"
     op = raw.get("op")
     if not isinstance(op, str) or not op:
-        raise GraphError(f"{where}: layer '{name}': field 'op' must be a non-empty string")
+        raise GraphError(f"{at}: field 'op' must be a non-empty string, not {_brief(op)}")
     if "input" in raw and "inputs" in raw:
-        raise GraphError(f"{where}: layer '{name}': fields 'input' and 'inputs' both given; use one")
+        raise GraphError(f"{at}: fields 'input' and 'inputs' both given; use one")
     if "input" in raw:
         if not isinstance(raw["input"], str):
-            raise GraphError(f"{where}: layer '{name}': field 'input' must be a string")
+            raise GraphError(f"{at}: field 'input' must be a string (a layer or graph input name), "
+                             f"not {_brief(raw['input'])}")
         inputs: tuple[str, ...] = (raw["input"],)
     else:
-        inputs = tuple(_names(raw.get("inputs", []), f"{where}: layer '{name}': field 'inputs'"))
+        inputs = tuple(_names(raw.get("inputs", []), f"{at}: field 'inputs'"))
     if (op in CONV_OPS or op in PASSTHROUGH_OPS) and len(inputs) != 1:
-        raise GraphError(f"{where}: layer '{name}': field 'input': {op} takes exactly one input, got {len(inputs)}")
+        raise GraphError(f"{at}: field 'input': {op} takes exactly one input, got {len(inputs)}")
     return Layer(name, op, inputs, dict(raw))
 
 
 def _names(value: Any, what: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise GraphError(f"{what} must be a list of names")
+    if not isinstance(value, list):
+        raise GraphError(f"{what} must be a list of names, not {_json_type(value)}")
+    for v in value:
+        if not isinstance(v, str):
+            raise GraphError(f"{what} must be a list of names; it holds {_brief(v)}")
     return value
 
 
@@ -317,14 +410,15 @@ def _topological(layers: dict[str, Layer], inputs: Sequence[str], where: str) ->
                 if state.get(name) == 2:
                     continue
                 if state.get(name) == 1:
-                    raise GraphError(f"{where}: layer '{name}': field 'input': the graph has a cycle through it")
+                    raise GraphError(f"{where}: layer {_q(name)}: field 'input': the graph has a cycle through it")
                 state[name] = 1
             deps = layers[name].inputs
             if k < len(deps):
                 stack.append((name, k + 1))
                 if state.get(deps[k]) != 2:
                     if state.get(deps[k]) == 1:
-                        raise GraphError(f"{where}: layer '{deps[k]}': field 'input': the graph has a cycle through it")
+                        raise GraphError(f"{where}: layer {_q(deps[k])}: field 'input': the graph has a cycle "
+                                         "through it")
                     stack.append((deps[k], 0))
             else:
                 state[name] = 2
@@ -333,25 +427,71 @@ def _topological(layers: dict[str, Layer], inputs: Sequence[str], where: str) ->
 
 
 def _max_depth(text: str) -> int:
-    """Bracket nesting depth outside strings: checked before json.loads can recurse."""
+    """Bracket nesting depth outside strings: checked before json.loads can recurse (regexes, not a
+    Python loop per character, so a description of many megabytes is measured in milliseconds)."""
     depth = deepest = 0
-    in_str = escape = False
-    for ch in text:
-        if in_str:
-            if escape:
-                escape = False
-            elif ch == "\\":
-                escape = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
+    for ch in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        if ch in "[{":
             depth += 1
             deepest = max(deepest, depth)
-        elif ch in "]}":
+        else:
             depth -= 1
     return deepest
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Duplicate keys would let two readers see two different layers under one description."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {_q(key)}")
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _too_big(value: Any) -> bool:
+    """An int beyond int64 anywhere in a (nested) field value."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT:
+            return True
+        if isinstance(v, list):
+            stack.extend(v[:64])
+    return False
+
+
+def _spec_message(e: SpecError) -> str:
+    """spec.py says 'stride: ...'; here every message reads "field 'stride': ..."."""
+    text = _clip(str(e))
+    key, sep, rest = text.partition(": ")
+    return f"field '{key}': {rest}" if sep and key.isidentifier() else f"field {text}"
+
+
+def _q(name: str) -> str:
+    """A name from the description, quoted; hostile ones (control characters, megabytes) stay short and on one line."""
+    text = f"'{name}'" if name.isprintable() and "'" not in name else repr(name)
+    return text if len(text) <= 80 else text[:76] + "...'"
+
+
+def _brief(value: Any) -> str:
+    text = repr(value[:9] if isinstance(value, list) else value)
+    return _clip(text, 80)
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _first_line(e: BaseException) -> str:
