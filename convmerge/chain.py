@@ -7,7 +7,7 @@ to the *merged* conv as it grows, and dynamic programming picks the segmentation
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 from . import algebra
@@ -18,6 +18,12 @@ from .spec import ConvSpec, macs
 Size = tuple[int, ...]
 POLICIES = ("cheaper", "all")
 VERIFY_TOLERANCE = 1e-9
+
+
+NO_COUNTEREXAMPLE = (
+    "; yet these particular weights showed no difference on the inputs tried (they may cancel),"
+    " and convmerge merges only what it can prove"
+)
 
 
 class VerificationError(RuntimeError):
@@ -67,6 +73,8 @@ def judge_pairs(convs: Sequence[Conv], size: Optional[Size]) -> list[PairReport]
         ce = None
         if v.verdict == "unmergeable" or (v.verdict == "size-dependent" and here is False):
             ce = find_counterexample(a, b, v, sizes[t] if here is False else None)
+            if ce is None:
+                v = replace(v, reason=v.reason + NO_COUNTEREXAMPLE)
         reports.append(PairReport(t, v, here, ce))
     return reports
 

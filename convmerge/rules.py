@@ -109,15 +109,19 @@ class Analysis:
         self.bias_ok = bias_ok if spec2.padding_mode == "zeros" else None
         self.period = [a1.stride * a2.stride for a1, a2 in zip(spec1.axes, spec2.axes)]
         self.start = [_periodic_from(a1, a2, am) for a1, a2, am in zip(spec1.axes, spec2.axes, self.cand.axes)]
+        self._views: dict[tuple[int, int], Optional[AxisView]] = {}
 
     def view(self, k: int, n: int) -> Optional[AxisView]:
-        """Axis k at input length n; None where the pair is undefined there."""
-        s1, s2 = self.spec1, self.spec2
-        return axis_view(
-            s1.axes[k], s2.axes[k], self.cand.axes[k],
-            (s1.padding_mode, s2.padding_mode, self.cand.padding_mode),
-            self.sup1[k], self.sup2[k], n,
-        )
+        """Axis k at input length n; None where the pair is undefined there (memoised: asked often)."""
+        key = (k, n)
+        if key not in self._views:
+            s1, s2 = self.spec1, self.spec2
+            self._views[key] = axis_view(
+                s1.axes[k], s2.axes[k], self.cand.axes[k],
+                (s1.padding_mode, s2.padding_mode, self.cand.padding_mode),
+                self.sup1[k], self.sup2[k], n,
+            )
+        return self._views[key]
 
     def sizes(self, k: int) -> range:
         """Input lengths that represent every length of axis k (the tail repeats with the period)."""
@@ -302,8 +306,8 @@ def _reason(an: Analysis, verdict: str, sizes: Optional[str], bias_blocks: bool)
     if s1.padding_mode == "zeros" and s2.padding_mode == "zeros":
         pad1 = s1.axes[k].pad[0 if where == "left" else 1]
         pad2 = s2.axes[k].pad[0 if where == "left" else 1]
-        need = _pad_needed(an, k, where)
-        if need is not None and need > pad1:
+        need = _pad_needed(an, k, where, pad1 + 1)
+        if need is not None:
             return (
                 f"{prefix}conv1 pads {pad1} on the {where} of {ax} but needs >= {need} for every size, "
                 f"because conv2 pads {pad2} there"
@@ -342,10 +346,10 @@ def _failing_side(an: Analysis) -> Optional[tuple[int, str]]:
     return found
 
 
-def _pad_needed(an: Analysis, k: int, where: str) -> Optional[int]:
-    """The least conv1 padding on this side that makes the side exact at every size (searched)."""
+def _pad_needed(an: Analysis, k: int, where: str, start: int = 0) -> Optional[int]:
+    """The least conv1 padding >= start on this side that makes the side exact at every size (searched)."""
     a1 = an.spec1.axes[k]
-    for pad_side in range(0, max(a1.pad) + a1.extent + a1.stride + 2):
+    for pad_side in range(start, max(a1.pad) + a1.extent + a1.stride + 2):
         pad = (pad_side, a1.pad[1]) if where == "left" else (a1.pad[0], pad_side)
         axes = list(an.spec1.axes)
         axes[k] = Axis(a1.kernel, a1.stride, a1.dilation, pad)

@@ -155,3 +155,16 @@ def test_batch_norm_before_a_conv_folds_when_exact(mode, padding, groups):
         naive = algebra.fold_bn_before(bn, unpadded)
         naive = Conv(dataclasses.replace(naive.spec, axes=conv.spec.axes), naive.weight, naive.bias)
         assert not torch.allclose(run_chain(x, [naive]), want, atol=1e-6)
+
+
+def test_weights_that_cancel_get_no_fake_counterexample():
+    """Equal kernels make W2[0]W1[1] == W2[1]W1[0]: this replicate pair is then exact at size 4 by accident."""
+    w = torch.tensor([[[1.5, -0.25]]], dtype=torch.float64)
+    a = Conv(conv_spec((2,), 1, 1, dilation=2), w)
+    b = Conv(conv_spec((2,), 1, 1, dilation=3, padding=1, padding_mode="replicate"), w)
+    (pair,) = chain.judge_pairs([a, b], (4,))
+    assert pair.verdict.verdict == "unmergeable" and pair.counterexample is None
+    assert "no difference" in pair.verdict.reason
+    b2 = Conv(b.spec, torch.tensor([[[0.5, 2.0]]], dtype=torch.float64))
+    (pair,) = chain.judge_pairs([a, b2], (4,))
+    assert pair.counterexample is not None and "no difference" not in pair.verdict.reason
