@@ -7,8 +7,9 @@ loses precision the original pair did not already lose.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -120,19 +121,32 @@ def fold_bn_before(bn: BatchNorm, conv: Conv) -> Optional[Conv]:
     return Conv(spec.with_bias(True), w, b)
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Small ops (supports, checks on narrow inputs) run faster on one thread than waiting for a second."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def support(weight: torch.Tensor) -> Support:
     """Per spatial axis, the tap indices whose slice holds a nonzero."""
-    nz = weight != 0
+    taps = (weight != 0).flatten(0, 1).any(0)  # reduce the channel axes first: they are the big ones
     out = []
-    for axis in range(2, weight.dim()):
-        other = [d for d in range(weight.dim()) if d != axis]
-        out.append(tuple(int(i) for i in torch.nonzero(nz.any(dim=tuple(other))).flatten()))
+    for axis in range(taps.dim()):
+        other = tuple(d for d in range(taps.dim()) if d != axis)
+        nz = taps.any(dim=other) if other else taps
+        out.append(tuple(int(i) for i in torch.nonzero(nz).flatten()))
     return tuple(out)
 
 
 def analyze(conv1: Conv, conv2: Conv) -> Verdict:
     """The verdict for conv2(conv1(x)), using the weights for supports and the bias check."""
-    return decide(conv1.spec, conv2.spec, support(conv1.weight), support(conv2.weight), bias_check(conv1, conv2))
+    with one_thread():
+        return decide(conv1.spec, conv2.spec, support(conv1.weight), support(conv2.weight), bias_check(conv1, conv2))
 
 
 def bias_check(conv1: Conv, conv2: Conv) -> Optional[BiasCheck]:
@@ -245,22 +259,31 @@ def apply_chain(convs: Sequence[Conv], x: torch.Tensor) -> torch.Tensor:
 
 
 def max_error(convs: Sequence[Conv], merged: Conv, sizes: Sequence[Sequence[int]], seed: int = 0) -> float:
-    """Largest |chain - merged| relative to the output scale, on random float64 inputs of each size.
+    """Largest |chain - merged| relative to the output scale, on random float64 inputs of each size."""
+    return max_errors(convs, [merged], sizes, seed)[0]
+
+
+def max_errors(convs: Sequence[Conv], merged: Sequence[Conv], sizes: Sequence[Sequence[int]],
+               seed: int = 0) -> list[float]:
+    """`max_error` for several versions of one merge (float64, stored dtype), running the chain once.
 
     Wide dense convs are checked on a random few input and output channels: slicing a weight is
     exact, and it keeps the check at milliseconds where the full layers would take seconds.
     """
     gen = torch.Generator().manual_seed(seed)
-    convs, merged = _narrow(list(convs), merged, gen)
-    worst = 0.0
-    for size in sizes:
-        x = torch.randn(1, convs[0].spec.in_channels, *size, generator=gen, dtype=torch.float64)
-        want = apply_chain(convs, x)
-        got = apply(_as_double(merged), x)
-        if want.shape != got.shape:
-            return math.inf
-        scale = max(float(want.abs().max()), 1.0) if want.numel() else 1.0
-        worst = max(worst, float((want - got).abs().max()) / scale if want.numel() else 0.0)
+    convs, merged = _narrow(list(convs), list(merged), gen)
+    worst = [0.0] * len(merged)
+    with one_thread():
+        for size in sizes:
+            x = torch.randn(1, convs[0].spec.in_channels, *size, generator=gen, dtype=torch.float64)
+            want = apply_chain(convs, x)
+            scale = max(float(want.abs().max()), 1.0) if want.numel() else 1.0
+            for k, m in enumerate(merged):
+                got = apply(_as_double(m), x)
+                if want.shape != got.shape:
+                    worst[k] = math.inf
+                elif want.numel():
+                    worst[k] = max(worst[k], float((want - got).abs().max()) / scale)
     return worst
 
 
@@ -268,6 +291,11 @@ def counterexample(
     convs: Sequence[Conv], cand: Conv, size: Sequence[int], seed: int = 0
 ) -> Optional[Counterexample]:
     """A small deterministic input where the chain and the candidate differ, or None if none was found."""
+    with one_thread():
+        return _search(convs, cand, size, seed)
+
+
+def _search(convs: Sequence[Conv], cand: Conv, size: Sequence[int], seed: int) -> Optional[Counterexample]:
     c0 = convs[0].spec.in_channels
     gen = torch.Generator().manual_seed(seed)
     trials = [torch.randn(1, c0, *size, generator=gen, dtype=torch.float64), torch.ones(1, c0, *size, dtype=torch.float64)]
@@ -294,19 +322,19 @@ def _impulses(channels: int, size: Sequence[int], limit: int = 4096):
             yield x
 
 
-def _narrow(convs: list[Conv], merged: Conv, gen: torch.Generator, keep_in: int = 4, keep_out: int = 8):
+def _narrow(convs: list[Conv], merged: list[Conv], gen: torch.Generator, keep_in: int = 4, keep_out: int = 8):
     first, last = convs[0], convs[-1]
-    if merged.spec.groups != 1:
+    if any(m.spec.groups != 1 for m in merged):
         return convs, merged
     if first.spec.groups == 1 and first.spec.in_channels > keep_in:
         idx = torch.randperm(first.spec.in_channels, generator=gen)[:keep_in]
         convs[0] = first = Conv(replace(first.spec, in_channels=keep_in), first.weight[:, idx], first.bias)
-        merged = Conv(replace(merged.spec, in_channels=keep_in), merged.weight[:, idx], merged.bias)
+        merged = [Conv(replace(m.spec, in_channels=keep_in), m.weight[:, idx], m.bias) for m in merged]
     if last.spec.groups == 1 and last.spec.out_channels > keep_out and len(convs) > 1:
         idx = torch.randperm(last.spec.out_channels, generator=gen)[:keep_out]
         pick = lambda b: None if b is None else b[idx]  # noqa: E731
         convs[-1] = Conv(replace(last.spec, out_channels=keep_out), last.weight[idx], pick(last.bias))
-        merged = Conv(replace(merged.spec, out_channels=keep_out), merged.weight[idx], pick(merged.bias))
+        merged = [Conv(replace(m.spec, out_channels=keep_out), m.weight[idx], pick(m.bias)) for m in merged]
     return convs, merged
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
+import torch
+
 from . import algebra
 from .algebra import Conv, Counterexample
 from .rules import Verdict
-from .spec import ConvSpec, macs
+from .spec import ConvSpec, cost
 
 Size = tuple[int, ...]
 POLICIES = ("cheaper", "all")
@@ -48,6 +50,7 @@ class Segment:
     stop: int
     conv: Conv
     error: float = 0.0  # verified max |chain - merged| (relative, float64)
+    rounding: float = 0.0  # the same once the weights are stored in their dtype
 
     @property
     def merged(self) -> bool:
@@ -101,48 +104,56 @@ def plan(
     policy: str = "cheaper",
     nominal: Optional[Size] = None,
     pairs: Optional[Sequence[PairReport]] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> list[Segment]:
-    """The best exact segmentation: fewest MACs then fewest layers ('cheaper'), or the reverse ('all').
+    """The best exact segmentation: lowest estimated cost then fewest layers ('cheaper'), or the reverse ('all').
 
     A segment merges only if every step is exact at every size, or at `size` when it is given.
-    Costs are counted at `size`, or at `nominal` when the real size is unknown. `pairs` (from
-    `judge_pairs`) saves analysing the adjacent pairs twice.
+    Costs (spec.cost) are counted at `size`, or at `nominal` when the real size is unknown.
+    `pairs` (from `judge_pairs`) saves analysing adjacent pairs twice; with `dtype`, each chosen
+    merge also reports the error of its weights rounded to that dtype.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy: {policy!r} is not one of {', '.join(POLICIES)}")
     n = len(convs)
-    cost_size = size or nominal or (64,) * convs[0].spec.ndim
-    sizes = sizes_along(convs, cost_size)
-    merged: dict[tuple[int, int], Conv] = {}
+    sizes = sizes_along(convs, size or nominal or (64,) * convs[0].spec.ndim)
+    itemsize = torch.empty(0, dtype=dtype).element_size() if dtype is not None else 4
+    specs: dict[tuple[int, int], ConvSpec] = {}
+    steps: dict[tuple[int, int], tuple[Conv, Conv, ConvSpec]] = {}  # merged lazily: only chosen ones are built
     for i in range(n):
-        merged[(i, i + 1)] = convs[i]
+        specs[(i, i + 1)] = convs[i].spec
         m = convs[i]
         for j in range(i + 1, n):
             v = pairs[i].verdict if pairs is not None and j == i + 1 else algebra.analyze(m, convs[j])
-            ok = v.verdict == "mergeable" or (size is not None and v.exact_at(sizes[i]))
-            if not ok:
+            if not (v.verdict == "mergeable" or (size is not None and v.exact_at(sizes[i]))):
                 break
-            m = algebra.merge(m, convs[j], v.candidate)
-            merged[(i, j + 1)] = m
+            specs[(i, j + 1)] = v.candidate
+            steps[(i, j + 1)] = (m, convs[j], v.candidate)
+            if j + 1 < n:  # the next step's verdict needs this merge's weights
+                m = algebra.merge(m, convs[j], v.candidate)
 
-    def key(segs: tuple[int, int]) -> tuple[int, int]:
-        cost = macs(merged[segs].spec, sizes[segs[0]])
-        return (cost, 1) if policy == "cheaper" else (1, cost)
+    def score(i: int, j: int) -> tuple[float, int]:
+        c = cost(specs[(i, j)], sizes[i], itemsize)
+        return (c, 1) if policy == "cheaper" else (1, c)  # type: ignore[return-value]
 
-    best: list[Optional[tuple[tuple[int, int], list[tuple[int, int]]]]] = [((0, 0), [])] + [None] * n
+    best: list[Optional[tuple[tuple[float, float], list[tuple[int, int]]]]] = [((0, 0), [])] + [None] * n
     for j in range(1, n + 1):
         for i in range(j):
-            if (i, j) not in merged or best[i] is None:
+            if (i, j) not in specs or best[i] is None:
                 continue
             prev_score, prev = best[i]  # type: ignore[misc]
-            k = key((i, j))
-            score = (prev_score[0] + k[0], prev_score[1] + k[1])
-            if best[j] is None or score < best[j][0]:  # type: ignore[index]
-                best[j] = (score, prev + [(i, j)])
+            k = score(i, j)
+            total = (prev_score[0] + k[0], prev_score[1] + k[1])
+            if best[j] is None or total < best[j][0]:  # type: ignore[index]
+                best[j] = (total, prev + [(i, j)])
     segments = []
     for i, j in best[n][1]:  # type: ignore[index]
-        err = verify(convs[i:j], merged[(i, j)], sizes[i] if size else None) if j - i > 1 else 0.0
-        segments.append(Segment(i, j, merged[(i, j)], err))
+        if j - i == 1:
+            segments.append(Segment(i, j, convs[i]))
+            continue
+        merged = algebra.merge(*steps[(i, j)])
+        err, rounding = verify(convs[i:j], merged, sizes[i] if size else None, dtype)
+        segments.append(Segment(i, j, merged, err, rounding))
     return segments
 
 
@@ -154,15 +165,21 @@ def merge_run(convs: Sequence[Conv]) -> Conv:
     return m
 
 
-def verify(convs: Sequence[Conv], merged: Conv, size: Optional[Size]) -> float:
-    """Run chain and merged conv in float64 on sizes that exercise the borders; raise if they differ."""
+def verify(
+    convs: Sequence[Conv], merged: Conv, size: Optional[Size], dtype: Optional[torch.dtype] = None
+) -> tuple[float, float]:
+    """Run chain and merged conv in float64 on sizes that exercise the borders; raise if they differ.
+
+    Returns the float64 error and, with `dtype`, the error once the weights are rounded to it.
+    """
     sizes = verification_sizes(convs, merged.spec, size)
     if not sizes:
         raise VerificationError("no input size where both the chain and the merged conv run")
-    err = algebra.max_error(convs, merged, sizes)
-    if not err <= VERIFY_TOLERANCE:
-        raise VerificationError(f"merged conv differs from the chain by {err:.3g} (relative) at sizes {sizes}")
-    return err
+    versions = [merged] + ([algebra.cast(merged, dtype)] if dtype is not None else [])
+    errors = algebra.max_errors(convs, versions, sizes)
+    if not errors[0] <= VERIFY_TOLERANCE:
+        raise VerificationError(f"merged conv differs from the chain by {errors[0]:.3g} (relative) at sizes {sizes}")
+    return errors[0], errors[-1]
 
 
 def verification_sizes(convs: Sequence[Conv], merged: ConvSpec, size: Optional[Size]) -> list[Size]:

@@ -386,6 +386,8 @@ def _layer(raw: Any, i: int, where: str) -> Layer:
         inputs = tuple(_names(raw.get("inputs", []), f"{at}: field 'inputs'"))
     if (op in CONV_OPS or op in PASSTHROUGH_OPS) and len(inputs) != 1:
         raise GraphError(f"{at}: field 'input': {op} takes exactly one input, got {len(inputs)}")
+    if op in SHAPE_PRESERVING_OPS and not inputs:
+        raise GraphError(f"{at}: field 'input': {op} needs an input, got none")
     return Layer(name, op, inputs, dict(raw))
 
 

@@ -110,7 +110,8 @@ def analyze(
             here, cost_in = size_at.get(src), nominal.get(src) or (DEFAULT_COST_SIZE,) * p_convs[0].spec.ndim
             cost_sizes = chain.sizes_along(p_convs, cost_in)
             pair_reports = chain.judge_pairs(p_convs, here)
-            segments = chain.plan(p_convs, here, policy, nominal=cost_in, pairs=pair_reports)
+            dtype = _storage_dtype(tensors, p_names)
+            segments = chain.plan(p_convs, here, policy, nominal=cost_in, pairs=pair_reports, dtype=dtype)
             applied = {t for s in segments if s.merged for t in range(s.start, s.stop - 1)}
             for t, rep in enumerate(pair_reports):
                 v = rep.verdict
@@ -239,10 +240,8 @@ def _plan_segment(
     dtype = _storage_dtype(tensors, seg_names)
     spec = seg.conv.spec
     seg_convs = convs[seg.start:seg.stop]
-    sizes = chain.verification_sizes(seg_convs, spec, chain.sizes_along(convs, here)[seg.start] if here else None)
-    rounding = algebra.max_error(seg_convs, algebra.cast(seg.conv, dtype), sizes)
     entry = MergeEntry(
-        layers, seg_names[-1], padding_fields(spec), io.dtype_name(dtype), seg.error, rounding,
+        layers, seg_names[-1], padding_fields(spec), io.dtype_name(dtype), seg.error, seg.rounding,
         sum(macs(c.spec, cost_sizes[seg.start + i]) for i, c in enumerate(seg_convs)),
         macs(spec, cost_sizes[seg.start]),
     )

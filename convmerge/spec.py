@@ -221,6 +221,31 @@ def macs(spec: ConvSpec, size: Sequence[int]) -> int:
     return math.prod(out) * spec.out_channels * (spec.in_channels // spec.groups) * math.prod(spec.kernel_size)
 
 
+# The CPU cost model behind the 'cheaper' policy, in dense-MAC equivalents, fitted on 48 layer
+# timings (benchmarks/README.md): dense convs ran at 46.6 GMAC/s, pointwise at 80.8, depthwise at
+# 24.1, memory at 7.1 GB/s (one byte ~ 6.5 dense MACs), plus a fixed cost per layer. MACs alone
+# miss that merging two depthwise convs saves a pass over the activation (measured 1.14-1.28x
+# faster although the MACs grow 6 -> 9 per pixel and channel).
+MAC_WEIGHT = {"dense": 1.0, "pointwise": 0.6, "depthwise": 2.0}
+BYTE_WEIGHT = 6.5
+LAYER_OVERHEAD = 1_000_000
+
+
+def cost(spec: ConvSpec, size: Sequence[int], itemsize: int = 4) -> float:
+    """Estimated CPU time of one forward pass, in dense-MAC equivalents (see MAC_WEIGHT)."""
+    out = spec.out_size(size)
+    if any(n < 1 for n in out):
+        return 0.0
+    if spec.groups > 1 and spec.groups == spec.in_channels:
+        kind = "depthwise"
+    elif all(k == 1 for k in spec.kernel_size):
+        kind = "pointwise"
+    else:
+        kind = "dense"
+    traffic = math.prod(size) * spec.in_channels + math.prod(out) * spec.out_channels + params(spec)
+    return macs(spec, size) * MAC_WEIGHT[kind] + BYTE_WEIGHT * itemsize * traffic + LAYER_OVERHEAD
+
+
 def params(spec: ConvSpec) -> int:
     """Weights plus bias."""
     return math.prod(spec.weight_shape) + (spec.out_channels if spec.bias else 0)
