@@ -277,13 +277,15 @@ def max_errors(convs: Sequence[Conv], merged: Sequence[Conv], sizes: Sequence[Se
         for size in sizes:
             x = torch.randn(1, convs[0].spec.in_channels, *size, generator=gen, dtype=torch.float64)
             want = apply_chain(convs, x)
-            scale = max(float(want.abs().max()), 1.0) if want.numel() else 1.0
+            top = float(want.abs().max()) if want.numel() else 0.0
+            scale = top if top > 0 else 1.0  # the output's own scale: max(top, 1) would hide tiny outputs
             for k, m in enumerate(merged):
                 got = apply(_as_double(m), x)
                 if want.shape != got.shape:
                     worst[k] = math.inf
                 elif want.numel():
-                    worst[k] = max(worst[k], float((want - got).abs().max()) / scale)
+                    err = float((want - got).abs().max()) / scale
+                    worst[k] = max(worst[k], err if err == err else math.inf)  # NaN (inf weights) counts as inf
     return worst
 
 

@@ -90,9 +90,14 @@ def load_module(arch: str, path: Union[str, os.PathLike]) -> nn.Module:
     return module.eval()
 
 
-def export(module: nn.Module, input_shape: Sequence[int], path: Union[str, os.PathLike], *, force: bool = False) -> None:
-    """A torch.export program of `module`, loadable with torch.export.load without its code."""
+def export_bytes(module: nn.Module, input_shape: Sequence[int]) -> bytes:
+    """A torch.export program of `module` (loadable with torch.export.load without its code), as bytes."""
     program = torch.export.export(module.eval(), (torch.randn(*input_shape),))
     buffer = _io.BytesIO()
     torch.export.save(program, buffer)
-    io.write_bytes(path, buffer.getvalue(), force=force)
+    return buffer.getvalue()
+
+
+def export(module: nn.Module, input_shape: Sequence[int], path: Union[str, os.PathLike], *, force: bool = False) -> None:
+    """Write `export_bytes` atomically."""
+    io.write_bytes(path, export_bytes(module, input_shape), force=force)

@@ -8,7 +8,7 @@ to the *merged* conv as it grows, and dynamic programming picks the segmentation
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -20,6 +20,10 @@ from .spec import ConvSpec, cost
 Size = tuple[int, ...]
 POLICIES = ("cheaper", "all")
 VERIFY_TOLERANCE = 1e-9
+MAX_VERIFY_LENGTH = 512
+ROUNDING_ULPS = 64
+"""How far (in units of the dtype's epsilon, relative to the output) stored merged weights may stray."""
+"""Longest axis a verification input gets for the 'far from the borders' size."""
 
 
 NO_COUNTEREXAMPLE = (
@@ -51,10 +55,11 @@ class Segment:
     conv: Conv
     error: float = 0.0  # verified max |chain - merged| (relative, float64)
     rounding: float = 0.0  # the same once the weights are stored in their dtype
+    refused: Optional[str] = None  # why an exact merge is not used after all (its stored weights are off)
 
     @property
     def merged(self) -> bool:
-        return self.stop - self.start > 1
+        return self.stop - self.start > 1 and self.refused is None
 
 
 def sizes_along(convs: Sequence[Conv], size: Size) -> list[Size]:
@@ -74,7 +79,9 @@ def judge_pairs(convs: Sequence[Conv], size: Optional[Size]) -> list[PairReport]
         v = algebra.analyze(a, b)
         here = v.exact_at(sizes[t]) if sizes else None
         ce = None
-        if v.verdict == "unmergeable" or (v.verdict == "size-dependent" and here is False):
+        if v.verdict == "undecided":
+            here = None
+        elif v.verdict == "unmergeable" or (v.verdict == "size-dependent" and here is False):
             ce = find_counterexample(a, b, v, sizes[t] if here is False else None)
             if ce is None:
                 v = replace(v, reason=v.reason + NO_COUNTEREXAMPLE)
@@ -125,7 +132,8 @@ def plan(
         m = convs[i]
         for j in range(i + 1, n):
             v = pairs[i].verdict if pairs is not None and j == i + 1 else algebra.analyze(m, convs[j])
-            if not (v.verdict == "mergeable" or (size is not None and v.exact_at(sizes[i]))):
+            exact_here = size is not None and v.verdict != "undecided" and v.exact_at(sizes[i])
+            if not (v.verdict == "mergeable" or exact_here):
                 break
             specs[(i, j + 1)] = v.candidate
             steps[(i, j + 1)] = (m, convs[j], v.candidate)
@@ -153,8 +161,21 @@ def plan(
             continue
         merged = algebra.merge(*steps[(i, j)])
         err, rounding = verify(convs[i:j], merged, sizes[i] if size else None, dtype)
-        segments.append(Segment(i, j, merged, err, rounding))
+        segments.append(Segment(i, j, merged, err, rounding, _storage_problem(rounding, dtype)))
     return segments
+
+
+def _storage_problem(rounding: float, dtype: Optional[torch.dtype]) -> Optional[str]:
+    """A merge whose weights overflow or underflow their dtype would change the model: refuse it."""
+    if dtype is None:
+        return None
+    limit = ROUNDING_ULPS * torch.finfo(dtype).eps
+    if rounding <= limit:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    off = "overflow" if rounding == float("inf") else f"are off by {rounding:.2g} (relative)"
+    return (f"merge refused: stored as {name} the merged weights {off}, more than {ROUNDING_ULPS} ulps; "
+            "the layers stay unmerged")
 
 
 def merge_run(convs: Sequence[Conv]) -> Conv:
@@ -191,17 +212,37 @@ def verification_sizes(convs: Sequence[Conv], merged: ConvSpec, size: Optional[S
     per_axis = []
     for k in range(merged.ndim):
         period = merged.axes[k].stride
-        first = next((n for n in range(1, 1024) if _runs(convs, merged, k, n)), None)
+        first = _first(lambda n: _runs(convs, merged, k, n))
         if first is None:
             return []
-        if size is None:
-            per_axis.append(list(range(first, first + period + 1)) + [_periodic_start(convs, k) + period])
-            continue
         start = _periodic_start(convs, k)
+        if size is None:
+            sizes = list(range(first, first + period + 1))
+            if start + period <= MAX_VERIFY_LENGTH:
+                sizes.append(max(start, first) + period)
+            per_axis.append(sizes)
+            continue
         want = size[k]
         per_axis.append([want if want < start + period else start + (want - start) % period])
     longest = max(len(p) for p in per_axis)
     return [tuple(p[min(i, len(p) - 1)] for p in per_axis) for i in range(longest)]
+
+
+def _first(ok: Callable[[int], bool], limit: int = 1 << 40) -> Optional[int]:
+    """The least n >= 1 with ok(n), for ok monotone in n (a conv that runs at n runs at n + 1)."""
+    hi = 1
+    while not ok(hi):
+        hi *= 2
+        if hi > limit:
+            return None
+    lo = hi // 2 + 1 if hi > 1 else 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
 
 
 def _periodic_start(convs: Sequence[Conv], k: int) -> int:

@@ -154,19 +154,29 @@ def fuse(
         from . import model as m
 
         io.check_outputs([p for p in (out, report, export) if p is not None], [model], force)
-        with _progress(json_out, quiet) as tick:
-            rep = m.fuse_file(str(model), str(out), graph_file=_s(graph), arch=arch, input_size=size,
-                              policy=policy.value, force=force, on_chain=tick)
-        data = rep.to_dict()
-        if report is not None:
-            header = io.read_header(str(out))
-            data_with_doc = dict(data, description_used=json.loads(header.metadata[m.GRAPH_KEY]))
-            io.write_bytes(report, (json.dumps(data_with_doc, indent=2) + "\n").encode(), force=force)
-        if export is not None:
-            from . import api
+        pending: list[tuple[Path, Path]] = []  # (written temp, final path): published once the model is
 
-            fused = api.fuse(api.load_module(arch, str(model)), input_size=size, policy=policy.value)  # type: ignore[arg-type]
-            api.export(fused, shape, export, force=force)  # type: ignore[arg-type]
+        def companions(rep: Any, doc: dict) -> None:
+            if report is not None:
+                data = dict(rep.to_dict(), description_used=doc)
+                pending.append(_stage(report, (json.dumps(data, indent=2) + "\n").encode()))
+            if export is not None:
+                from . import api
+
+                fused = api.fuse(api.load_module(arch, str(model)), input_size=size, policy=policy.value)  # type: ignore[arg-type]
+                pending.append(_stage(export, api.export_bytes(fused, shape)))  # type: ignore[arg-type]
+
+        try:
+            with _progress(json_out, quiet) as tick:
+                rep = m.fuse_file(str(model), str(out), graph_file=_s(graph), arch=arch, input_size=size,
+                                  policy=policy.value, force=force, on_chain=tick, before_write=companions)
+            for tmp, final in pending:
+                os.replace(tmp, final)
+        finally:
+            for tmp, _ in pending:
+                if tmp.exists():
+                    tmp.unlink()
+        data = rep.to_dict()
         return _finish(data, json_out, quiet, verbose, fail_on)
 
     _run(work, debug)
@@ -355,6 +365,15 @@ def _gate(rep: dict[str, Any], fail_on: Optional[FailOn]) -> str:
     }[fail_on]
     hits = [f"{p['first']} -> {p['second']}" for p in rep["pairs"] if bad(p)]
     return f"{len(hits)} pair(s): {', '.join(hits[:5])}{' ...' if len(hits) > 5 else ''}" if hits else ""
+
+
+def _stage(final: Path, data: bytes) -> tuple[Path, Path]:
+    """Write a companion file under a hidden name beside `final`; renaming it later cannot run out of space."""
+    from . import io
+
+    tmp = final.with_name(f".{final.name}.pending-{os.getpid()}")
+    io.write_bytes(tmp, data, force=True)
+    return tmp, final
 
 
 def _write_counterexamples(rep: Any, directory: Path) -> None:

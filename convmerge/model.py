@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
 from . import algebra, chain, io
 from .algebra import BatchNorm, Conv
-from .graph import CONV_OPS, Graph, GraphError, load_description, parse, removed_tensors, rewrite
+from .graph import (CONV_OPS, MAX_DESCRIPTION_BYTES, Graph, GraphError, load_description, parse,
+                    removed_tensors, rewrite)
 from .report import MergeEntry, PairEntry, Report
-from .spec import ConvSpec, fit_size, macs, padding_fields
+from .spec import ConvSpec, fit_size, macs, padding_fields, size_problem
 
 GRAPH_KEY = "convmerge.graph"
 DEFAULT_COST_SIZE = 224
@@ -65,11 +66,7 @@ def module_tensors(state: Mapping[str, torch.Tensor]) -> Tensors:
 def find_description(header: io.Header, graph_file: Optional[str] = None, arch: Optional[str] = None) -> tuple[dict, str]:
     """The description from --graph, else the header, else by tracing --arch (FORMAT.md, section 1)."""
     if graph_file:
-        try:
-            text = Path(graph_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise GraphError(f"{graph_file}: cannot read the description ({getattr(e, 'strerror', None) or e})") from None
-        return load_description(text, graph_file), graph_file
+        return load_description(_read_sidecar(graph_file), graph_file), graph_file
     if GRAPH_KEY in header.metadata:
         where = f"{header.path}: header key '{GRAPH_KEY}'"
         return load_description(header.metadata[GRAPH_KEY], where), where
@@ -81,6 +78,23 @@ def find_description(header: io.Header, graph_file: Optional[str] = None, arch: 
         f"{header.path}: no graph description: pass --graph FILE or --arch MODULE:CALLABLE "
         "(or store one with `convmerge annotate`); convmerge never guesses how layers connect"
     )
+
+
+def _read_sidecar(path: str) -> str:
+    """A --graph file: a regular file (not a FIFO or /dev/zero) of bounded size, UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise GraphError(f"{path}: not a regular file; pass a JSON description file")
+            raw = f.read(MAX_DESCRIPTION_BYTES + 1)
+    except OSError as e:
+        raise GraphError(f"{path}: cannot read the description ({e.strerror or e})") from None
+    if len(raw) > MAX_DESCRIPTION_BYTES:
+        raise GraphError(f"{path}: description is over {MAX_DESCRIPTION_BYTES} bytes; refused")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GraphError(f"{path}: description is not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def analyze(
@@ -95,6 +109,7 @@ def analyze(
         dims = sorted({spec.ndim for spec in graph.specs.values()}) or [len(input_size)]
         input_size = fit_size(input_size, dims[0])
     size_at = graph.sizes(input_size)
+    _check_sizes(graph, size_at, input_size)
     nominal = graph.sizes(_nominal(graph, input_size))
     entries: dict[tuple[str, str], PairEntry] = {}
     plans: list[MergePlan] = []
@@ -113,11 +128,14 @@ def analyze(
             dtype = _storage_dtype(tensors, p_names)
             segments = chain.plan(p_convs, here, policy, nominal=cost_in, pairs=pair_reports, dtype=dtype)
             applied = {t for s in segments if s.merged for t in range(s.start, s.stop - 1)}
+            refused = {t: s.refused for s in segments if s.refused for t in range(s.start, s.stop - 1)}
             for t, rep in enumerate(pair_reports):
                 v = rep.verdict
+                reason = v.reason + (f"; {refused[t]}" if t in refused else "")
                 exact = v.verdict == "mergeable" or rep.exact_here is True
                 entries[(p_names[t], p_names[t + 1])] = PairEntry(
-                    p_names[t], p_names[t + 1], list(p_run[t].via), v.verdict, v.reason, v.sizes,
+                    p_names[t], p_names[t + 1], list(p_run[t].via),
+                    "skipped" if v.verdict == "undecided" else v.verdict, reason, v.sizes,
                     padding_fields(v.candidate) if exact else None, rep.counterexample, rep.exact_here,
                     macs(p_convs[t].spec, cost_sizes[t]) + macs(p_convs[t + 1].spec, cost_sizes[t + 1]),
                     macs(v.candidate, cost_sizes[t]), t in applied,
@@ -182,19 +200,27 @@ def fuse_file(
     policy: str = "cheaper",
     force: bool = False,
     on_chain: Optional[Callable[[], None]] = None,
+    before_write: Optional[Callable[[Report, dict], None]] = None,
 ) -> Report:
-    """Read, plan, verify and write `<out>` atomically; the input is never modified."""
+    """Read, plan, verify and write `<out>` atomically; the input is never modified.
+
+    `before_write(report, description)` runs once everything is decided and before the model is
+    written, so companions (a report file, an export) can fail without leaving a fused model.
+    """
     header = io.read_header(path)
     doc, where = find_description(header, graph_file, arch)
     tensors = file_tensors(header)
     graph = parse(doc, header.tensors, where)
     report, plans = analyze(graph, tensors, input_size, policy, on_chain)
     metadata = dict(header.metadata)
-    metadata[GRAPH_KEY] = json.dumps(rewrite(graph, [(p.layers, p.convs[-1], p.spec) for p in plans]))
+    new_doc = rewrite(graph, [(p.layers, p.convs[-1], p.spec) for p in plans])
+    metadata[GRAPH_KEY] = json.dumps(new_doc)
     metadata["format"] = "pt"
+    report.source, report.description, report.output = os.fspath(path), where, os.fspath(out)
+    if before_write is not None:
+        before_write(report, new_doc)
     listing = fused_tensors(graph, tensors, plans, list(header.tensors), lambda n: header.tensors[n])
     io.write_model(out, listing, metadata, src=header, force=force)
-    report.source, report.description, report.output = os.fspath(path), where, os.fspath(out)
     return report
 
 
@@ -315,6 +341,16 @@ def _nominal(graph: Graph, input_size: Optional[Sequence[int]]) -> Optional[tupl
         return tuple(input_size)
     dims = {spec.ndim for spec in graph.specs.values()}
     return (DEFAULT_COST_SIZE,) * dims.pop() if len(dims) == 1 else None
+
+
+def _check_sizes(graph: Graph, size_at: Mapping[str, Any], input_size: Optional[Sequence[int]]) -> None:
+    """An --input-size at which the model itself cannot run is bad input, named by its first victim."""
+    for name, spec in graph.specs.items():
+        n = size_at.get(graph.layers[name].inputs[0])
+        problem = size_problem(spec, n) if n is not None and len(n) == spec.ndim else None
+        if problem:
+            shown = "x".join(map(str, input_size or ()))
+            raise GraphError(f"--input-size {shown}: layer '{name}' cannot run there: {problem}")
 
 
 def _skip_reason(blocked: Optional[str]) -> str:

@@ -32,6 +32,8 @@ BiasCheck = Callable[[tuple[tuple[int, ...], ...]], bool]
 conv1's bias reaching the other (zero-padded) taps cancels (True) or shows (False)."""
 
 EQ, NE, PZ, CZ, ZZ = "EQ", "NE", "PZ", "CZ", "ZZ"
+MAX_SIZES = 600
+"""Sizes per axis that deciding 'every size' may enumerate (a few ms each); beyond it: 'undecided'."""
 _ZERO = None
 
 
@@ -48,7 +50,7 @@ class AxisView:
 class Verdict:
     """The decision for one pair (or a merged conv and the next one)."""
 
-    verdict: str  # 'mergeable' | 'size-dependent' | 'unmergeable'
+    verdict: str  # 'mergeable' | 'size-dependent' | 'unmergeable' | 'undecided' (too large to enumerate)
     reason: str
     sizes: Optional[str]  # for size-dependent: which sizes, in words
     candidate: ConvSpec
@@ -221,6 +223,11 @@ def decide(
 ) -> Verdict:
     """Mergeable at every size, at some sizes, or at none; with the reason in one sentence."""
     an = Analysis(spec1, spec2, sup1, sup2, bias_ok)
+    longest = max(an.start[k] + an.period[k] for k in range(spec1.ndim))
+    if longest > MAX_SIZES:
+        reason = (f"undecided: strides, padding and dilation this large would need {longest} input sizes "
+                  f"enumerated per axis (the limit is {MAX_SIZES}); not merged")
+        return Verdict("undecided", reason, None, an.cand, an)
     verdict = _classify(an)
     sizes = _sizes_sentence(an) if verdict == "size-dependent" else None
     bias_blocks = an.bias_ok is not None and verdict != "mergeable" and (

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 AXIS_NAMES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
@@ -211,6 +211,20 @@ def fit_size(size: Sequence[int], ndim: int) -> tuple[int, ...]:
         raise SpecError(f"input size: {len(size)} numbers given ({'x'.join(map(str, size))}) "
                         f"but the convs have {ndim} spatial axes")
     return tuple(size)
+
+
+def size_problem(spec: ConvSpec, size: Sequence[int]) -> Optional[str]:
+    """Why this conv cannot run on an input of this spatial size (None when it can), as PyTorch decides."""
+    for name, axis, n in zip(spec.axis_names, spec.axes, size):
+        pad = max(axis.pad)
+        if spec.padding_mode == "reflect" and pad >= n:
+            return f"reflect padding {pad} needs at least {pad + 1} on {name}, it gets {n}"
+        if spec.padding_mode == "circular" and pad > n:
+            return f"circular padding {pad} needs at least {pad} on {name}, it gets {n}"
+        if axis.out_len(n) < 1:
+            return (f"its kernel spans {axis.extent} on {name}, more than the padded input "
+                    f"{n} + {axis.pad[0]} + {axis.pad[1]}")
+    return None
 
 
 def macs(spec: ConvSpec, size: Sequence[int]) -> int:

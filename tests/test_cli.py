@@ -500,13 +500,13 @@ def test_fuse_policy_cheaper_vs_all_on_depthwise_pointwise(tmp_path: Path) -> No
     rep = json_out(r2)
     assert rep["pairs"][0]["applied"] is True and rep["summary"]["merged"] == 1
     tensors = read(every)[0]
-    assert set(tensors) == {"pw.weight"} and tuple(tensors["pw.weight"].shape) == (4, 4, 3, 3)
+    assert set(tensors) == {"pw.weight"} and tuple(tensors["pw.weight"].shape) == (32, 32, 3, 3)
     merged = rep["pairs"][0]["merged"]
     assert merged["groups"] == 1 and merged["padding"] == [[2, 2], [2, 2]]
     # the default policy is cheaper
     assert json_out(cli("check", model, "--json"))["summary"]["merged"] == 0
     for out in (cheap, every):
-        assert_same_function(model, out, [(6, 6), (9, 5)], channels=4)
+        assert_same_function(model, out, [(6, 6), (9, 5)], channels=32)
 
 
 def test_fuse_with_batch_norm_and_biases(tmp_path: Path) -> None:

@@ -679,3 +679,32 @@ def test_header_type_is_plain_data(tmp_path: Path) -> None:
     info = header.tensors["conv1.weight"]
     assert info.start >= header.data_offset and info.nbytes == 96 and info.is_float
     assert not header.tensors["mask"].is_float
+
+
+@pytest.mark.parametrize("fault", ["enospc", "unsupported"])
+def test_kernel_copy_faults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+    """Untouched tensors are copied with copy_file_range: a full disk there is a clean error, and a
+    filesystem without it falls back to the buffered copy with the same bytes."""
+    if not hasattr(os, "copy_file_range"):
+        pytest.skip("no copy_file_range on this platform")
+    src_path = tmp_path / "src.safetensors"
+    tensors = {"a": torch.randn(64, 64), "b": torch.arange(100, dtype=torch.int64)}
+    save_file(tensors, str(src_path))
+    src = read_header(src_path)
+    out = tmp_path / "out.safetensors"
+
+    def broken(*args: Any) -> int:
+        code = errno.ENOSPC if fault == "enospc" else errno.EXDEV
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "copy_file_range", broken)
+    items = list(src.tensors.items())
+    if fault == "enospc":
+        with pytest.raises(ModelFileError, match="No space left on device"):
+            write_model(out, items, {}, src=src)
+        assert not out.exists() and leftovers(tmp_path) == []
+    else:
+        write_model(out, items, {}, src=src)
+        loaded = load_file(str(out))
+        for k, v in tensors.items():
+            assert torch.equal(loaded[k], v)
