@@ -430,7 +430,7 @@ def _run(work: Callable[[], int], debug: bool) -> None:
         raise
     except KeyboardInterrupt:
         typer.echo("convmerge: interrupted; nothing was written", err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except Exception as e:  # noqa: BLE001 - sorted into expected and internal below
         if debug:
             raise

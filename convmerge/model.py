@@ -18,7 +18,7 @@ import torch
 
 from . import algebra, chain, io
 from .algebra import BatchNorm, Conv
-from .graph import (CONV_OPS, MAX_DESCRIPTION_BYTES, Graph, GraphError, load_description, parse,
+from .graph import (MAX_DESCRIPTION_BYTES, Graph, GraphError, load_description, parse,
                     removed_tensors, rewrite)
 from .report import MergeEntry, PairEntry, Report
 from .spec import ConvSpec, fit_size, macs, padding_fields, size_problem

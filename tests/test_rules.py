@@ -7,7 +7,6 @@ import random
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
 
 from convmerge.algebra import Conv, analyze, counterexample, merge
 from convmerge.rules import decide, describe_sizes, full_support
