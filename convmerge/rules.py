@@ -62,8 +62,7 @@ class Verdict:
 
 def merged_mode(spec1: ConvSpec, spec2: ConvSpec, sup1: Support, sup2: Support) -> str:
     """conv1's mode if conv2 reads no padding, conv2's if conv1 reads none, the common one, or zeros."""
-    reads2 = any(_eff_pad(a, s) != (0, 0) for a, s in zip(spec2.axes, sup2))
-    reads1 = any(_eff_pad(a, s) != (0, 0) for a, s in zip(spec1.axes, sup1))
+    reads2, reads1 = reads_padding(spec2, sup2), reads_padding(spec1, sup1)
     if not reads2:
         return spec1.padding_mode if reads1 else "zeros"
     if not reads1:
@@ -278,9 +277,9 @@ def an_views(an: Analysis, k: int) -> list[Optional[AxisView]]:
     return [an.view(k, n) for n in an.sizes(k)]
 
 
-def conv2_reads_padding(spec2: ConvSpec, sup2: Support) -> bool:
-    """Whether conv2 ever reads a padded cell (at some input size) through a nonzero tap."""
-    return any(_eff_pad(a, s) != (0, 0) for a, s in zip(spec2.axes, sup2))
+def reads_padding(spec: ConvSpec, sup: Support) -> bool:
+    """Whether a conv ever reads a padded cell (at some input size) through a nonzero tap."""
+    return any(_eff_pad(a, s) != (0, 0) for a, s in zip(spec.axes, sup))
 
 
 def full_support(spec: ConvSpec) -> Support:
@@ -294,7 +293,7 @@ def full_support(spec: ConvSpec) -> Support:
 def _reason(an: Analysis, verdict: str, sizes: Optional[str], bias_blocks: bool) -> str:
     s1, s2 = an.spec1, an.spec2
     if verdict == "mergeable":
-        if not conv2_reads_padding(s2, an.sup2):
+        if not reads_padding(s2, an.sup2):
             return "conv2 reads no padding, so the convolved kernels are exact at every size"
         if s2.padding_mode != "zeros" and _pointwise(s1, an.sup1):
             return f"conv1 is pointwise, so it commutes with conv2's {s2.padding_mode} padding"
