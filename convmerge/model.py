@@ -21,7 +21,7 @@ from .algebra import BatchNorm, Conv
 from .graph import (MAX_DESCRIPTION_BYTES, Graph, GraphError, load_description, parse,
                     removed_tensors, rewrite)
 from .report import MergeEntry, PairEntry, Report
-from .spec import ConvSpec, fit_size, macs, padding_fields, size_problem
+from .spec import ConvSpec, fit_size, macs, padding_fields, params, size_problem
 
 GRAPH_KEY = "convmerge.graph"
 DEFAULT_COST_SIZE = 224
@@ -139,6 +139,7 @@ def analyze(
                     padding_fields(v.candidate) if exact else None, rep.counterexample, rep.exact_here,
                     macs(p_convs[t].spec, cost_sizes[t]) + macs(p_convs[t + 1].spec, cost_sizes[t + 1]),
                     macs(v.candidate, cost_sizes[t]), t in applied,
+                    params(p_convs[t].spec) + params(p_convs[t + 1].spec), params(v.candidate),
                 )
             for seg in segments:
                 if seg.merged:
@@ -270,6 +271,7 @@ def _plan_segment(
         layers, seg_names[-1], padding_fields(spec), io.dtype_name(dtype), seg.error, seg.rounding,
         sum(macs(c.spec, cost_sizes[seg.start + i]) for i, c in enumerate(seg_convs)),
         macs(spec, cost_sizes[seg.start]),
+        sum(params(c.spec) for c in seg_convs), params(spec),
     )
     return MergePlan(layers, seg_names, spec, dtype), entry
 

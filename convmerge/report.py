@@ -24,6 +24,8 @@ class PairEntry:
     macs_before: Optional[int] = None
     macs_after: Optional[int] = None
     applied: bool = False
+    params_before: Optional[int] = None
+    params_after: Optional[int] = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -42,6 +44,8 @@ class PairEntry:
             out["exact_at_input_size"] = self.exact_here
         if self.macs_before is not None:
             out["macs"] = {"before": self.macs_before, "after": self.macs_after}
+        if self.params_before is not None:
+            out["params"] = {"before": self.params_before, "after": self.params_after}
         return out
 
 
@@ -57,6 +61,8 @@ class MergeEntry:
     rounding_error: float
     macs_before: int
     macs_after: int
+    params_before: int
+    params_after: int
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +73,7 @@ class MergeEntry:
             "verified_max_error": self.max_error,
             "rounding_error": self.rounding_error,
             "macs": {"before": self.macs_before, "after": self.macs_after},
+            "params": {"before": self.params_before, "after": self.params_after},
         }
 
 

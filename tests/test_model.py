@@ -89,6 +89,7 @@ def test_expandnet_collapses_and_costs_less():
     rep = convmerge.check(net, input_size=(32, 32))
     (merge,) = rep["merges"]
     assert merge["macs"]["after"] < merge["macs"]["before"]
+    assert merge["params"] == {"before": 4 * 16 + 16 * 16 * 9 + 16 * 4 + 4, "after": 4 * 4 * 9 + 4}
 
 
 def test_batch_norm_between_is_folded_and_removed():
