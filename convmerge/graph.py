@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
+from . import strictjson
 from .spec import ConvSpec, SpecError, padding_fields, spec_from_fields
 
 VERSION = 1
@@ -30,8 +30,6 @@ MAX_INT = 2**63 - 1
 INT_FIELDS = ("stride", "dilation", "padding", "groups", "kernel_size", "in_channels", "out_channels")
 CHANNEL_OPS = SHAPE_PRESERVING_OPS - {"add", "sub", "mul"}
 """Single-input ops whose output has as many channels as their input."""
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 
 
 class GraphError(ValueError):
@@ -175,12 +173,11 @@ def load_description(text: str, where: str) -> dict:
     """
     if len(text) > MAX_DESCRIPTION_BYTES:
         raise GraphError(f"{where}: description is {len(text)} bytes; more than {MAX_DESCRIPTION_BYTES} is refused")
-    depth = _max_depth(text)
-    if depth > MAX_DEPTH:
-        raise GraphError(f"{where}: description nests {depth} levels deep; at most {MAX_DEPTH} are allowed")
     try:
-        doc = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as e:
+        doc = strictjson.loads(text, MAX_DEPTH)
+    except strictjson.TooDeep as e:
+        raise GraphError(f"{where}: description nests {e.depth} levels deep; at most {MAX_DEPTH} are allowed") from None
+    except ValueError as e:
         raise GraphError(f"{where}: description is not valid JSON ({_clip(_first_line(e))})") from None
     if not isinstance(doc, dict):
         raise GraphError(f"{where}: description must be a JSON object, not {_json_type(doc)}")
@@ -426,33 +423,6 @@ def _topological(layers: dict[str, Layer], inputs: Sequence[str], where: str) ->
                 state[name] = 2
                 order.append(name)
     return order
-
-
-def _max_depth(text: str) -> int:
-    """Bracket nesting depth outside strings: checked before json.loads can recurse (regexes, not a
-    Python loop per character, so a description of many megabytes is measured in milliseconds)."""
-    depth = deepest = 0
-    for ch in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
-        if ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Duplicate keys would let two readers see two different layers under one description."""
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {_q(key)}")
-        result[key] = value
-    return result
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _too_big(value: Any) -> bool:

@@ -15,7 +15,6 @@ import errno
 import json
 import math
 import os
-import re
 import signal
 import secrets
 import stat
@@ -27,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import torch
+
+from . import strictjson
 
 __all__ = [
     "Header",
@@ -77,8 +78,6 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _DTYPES.items()}
 
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 
 
 class ModelFileError(ValueError):
@@ -284,14 +283,10 @@ def _decode_json(raw: bytes, shown: str) -> tuple[dict[str, str], dict[str, Any]
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ModelFileError(f"{where} is not valid UTF-8 (byte {e.start})") from None
-    if _too_deep(text):
-        raise ModelFileError(f"{where} is nested more than {_MAX_DEPTH} levels deep")
     try:
-        obj = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-    except RecursionError:
-        raise ModelFileError(f"{where} is nested too deeply") from None
-    except json.JSONDecodeError as e:
-        raise ModelFileError(f"{where} is not valid JSON ({e.msg} at character {e.pos})") from None
+        obj = strictjson.loads(text, _MAX_DEPTH)
+    except strictjson.TooDeep:
+        raise ModelFileError(f"{where} is nested more than {_MAX_DEPTH} levels deep") from None
     except ValueError as e:
         raise ModelFileError(f"{where} is not valid JSON ({_one_line(str(e))})") from None
     if not isinstance(obj, dict):
@@ -308,30 +303,6 @@ def _decode_json(raw: bytes, shown: str) -> tuple[dict[str, str], dict[str, Any]
         if not (_utf8_ok(key) and _utf8_ok(value)):
             raise ModelFileError(f"{where}: __metadata__ {_quote(key)} is not encodable as UTF-8")
     return metadata, obj
-
-
-def _too_deep(text: str) -> bool:
-    """Bracket depth outside strings; json recurses once per level, so depth is checked before parsing."""
-    depth = 0
-    for ch in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
-        depth += 1 if ch in "[{" else -1
-        if depth > _MAX_DEPTH:
-            return True
-    return False
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Duplicate keys would let two readers see two different tensors under one name."""
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {_quote(key)}")
-        result[key] = value
-    return result
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed")
 
 
 def _tensor_info(name: str, entry: Any, data_offset: int, shown: str) -> TensorInfo:
