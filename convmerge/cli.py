@@ -246,13 +246,7 @@ def inspect(
             info.update(description=where, layer_count=len(g.layers),
                         pairs=[{"first": p.first, "second": p.second, "via": list(p.via), "blocked": p.blocked}
                                for p in g.pairs()])
-        if json_out:
-            sys.stdout.write(json.dumps(info, indent=2) + "\n")
-        else:
-            from . import render
-
-            render.inspect(_console(False), info)
-        return EXIT_OK
+        return _emit(info, json_out, "inspect")
 
     _run(work, debug)
 
@@ -282,13 +276,7 @@ def explain(
         header = io.read_header(str(model))
         doc, where = find_description(header, _s(graph), arch)
         data = explain_pair(parse(doc, header.tensors, where), file_tensors(header), first, second, size)
-        if json_out:
-            sys.stdout.write(json.dumps(data, indent=2) + "\n")
-        else:
-            from . import render
-
-            render.explain(_console(False), data)
-        return EXIT_OK
+        return _emit(data, json_out, "explain")
 
     _run(work, debug)
 
@@ -336,6 +324,17 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     if len(shape) < 3 or any(n < 1 for n in shape):
         _usage(f"--input-shape: {text!r} is not a shape like 1,3,224,224")
     return shape
+
+
+def _emit(data: dict[str, Any], json_out: bool, view: str) -> int:
+    """JSON on stdout, or the named rich view of the same data."""
+    if json_out:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        from . import render
+
+        getattr(render, view)(_console(False), data)
+    return EXIT_OK
 
 
 def _finish(rep: dict[str, Any], json_out: bool, quiet: bool, verbose: bool, fail_on: Optional[FailOn]) -> int:
