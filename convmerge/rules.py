@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from itertools import product
 from typing import Callable, Optional, Sequence
 
@@ -110,19 +111,15 @@ class Analysis:
         self.bias_ok = bias_ok if spec2.padding_mode == "zeros" else None
         self.period = [a1.stride * a2.stride for a1, a2 in zip(spec1.axes, spec2.axes)]
         self.start = [_periodic_from(a1, a2, am) for a1, a2, am in zip(spec1.axes, spec2.axes, self.cand.axes)]
-        self._views: dict[tuple[int, int], Optional[AxisView]] = {}
 
     def view(self, k: int, n: int) -> Optional[AxisView]:
-        """Axis k at input length n; None where the pair is undefined there (memoised: asked often)."""
-        key = (k, n)
-        if key not in self._views:
-            s1, s2 = self.spec1, self.spec2
-            self._views[key] = axis_view(
-                s1.axes[k], s2.axes[k], self.cand.axes[k],
-                (s1.padding_mode, s2.padding_mode, self.cand.padding_mode),
-                self.sup1[k], self.sup2[k], n,
-            )
-        return self._views[key]
+        """Axis k at input length n; None where the pair is undefined there."""
+        s1, s2 = self.spec1, self.spec2
+        return axis_view(
+            s1.axes[k], s2.axes[k], self.cand.axes[k],
+            (s1.padding_mode, s2.padding_mode, self.cand.padding_mode),
+            self.sup1[k], self.sup2[k], n,
+        )
 
     def sizes(self, k: int) -> range:
         """Input lengths that represent every length of axis k (the tail repeats with the period)."""
@@ -165,10 +162,14 @@ class Analysis:
         return True
 
 
+@lru_cache(maxsize=1 << 16)
 def axis_view(
     a1: Axis, a2: Axis, am: Axis, modes: tuple[str, str, str], t1: tuple[int, ...], t2: tuple[int, ...], n: int
 ) -> Optional[AxisView]:
-    """Classify every (output, conv2 tap, conv1 tap) triple at the borders of one axis."""
+    """Classify every (output, conv2 tap, conv1 tap) triple at the borders of one axis.
+
+    Cached: every argument is a value, and real networks repeat the same conv shapes many times.
+    """
     mode1, mode2, modem = modes
     if not _pad_fits(mode1, a1.pad, n):
         return None

@@ -1,0 +1,340 @@
+"""Is `convmerge fuse` as fast as copying the file, and does its memory stay flat?
+
+Generates a self-describing conv-heavy fp32 safetensors model of about --gb GiB in
+benchmarks/out/ (streamed with convmerge.io.write_model and LazyTensor: the generator never
+holds the model either), then times, interleaved, --reps repetitions each of
+
+    cp SRC DST                      (page cache only: cp does not fsync)
+    cp SRC DST && sync DST          (cp plus fsync of the output, as fuse does)
+    convmerge fuse SRC -o DST --force -q
+    OMP_NUM_THREADS=1 convmerge fuse SRC -o DST --force -q
+
+each under /usr/bin/time (peak RSS), deleting DST after every run. Then it runs
+convmerge.model.fuse_file once in-process with wrappers around the library's steps to show
+where fuse spends its time (merges while planning and again while writing, verification,
+counterexample search, verdicts, reads, the write itself, fsync).
+
+The model: --cycles repetitions (default 6) of four conv blocks of width c=--width and
+expansion E=--expand*c (the merge work; a fixed number of layers whatever --gb), then wide
+512->512 3x3 'trunk' convs each followed by a ReLU (no pairs: streamed, --trunk-share of the
+bytes, default 40%), and the rest in 'embedding.weight' (60%) and 'fc.weight' (opaque layers,
+copied byte for byte). The blocks, each followed by a ReLU:
+  A  3x3 pad 2 c->E (no bias), 3x3 pad 1 E->c      mergeable; 5x5 c->c is cheaper (25c^2 < 18cE)
+  B  3x3 pad 1 c->c, 3x3 pad 1 c->c                unmergeable (counterexample search)
+  C  3x3 pad 1 c->E, batch norm, 1x1 E->c          mergeable through the BN; 3x3 c->c is cheaper
+  D  3x3 pad 2 c->c (no bias), 3x3 pad 1 c->c      mergeable but 5x5 costs more: 'cheaper' skips it
+(A, C and D get the same decisions from the MAC count and from spec.cost, the cost model.)
+Fuse time is roughly (bytes streamed) + (cycles x per-chain planning cost); --cycles scales the
+second term alone, --gb the first.
+
+    python benchmarks/throughput.py                 # --gb 1.0 --reps 5
+    python benchmarks/throughput.py --gb 0.25
+    python benchmarks/throughput.py --gb 0.25,1     # both sizes in one table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import load, median, out_dir, table, write_json  # noqa: E402
+
+from convmerge import io as cio  # noqa: E402
+
+TIME = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
+CONVMERGE = shutil.which("convmerge") or "convmerge"
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+
+def generate(path: Path, gb: float, cycles: int, width: int, expand: int, trunk_share: float = 0.4,
+             seed: int = 0) -> dict[str, Any]:
+    """Write the model; return counts. Tensors are made one at a time (LazyTensor)."""
+    total = int(gb * 2**30)
+    c, e = width, width * expand
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(shape: tuple[int, ...], scale: float = 1.0, positive: bool = False):
+        def make() -> torch.Tensor:
+            t = torch.randn(shape, generator=gen, dtype=torch.float32) * scale
+            return t.abs() + 0.5 if positive else t
+        return cio.LazyTensor("F32", shape, make)
+
+    tensors: list[tuple[str, Any]] = []
+    layers: list[dict[str, Any]] = []
+
+    def conv(name: str, inp: str, cin: int, cout: int, k: int, pad: int, bias: bool) -> str:
+        layers.append({"name": name, "op": "conv2d", "input": inp, "stride": 1, "padding": pad,
+                       "dilation": 1, "groups": 1, "padding_mode": "zeros"})
+        tensors.append((f"{name}.weight", rand((cout, cin, k, k), 1.0 / math.sqrt(cin * k * k))))
+        if bias:
+            tensors.append((f"{name}.bias", rand((cout,), 0.1)))
+        return name
+
+    def bn(name: str, inp: str, ch: int) -> str:
+        layers.append({"name": name, "op": "batch_norm", "input": inp, "eps": 1e-5})
+        tensors.extend([(f"{name}.running_mean", rand((ch,), 0.1)), (f"{name}.running_var", rand((ch,), 0.2, True)),
+                    (f"{name}.weight", rand((ch,), 0.2, True)), (f"{name}.bias", rand((ch,), 0.1))])
+        return name
+
+    def relu(name: str, inp: str) -> str:
+        layers.append({"name": name, "op": "relu", "input": inp})
+        return name
+
+    x, kinds = "x", defaultdict(int)
+    for i in range(cycles):
+        p = f"blocks.{i}"
+        x = relu(f"{p}.a.relu", conv(f"{p}.a.1", conv(f"{p}.a.0", x, c, e, 3, 2, False), e, c, 3, 1, True))
+        x = relu(f"{p}.b.relu", conv(f"{p}.b.1", conv(f"{p}.b.0", x, c, c, 3, 1, True), c, c, 3, 1, True))
+        x = relu(f"{p}.c.relu", conv(f"{p}.c.2", bn(f"{p}.c.1", conv(f"{p}.c.0", x, c, e, 3, 1, True), e), e, c, 1, 0, True))
+        x = relu(f"{p}.d.relu", conv(f"{p}.d.1", conv(f"{p}.d.0", x, c, c, 3, 2, False), c, c, 3, 1, True))
+        for k in "ABCD":
+            kinds[k] += 1
+    used = sum(4 * math.prod(s.shape) for _, s in tensors)
+    # trunk: wide 3x3 convs separated by ReLUs (no pairs), filling `trunk_share` of the file
+    tw = 512
+    per_trunk = 4 * (tw * tw * 9 + tw)
+    n_trunk = max(0, int((trunk_share * total) // per_trunk))
+    x = conv("trunk.in", x, c, tw, 1, 0, True)
+    for i in range(n_trunk):
+        x = relu(f"trunk.{i}.relu", conv(f"trunk.{i}", x, tw, tw, 3, 1, True))
+    used = sum(4 * math.prod(s.shape) for _, s in tensors)
+    emb_dim = 1024
+    emb_rows = max(1, int(max(0, 0.6 * (total - used)) / 4 / emb_dim))
+    layers.append({"name": "embedding", "op": "embedding", "input": "tokens"})
+    tensors.insert(0, ("embedding.weight", rand((emb_rows, emb_dim), 0.02)))
+    used = sum(4 * math.prod(s.shape) for _, s in tensors)
+    fc_in = max(1, int((total - used) / 4 / 1000))
+    layers.append({"name": "pool", "op": "flatten", "input": x})
+    layers.append({"name": "fc", "op": "linear", "input": "pool"})
+    tensors += [("fc.weight", rand((1000, fc_in), 0.01)), ("fc.bias", rand((1000,), 0.01))]
+    doc = {"version": 1, "inputs": ["x", "tokens"], "layers": layers, "outputs": ["fc", "embedding"]}
+    cio.write_model(path, tensors, {"convmerge.graph": json.dumps(doc), "format": "pt"}, force=True)
+    convs = sum(1 for layer in layers if layer["op"] == "conv2d")
+    conv_bytes = sum(4 * math.prod(t.shape) for n, t in tensors if n.split(".")[0] in ("blocks", "trunk"))
+    return {"bytes": path.stat().st_size, "conv_bytes": conv_bytes, "layers": len(layers), "convs": convs,
+            "trunk_convs": n_trunk, "tensors": len(tensors), "blocks": dict(kinds), "width": c, "expand": expand}
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+
+def run_timed(cmd: list[str] | str, shell: bool = False) -> tuple[float, int | None]:
+    """Wall seconds and peak RSS (KiB, from /usr/bin/time %M, or getrusage as a fallback)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time", dir=out_dir()) as tf:
+        if TIME:
+            full = [TIME, "-f", "%M", "-o", tf.name] + (["sh", "-c", cmd] if shell else list(cmd))
+        else:
+            full = ["sh", "-c", cmd] if shell else list(cmd)
+        t = time.perf_counter()
+        proc = subprocess.run(full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cmd} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        rss = None
+        if TIME:
+            lines = [ln for ln in Path(tf.name).read_text().split() if ln.strip().isdigit()]
+            rss = int(lines[-1]) if lines else None
+    if rss is None:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # max over all children so far
+    return wall, rss
+
+
+def bench_size(gb: float, args: argparse.Namespace) -> dict[str, Any]:
+    od = out_dir()
+    src, dst = od / f"throughput_{gb:g}gb.safetensors", od / f"throughput_{gb:g}gb.out.safetensors"
+    t = time.perf_counter()
+    info = generate(src, gb, args.cycles, args.width, args.expand, args.trunk_share)
+    info["generate_s"] = time.perf_counter() - t
+    print(f"generated {src.name}: {info['bytes'] / 2**30:.3f} GiB, {info['layers']} layers, {info['convs']} convs, "
+          f"blocks {info['blocks']} in {info['generate_s']:.1f}s", file=sys.stderr)
+    load_before = load()
+    subprocess.run(["cat", str(src)], stdout=subprocess.DEVNULL, check=True)  # SRC is in the page cache from here on
+    fuse_cmd = [CONVMERGE, "fuse", str(src), "-o", str(dst), "--force", "-q", "--policy", args.policy]
+    cases = {
+        "cp": lambda: run_timed(["cp", str(src), str(dst)]),
+        "cp + sync": lambda: run_timed(f"cp '{src}' '{dst}' && sync '{dst}'", shell=True),
+        "convmerge fuse": lambda: run_timed(fuse_cmd),
+        "convmerge fuse, 1 thread": lambda: run_timed(["env", "OMP_NUM_THREADS=1"] + fuse_cmd),
+    }
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    rss: dict[str, list[int]] = {k: [] for k in cases}
+    for rep in range(args.reps):
+        for name, fn in cases.items():
+            wall, peak = fn()
+            times[name].append(wall)
+            rss[name].append(peak or 0)
+            if name == "convmerge fuse" and rep == 0:
+                fused_bytes = dst.stat().st_size
+                fused_layers = len(json.loads(cio.read_header(dst).metadata["convmerge.graph"])["layers"])
+            dst.unlink()
+            print(f"  rep {rep + 1}/{args.reps} {name}: {wall:.2f}s", file=sys.stderr)
+    imports = [run_timed([sys.executable, "-c", "import torch, convmerge.model, convmerge.cli"]) for _ in range(3)]
+    baseline_rss = max(r for _, r in imports if r)
+    import_s = median([w for w, _ in imports])
+    breakdown = profile_in_process(src, dst, args.policy)
+    if dst.exists():
+        dst.unlink()
+    if not args.keep:
+        src.unlink()
+    med = {k: median(v) for k, v in times.items()}
+    return {
+        "gb": gb, "model": info, "fused_bytes": fused_bytes, "fused_layers": fused_layers,
+        "times_s": times, "median_s": med, "peak_rss_kib": rss, "baseline_rss_kib": baseline_rss,
+        "import_s": import_s,
+        "ratio_fuse_cp": med["convmerge fuse"] / med["cp"], "ratio_fuse_cp_sync": med["convmerge fuse"] / med["cp + sync"],
+        "load_before": load_before, "load_after": load(),
+        "breakdown": breakdown,
+    }
+
+
+# --- where fuse spends its time (in process) ------------------------------------------------------
+
+
+def profile_in_process(src: Path, dst: Path, policy: str) -> dict[str, Any]:
+    """fuse_file once, with timing wrappers around the library's steps (phase = plan or write)."""
+    from convmerge import algebra, chain, graph, model
+
+    acc: dict[str, float] = defaultdict(float)
+    cnt: dict[str, int] = defaultdict(int)
+    state = {"phase": "other", "in_verify": False}
+    saved: list[tuple[Any, str, Any]] = []
+
+    def wrap(obj: Any, attr: str, label: Any) -> None:
+        orig = getattr(obj, attr)
+        saved.append((obj, attr, orig))
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            name = label() if callable(label) else label
+            t = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                acc[name] += time.perf_counter() - t
+                cnt[name] += 1
+        setattr(obj, attr, wrapper)
+
+    def phased(obj: Any, attr: str, phase: str) -> None:
+        orig = getattr(obj, attr)
+        saved.append((obj, attr, orig))
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            state["phase"] = phase
+            t = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                acc[f"phase: {phase}"] += time.perf_counter() - t
+                state["phase"] = "other"
+        setattr(obj, attr, wrapper)
+
+    def verify_flag(obj: Any, attr: str) -> None:
+        orig = getattr(obj, attr)
+        saved.append((obj, attr, orig))
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            state["in_verify"] = True
+            t = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                state["in_verify"] = False
+                acc["chain.verify"] += time.perf_counter() - t
+                cnt["chain.verify"] += 1
+        setattr(obj, attr, wrapper)
+
+    phased(model, "analyze", "plan (model.analyze)")
+    phased(cio, "write_model", "write (io.write_model)")
+    verify_flag(chain, "verify")
+    wrap(algebra, "merge", lambda: f"algebra.merge (batched GEMM) during {state['phase'].split(' ')[0]}")
+    wrap(algebra, "max_errors", lambda: "algebra.max_errors (float64 + stored dtype, one chain run) inside chain.verify"
+         if state["in_verify"] else "algebra.max_errors outside chain.verify")
+    wrap(algebra, "analyze", lambda: f"algebra.analyze (verdicts) during {state['phase'].split(' ')[0]}")
+    wrap(chain, "judge_pairs", "chain.judge_pairs (verdicts + counterexamples)")
+    wrap(chain, "find_counterexample", "chain.find_counterexample")
+    wrap(chain, "plan", "chain.plan (lazy merges + verify)")
+    if hasattr(cio, "_copy_in_kernel"):
+        wrap(cio, "_copy_in_kernel", "io._copy_in_kernel (os.copy_file_range of untouched tensors)")
+    wrap(cio, "read_tensor", lambda: f"io.read_tensor during {state['phase'].split(' ')[0]}")
+    wrap(cio, "read_header", "io.read_header")
+    wrap(model, "parse", "graph.parse")
+    wrap(graph.Graph, "pairs", "Graph.pairs")
+    wrap(graph.Graph, "chains", "Graph.chains")
+    wrap(os, "fsync", "os.fsync")
+    try:
+        t = time.perf_counter()
+        model.fuse_file(str(src), str(dst), input_size=None, policy=policy, force=True)
+        total = time.perf_counter() - t
+    finally:
+        for obj, attr, orig in reversed(saved):
+            setattr(obj, attr, orig)
+    steps = {k: {"s": v, "calls": cnt.get(k, 0), "share": v / total} for k, v in sorted(acc.items())}
+    return {"total_s": total, "steps": steps}
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gb", default="1.0", help="model size in GiB; a comma-separated list runs each")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--cycles", type=int, default=6, help="repetitions of the A B C D blocks (merge work)")
+    ap.add_argument("--width", type=int, default=64, help="block width c")
+    ap.add_argument("--trunk-share", type=float, default=0.4, help="share of the file in wide unpaired 3x3 convs")
+    ap.add_argument("--expand", type=int, default=4, help="expansion E = expand * c")
+    ap.add_argument("--policy", default="cheaper", choices=["cheaper", "all"])
+    ap.add_argument("--keep", action="store_true", help="keep the generated model in benchmarks/out/")
+    args = ap.parse_args()
+    sizes = [float(s) for s in args.gb.split(",")]
+    if TIME is None:
+        print("note: /usr/bin/time not found (apt-get install time); peak RSS from getrusage", file=sys.stderr)
+    results = [bench_size(gb, args) for gb in sizes]
+
+    print(f"## throughput: cp vs convmerge fuse (median of {args.reps} interleaved runs, policy {args.policy})\n")
+    print("SRC is read once with `cat` before timing, so every run reads it from the page cache; cp alone "
+          "leaves its output in the page cache (no fsync) while fuse fsyncs it, hence the `cp + sync` column.\n")
+    rows = []
+    for r in results:
+        m, info = r["median_s"], r["model"]
+        rows.append([f"{info['bytes'] / 2**30:.3f}", info["layers"], info["convs"], r["fused_layers"],
+                     m["cp"], m["cp + sync"], m["convmerge fuse"], m["convmerge fuse, 1 thread"],
+                     r["ratio_fuse_cp"], r["ratio_fuse_cp_sync"],
+                     f"{max(r['peak_rss_kib']['convmerge fuse']) / 1024:.0f}", f"{r['baseline_rss_kib'] / 1024:.0f}",
+                     r["import_s"],
+                     f"{r['load_before']} / {r['load_after']}"])
+    print(table(["GiB", "layers", "convs", "layers after", "cp s", "cp+sync s", "fuse s", "fuse 1-thread s",
+                 "fuse/cp", "fuse/(cp+sync)", "fuse peak RSS MiB", "import-only RSS MiB", "import-only s",
+                 "load avg before / after"], rows))
+    print("\nspread over the runs (min-max seconds):\n")
+    print(table(["GiB"] + list(results[0]["times_s"]),
+                [[f"{r['model']['bytes'] / 2**30:.3f}"] + [f"{min(v):.3g}-{max(v):.3g}" for v in r["times_s"].values()]
+                 for r in results]))
+    for r in results:
+        b = r["breakdown"]
+        print(f"\n### where fuse spends its time, in process, {r['model']['bytes'] / 2**30:.3f} GiB "
+              f"(total {b['total_s']:.2f}s; nested rows overlap)\n")
+        print(table(["step", "calls", "seconds", "share of total"],
+                    [[k, v["calls"] or "", v["s"], f"{100 * v['share']:.1f}%"] for k, v in b["steps"].items()]))
+    path = write_json(f"throughput_{args.gb.replace(',', '_')}gb_c{args.cycles}.json", {"policy": args.policy, "reps": args.reps, "results": results})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
