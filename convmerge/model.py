@@ -162,7 +162,7 @@ def analyze(
 
 def merged_conv(graph: Graph, tensors: Tensors, plan: MergePlan) -> Conv:
     """Recompute a planned merge (deterministically, as verified) in its storage dtype."""
-    vias = _vias(graph, plan)
+    vias = _vias(plan)
     convs = [load_conv(graph, tensors, n, via) for n, via in zip(plan.convs, vias)]
     return algebra.cast(chain.merge_run(convs), plan.dtype)
 
@@ -320,7 +320,8 @@ def _finite_pieces(names, convs, run, entries):
     return pieces
 
 
-def _vias(graph: Graph, plan: MergePlan) -> list[list[str]]:
+def _vias(plan: MergePlan) -> list[list[str]]:
+    """Per conv of the plan, the layers after it that it absorbs (batch norms fold into it)."""
     vias: list[list[str]] = []
     for name in plan.layers:
         if name in plan.convs:
