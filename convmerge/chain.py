@@ -15,7 +15,7 @@ import torch
 from . import algebra
 from .algebra import Conv, Counterexample
 from .rules import Verdict
-from .spec import ConvSpec, cost
+from .spec import ConvSpec, cost, pad_fits
 
 Size = tuple[int, ...]
 POLICIES = ("cheaper", "all")
@@ -257,20 +257,16 @@ def _periodic_start(convs: Sequence[Conv], k: int) -> int:
 
 def _runs(convs: Sequence[Conv], merged: ConvSpec, k: int, n: int) -> bool:
     """Whether the chain and the merged conv are defined at length n on axis k."""
-    if not _pad_ok(merged.padding_mode, merged.axes[k].pad, n):
+    if not pad_fits(merged.padding_mode, merged.axes[k].pad, n):
         return False
     for c in convs:
         a = c.spec.axes[k]
-        if not _pad_ok(c.spec.padding_mode, a.pad, n):
+        if not pad_fits(c.spec.padding_mode, a.pad, n):
             return False
         n = a.out_len(n)
         if n < 1:
             return False
     return True
-
-
-def _pad_ok(mode: str, pad: tuple[int, int], n: int) -> bool:
-    return (mode != "reflect" or max(pad) < n) and (mode != "circular" or max(pad) <= n)
 
 
 def defined(a: Conv, b: Conv, size: Size) -> bool:

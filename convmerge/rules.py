@@ -23,7 +23,7 @@ from functools import lru_cache
 from itertools import product
 from typing import Callable, Optional, Sequence
 
-from .spec import Axis, ConvSpec
+from .spec import Axis, ConvSpec, pad_fits
 
 Support = tuple[tuple[int, ...], ...]
 """Per axis, the kernel tap indices whose slice holds a nonzero (sorted)."""
@@ -171,15 +171,15 @@ def axis_view(
     Cached: every argument is a value, and real networks repeat the same conv shapes many times.
     """
     mode1, mode2, modem = modes
-    if not _pad_fits(mode1, a1.pad, n):
+    if not pad_fits(mode1, a1.pad, n):
         return None
     n1 = a1.out_len(n)
-    if n1 < 1 or not _pad_fits(mode2, a2.pad, n1):
+    if n1 < 1 or not pad_fits(mode2, a2.pad, n1):
         return None
     n2 = a2.out_len(n1)
     if n2 < 1:
         return None
-    if not _pad_fits(modem, am.pad, n):
+    if not pad_fits(modem, am.pad, n):
         return AxisView(frozenset({NE}), frozenset({"left", "right"}), frozenset())
     if not t1 or not t2:
         return AxisView(frozenset(), frozenset(), frozenset())
@@ -449,15 +449,6 @@ def _periodic_from(a1: Axis, a2: Axis, am: Axis) -> int:
     """A length past which the axis repeats with period s1*s2 (borders no longer interact)."""
     reach = a1.extent + sum(a1.pad) + a1.stride * (a2.extent + sum(a2.pad)) + am.extent + sum(am.pad)
     return 2 * reach + 4 * a1.stride * a2.stride + 8
-
-
-def _pad_fits(mode: str, pad: tuple[int, int], n: int) -> bool:
-    """PyTorch refuses reflect padding >= n and circular padding > n."""
-    if mode == "reflect":
-        return max(pad) < n
-    if mode == "circular":
-        return max(pad) <= n
-    return True
 
 
 def _cell(mode: str, j: int, n: int):

@@ -213,14 +213,22 @@ def fit_size(size: Sequence[int], ndim: int) -> tuple[int, ...]:
     return tuple(size)
 
 
+def pad_fits(mode: str, pad: tuple[int, int], n: int) -> bool:
+    """PyTorch refuses reflect padding >= n and circular padding > n (zeros/replicate always fit)."""
+    if mode == "reflect":
+        return max(pad) < n
+    if mode == "circular":
+        return max(pad) <= n
+    return True
+
+
 def size_problem(spec: ConvSpec, size: Sequence[int]) -> Optional[str]:
     """Why this conv cannot run on an input of this spatial size (None when it can), as PyTorch decides."""
     for name, axis, n in zip(spec.axis_names, spec.axes, size):
         pad = max(axis.pad)
-        if spec.padding_mode == "reflect" and pad >= n:
-            return f"reflect padding {pad} needs at least {pad + 1} on {name}, it gets {n}"
-        if spec.padding_mode == "circular" and pad > n:
-            return f"circular padding {pad} needs at least {pad} on {name}, it gets {n}"
+        if not pad_fits(spec.padding_mode, axis.pad, n):
+            least = pad + 1 if spec.padding_mode == "reflect" else pad
+            return f"{spec.padding_mode} padding {pad} needs at least {least} on {name}, it gets {n}"
         if axis.out_len(n) < 1:
             return (f"its kernel spans {axis.extent} on {name}, more than the padded input "
                     f"{n} + {axis.pad[0]} + {axis.pad[1]}")
