@@ -183,7 +183,13 @@ def evaluate(description: dict, tensors: Mapping[str, torch.Tensor], x: torch.Te
         elif op in ("identity", "dropout"):
             out = args[0]
         elif op == "add":
-            out = args[0] + args[1]
+            out = sum(args[1:], args[0])
+        elif op == "concat":
+            out = torch.cat(args, dim=layer.get("dim", 1))
+        elif op in ("avg_pool1d", "avg_pool2d", "avg_pool3d"):
+            out = _avg_pool(layer, args[0])
+        elif op == "pad":
+            out = _pad(layer, args[0], tensors.get(f"{name}.value"))
         elif op == "mul":
             out = args[0] * args[1]
         elif op == "batch_norm":
@@ -194,3 +200,32 @@ def evaluate(description: dict, tensors: Mapping[str, torch.Tensor], x: torch.Te
             raise NotImplementedError(op)
         values[name] = out
     return [values[o] for o in description["outputs"]]
+
+
+def _avg_pool(layer: dict, x: torch.Tensor) -> torch.Tensor:
+    nd = x.dim() - 2
+    fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[nd]
+    kernel = _per_axis(layer["kernel_size"], nd)
+    stride = layer.get("stride")
+    kwargs: dict[str, Any] = {}
+    if layer.get("divisor_override") is not None:
+        kwargs["divisor_override"] = layer["divisor_override"]
+    return fn(x, kernel, kernel if stride is None else _per_axis(stride, nd), _per_axis(layer.get("padding", 0), nd),
+              ceil_mode=layer.get("ceil_mode", False), count_include_pad=layer.get("count_include_pad", True),
+              **kwargs)
+
+
+def _pad(layer: dict, x: torch.Tensor, value: Optional[torch.Tensor]) -> torch.Tensor:
+    """A pad layer; a `<name>.value` tensor holds one constant per channel (DBB's BN-and-pad)."""
+    nd = x.dim() - 2
+    flat: list[int] = []
+    for lo, hi in reversed(_pads(layer, [1] * nd)):
+        flat += [lo, hi]
+    mode = layer.get("mode", "constant")
+    if mode != "constant":
+        return F.pad(x, flat, mode=mode)
+    if value is None:
+        return F.pad(x, flat, value=float(layer.get("value", 0.0)))
+    out = F.pad(x, flat)
+    inside = F.pad(torch.ones_like(x), flat)
+    return out + (1 - inside) * value.double().view(1, -1, *([1] * nd))
