@@ -13,23 +13,49 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 from . import strictjson
-from .spec import ConvSpec, SpecError, padding_fields, spec_from_fields
+from .spec import ConvSpec, PadSpec, PoolSpec, SpecError, pad_spec, padding_fields, pool_spec, spec_from_fields
 
 VERSION = 1
 CONV_OPS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
+POOL_OPS = {"avg_pool1d": 1, "avg_pool2d": 2, "avg_pool3d": 3}
 PASSTHROUGH_OPS = {"batch_norm", "identity", "dropout"}
-SHAPE_PRESERVING_OPS = PASSTHROUGH_OPS | {
+JOIN_OPS = {"add", "concat"}
+LINEAR_OPS = set(CONV_OPS) | set(POOL_OPS) | PASSTHROUGH_OPS | JOIN_OPS | {"pad"}
+"""Ops a region may hold (FORMAT.md, section 1): each is linear (affine) in its input."""
+ELEMENTWISE_OPS = {
     "relu", "relu6", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "elu", "mish",
-    "add", "sub", "mul", "neg", "prelu", "clamp", "hardtanh", "softplus",
+    "neg", "prelu", "clamp", "hardtanh", "softplus",
 }
+BROADCAST_OPS = {"add", "sub", "mul", "div", "truediv", "iadd", "imul", "isub", "mul_", "add_"}
+"""Element-wise ops of several inputs; their output has the broadcast size of the inputs."""
+SHAPE_PRESERVING_OPS = PASSTHROUGH_OPS | ELEMENTWISE_OPS | {"add", "sub", "mul"}
 BN_TENSORS = ("running_mean", "running_var", "weight", "bias", "num_batches_tracked")
 MAX_DESCRIPTION_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 64
 MAX_INT = 2**63 - 1
 """Largest hyperparameter PyTorch can hold (int64); a bigger one cannot describe a real conv."""
-INT_FIELDS = ("stride", "dilation", "padding", "groups", "kernel_size", "in_channels", "out_channels")
-CHANNEL_OPS = SHAPE_PRESERVING_OPS - {"add", "sub", "mul"}
+INT_FIELDS = ("stride", "dilation", "padding", "groups", "kernel_size", "in_channels", "out_channels", "dim",
+              "divisor_override")
+CHANNEL_OPS = (SHAPE_PRESERVING_OPS - {"add", "sub", "mul"}) | set(POOL_OPS) | {"pad"}
 """Single-input ops whose output has as many channels as their input."""
+
+_WIRING = {"name", "op", "input", "inputs"}
+_CONV_FIELDS = {"stride", "padding", "dilation", "groups", "padding_mode", "kernel_size", "in_channels",
+                "out_channels", "bias", "merged_from"}
+KNOWN_FIELDS: dict[str, set[str]] = {
+    **{op: _CONV_FIELDS for op in CONV_OPS},
+    **{op: {"kernel_size", "stride", "padding", "count_include_pad", "ceil_mode", "divisor_override"}
+       for op in POOL_OPS},
+    "batch_norm": {"eps", "affine", "momentum", "num_features", "track_running_stats"},
+    "identity": set(),
+    "dropout": {"p", "inplace"},
+    "add": set(),
+    "concat": {"dim"},
+    "pad": {"padding", "mode", "value"},
+}
+"""Fields each known op reads (plus name/op/input/inputs); a near miss of one is an error, not a default."""
+_SYNONYMS = {"epsilon": "eps", "kernel": "kernel_size", "pad": "padding", "pads": "padding", "axis": "dim",
+             "strides": "stride", "dilations": "dilation", "group": "groups", "paddingmode": "padding_mode"}
 
 
 class GraphError(ValueError):
@@ -62,6 +88,10 @@ class Graph:
     outputs: tuple[str, ...]
     consumers: dict[str, list[str]] = field(default_factory=dict)
     specs: dict[str, ConvSpec] = field(default_factory=dict)
+    pools: dict[str, PoolSpec] = field(default_factory=dict)
+    pads: dict[str, PadSpec] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    channels: dict[str, Optional[int]] = field(default_factory=dict)  # per value, where the description fixes it
     _index: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     def pairs(self) -> list[Pair]:
@@ -101,18 +131,29 @@ class Graph:
         return out
 
     def sizes(self, input_size: Optional[Sequence[int]]) -> dict[str, Optional[tuple[int, ...]]]:
-        """Spatial size at each layer's output, where convs and shape-preserving ops determine it."""
+        """Spatial size of every value, where the description determines it (None where it does not)."""
         known: dict[str, Optional[tuple[int, ...]]] = {n: (tuple(input_size) if input_size else None) for n in self.inputs}
         for name, layer in self.layers.items():
-            src = known.get(layer.inputs[0]) if layer.inputs else None
-            if src is None:
-                known[name] = None
-            elif layer.op in CONV_OPS:
-                spec = self.specs[name]
-                known[name] = spec.out_size(src) if len(src) == spec.ndim else None
-            else:
-                known[name] = src if layer.op in SHAPE_PRESERVING_OPS else None
+            known[name] = self._out_size(layer, [known.get(src) for src in layer.inputs])
         return known
+
+    def _out_size(self, layer: Layer, srcs: list[Optional[tuple[int, ...]]]) -> Optional[tuple[int, ...]]:
+        src = srcs[0] if srcs else None
+        op = layer.op
+        if op in CONV_OPS or op in POOL_OPS:
+            spec = self.specs.get(layer.name) or self.pools[layer.name]
+            return spec.out_size(src) if src is not None and len(src) == spec.ndim else None
+        if op == "pad":
+            pad = self.pads[layer.name]
+            if src is None or pad.axes_given() not in (None, len(src)):
+                return None
+            return tuple(n + lo + hi for n, (lo, hi) in zip(src, pad.pairs(len(src))))
+        if op == "concat":
+            same = {s for s in srcs}
+            return src if layer.fields.get("dim", 1) == 1 and len(same) == 1 else None
+        if op in BROADCAST_OPS or op in SHAPE_PRESERVING_OPS:
+            return _broadcast(srcs)
+        return None
 
     def _next_convs(self, name: str) -> list[tuple[list[str], str]]:
         """Convs reached from `name` through passthrough layers only."""
@@ -165,6 +206,23 @@ class Graph:
         return None
 
 
+def _broadcast(sizes: Sequence[Optional[tuple[int, ...]]]) -> Optional[tuple[int, ...]]:
+    """The size of an element-wise op's output: the inputs broadcast (squeeze-excitation's x * s).
+
+    With some inputs unknown, a known size with no axis of length 1 is still the answer: broadcasting
+    only stretches length-1 axes, so a larger unknown input could not have been combined with it.
+    """
+    known = [s for s in sizes if s is not None]
+    if not known or len({len(s) for s in known}) > 1:
+        return None
+    out = tuple(max(axis) for axis in zip(*known))
+    if any(any(n not in (1, m) for n, m in zip(s, out)) for s in known):
+        return None
+    if len(known) < len(sizes) and any(n == 1 for n in out):
+        return None
+    return out
+
+
 def load_description(text: str, where: str) -> dict:
     """Parse the JSON text of a description, refusing absurd sizes and nesting up front.
 
@@ -203,8 +261,9 @@ def parse(doc: dict, tensors: Mapping[str, Any], where: str = "description") -> 
     if not isinstance(raw_layers, list):
         raise GraphError(f"{where}: field 'layers' must be a list, not {_json_type(raw_layers)}")
     layers: dict[str, Layer] = {}
+    unknown: list[str] = []
     for i, raw in enumerate(raw_layers):
-        layer = _layer(raw, i, where)
+        layer = _layer(raw, i, where, unknown)
         if layer.name in layers or layer.name in input_set:
             raise GraphError(f"{where}: layer {_q(layer.name)}: field 'name': duplicate name "
                              f"({'a graph input' if layer.name in input_set else 'another layer'} has it)")
@@ -231,7 +290,18 @@ def parse(doc: dict, tensors: Mapping[str, Any], where: str = "description") -> 
             graph.specs[layer.name] = _conv_spec(layer, tensors, where)
         elif layer.op == "batch_norm":
             _check_bn(layer, tensors, where)
+        elif layer.op in POOL_OPS:
+            graph.pools[layer.name] = _checked(layer, where, lambda f: pool_spec(POOL_OPS[layer.op], f))
+        elif layer.op == "pad":
+            graph.pads[layer.name] = _pad_spec(layer, tensors, where)
+        elif layer.op == "concat":
+            dim = layer.fields.get("dim", 1)
+            if type(dim) is not int:
+                raise GraphError(f"{where}: layer {_q(layer.name)}: field 'dim': {_brief(dim)} must be an integer")
     _check_channels(graph, tensors, where)
+    if unknown:
+        shown = ", ".join(unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+        graph.notes.append(f"unknown description fields kept as they are (convmerge does not read them): {shown}")
     return graph
 
 
@@ -304,6 +374,36 @@ def _conv_spec(layer: Layer, tensors: Mapping[str, Any], where: str) -> ConvSpec
     return spec
 
 
+def _checked(layer: Layer, where: str, build: Any) -> Any:
+    """Run a spec builder on a layer's fields; its SpecError becomes a GraphError naming the layer."""
+    for key in INT_FIELDS:
+        if key in layer.fields and _too_big(layer.fields[key]):
+            raise GraphError(f"{where}: layer {_q(layer.name)}: field '{key}': {_brief(layer.fields[key])} is out of "
+                             f"range (PyTorch holds at most {MAX_INT})")
+    try:
+        return build(layer.fields)
+    except SpecError as e:
+        raise GraphError(f"{where}: layer {_q(layer.name)}: {_spec_message(e)}") from None
+
+
+def _pad_spec(layer: Layer, tensors: Mapping[str, Any], where: str) -> PadSpec:
+    """A pad layer; a tensor `<name>.value` of shape [C] makes its constant per channel (DBB's BN-and-pad)."""
+    spec = _checked(layer, where, pad_spec)
+    value = tensors.get(f"{layer.name}.value")
+    if value is not None:
+        at = f"{where}: layer {_q(layer.name)}"
+        if "value" in layer.fields:
+            raise GraphError(f"{at}: field 'value' given and tensor {_q(layer.name + '.value')} too; keep one")
+        if spec.mode != "constant":
+            raise GraphError(f"{at}: tensor {_q(layer.name + '.value')} needs mode 'constant', not {spec.mode!r}")
+        if len(value.shape) != 1:
+            raise GraphError(f"{at}: tensor {_q(layer.name + '.value')} has shape {list(value.shape)}, "
+                             "expected one value per channel")
+        if not value.is_float:
+            layer.fields["_not_float"] = True  # type: ignore[index]
+    return spec
+
+
 def _check_bn(layer: Layer, tensors: Mapping[str, Any], where: str) -> None:
     at = f"{where}: layer {_q(layer.name)}"
     eps = layer.fields.get("eps", 1e-5)
@@ -354,15 +454,27 @@ def _check_channels(graph: Graph, tensors: Mapping[str, Any], where: str) -> Non
                     f"has {count}"
                 )
             channels[name] = count if count is not None else src_channels
+        elif layer.op == "pad" and f"{name}.value" in tensors:
+            count = int(tensors[f"{name}.value"].shape[0])
+            if src_channels is not None and src_channels != count:
+                raise GraphError(f"{at}: {_q(layer.inputs[0])} gives {src_channels} channels, but "
+                                 f"{_q(name + '.value')} has {count} values")
+            channels[name] = count
         elif layer.op in CHANNEL_OPS and len(got) == 1:
             channels[name] = src_channels
+        elif layer.op == "add" and len({c for c in got if c is not None}) > 1:
+            shown = ", ".join(f"{_q(src)} gives {c}" for src, c in zip(layer.inputs, got) if c is not None)
+            raise GraphError(f"{at}: add needs equal shapes, but the channel counts differ ({shown})")
+        elif layer.op == "concat" and layer.fields.get("dim", 1) == 1:
+            channels[name] = sum(got) if got and None not in got else None  # type: ignore[arg-type]
         elif layer.op in SHAPE_PRESERVING_OPS and got and None not in got and len(set(got)) == 1:
             channels[name] = got[0]
         else:
             channels[name] = None
+    graph.channels = channels
 
 
-def _layer(raw: Any, i: int, where: str) -> Layer:
+def _layer(raw: Any, i: int, where: str, unknown: list[str]) -> Layer:
     if not isinstance(raw, dict):
         raise GraphError(f"{where}: layers[{i}] must be an object, not {_json_type(raw)}")
     name = raw.get("name")
@@ -381,11 +493,48 @@ def _layer(raw: Any, i: int, where: str) -> Layer:
         inputs: tuple[str, ...] = (raw["input"],)
     else:
         inputs = tuple(_names(raw.get("inputs", []), f"{at}: field 'inputs'"))
-    if (op in CONV_OPS or op in PASSTHROUGH_OPS) and len(inputs) != 1:
+    single = set(CONV_OPS) | set(POOL_OPS) | PASSTHROUGH_OPS | {"pad"}
+    if op in single and len(inputs) != 1:
         raise GraphError(f"{at}: field 'input': {op} takes exactly one input, got {len(inputs)}")
-    if op in SHAPE_PRESERVING_OPS and not inputs:
+    if op == "add" and len(inputs) < 2:
+        raise GraphError(f"{at}: field 'inputs': add sums two or more layers, got {len(inputs)} "
+                         "(adding a constant is another op)")
+    if (op in SHAPE_PRESERVING_OPS or op == "concat") and not inputs:
         raise GraphError(f"{at}: field 'input': {op} needs an input, got none")
+    if op in KNOWN_FIELDS:
+        for key in raw:
+            if key in _WIRING or key in KNOWN_FIELDS[op] or not isinstance(key, str):
+                continue
+            near = _resembles(key, KNOWN_FIELDS[op])
+            if near:
+                raise GraphError(f"{at}: field {_q(key)} is not a field of {op}; did you mean {_q(near)}? "
+                                 "(a misspelled field would silently fall back to its default)")
+            unknown.append(f"{name}.{key}")
     return Layer(name, op, inputs, dict(raw))
+
+
+def _resembles(key: str, known: set[str]) -> Optional[str]:
+    """The known field that `key` misspells: same but for case or separators, a synonym, or a small edit."""
+    squash = key.lower().replace("-", "").replace("_", "").replace(" ", "")
+    for field_name in sorted(known):
+        if squash == field_name.replace("_", ""):
+            return field_name
+    if _SYNONYMS.get(squash) in known:
+        return _SYNONYMS[squash]
+    best = min(sorted(known), key=lambda f: _edits(key.lower(), f), default=None)
+    if best is not None and _edits(key.lower(), best) <= (1 if min(len(key), len(best)) <= 4 else 2):
+        return best
+    return None
+
+
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance (a few short field names: the plain dynamic programme is enough)."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
 
 
 def _names(value: Any, what: str) -> list[str]:

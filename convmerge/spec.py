@@ -203,6 +203,104 @@ def spec_from_fields(fields: Mapping[str, Any], weight_shape: Sequence[int], has
     )
 
 
+@dataclass(frozen=True)
+class PoolSpec:
+    """An average pooling (PyTorch's fields) as a value; padding is symmetric per axis, as PyTorch's."""
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    count_include_pad: bool = True
+    ceil_mode: bool = False
+    divisor_override: Optional[int] = None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.kernel)
+
+    def out_len(self, k: int, n: int) -> int:
+        """PyTorch's output length on axis k: ceil mode adds a window that starts inside the input or left pad."""
+        span = n + 2 * self.padding[k] - self.kernel[k]
+        if span < 0:
+            return 0
+        out = (-(-span // self.stride[k]) if self.ceil_mode else span // self.stride[k]) + 1
+        if self.ceil_mode and (out - 1) * self.stride[k] >= n + self.padding[k]:
+            out -= 1
+        return out
+
+    def out_size(self, size: Sequence[int]) -> tuple[int, ...]:
+        return tuple(self.out_len(k, n) for k, n in enumerate(size))
+
+
+def pool_spec(ndim: int, fields: Mapping[str, Any]) -> PoolSpec:
+    """Validate an avg_pool layer's fields (PyTorch's: kernel_size, stride, padding, ...)."""
+    if "kernel_size" not in fields:
+        raise SpecError("kernel_size: missing (an average pooling needs its window)")
+    kernel = _positive_ints(fields["kernel_size"], ndim, "kernel_size")
+    stride = fields.get("stride")
+    strides = kernel if stride is None or stride == [] else _positive_ints(stride, ndim, "stride")
+    pad = fields.get("padding", 0)
+    pads = (pad,) * ndim if _is_int(pad) else pad
+    if not isinstance(pads, (list, tuple)) or len(pads) != ndim or not all(_is_int(v) for v in pads):
+        raise SpecError(f"padding: {pad!r} is not an int or {ndim} int(s)")
+    for k, p in zip(kernel, pads):
+        if p < 0 or 2 * p > k:
+            raise SpecError(f"padding: {list(pads)} must be >= 0 and at most half the kernel {list(kernel)} (PyTorch)")
+    flags = {}
+    for key, default in (("count_include_pad", True), ("ceil_mode", False)):
+        flag = fields.get(key, default)
+        if not isinstance(flag, bool):
+            raise SpecError(f"{key}: {flag!r} must be true or false")
+        flags[key] = flag
+    divisor = fields.get("divisor_override")
+    if divisor is not None and (not _is_int(divisor) or divisor < 1):
+        raise SpecError(f"divisor_override: {divisor!r} must be null or a positive integer")
+    return PoolSpec(kernel, strides, tuple(pads), flags["count_include_pad"], flags["ceil_mode"], divisor)
+
+
+PAD_MODES = ("constant", "reflect", "replicate", "circular")
+CONV_MODE_OF_PAD = {"constant": "zeros", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+@dataclass(frozen=True)
+class PadSpec:
+    """A pad layer: explicit (lo, hi) per axis once the number of axes is known, a mode and a constant."""
+
+    padding: Any  # as given: int, one int per axis, or [lo, hi] pairs; see `pairs`
+    mode: str = "constant"
+    value: float = 0.0
+
+    def pairs(self, ndim: int) -> tuple[tuple[int, int], ...]:
+        """The padding as explicit pairs for `ndim` spatial axes (SpecError if it does not fit)."""
+        return parse_padding(self.padding, (1,) * ndim, (1,) * ndim, (1,) * ndim)
+
+    def axes_given(self) -> Optional[int]:
+        """How many axes the padding itself names (None for a bare int, which fits any)."""
+        return None if _is_int(self.padding) else len(self.padding)
+
+
+def pad_spec(fields: Mapping[str, Any]) -> PadSpec:
+    """Validate a pad layer's fields: padding (the conv forms, without 'same'), mode, value."""
+    if "padding" not in fields:
+        raise SpecError("padding: missing (a pad layer needs its amounts)")
+    padding = fields["padding"]
+    if isinstance(padding, str):
+        raise SpecError(f"padding: {padding!r}: a pad layer takes an int, one int per axis or [lo, hi] pairs")
+    nd = 1 if _is_int(padding) else len(padding) if isinstance(padding, (list, tuple)) else 0
+    if nd not in AXIS_NAMES:
+        raise SpecError(f"padding: {padding!r} is not an int, one int per axis (1 to 3) or [lo, hi] pairs")
+    parse_padding(padding, (1,) * nd, (1,) * nd, (1,) * nd)
+    mode = fields.get("mode", "constant")
+    if mode not in PAD_MODES:
+        raise SpecError(f"mode: {mode!r} is not one of {', '.join(PAD_MODES)}")
+    value = fields.get("value", 0.0)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise SpecError(f"value: {value!r} must be a finite number")
+    if mode != "constant" and value != 0:
+        raise SpecError(f"value: {value!r} applies only to mode 'constant', not {mode!r}")
+    return PadSpec(padding, mode, float(value))
+
+
 def fit_size(size: Sequence[int], ndim: int) -> tuple[int, ...]:
     """An input size for `ndim` spatial axes: one number per axis, or one number for all."""
     if len(size) == 1:

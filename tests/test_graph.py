@@ -1,0 +1,126 @@
+"""Graph descriptions: the new linear ops, misspelled fields, and sizes through the graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from convmerge.graph import GraphError, parse
+
+from . import models
+
+
+class Info:
+    """Tensor metadata as graph.parse reads it."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.shape, self.dtype, self.is_float = tuple(t.shape), str(t.dtype), t.is_floating_point()
+
+
+def infos(tensors: dict) -> dict:
+    return {k: Info(v) for k, v in tensors.items()}
+
+
+def two_convs(**fields) -> tuple[dict, dict]:
+    l1, t1 = models.conv("a", "x", 2, 3, 3, padding=1)
+    l2, t2 = models.conv("b", "a", 3, 2, 1)
+    l2.update(fields)
+    return models.describe([l1, l2], ["b"]), {**t1, **t2}
+
+
+@pytest.mark.parametrize("key, resembles", [
+    ("strid", "stride"), ("Stride", "stride"), ("pading", "padding"), ("dilaton", "dilation"),
+    ("padding-mode", "padding_mode"), ("PaddingMode", "padding_mode"), ("group", "groups"), ("kernel", "kernel_size"),
+])
+def test_a_misspelled_conv_field_is_an_error_naming_the_field_it_resembles(key, resembles):
+    doc, tensors = two_convs(**{key: 2})
+    with pytest.raises(GraphError) as e:
+        parse(doc, infos(tensors))
+    assert "layer 'b'" in str(e.value) and f"'{key}'" in str(e.value) and f"'{resembles}'" in str(e.value)
+
+
+def test_a_misspelled_batch_norm_field_is_an_error():
+    doc, tensors = two_convs()
+    doc["layers"].insert(1, {"name": "bn", "op": "batch_norm", "input": "a", "epsilon": 1e-3})
+    doc["layers"][2]["input"] = "bn"
+    tensors.update({"bn.running_mean": torch.zeros(3), "bn.running_var": torch.ones(3)})
+    with pytest.raises(GraphError, match="'epsilon'.*'eps'"):
+        parse(doc, infos(tensors))
+
+
+def test_other_unknown_fields_are_kept_with_one_note():
+    doc, tensors = two_convs(note="kept", author="me")
+    graph = parse(doc, infos(tensors))
+    assert len(graph.notes) == 1 and "b.note" in graph.notes[0] and "b.author" in graph.notes[0]
+    assert graph.layers["b"].fields["note"] == "kept"
+
+
+def test_opaque_ops_take_any_field():
+    doc, tensors = two_convs()
+    doc["layers"].append({"name": "act", "op": "swish_custom", "input": "b", "strid": 3})
+    doc["outputs"] = ["act"]
+    assert not parse(doc, infos(tensors)).notes
+
+
+@pytest.mark.parametrize("layer, words", [
+    ({"op": "add", "inputs": ["a"]}, "two or more"),
+    ({"op": "avg_pool2d", "input": "a"}, "kernel_size"),
+    ({"op": "avg_pool2d", "input": "a", "kernel_size": 3, "padding": 2}, "half the kernel"),
+    ({"op": "avg_pool2d", "input": "a", "kernel_size": 3, "ceil_mode": 1}, "ceil_mode"),
+    ({"op": "avg_pool2d", "input": "a", "kernel_size": [3, 3, 3]}, "kernel_size"),
+    ({"op": "pad", "input": "a"}, "padding"),
+    ({"op": "pad", "input": "a", "padding": 1, "mode": "mirror"}, "mode"),
+    ({"op": "pad", "input": "a", "padding": 1, "mode": "reflect", "value": 2}, "value"),
+    ({"op": "pad", "input": "a", "padding": [[1, -1]]}, "padding"),
+    ({"op": "pad", "input": "a", "padding": "same"}, "padding"),
+    ({"op": "concat", "inputs": ["a", "x"], "dim": "1"}, "dim"),
+])
+def test_bad_fields_of_the_new_ops_name_the_layer_and_field(layer, words):
+    doc, tensors = two_convs()
+    doc["layers"].append({"name": "new", **layer})
+    with pytest.raises(GraphError) as e:
+        parse(doc, infos(tensors))
+    assert "layer 'new'" in str(e.value) and words in str(e.value)
+
+
+def test_add_of_different_channel_counts_is_an_error():
+    doc, tensors = two_convs()
+    doc["layers"].append({"name": "s", "op": "add", "inputs": ["a", "b"]})
+    with pytest.raises(GraphError, match="layer 's'.*channel counts differ"):
+        parse(doc, infos(tensors))
+
+
+def test_a_per_channel_pad_value_must_fit_the_channels():
+    doc, tensors = two_convs()
+    doc["layers"].append({"name": "p", "op": "pad", "input": "a", "padding": 1})
+    tensors["p.value"] = torch.zeros(5)
+    with pytest.raises(GraphError, match="layer 'p'.*'p.value' has 5 values"):
+        parse(doc, infos(tensors))
+    doc["layers"][-1]["value"] = 1.0
+    tensors["p.value"] = torch.zeros(3)
+    with pytest.raises(GraphError, match="field 'value' given and tensor"):
+        parse(doc, infos(tensors))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(8, 40), k=st.integers(1, 4), s=st.integers(1, 3), p=st.integers(0, 2), ceil=st.booleans(),
+       lo=st.integers(0, 3), hi=st.integers(0, 3))
+def test_sizes_follow_pooling_pad_and_broadcasting_as_pytorch_runs_them(n, k, s, p, ceil, lo, hi):
+    p = min(p, k // 2)
+    l1, t1 = models.conv("a", "x", 2, 3, 3, padding=1)
+    layers = [l1,
+              {"name": "pool", "op": "avg_pool2d", "input": "a", "kernel_size": k, "stride": s, "padding": p,
+               "ceil_mode": ceil},
+              {"name": "pad", "op": "pad", "input": "pool", "padding": [[lo, hi], [hi, lo]]},
+              {"name": "gap", "op": "adaptive_avg_pool2d", "input": "pad"},
+              {"name": "gate", "op": "sigmoid", "input": "gap"},
+              {"name": "se", "op": "mul", "inputs": ["pad", "gate"]},
+              {"name": "cat", "op": "concat", "inputs": ["se", "pad"]}]
+    graph = parse(models.describe(layers, ["cat"]), infos(t1))
+    x = torch.zeros(1, 2, n, n + 1, dtype=torch.float64)
+    want = models.evaluate(models.describe(layers[:3], ["pad"]), t1, x)[0].shape[2:]
+    sizes = graph.sizes((n, n + 1))
+    assert sizes["pad"] == tuple(want) and sizes["se"] == tuple(want) and sizes["cat"] == tuple(want)
+    assert sizes["gap"] is None
