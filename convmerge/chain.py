@@ -14,6 +14,7 @@ import torch
 
 from . import algebra
 from .algebra import Conv, Counterexample
+from .reasons import Why
 from .rules import Verdict
 from .spec import ConvSpec, cost, pad_fits
 
@@ -26,10 +27,6 @@ ROUNDING_ULPS = 64
 """Longest axis a verification input gets for the 'far from the borders' size."""
 
 
-NO_COUNTEREXAMPLE = (
-    "; yet these particular weights showed no difference on the inputs tried (they may cancel),"
-    " and convmerge merges only what it can prove"
-)
 
 
 class VerificationError(RuntimeError):
@@ -84,7 +81,7 @@ def judge_pairs(convs: Sequence[Conv], size: Optional[Size]) -> list[PairReport]
         elif v.verdict == "unmergeable" or (v.verdict == "size-dependent" and here is False):
             ce = find_counterexample(a, b, v, sizes[t] if here is False else None)
             if ce is None:
-                v = replace(v, reason=v.reason + NO_COUNTEREXAMPLE)
+                v = replace(v, notes=v.notes + (Why.of("no-counterexample"),))
         reports.append(PairReport(t, v, here, ce))
     return reports
 

@@ -23,6 +23,7 @@ from functools import lru_cache
 from itertools import product
 from typing import Callable, Optional, Sequence
 
+from .reasons import Outcome, Why, sentence
 from .spec import Axis, ConvSpec, pad_fits
 
 Support = tuple[tuple[int, ...], ...]
@@ -45,17 +46,24 @@ class AxisView:
     types: frozenset[str]  # kinds of (o, c, a) triples: equal cells, different, zero on one side...
     fails: frozenset[str]  # sides ('left', 'right') with a triple that differs on its own
     inside_sets: frozenset[tuple[int, ...]]  # conv2 taps reading the intermediate, per output
+    limit: bool = False  # the pair runs here but PyTorch refuses the candidate's padding (reflect/circular)
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """The decision for one pair (or a merged conv and the next one)."""
+    """The decision for one pair (or a merged conv and the next one), with its reason as data."""
 
-    verdict: str  # 'mergeable' | 'size-dependent' | 'unmergeable' | 'undecided' (too large to enumerate)
-    reason: str
+    verdict: Outcome
+    why: Why
     sizes: Optional[str]  # for size-dependent: which sizes, in words
     candidate: ConvSpec
     analysis: "Analysis" = field(repr=False, compare=False)
+    notes: tuple[Why, ...] = ()
+    weight_dependent: bool = False  # the verdict holds only because of these weights (zero bias, zero taps)
+
+    @property
+    def reason(self) -> str:
+        return sentence(self.verdict, self.why, self.sizes, self.notes)
 
     def exact_at(self, size: Sequence[int]) -> bool:
         return self.analysis.exact_at(size)
@@ -126,6 +134,8 @@ class Analysis:
         return range(1, self.start[k] + self.period[k])
 
     def combo_exact(self, views: Sequence[AxisView]) -> bool:
+        if any(v.limit for v in views):
+            return False
         if not _x_exact([v.types for v in views]):
             return False
         if self.bias_ok is None:
@@ -148,7 +158,7 @@ class Analysis:
     def axis_exact_alone(self, k: int, n: int) -> Optional[bool]:
         """Axis k at length n while every other axis is large; None where undefined."""
         v = self.view(k, n)
-        if v is None:
+        if v is None or v.limit:
             return None
         if not v.types <= {EQ, ZZ}:
             return False
@@ -180,15 +190,16 @@ def axis_view(
     if n2 < 1:
         return None
     if not pad_fits(modem, am.pad, n):
-        return AxisView(frozenset({NE}), frozenset({"left", "right"}), frozenset())
-    if not t1 or not t2:
+        return AxisView(frozenset(), frozenset(), frozenset(), limit=True)
+    if not t2:
         return AxisView(frozenset(), frozenset(), frozenset())
     s1, d1, l1 = a1.stride, a1.dilation, a1.pad[0]
     s2, d2, l2 = a2.stride, a2.dilation, a2.pad[0]
-    # Outputs whose every read lies inside the intermediate and the input are all equal cells.
-    p_lo = max(0, _ceil_div(l1 - d1 * t1[0], s1))
+    # Outputs whose every read lies inside the intermediate and the input are all equal cells.  A zero
+    # conv1 (no taps) reads no input, but conv2 still pads its bias: the inside sets still count.
+    p_lo = max(0, _ceil_div(l1 - d1 * t1[0], s1)) if t1 else 0
     o_first = max(0, _ceil_div(p_lo + l2 - d2 * t2[0], s2))
-    p_hi = min(n1 - 1, (n - 1 + l1 - d1 * t1[-1]) // s1)
+    p_hi = min(n1 - 1, (n - 1 + l1 - d1 * t1[-1]) // s1) if t1 else n1 - 1
     o_last = min(n2 - 1, (p_hi + l2 - d2 * t2[-1]) // s2)
     types: set[str] = set()
     fails: set[str] = set()
@@ -221,34 +232,50 @@ def axis_view(
 def decide(
     spec1: ConvSpec, spec2: ConvSpec, sup1: Support, sup2: Support, bias_ok: Optional[BiasCheck] = None
 ) -> Verdict:
-    """Mergeable at every size, at some sizes, or at none; with the reason in one sentence."""
+    """Mergeable at every size, at some sizes, or at none; with the reason as data (`Verdict.why`)."""
     an = Analysis(spec1, spec2, sup1, sup2, bias_ok)
     longest = max(an.start[k] + an.period[k] for k in range(spec1.ndim))
     if longest > MAX_SIZES:
-        reason = (f"undecided: strides, padding and dilation this large would need {longest} input sizes "
-                  f"enumerated per axis (the limit is {MAX_SIZES}); not merged")
-        return Verdict("undecided", reason, None, an.cand, an)
+        return Verdict(Outcome.UNDECIDED, Why.of("undecided", sizes=longest, limit=MAX_SIZES), None, an.cand, an)
     verdict = _classify(an)
-    sizes = _sizes_sentence(an) if verdict == "size-dependent" else None
-    bias_blocks = an.bias_ok is not None and verdict != "mergeable" and (
+    sizes = _sizes_sentence(an) if verdict is Outcome.SIZE_DEPENDENT else None
+    bias_blocks = an.bias_ok is not None and verdict is not Outcome.MERGEABLE and (
         _classify(Analysis(spec1, spec2, sup1, sup2, None)) != verdict
     )
-    return Verdict(verdict, _reason(an, verdict, sizes, bias_blocks), sizes, an.cand, an)
+    return Verdict(verdict, _why(an, verdict, bias_blocks), sizes, an.cand, an, _limit_notes(an))
 
 
-def _classify(an: Analysis) -> str:
+def _classify(an: Analysis) -> Outcome:
+    """Sizes where PyTorch refuses only the candidate's padding do not count against the merge (issue: a
+    circular 'same' pair is one conv wherever PyTorch can run that conv)."""
     signatures = []
     for k in range(an.spec1.ndim):
         sig = {}
         for n in an.sizes(k):
             v = an.view(k, n)
-            if v is not None:
+            if v is not None and not v.limit:
                 sig.setdefault((v.types, v.inside_sets), v)
         signatures.append(list(sig.values()))
     outcomes = {an.combo_exact(views) for views in product(*signatures)}
     if outcomes == {True}:
-        return "mergeable"
-    return "size-dependent" if True in outcomes else "unmergeable"
+        return Outcome.MERGEABLE
+    return Outcome.SIZE_DEPENDENT if True in outcomes else Outcome.UNMERGEABLE
+
+
+def _limit_notes(an: Analysis) -> tuple[Why, ...]:
+    """Where the layers run at sizes that PyTorch refuses for the candidate's reflect/circular padding."""
+    notes = []
+    mode = an.cand.padding_mode
+    for k, name in enumerate(an.spec1.axis_names):
+        limited = [n for n in an.sizes(k) if (v := an.view(k, n)) is not None and v.limit]
+        if not limited:
+            continue
+        pad = max(an.cand.axes[k].pad)
+        rule = "reflect padding must be smaller than the input" if mode == "reflect" else \
+            "circular padding may not exceed the input"
+        notes.append(Why.of("pytorch-pad-limit", mode=mode, pad=pad, axis=name, least=max(limited) + 1, rule=rule,
+                            smallest=min(limited)))
+    return tuple(notes)
 
 
 def side_conditions(v: Verdict, size: Optional[Sequence[int]] = None) -> list[dict]:
@@ -291,39 +318,32 @@ def full_support(spec: ConvSpec) -> Support:
 # --- reasons -------------------------------------------------------------------------------
 
 
-def _reason(an: Analysis, verdict: str, sizes: Optional[str], bias_blocks: bool) -> str:
+def _why(an: Analysis, verdict: Outcome, bias_blocks: bool) -> Why:
     s1, s2 = an.spec1, an.spec2
-    if verdict == "mergeable":
+    if verdict is Outcome.MERGEABLE:
+        if not any(an.sup1) or not any(an.sup2):
+            return Why.of("zero-kernel", which="conv1" if not all(an.sup1) else "conv2")
         if not reads_padding(s2, an.sup2):
-            return "conv2 reads no padding, so the convolved kernels are exact at every size"
+            return Why.of("no-padding-read")
         if s2.padding_mode != "zeros" and _pointwise(s1, an.sup1):
-            return f"conv1 is pointwise, so it commutes with conv2's {s2.padding_mode} padding"
-        return "conv1's padding covers every border cell conv2 pads, so the merge is exact at every size"
-    prefix = f"exact only when {sizes}: " if sizes else ""
+            return Why.of("pointwise-commutes", mode=s2.padding_mode)
+        return Why.of("padding-covers")
     side = _bias_side(an) if bias_blocks else _failing_side(an)
     if side is None:
-        return f"{prefix}the single conv differs from the pair where the borders of different axes meet"
+        return Why.of("corners")
     k, where = side
     ax = s1.axis_names[k]
     if bias_blocks:
-        return (
-            f"{prefix}conv2's zero padding on the {where} of {ax} cuts off conv1's bias (or the batch norm's shift), "
-            "so the pair's bias varies near the border and no conv's bias can match it"
-        )
+        return Why.of("bias-meets-padding", side=where, axis=ax)
     if s1.padding_mode == "zeros" and s2.padding_mode == "zeros":
         pad1 = s1.axes[k].pad[0 if where == "left" else 1]
         pad2 = s2.axes[k].pad[0 if where == "left" else 1]
         need = _pad_needed(an, k, where, pad1 + 1)
         if need is not None:
-            return (
-                f"{prefix}conv1 pads {pad1} on the {where} of {ax} but needs >= {need} for every size, "
-                f"because conv2 pads {pad2} there"
-            )
-        return f"{prefix}conv2's zero padding on the {where} of {ax} hides input cells that a merged conv would read"
-    return (
-        f"{prefix}conv2's {s2.padding_mode} padding on the {where} of {ax} repeats conv1's border outputs, "
-        f"which a single {an.cand.padding_mode}-padded conv over conv1's {s1.padding_mode} padding cannot reproduce"
-    )
+            return Why.of("padding-too-short", pad1=pad1, side=where, axis=ax, need=need, pad2=pad2)
+        return Why.of("padding-hides", side=where, axis=ax)
+    return Why.of("modes-differ", mode2=s2.padding_mode, side=where, axis=ax, modem=an.cand.padding_mode,
+                  mode1=s1.padding_mode)
 
 
 def _bias_side(an: Analysis) -> Optional[tuple[int, str]]:

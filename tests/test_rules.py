@@ -48,7 +48,12 @@ def check_against_brute_force(c1: Conv, c2: Conv) -> None:
         assert v.exact_at(size) == brute, (size, v.verdict, v.reason)
     event(f"{c1.spec.ndim}-d {v.verdict}, {sum(seen.values())}/{len(seen)} sizes exact")
     if v.verdict == "mergeable":
-        assert all(seen.values()), v.reason
+        # Exact wherever PyTorch runs the merged conv; sizes where it refuses only the merged reflect or
+        # circular padding are named by a note, never hidden.
+        assert all(ok for s, ok in seen.items() if runs(merged, s)), v.reason
+        refused = [s for s in seen if not runs(merged, s)]
+        limits = {n["axis"]: n["least"] for n in v.notes if n.kind == "pytorch-pad-limit"}
+        assert all(any(n < limits.get(ax, 0) for ax, n in zip(c1.spec.axis_names, s)) for s in refused), v.reason
     if v.verdict == "unmergeable":
         assert not any(seen.values()), v.reason
     failing = [s for s, ok in seen.items() if not ok and runs(merged, s)]
@@ -205,9 +210,14 @@ def test_circular_same_convs_merge_but_need_room_for_the_merged_pad():
     a = Conv(k, torch.randn(2, 2, 3, dtype=torch.float64))
     b = Conv(k, torch.randn(2, 2, 3, dtype=torch.float64))
     v = analyze(a, b)
-    assert v.verdict == "size-dependent" and v.sizes == "L is any size and L >= 2"
+    # The only size condition is PyTorch's own limit on the merged circular pad (2 <= L): mergeable, and said.
+    assert v.verdict == "mergeable" and v.sizes is None
+    (note,) = v.notes
+    assert note.kind == "pytorch-pad-limit" and note["least"] == 2 and note["smallest"] == 1
+    assert "L >= 2" in v.reason and "circular padding may not exceed the input" in v.reason
     merged = merge(a, b, v.candidate)
     assert all(compare([a, b], merged, (n,)) for n in range(2, 12))
+    assert not v.exact_at((1,))
 
 
 def test_describe_sizes_words():
