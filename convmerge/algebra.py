@@ -6,16 +6,18 @@ loses precision the original pair did not already lose.
 
 from __future__ import annotations
 
+import itertools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .rules import BiasCheck, Support, Verdict, decide
-from .spec import ConvSpec
+from .reasons import Outcome, Why
+from .rules import BiasCheck, Support, Verdict, decide, full_support
+from .spec import CONV_MODE_OF_PAD, Axis, ConvSpec, PoolSpec
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
@@ -143,10 +145,29 @@ def support(weight: torch.Tensor) -> Support:
     return tuple(out)
 
 
-def analyze(conv1: Conv, conv2: Conv) -> Verdict:
-    """The verdict for conv2(conv1(x)), using the weights for supports and the bias check."""
+def analyze(conv1: Conv, conv2: Conv, weight_dependence: bool = True) -> Verdict:
+    """The verdict for conv2(conv1(x)), using the weights for supports and the bias check.
+
+    With `weight_dependence`, a verdict that holds only because of these weights (a zero bias or
+    batch-norm shift, zero border taps, a cancelling bias) says so: a CI gate that passes on a fresh
+    checkpoint must not fail silently after training.
+    """
     with one_thread():
-        return decide(conv1.spec, conv2.spec, support(conv1.weight), support(conv2.weight), bias_check(conv1, conv2))
+        sup1, sup2 = support(conv1.weight), support(conv2.weight)
+        v = decide(conv1.spec, conv2.spec, sup1, sup2, bias_check(conv1, conv2))
+        if not weight_dependence or v.verdict in (Outcome.UNMERGEABLE, Outcome.UNDECIDED):
+            return v
+        full1, full2 = full_support(conv1.spec), full_support(conv2.spec)
+        trimmed = (sup1, sup2) != (full1, full2)
+        if not (trimmed or conv1.spec.bias):
+            return v
+        generic = decide(conv1.spec, conv2.spec, full1, full2, (lambda sets: False) if conv1.spec.bias else None)
+        if generic.verdict == v.verdict:
+            return v
+        detail = "zero border taps in the kernels" if trimmed else "the bias or batch-norm shift before conv2 " \
+            "vanishes where conv2 pads"
+        note = Why.of("weights-decide", detail=detail, generic=f"'{generic.verdict.value}'")
+        return replace(v, weight_dependent=True, notes=v.notes + (note,))
 
 
 def bias_check(conv1: Conv, conv2: Conv) -> Optional[BiasCheck]:
@@ -355,3 +376,119 @@ def _regroup(w: torch.Tensor, groups: int, to: int) -> torch.Tensor:
     eye = torch.eye(r, dtype=w.dtype).view(1, r, 1, r, 1, 1)
     dense = blocks.unsqueeze(3) * eye  # [to, r, og, r, in_g, K]
     return dense.reshape(out, r * in_g, *k)
+
+
+# --- linear ops as convs, and branches joined -------------------------------------------------
+
+
+def identity(channels: int, ndim: int) -> Conv:
+    """A value as a conv of itself: a depthwise delta kernel (so it never lowers the merged groups)."""
+    spec = ConvSpec((Axis(1),) * ndim, channels, channels, channels)
+    return Conv(spec, torch.ones(channels, 1, *(1,) * ndim, dtype=torch.float64))
+
+
+def bn_conv(bn: BatchNorm, ndim: int) -> Conv:
+    """An inference batch norm as a depthwise 1x1 conv with a bias (the scale and the shift)."""
+    scale, shift = bn.scale_shift()
+    c = scale.numel()
+    spec = ConvSpec((Axis(1),) * ndim, c, c, c, bias=True)
+    return Conv(spec, scale.view(c, 1, *(1,) * ndim).clone(), shift)
+
+
+def pool_conv(pool: PoolSpec, channels: int) -> Conv:
+    """Average pooling as a depthwise conv with taps 1/prod(kernel) (or 1/divisor_override), zero padding.
+
+    That is the pooling exactly where every window's divisor is the same: the caller decides where
+    (count_include_pad=False with padding, and ceil mode's partial windows, break it).
+    """
+    divisor = pool.divisor_override or math.prod(pool.kernel)
+    axes = tuple(Axis(k, s, 1, (p, p)) for k, s, p in zip(pool.kernel, pool.stride, pool.padding))
+    spec = ConvSpec(axes, channels, channels, channels)
+    return Conv(spec, torch.full((channels, 1, *pool.kernel), 1.0 / divisor, dtype=torch.float64))
+
+
+def pad_conv(pairs: Sequence[tuple[int, int]], mode: str, channels: int) -> Conv:
+    """A pad layer as a depthwise delta conv that pads (constant mode: zeros; the value is handled apart)."""
+    axes = tuple(Axis(1, 1, 1, tuple(p)) for p in pairs)  # type: ignore[misc]
+    spec = ConvSpec(axes, channels, channels, channels, CONV_MODE_OF_PAD[mode])
+    return Conv(spec, torch.ones(channels, 1, *(1,) * len(pairs), dtype=torch.float64))
+
+
+def shift_bias(conv: Conv, delta: torch.Tensor) -> Conv:
+    """The same conv with `delta` (per channel) added to its bias."""
+    bias = delta.double().expand(conv.spec.out_channels).clone()
+    if conv.bias is not None:
+        bias = conv.bias.double() + bias
+    return Conv(conv.spec.with_bias(True), conv.weight, bias)
+
+
+def join(convs: Sequence[Conv], cand: ConvSpec, offsets: Sequence[Sequence[int]], concat: bool = False) -> Conv:
+    """Branches of one input summed (or stacked along channels) as the single conv `cand` (float64).
+
+    Each kernel is regrouped to the candidate's groups and embedded at its offset in the candidate's
+    window; a dilated branch lands on every d-th tap; biases add (or stack).
+    """
+    g = cand.groups
+    parts = []
+    for conv, offset in zip(convs, offsets):
+        w = _regroup(conv.weight.double(), conv.spec.groups, g)
+        out = torch.zeros(conv.spec.out_channels, cand.in_channels // g, *cand.kernel_size, dtype=torch.float64)
+        index: list[slice] = [slice(None), slice(None)]
+        for a, am, off in zip(conv.spec.axes, cand.axes, offset):
+            step = a.dilation // am.dilation if a.kernel > 1 else 1
+            start = off // am.dilation
+            index.append(slice(start, start + step * (a.kernel - 1) + 1, step))
+        out[tuple(index)] = w
+        parts.append(out)
+    biases = [c.bias.double() if c.bias is not None else torch.zeros(c.spec.out_channels, dtype=torch.float64)
+              for c in convs]
+    if concat:
+        weight, bias = torch.cat(parts), torch.cat(biases)
+    else:
+        weight, bias = sum(parts[1:], parts[0]), sum(biases[1:], biases[0])
+    return Conv(cand.with_bias(any(c.bias is not None for c in convs)), weight,
+                bias if any(c.bias is not None for c in convs) else None)
+
+
+def max_errors_of(reference: Callable[[torch.Tensor], torch.Tensor], in_channels: int, merged: Sequence[Conv],
+                  sizes: Sequence[Sequence[int]], seed: int = 0) -> list[float]:
+    """Largest |reference - merged| relative to the output scale, for several versions of one merge,
+    running the (float64) reference once per size."""
+    gen = torch.Generator().manual_seed(seed)
+    worst = [0.0] * len(merged)
+    with one_thread():
+        for size in sizes:
+            x = torch.randn(1, in_channels, *size, generator=gen, dtype=torch.float64)
+            want = reference(x)
+            top = float(want.abs().max()) if want.numel() else 0.0
+            scale = top if top > 0 else 1.0
+            for k, m in enumerate(merged):
+                got = apply(_as_double(m), x)
+                if want.shape != got.shape:
+                    worst[k] = math.inf
+                elif want.numel():
+                    err = float((want - got).abs().max()) / scale
+                    worst[k] = max(worst[k], err if err == err else math.inf)
+    return worst
+
+
+def counterexample_of(reference: Callable[[torch.Tensor], torch.Tensor], cand: Conv, size: Sequence[int],
+                      seed: int = 0) -> Optional[Counterexample]:
+    """A small deterministic input where the reference and the candidate differ, or None."""
+    c0 = cand.spec.in_channels
+    gen = torch.Generator().manual_seed(seed)
+    trials = itertools.chain(
+        [torch.randn(1, c0, *size, generator=gen, dtype=torch.float64), torch.ones(1, c0, *size, dtype=torch.float64)],
+        _impulses(c0, size))
+    with one_thread():
+        for x in trials:
+            want = reference(x)
+            got = apply(_as_double(cand), x)
+            if want.shape != got.shape:
+                continue
+            diff = (want - got).abs()
+            scale = max(float(want.abs().max()), float(got.abs().max()), 1.0)
+            if diff.numel() and float(diff.max()) > 1e-9 * scale:
+                index = tuple(int(i) for i in torch.unravel_index(torch.argmax(diff), diff.shape))
+                return Counterexample(x, want, got, index)
+    return None

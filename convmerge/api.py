@@ -13,7 +13,7 @@ from torch import nn
 
 from . import io, model, trace
 from .graph import Graph, parse
-from .modules import to_module
+from .rebuild import fused_module
 
 
 def check(
@@ -26,8 +26,8 @@ def check(
 ) -> dict[str, Any]:
     """The report (same content as `convmerge check --json`) for a module or a safetensors file."""
     if isinstance(model_or_path, nn.Module):
-        g, tensors = _describe(model_or_path)
-        report, _ = model.analyze(g, tensors, input_size, policy)
+        g, tensors, _, _ = _describe(model_or_path)
+        report = model.analyze(g, tensors, input_size, policy).report()
         report.description = "traced module"
     else:
         report = model.check_file(os.fspath(model_or_path), graph_file=graph, arch=arch, input_size=input_size,
@@ -38,22 +38,12 @@ def check(
 def fuse(module: nn.Module, *, input_size: Optional[Sequence[int]] = None, policy: str = "cheaper") -> nn.Module:
     """A new module computing the same function with merged convs; `module` is left untouched.
 
-    The last conv of each merged chain becomes the merged conv; the layers before it become
-    nn.Identity, so the module's own forward (and any code holding its submodules) still works.
+    The result is a `torch.fx.GraphModule` running the traced graph with each merged chain or region
+    replaced by one standard `nn.Conv*d` holding the verified merged weights.
     """
-    g, tensors = _describe(module)
-    _, plans = model.analyze(g, tensors, input_size, policy)
-    fused = copy.deepcopy(module)
-    for plan in plans:
-        old = fused.get_submodule(plan.convs[-1])
-        new = to_module(model.merged_conv(g, tensors, plan)).to(device=old.weight.device)
-        new.train(old.training)
-        _set_submodule(fused, plan.convs[-1], new)
-        for name in plan.layers:
-            if name == plan.convs[-1]:
-                continue
-            _set_submodule(fused, name, nn.Identity())
-    return fused
+    g, tensors, traced, nodes = _describe(module)
+    plan = model.analyze(g, tensors, input_size, policy)
+    return fused_module(module, plan, traced, nodes)
 
 
 def save(module: nn.Module, path: Union[str, os.PathLike], *, force: bool = False) -> None:
@@ -64,15 +54,12 @@ def save(module: nn.Module, path: Union[str, os.PathLike], *, force: bool = Fals
     io.write_model(path, list(state.items()), {model.GRAPH_KEY: json.dumps(doc), "format": "pt"}, force=force)
 
 
-def _describe(module: nn.Module) -> tuple[Graph, model.Tensors]:
-    doc = trace.describe_module(module, type(module).__name__)
-    tensors = model.module_tensors(module.state_dict())
-    return parse(doc, tensors.info, "traced module"), tensors
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+def _describe(module: nn.Module) -> tuple[Graph, model.Tensors, Any, dict[str, Any]]:
+    """Trace a copy of `module` (so its nodes can be rewired without touching the original)."""
+    copied = copy.deepcopy(module)
+    doc, traced, nodes = trace.trace_module(copied, type(module).__name__)
+    tensors = model.module_tensors(copied.state_dict())
+    return parse(doc, tensors.info, "traced module"), tensors, traced, nodes
 
 
 def load_module(arch: str, path: Union[str, os.PathLike]) -> nn.Module:

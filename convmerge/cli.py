@@ -254,8 +254,10 @@ def inspect(
 @app.command(epilog="Example: convmerge explain model.safetensors stem.0 stem.2 --input-size 9x9")
 def explain(
     model: ModelArg,
-    first: Annotated[str, typer.Argument(help="Name of the first conv layer.", show_default=False)],
-    second: Annotated[str, typer.Argument(help="Name of the second conv layer.", show_default=False)],
+    first: Annotated[str, typer.Argument(help="The first conv of a pair, or the output layer of a region.",
+                                         show_default=False)],
+    second: Annotated[Optional[str], typer.Argument(help="The second conv of the pair (omit it for a region).",
+                                                    show_default=False)] = None,
     graph: GraphOpt = None,
     arch: ArchOpt = None,
     input_size: Annotated[Optional[str], typer.Option(
@@ -264,18 +266,23 @@ def explain(
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """One pair in depth: specs, per-side conditions, candidate, counterexample and a map of where they differ."""
+    """One pair (FIRST SECOND) or one region (its OUTPUT layer) in depth: specs, conditions, candidate,
+    counterexample and a map of where they differ."""
     size = _parse_size(input_size)
 
     def work() -> int:
         from . import io
-        from .explain import explain_pair
+        from .explain import explain_pair, explain_region
         from .graph import parse
         from .model import file_tensors, find_description
 
         header = io.read_header(str(model))
         doc, where = find_description(header, _s(graph), arch)
-        data = explain_pair(parse(doc, header.tensors, where), file_tensors(header), first, second, size)
+        g, tensors = parse(doc, header.tensors, where), file_tensors(header)
+        if second is None:
+            data = explain_region(g, tensors, first, size)
+        else:
+            data = explain_pair(g, tensors, first, second, size)
         return _emit(data, json_out, "explain")
 
     _run(work, debug)

@@ -1,64 +1,169 @@
-"""One pair in depth: both specs, the per-side conditions, the candidate, and where they differ."""
+"""One pair or one region in depth: the specs, the conditions, the candidate, and where they differ."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from . import algebra, chain
-from .graph import Graph, GraphError
-from .model import Tensors, load_conv
+from . import algebra, plan as planning, reference
+from .algebra import Conv
+from .graph import CONV_OPS, Graph, GraphError
+from .plan import Loader, Tensors
+from .reasons import sentence
+from .reduce import Reducer
+from .region import Par, find_regions
 from .rules import side_conditions
 from .spec import fit_size, macs, padding_fields
+
+__all__ = ["explain_pair", "explain_region"]
 
 DEFAULT_SIZE = 12
 
 
 def explain_pair(graph: Graph, tensors: Tensors, first: str, second: str,
                  size: Optional[Sequence[int]] = None) -> dict[str, Any]:
-    """Everything `convmerge explain` shows, as data."""
+    """Everything `convmerge explain MODEL FIRST SECOND` shows, as data."""
     pair = next((p for p in graph.pairs() if (p.first, p.second) == (first, second)), None)
     if pair is None:
         known = ", ".join(f"{p.first} -> {p.second}" for p in graph.pairs()) or "none"
-        raise GraphError(f"no conv pair {first} -> {second} in the description (pairs: {known})")
-    a = load_conv(graph, tensors, first, pair.via)
-    b = load_conv(graph, tensors, second, ())
+        raise GraphError(f"no conv pair {first} -> {second} in the description (pairs: {known}; "
+                         "for a region give only its output layer)")
+    loader = Loader(graph, tensors)
+    a = loader.conv(first)
+    folded = [v for v in pair.via if graph.layers[v].op == "batch_norm"]
+    for v in folded:
+        a = algebra.fold_bn(a, loader.bn(v))
+    b = loader.conv(second)
     v = algebra.analyze(a, b)
     nd = a.spec.ndim
-    size = _default_size(a, b, v) if size is None else fit_size(size, nd)
     cand = algebra.merge(a, b, v.candidate)
+    runs = lambda s: all(planning.chain_runs([a, b], k, n) for k, n in enumerate(s))  # noqa: E731
+    size = _default_size(nd, runs, v.exact_at) if size is None else fit_size(size, nd)
     exact = v.exact_at(size)
-    ce = None if exact else chain.find_counterexample(a, b, v, size)
-    sizes = chain.sizes_along([a, b], size)
+    ce = None if exact else planning.pair_counterexample(a, b, v, size)()
+    mid = a.spec.out_size(size)
+    specs = [dict(padding_fields(c.spec), bias=c.bias is not None) for c in (a, b)]
+    if folded and graph.specs[first].bias is False:
+        specs[0]["bias_from"] = f"the shift of {', '.join(folded)} (folded)"
     return {
-        "first": first, "second": second, "via": list(pair.via), "blocked": pair.blocked,
-        "specs": [dict(padding_fields(c.spec), bias=c.bias is not None) for c in (a, b)],
+        "kind": "pair", "first": first, "second": second, "via": list(pair.via), "blocked": pair.blocked,
+        "specs": specs,
         "conditions": side_conditions(v, size),
         "candidate": dict(padding_fields(v.candidate), bias=v.candidate.bias),
-        "verdict": v.verdict, "reason": v.reason, "sizes": v.sizes,
+        "verdict": v.verdict.value, "reason": v.reason, "sizes": v.sizes, "why": v.why.as_dict(),
+        "weight_dependent": v.weight_dependent,
         "size": list(size), "exact_at_size": exact,
         "counterexample": None if ce is None else ce.as_dict(),
-        "macs": {"before": macs(a.spec, sizes[0]) + macs(b.spec, sizes[1]), "after": macs(v.candidate, sizes[0])},
-        "error_map": _error_map(a, b, cand, size) if nd else None,
+        "macs": {"before": macs(a.spec, size) + macs(b.spec, mid), "after": macs(v.candidate, size) if exact else None},
+        "error_map": _error_map(lambda x: algebra.apply_chain([a, b], x), cand, size),
     }
 
 
-def _default_size(a: algebra.Conv, b: algebra.Conv, v) -> tuple[int, ...]:
-    """A small size where the pair runs, preferring one where it fails (to show the border)."""
-    nd = a.spec.ndim
-    runs = [n for n in range(1, 65) if chain.defined(a, b, (n,) * nd)]
-    failing = [n for n in runs if n >= DEFAULT_SIZE and not v.exact_at((n,) * nd)]
-    n = failing[0] if failing else next((n for n in runs if n >= DEFAULT_SIZE), runs[0] if runs else DEFAULT_SIZE)
+def explain_region(graph: Graph, tensors: Tensors, output: str,
+                   size: Optional[Sequence[int]] = None) -> dict[str, Any]:
+    """Everything `convmerge explain MODEL OUTPUT` shows for the region computing OUTPUT, as data."""
+    regions = find_regions(graph)
+    region = next((r for r in regions if r.output == output), None)
+    if region is None:
+        region = next((r for r in regions if output in r.layers), None)
+    if region is None:
+        known = ", ".join(r.output for r in regions) or "none"
+        raise GraphError(f"no region ends at {output} (regions end at: {known}; for a pair give FIRST SECOND)")
+    loader = Loader(graph, tensors)
+    convs = [n for n in region.layers if graph.layers[n].op in CONV_OPS]
+    nd = graph.specs[convs[0]].ndim
+    channels = _channels(graph, tensors, region)
+    whole = _reduce(graph, loader, region.input, channels, nd, region.layers, region.output)
+    s = whole.summary
+    run = lambda x: reference.run(graph, loader, region.input, region.layers, region.output, x)  # noqa: E731
+    cand = whole.conv
+    runs = lambda sz: planning.layers_run(graph, region.layers, region.input, sz, None)  # noqa: E731
+    exact_at = lambda sz: all(c.exact_at(sz) for c in whole.checks)  # noqa: E731
+    size = _default_size(nd, runs, exact_at) if size is None else fit_size(size, nd)
+    exact = cand is not None and exact_at(size)
+    branches = []
+    top = region.items[-1] if region.items else None
+    if isinstance(top, Par):
+        for src in graph.layers[top.join].inputs:
+            inside = [n for n in region.layers if n in _before(graph, src, top.split)]
+            red = _reduce(graph, loader, top.split, _channels_of(graph, tensors, top.split, region, channels), nd,
+                          inside, src)
+            branches.append({"output": src, "layers": inside,
+                             "conv": None if red.conv is None else dict(padding_fields(red.conv.spec),
+                                                                        bias=red.conv.bias is not None),
+                             "verdict": red.summary.verdict.value,
+                             "reason": sentence(red.summary.verdict, red.summary.why, red.summary.sizes)})
+    ce = None
+    if cand is not None and not exact and planning.layers_run(graph, region.layers, region.input, size, cand.spec):
+        ce = algebra.counterexample_of(run, cand, size)
+    return {
+        "kind": "region", "input": region.input, "output": region.output, "layers": list(region.layers),
+        "branches": branches,
+        "steps": [{"from": c.first, "to": c.second, "verdict": c.verdict.value,
+                   "reason": sentence(c.verdict, c.why, c.sizes, c.notes) if c.why else c.verdict.value}
+                  for c in whole.checks],
+        "candidate": None if cand is None else dict(padding_fields(cand.spec), bias=cand.bias is not None),
+        "verdict": s.verdict.value, "reason": sentence(s.verdict, s.why, s.sizes, s.notes), "sizes": s.sizes,
+        "weight_dependent": s.weight_dependent,
+        "size": list(size), "exact_at_size": exact,
+        "counterexample": None if ce is None else ce.as_dict(),
+        "macs": {"before": sum(macs(graph.specs[n], _size_at(graph, region, n, size)) for n in convs),
+                 "after": macs(cand.spec, size) if exact and cand is not None else None},
+        "error_map": None if cand is None else _error_map(run, cand, size),
+    }
+
+
+def _reduce(graph: Graph, loader: Loader, start: str, channels: int, nd: int, layers: Sequence[str], end: str):
+    reducer = Reducer(graph, loader, start, channels, nd)
+    for name in layers:
+        reducer.add(name)
+    return reducer.result(end)
+
+
+def _channels(graph: Graph, tensors: Tensors, region: Any) -> int:
+    return _channels_of(graph, tensors, region.input, region, None)
+
+
+def _channels_of(graph: Graph, tensors: Tensors, value: str, region: Any, fallback: Optional[int]) -> int:
+    found = planning.value_channels(graph, tensors, value, set(region.layers))
+    if found is None and fallback is None:
+        raise GraphError(f"the channel count of {value} is unknown")
+    return found if found is not None else fallback  # type: ignore[return-value]
+
+
+def _before(graph: Graph, value: str, stop: str) -> set[str]:
+    seen, stack = set(), [value]
+    while stack:
+        cur = stack.pop()
+        if cur == stop or cur in seen or cur not in graph.layers:
+            continue
+        seen.add(cur)
+        stack.extend(graph.layers[cur].inputs)
+    return seen
+
+
+def _size_at(graph: Graph, region: Any, conv: str, size: Sequence[int]) -> tuple[int, ...]:
+    sizes = planning.layer_sizes(graph, region.layers, region.input, size)
+    return sizes.get(graph.layers[conv].inputs[0]) or tuple(size)
+
+
+def _default_size(nd: int, runs: Callable[[tuple[int, ...]], bool],
+                  exact_at: Callable[[tuple[int, ...]], bool]) -> tuple[int, ...]:
+    """A small size where the layers run, preferring one where the merge fails (to show the border)."""
+    ok = [n for n in range(1, 65) if runs((n,) * nd)]
+    failing = [n for n in ok if n >= DEFAULT_SIZE and not exact_at((n,) * nd)]
+    n = failing[0] if failing else next((n for n in ok if n >= DEFAULT_SIZE), ok[0] if ok else DEFAULT_SIZE)
     return (n,) * nd
 
 
-def _error_map(a: algebra.Conv, b: algebra.Conv, cand: algebra.Conv, size: Sequence[int]) -> Optional[list[list[float]]]:
-    """|pair - candidate| per output position (max over channels), one 2-d slice of it."""
+def _error_map(run: Callable[[torch.Tensor], torch.Tensor], cand: Conv,
+               size: Sequence[int]) -> Optional[list[list[float]]]:
+    """|layers - candidate| per output position (max over channels), one 2-d slice of it."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, a.spec.in_channels, *size, generator=gen, dtype=torch.float64)
+    x = torch.randn(1, cand.spec.in_channels, *size, generator=gen, dtype=torch.float64)
     try:
-        diff = (algebra.apply_chain([a, b], x) - algebra.apply(cand, x)).abs().amax(dim=(0, 1))
+        diff = (run(x) - algebra.apply(cand, x)).abs().amax(dim=(0, 1))
     except RuntimeError:
         return None
     while diff.dim() > 2:

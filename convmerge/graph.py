@@ -94,6 +94,13 @@ class Graph:
     channels: dict[str, Optional[int]] = field(default_factory=dict)  # per value, where the description fixes it
     _index: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
+    def tensor_names(self, name: str) -> list[str]:
+        """The tensors a layer owns (what is dropped when a merge removes it)."""
+        op = self.layers[name].op
+        suffixes = ("weight", "bias") if op in CONV_OPS else BN_TENSORS if op == "batch_norm" else \
+            ("value",) if op == "pad" else ()
+        return [f"{name}.{s}" for s in suffixes]
+
     def pairs(self) -> list[Pair]:
         """Every adjacent conv pair, in layer order, with skipped ones saying why."""
         out = []
@@ -134,10 +141,10 @@ class Graph:
         """Spatial size of every value, where the description determines it (None where it does not)."""
         known: dict[str, Optional[tuple[int, ...]]] = {n: (tuple(input_size) if input_size else None) for n in self.inputs}
         for name, layer in self.layers.items():
-            known[name] = self._out_size(layer, [known.get(src) for src in layer.inputs])
+            known[name] = self.out_size(layer, [known.get(src) for src in layer.inputs])
         return known
 
-    def _out_size(self, layer: Layer, srcs: list[Optional[tuple[int, ...]]]) -> Optional[tuple[int, ...]]:
+    def out_size(self, layer: Layer, srcs: list[Optional[tuple[int, ...]]]) -> Optional[tuple[int, ...]]:
         src = srcs[0] if srcs else None
         op = layer.op
         if op in CONV_OPS or op in POOL_OPS:
@@ -305,30 +312,36 @@ def parse(doc: dict, tensors: Mapping[str, Any], where: str = "description") -> 
     return graph
 
 
-def rewrite(graph: Graph, merges: Sequence[tuple[Sequence[str], str, ConvSpec]]) -> dict:
-    """The description after merging each segment's layers into one conv named `into`.
+def rewrite(graph: Graph, merges: Sequence[tuple[Sequence[str], str, str, str, ConvSpec]]) -> dict:
+    """The description after each merge (layers, name, input, output, spec) became one conv `name`.
 
-    Layers absorbed after `into` (a trailing batch norm) are referred to by `into` from then on.
+    The conv reads `input` and sits where `output` sat; every reference to a replaced layer now
+    names the conv, so consumers keep working.  Fields a merged conv no longer has (channel counts,
+    kernel size) are rewritten; other fields of a conv that keeps its name are kept.
     """
     doc = json.loads(json.dumps(graph.doc))
     gone: dict[str, str] = {}
-    replaced: dict[str, tuple[Sequence[str], ConvSpec]] = {}
-    for layers, into, spec in merges:
-        gone.update({n: into for n in layers if n != into})
-        replaced[into] = (layers, spec)
+    placed: dict[str, tuple[Sequence[str], str, str, ConvSpec]] = {}
+    for layers, name, source, output, spec in merges:
+        gone.update({n: name for n in layers})
+        placed[output] = (layers, name, source, spec)
+    raws = {raw["name"]: raw for raw in doc["layers"]}
     kept = []
     for raw in doc["layers"]:
-        name = raw["name"]
-        if name in gone:
+        if raw["name"] in placed:
+            layers, name, source, spec = placed[raw["name"]]
+            old = raws.get(name)
+            new = dict(old) if old is not None and old.get("op") in CONV_OPS else {}
+            for key in ("inputs", "in_channels", "out_channels", "bias"):
+                new.pop(key, None)
+            new.update({"name": name, "op": f"conv{spec.ndim}d", "input": gone.get(source, source),
+                        **padding_fields(spec)})
+            new["merged_from"] = list(new.get("merged_from", [])) + [n for n in layers if n != name]
+            kept.append(new)
             continue
-        if name in replaced:
-            layers, spec = replaced[name]
-            raw.pop("inputs", None)
-            raw["input"] = graph.layers[layers[0]].inputs[0]
-            raw.update(padding_fields(spec))
-            raw["op"] = f"conv{spec.ndim}d"
-            raw["merged_from"] = list(raw.get("merged_from", [])) + [n for n in layers if n != name]
-        elif "input" in raw:
+        if raw["name"] in gone:
+            continue  # a layer of a merge: the merged conv stands where the merge's output stood
+        if "input" in raw:
             raw["input"] = gone.get(raw["input"], raw["input"])
         elif isinstance(raw.get("inputs"), list):
             raw["inputs"] = [gone.get(n, n) for n in raw["inputs"]]
@@ -336,15 +349,6 @@ def rewrite(graph: Graph, merges: Sequence[tuple[Sequence[str], str, ConvSpec]])
     doc["layers"] = kept
     doc["outputs"] = [gone.get(n, n) for n in doc["outputs"]]
     return doc
-
-
-def removed_tensors(graph: Graph, names: Sequence[str]) -> list[str]:
-    """Tensors owned by layers that a merge removes."""
-    out = []
-    for name in names:
-        suffixes = ("weight", "bias") if graph.layers[name].op in CONV_OPS else BN_TENSORS
-        out += [f"{name}.{s}" for s in suffixes]
-    return out
 
 
 def _conv_spec(layer: Layer, tensors: Mapping[str, Any], where: str) -> ConvSpec:

@@ -39,10 +39,12 @@ def _axes(values: list[int]) -> str:
     return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
 
 
-def _macs(m: Optional[dict[str, int]]) -> str:
-    if not m:
+def _macs(m: Optional[dict[str, Any]]) -> str:
+    """'before -> after'; no 'after' where the merge cannot happen (a saving that would never be real)."""
+    if not m or m.get("before") is None:
         return "-"
-    return f"{_si(m['before'])} -> {_si(m['after'])}"
+    after = "-" if m.get("after") is None else _si(m["after"])
+    return f"{_si(m['before'])} -> {after}"
 
 
 def _si(n: int) -> str:
@@ -53,7 +55,28 @@ def _si(n: int) -> str:
 
 
 def report(console: Console, rep: dict[str, Any], verbose: bool = False) -> None:
-    """The pairs table, each pair's reason below it (reasons are sentences), the merges, a summary."""
+    """The regions and pairs tables, each reason below its table (reasons are sentences), the merges, a summary."""
+    if rep.get("regions"):
+        r = _table("Regions (linear parts between one input and one output)")
+        for col in ("#", "region", "verdict", "merged conv", "MACs before -> after"):
+            r.add_column(col, overflow="fold")
+        for i, g in enumerate(rep["regions"], 1):
+            name = f"{g['input']} -> {g['output']} ({len(g['layers'])} layers{', branches' if g['kind'] == 'branches' else ''})"
+            verdict = Text(g["verdict"], style=VERDICT_STYLE.get(g["verdict"], ""))
+            if g.get("applied"):
+                verdict.append(" (merged)", style="bold")
+            r.add_row(f"R{i}", name, verdict, conv_words(g.get("merged")), _macs(g.get("macs")))
+        console.print(r)
+        for i, g in enumerate(rep["regions"], 1):
+            line = Text(f" R{i}. ", style="bold").append(g["reason"])
+            ce = g.get("counterexample")
+            if ce and verbose:
+                line.append(f"\n    counterexample: input {ce['input_shape']}, output {ce['output_index']}: layers "
+                            f"{ce['pair_value']:.6g}, single conv {ce['candidate_value']:.6g}", style="dim")
+            console.print(line)
+    if not rep["pairs"]:
+        _merges_and_summary(console, rep)
+        return
     t = _table("Conv pairs")
     for col in ("#", "pair", "verdict", "merged conv", "MACs before -> after"):
         t.add_column(col, overflow="fold")
@@ -71,6 +94,10 @@ def report(console: Console, rep: dict[str, Any], verbose: bool = False) -> None
             line.append(f"\n    counterexample: input {ce['input_shape']}, output {ce['output_index']}: pair "
                         f"{ce['pair_value']:.6g}, single conv {ce['candidate_value']:.6g}", style="dim")
         console.print(line)
+    _merges_and_summary(console, rep)
+
+
+def _merges_and_summary(console: Console, rep: dict[str, Any]) -> None:
     if rep.get("merges"):
         m = _table("\nMerges")
         for col in ("layers", "into", "conv", "dtype", "max error (f64)", "rounding", "MACs before -> after"):
@@ -89,9 +116,13 @@ def summary_line(rep: dict[str, Any]) -> str:
     at = (f"at input size {'x'.join(map(str, size))}" if size else
           "for every input size (no --input-size" + (f"; costs at {'x'.join(map(str, cost))})" if cost else ")"))
     line = (f"{s['pairs']} pair(s) {at}: {s['mergeable']} mergeable, {s['size_dependent']} size-dependent, "
-            f"{s['unmergeable']} unmergeable, {s['skipped']} skipped; {s['merged']} merged")
+            f"{s['unmergeable']} unmergeable, {s['skipped']} skipped; {s['merged']} merged; "
+            f"{s['regions']} region(s), {s['regions_merged']} merged whole; "
+            f"convs {s['convs_before']} -> {s['convs_after']}"
+            + (f" ({s['bn_folded']} conv-BN fold(s))" if s.get("bn_folded") else ""))
     if rep.get("output"):
-        line += f" -> wrote {rep['output']}"
+        unchanged = not rep.get("merges")
+        line += f" -> wrote {rep['output']}" + (" (an unchanged copy: nothing merged)" if unchanged else "")
     return line
 
 
@@ -117,6 +148,9 @@ def inspect(console: Console, info: dict[str, Any]) -> None:
 
 
 def explain(console: Console, e: dict[str, Any]) -> None:
+    if e.get("kind") == "region":
+        explain_region(console, e)
+        return
     specs = _table(f"{e['first']} -> {e['second']}" + (f" (via {', '.join(e['via'])})" if e["via"] else ""))
     for col in ("", "kernel", "stride", "padding [lo,hi]", "dilation", "groups", "mode", "bias"):
         specs.add_column(col)
@@ -142,6 +176,44 @@ def explain(console: Console, e: dict[str, Any]) -> None:
     console.print(specs, conds, Group(*lines))
     if e.get("error_map") is not None:
         console.print(Text(f"\n|pair - single conv| per output position (one slice, max over channels; "
+                           f"'{SHADES[1]}' small ... '{SHADES[-1]}' largest, '·' equal):"))
+        console.print(error_grid(e["error_map"]))
+
+
+def explain_region(console: Console, e: dict[str, Any]) -> None:
+    """A region: its branches as single convs, the steps that decide it, the candidate, and where it differs."""
+    title = f"region {e['input']} -> {e['output']} ({len(e['layers'])} layers)"
+    if e["branches"]:
+        t = _table(title + ": branches")
+        for col in ("branch output", "layers", "as one conv", "verdict"):
+            t.add_column(col, overflow="fold")
+        for b in e["branches"]:
+            t.add_row(b["output"], str(len(b["layers"])), conv_words(b["conv"]) + (" +bias" if b["conv"] and
+                                                                                   b["conv"]["bias"] else ""),
+                      Text(b["verdict"], style=VERDICT_STYLE.get(b["verdict"], "")))
+        console.print(t)
+    else:
+        console.print(Text(title, style="bold"))
+    if e["steps"]:
+        s = _table("Steps (each move of the reduction, in order)")
+        for col in ("from", "to", "verdict", "why"):
+            s.add_column(col, overflow="fold")
+        for step in e["steps"]:
+            s.add_row(step["from"], step["to"], Text(step["verdict"], style=VERDICT_STYLE.get(step["verdict"], "")),
+                      step["reason"])
+        console.print(s)
+    size = "x".join(map(str, e["size"]))
+    verdict = Text(e["verdict"], style=VERDICT_STYLE.get(e["verdict"], ""))
+    lines = [Text.assemble("verdict: ", verdict, f" - {e['reason']}"),
+             Text(f"candidate: {conv_words(e['candidate'])}"),
+             Text(f"at input size {size}: {'exact' if e['exact_at_size'] else 'differs'}; MACs {_macs(e['macs'])}")]
+    if e["counterexample"]:
+        ce = e["counterexample"]
+        lines.append(Text(f"counterexample: input {ce['input_shape']}, output {ce['output_index']}: "
+                          f"layers {ce['pair_value']:.6g}, single conv {ce['candidate_value']:.6g}"))
+    console.print(Group(*lines))
+    if e.get("error_map") is not None:
+        console.print(Text(f"\n|layers - single conv| per output position (one slice, max over channels; "
                            f"'{SHADES[1]}' small ... '{SHADES[-1]}' largest, '·' equal):"))
         console.print(error_grid(e["error_map"]))
 

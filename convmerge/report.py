@@ -1,17 +1,43 @@
-"""The report as data (FORMAT.md, section 3): what `check` and `fuse` found, as JSON or a table."""
+"""The report as data (FORMAT.md, section 3): what `check` and `fuse` found, ready for JSON or a table.
+
+Counterexamples are searched only when something reads them (the JSON, the table with -v, a
+--counterexamples folder): `fuse -q` never pays for them.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .algebra import Counterexample
 
+__all__ = ["MergeEntry", "PairEntry", "RegionEntry", "Report", "VERDICTS"]
+
 VERDICTS = ("mergeable", "size-dependent", "unmergeable", "skipped")
+_UNSEARCHED = object()
+
+
+class _LazyCounterexample:
+    """A counterexample found on first read (None when nothing is searched or none is found)."""
+
+    find_counterexample: Optional[Callable[[], Optional[Counterexample]]]
+    _found: Any
+
+    @property
+    def counterexample(self) -> Optional[Counterexample]:
+        if self._found is _UNSEARCHED:
+            self._found = self.find_counterexample() if self.find_counterexample else None
+        return self._found
+
+    def _counterexample_dict(self) -> Optional[dict[str, Any]]:
+        ce = self.counterexample
+        return None if ce is None else ce.as_dict()
 
 
 @dataclass
-class PairEntry:
+class PairEntry(_LazyCounterexample):
+    """One adjacent conv pair (conv, then only batch norms/identity/dropout, then conv)."""
+
     first: str
     second: str
     via: list[str]
@@ -19,13 +45,15 @@ class PairEntry:
     reason: str
     sizes: Optional[str] = None
     merged: Optional[dict[str, Any]] = None
-    counterexample: Optional[Counterexample] = None
     exact_here: Optional[bool] = None
     macs_before: Optional[int] = None
-    macs_after: Optional[int] = None
+    macs_after: Optional[int] = None  # None where the pair cannot merge (no saving to show)
     applied: bool = False
     params_before: Optional[int] = None
     params_after: Optional[int] = None
+    weight_dependent: bool = False
+    find_counterexample: Optional[Callable[[], Optional[Counterexample]]] = field(default=None, repr=False)
+    _found: Any = field(default=_UNSEARCHED, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -35,13 +63,15 @@ class PairEntry:
             "verdict": self.verdict,
             "reason": self.reason,
             "merged": self.merged,
-            "counterexample": None if self.counterexample is None else self.counterexample.as_dict(),
+            "counterexample": self._counterexample_dict(),
             "applied": self.applied,
         }
         if self.sizes is not None:
             out["sizes"] = self.sizes
         if self.exact_here is not None:
             out["exact_at_input_size"] = self.exact_here
+        if self.weight_dependent:
+            out["weight_dependent"] = True
         if self.macs_before is not None:
             out["macs"] = {"before": self.macs_before, "after": self.macs_after}
         if self.params_before is not None:
@@ -50,8 +80,51 @@ class PairEntry:
 
 
 @dataclass
+class RegionEntry(_LazyCounterexample):
+    """A region (FORMAT.md section 3): linear layers between one input and one output, judged as one conv."""
+
+    input: str
+    output: str
+    layers: list[str]
+    verdict: str
+    reason: str
+    branches: bool = False  # it joins parallel branches (else it is a chain)
+    sizes: Optional[str] = None
+    merged: Optional[dict[str, Any]] = None  # the single conv, where it is exact
+    candidate: Optional[dict[str, Any]] = None  # the forced single conv, exact or not
+    exact_here: Optional[bool] = None
+    applied: bool = False  # the whole region became one conv
+    macs_before: Optional[int] = None
+    macs_after: Optional[int] = None
+    weight_dependent: bool = False
+    find_counterexample: Optional[Callable[[], Optional[Counterexample]]] = field(default=None, repr=False)
+    _found: Any = field(default=_UNSEARCHED, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "input": self.input,
+            "output": self.output,
+            "layers": self.layers,
+            "kind": "branches" if self.branches else "chain",
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "merged": self.merged,
+            "counterexample": self._counterexample_dict(),
+            "applied": self.applied,
+            "macs": {"before": self.macs_before, "after": self.macs_after},
+        }
+        if self.sizes is not None:
+            out["sizes"] = self.sizes
+        if self.exact_here is not None:
+            out["exact_at_input_size"] = self.exact_here
+        if self.weight_dependent:
+            out["weight_dependent"] = True
+        return out
+
+
+@dataclass
 class MergeEntry:
-    """One merged segment: the layers it replaces and how it was checked."""
+    """One merged conv: the layers it replaces and how it was checked."""
 
     layers: list[str]
     into: str
@@ -63,11 +136,16 @@ class MergeEntry:
     macs_after: int
     params_before: int
     params_after: int
+    input: Optional[str] = None
+    kind: str = "merge"  # or "bn-fold": a standalone conv -> batch norm
+    convs: int = 1  # conv layers it replaces
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "layers": self.layers,
             "into": self.into,
+            "input": self.input,
+            "kind": self.kind,
             "conv": self.conv,
             "dtype": self.dtype,
             "verified_max_error": self.max_error,
@@ -80,6 +158,7 @@ class MergeEntry:
 @dataclass
 class Report:
     pairs: list[PairEntry] = field(default_factory=list)
+    regions: list[RegionEntry] = field(default_factory=list)
     merges: list[MergeEntry] = field(default_factory=list)
     policy: str = "cheaper"
     input_size: Optional[list[int]] = None
@@ -88,9 +167,13 @@ class Report:
     description: Optional[str] = None
     output: Optional[str] = None
     notes: list[str] = field(default_factory=list)
+    convs: int = 0  # conv layers in the model
 
     def summary(self) -> dict[str, int]:
         count = {v: sum(p.verdict == v for p in self.pairs) for v in VERDICTS}
+        regions = {v: sum(r.verdict == v for r in self.regions) for v in VERDICTS}
+        removed = sum(len([n for n in m.layers if n != m.into]) for m in self.merges)
+        convs_removed = sum(m.convs - 1 for m in self.merges)
         return {
             "pairs": len(self.pairs),
             "mergeable": count["mergeable"],
@@ -98,12 +181,22 @@ class Report:
             "unmergeable": count["unmergeable"],
             "skipped": count["skipped"],
             "merged": sum(p.applied for p in self.pairs),
-            "layers_removed": sum(len([n for n in m.layers if n != m.into]) for m in self.merges),
+            "layers_removed": removed,
+            "regions": len(self.regions),
+            "regions_mergeable": regions["mergeable"],
+            "regions_size_dependent": regions["size-dependent"],
+            "regions_unmergeable": regions["unmergeable"],
+            "regions_skipped": regions["skipped"],
+            "regions_merged": sum(r.applied for r in self.regions),
+            "bn_folded": sum(m.kind == "bn-fold" for m in self.merges),
+            "convs_before": self.convs,
+            "convs_after": self.convs - convs_removed,
         }
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "pairs": [p.to_dict() for p in self.pairs],
+            "regions": [r.to_dict() for r in self.regions],
             "summary": self.summary(),
             "merges": [m.to_dict() for m in self.merges],
             "policy": self.policy,

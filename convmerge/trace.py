@@ -82,6 +82,11 @@ def build_module(ref: str) -> nn.Module:
 
 def describe_module(module: nn.Module, name: str = "model") -> dict[str, Any]:
     """The graph description of ``module``: one layer per fx node, in the graph's (topological) order."""
+    return trace_module(module, name)[0]
+
+
+def trace_module(module: nn.Module, name: str = "model") -> tuple[dict[str, Any], fx.Graph, dict[str, fx.Node]]:
+    """The description, the fx graph it came from, and the node computing each layer (and input) name."""
     try:
         graph = _StructuralTracer().trace(module)
     except Exception as exc:
@@ -98,12 +103,13 @@ def describe_module(module: nn.Module, name: str = "model") -> dict[str, Any]:
         except SpecError as exc:
             raise TraceError(f"{name}: layer {names[node]}: {exc}; pass --graph FILE instead") from exc
     output = next(node for node in graph.nodes if node.op == "output")
-    return {
+    doc = {
         "version": 1,
         "inputs": [names[node] for node in graph.nodes if node.op == "placeholder"],
         "layers": layers,
         "outputs": _input_names(output, names),
     }
+    return doc, graph, {n: node for node, n in names.items()}
 
 
 def layer_names(graph: fx.Graph) -> dict[fx.Node, str]:

@@ -132,6 +132,48 @@ def described(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return json.loads(metadata[GRAPH_KEY]), tensors
 
 
+class Info:
+    """Tensor metadata as graph.parse reads it."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.shape, self.dtype, self.is_float = tuple(t.shape), _dtype_name(t.dtype), t.is_floating_point()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}.get(dtype, "I64")
+
+
+def infos(tensors: Mapping[str, torch.Tensor]) -> dict[str, Info]:
+    return {k: Info(v) for k, v in tensors.items()}
+
+
+def chain_of(convs: Sequence[Any], bns: Optional[Mapping[int, Any]] = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A description of convs (convmerge.algebra.Conv) one after the other; `bns[i]` (a BatchNorm) after conv i."""
+    layers: list[dict] = []
+    tensors: dict[str, torch.Tensor] = {}
+    prev = "x"
+    for i, c in enumerate(convs):
+        name = f"c{i}"
+        spec = c.spec
+        layers.append({"name": name, "op": f"conv{spec.ndim}d", "input": prev, "stride": list(spec.stride),
+                       "padding": [list(a.pad) for a in spec.axes], "dilation": list(spec.dilation),
+                       "groups": spec.groups, "padding_mode": spec.padding_mode})
+        tensors[f"{name}.weight"] = c.weight
+        if c.bias is not None:
+            tensors[f"{name}.bias"] = c.bias
+        prev = name
+        if bns and i in bns:
+            bn = bns[i]
+            layers.append({"name": f"bn{i}", "op": "batch_norm", "input": prev, "eps": bn.eps})
+            tensors.update({f"bn{i}.running_mean": bn.mean, f"bn{i}.running_var": bn.var})
+            if bn.weight is not None:
+                tensors[f"bn{i}.weight"] = bn.weight
+            if bn.bias is not None:
+                tensors[f"bn{i}.bias"] = bn.bias
+            prev = f"bn{i}"
+    return describe(layers, [prev]), tensors
+
+
 # --- reference evaluator ----------------------------------------------------------------------
 
 

@@ -550,14 +550,22 @@ def test_nan_weights_and_integer_weights_are_skipped(tmp_path: Path) -> None:
     assert fused.keys() == tensors.keys()
 
 
-def test_fuse_skipped_pairs_keep_the_model(tmp_path: Path) -> None:
+def test_fuse_merges_branches_whose_pairs_are_skipped(tmp_path: Path) -> None:
+    """c1 feeds c2 and c3, which are added: each pair is skipped (c1 has two consumers).  The region
+    c1 -> (c2 + c3) is not one conv (c1's padding 1 does not cover c2's), but the block c2 + c3 is."""
     model = branch_model(tmp_path / "branch.safetensors")
     out = tmp_path / "o.safetensors"
-    result = fuse_keeping_input(model, "-o", out, "--json")
+    result = fuse_keeping_input(model, "-o", out, "--json", "--policy", "all")
     assert result.exit_code == 0
-    assert json_out(result)["summary"]["merged"] == 0
-    assert read(out)[0].keys() == read(model)[0].keys()
-    assert_same_function(model, out, [(6, 6)])
+    rep = json_out(result)
+    assert rep["summary"]["merged"] == 0 and {p["verdict"] for p in rep["pairs"]} == {"skipped"}
+    (region,) = rep["regions"]
+    assert region["verdict"] == "unmergeable" and not region["applied"] and region["kind"] == "branches"
+    assert "c1 -> c2" in region["reason"] and region["counterexample"] is not None
+    (merge,) = rep["merges"]
+    assert merge["layers"] == ["c2", "c3", "sum"] and merge["into"] == "sum" and merge["input"] == "c1"
+    assert set(read(out)[0]) == {"c1.weight", "sum.weight"}
+    assert_same_function(model, out, [(6, 6), (9, 7)])
 
 
 def test_fuse_json_is_valid_and_gate_applies(stack: Path, tmp_path: Path) -> None:
@@ -581,9 +589,9 @@ def test_fuse_with_sidecar_graph(stack: Path, tmp_path: Path) -> None:
 
 def test_verification_failure_exits_3_and_writes_nothing(stack: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from convmerge import chain
+    from convmerge import plan
 
-    monkeypatch.setattr(chain, "VERIFY_TOLERANCE", -1.0)
+    monkeypatch.setattr(plan, "VERIFY_TOLERANCE", -1.0)
     before = listing(tmp_path)
     result = fuse_keeping_input(stack, "-o", tmp_path / "o.safetensors", *FAST)
     line = assert_one_line_error(result, code=3)

@@ -10,17 +10,7 @@ from hypothesis import strategies as st
 from convmerge.graph import GraphError, parse
 
 from . import models
-
-
-class Info:
-    """Tensor metadata as graph.parse reads it."""
-
-    def __init__(self, t: torch.Tensor) -> None:
-        self.shape, self.dtype, self.is_float = tuple(t.shape), str(t.dtype), t.is_floating_point()
-
-
-def infos(tensors: dict) -> dict:
-    return {k: Info(v) for k, v in tensors.items()}
+from .models import infos
 
 
 def two_convs(**fields) -> tuple[dict, dict]:

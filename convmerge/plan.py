@@ -1,0 +1,664 @@
+"""The plan: every region judged, the merges chosen, verified and computed once.
+
+`build` is the one place that decides; `check`, `fuse`, `explain`, `--export` and the Python API
+read the `Plan` it returns.  Per region (region.py) it reduces the whole region to one conv to give
+its verdict (reduce.py), then chooses the merges with dynamic programming over the region's
+series-parallel structure: a run of steps and parallel blocks either becomes one conv (where that
+is exact at every size, or at the given --input-size) or stays, a block that stays having its
+branches planned the same way.  'cheaper' minimises the fitted cost model then the layer count,
+'all' the reverse.  A chosen merge is verified in float64 against the original layers
+(reference.py) and rounded to its storage dtype once; the file writer and the module builder
+take exactly those tensors (`Unit.stored`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+
+from . import algebra, reference
+from .algebra import BatchNorm, Conv, Counterexample
+from .graph import BN_TENSORS, CONV_OPS, JOIN_OPS, POOL_OPS, Graph, GraphError
+from .reasons import Outcome, Why, sentence
+from .reduce import Reducer, Reduction, Summary, combine
+from .region import Item, Par, Region, Step, find_regions, layers_of, unit_name
+from .report import MergeEntry, PairEntry, RegionEntry, Report
+from .spec import BYTE_WEIGHT, LAYER_OVERHEAD, ConvSpec, cost, fit_size, macs, pad_fits, padding_fields, params
+
+__all__ = ["Plan", "Tensors", "Unit", "VerificationError", "build", "POLICIES"]
+
+POLICIES = ("cheaper", "all")
+DEFAULT_COST_SIZE = 224
+"""Spatial size per axis the cost model assumes where neither --input-size nor the graph tells."""
+VERIFY_TOLERANCE = 1e-9
+ROUNDING_ULPS = 64
+"""How far (in units of the dtype's epsilon, relative to the output) stored merged weights may stray."""
+MAX_VERIFY_LENGTH = 512
+
+
+class VerificationError(RuntimeError):
+    """A merge that the rules called exact failed its numeric check: never written."""
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """Where a model's tensors come from: their metadata now, their values on demand."""
+
+    info: Mapping[str, Any]  # name -> object with .shape, .dtype, .is_float
+    get: Callable[[str], torch.Tensor]
+
+
+class Loader:
+    """Layers' tensors as float64 CPU copies (whatever device the model is on), cached per region."""
+
+    def __init__(self, graph: Graph, tensors: Tensors) -> None:
+        self.graph, self.tensors = graph, tensors
+        self._cache: dict[str, Any] = {}
+
+    def _get(self, key: str) -> Optional[torch.Tensor]:
+        if key not in self.tensors.info:
+            return None
+        if key not in self._cache:
+            self._cache[key] = self.tensors.get(key).detach().to("cpu", torch.float64)
+        return self._cache[key]
+
+    def conv(self, name: str) -> Conv:
+        return Conv(self.graph.specs[name], self._get(f"{name}.weight"), self._get(f"{name}.bias"))
+
+    def bn(self, name: str) -> BatchNorm:
+        eps = float(self.graph.layers[name].fields.get("eps", 1e-5))
+        return BatchNorm(self._get(f"{name}.running_mean"), self._get(f"{name}.running_var"), eps,
+                         self._get(f"{name}.weight"), self._get(f"{name}.bias"))
+
+    def pad_value(self, name: str) -> Optional[torch.Tensor]:
+        return self._get(f"{name}.value")
+
+    def finite(self, name: str) -> bool:
+        """No NaN or Inf in a layer's tensors (such a layer is never merged)."""
+        op = self.graph.layers[name].op
+        keys = (("weight", "bias") if op in CONV_OPS else BN_TENSORS[:4] if op == "batch_norm"
+                else ("value",) if op == "pad" else ())
+        return all(t is None or bool(torch.isfinite(t).all()) for t in (self._get(f"{name}.{k}") for k in keys))
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+@dataclass
+class Unit:
+    """One merged conv of the output: the layers it replaces and the tensors that replace them."""
+
+    name: str  # the merged conv's layer name (its tensors: NAME.weight, NAME.bias)
+    input: str  # the value it reads
+    output: str  # the value it computes (consumers of this value read the merged conv)
+    layers: tuple[str, ...]
+    stored: Conv  # exactly what is written, in the storage dtype, verified
+    dtype: torch.dtype
+    error: float  # verified max |layers - merged| relative to the output, float64
+    rounding: float  # the same with the stored weights
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    refused: Optional[str] = None  # exact, but its stored weights would be off: not applied
+
+    @property
+    def spec(self) -> ConvSpec:
+        return self.stored.spec
+
+    @property
+    def bn_fold(self) -> bool:
+        """A standalone conv -> batch norm (what every deploy pipeline folds)."""
+        return len(self.layers) == 2 and self.kinds == ("conv", "batch_norm")
+
+    kinds: tuple[str, ...] = ()
+
+
+@dataclass
+class Plan:
+    """Everything decided about one model; built once by `build`."""
+
+    graph: Graph
+    policy: str
+    input_size: Optional[tuple[int, ...]]
+    cost_size: Optional[tuple[int, ...]]
+    pairs: list[PairEntry] = field(default_factory=list)
+    regions: list[RegionEntry] = field(default_factory=list)
+    units: list[Unit] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def applied(self) -> list[Unit]:
+        return [u for u in self.units if u.refused is None]
+
+    def report(self) -> Report:
+        rep = Report(policy=self.policy, input_size=list(self.input_size) if self.input_size else None,
+                     cost_size=list(self.cost_size) if self.cost_size else None)
+        rep.pairs, rep.regions, rep.notes = list(self.pairs), list(self.regions), list(self.notes)
+        rep.merges = [_merge_entry(u) for u in self.applied]
+        rep.convs = sum(layer.op in CONV_OPS for layer in self.graph.layers.values())
+        return rep
+
+    def description(self) -> dict:
+        """The graph description after the merges (FORMAT.md, section 2)."""
+        from .graph import rewrite
+
+        return rewrite(self.graph, [(u.layers, u.name, u.input, u.output, u.spec) for u in self.applied])
+
+    def listing(self, order: Sequence[str], copy: Callable[[str], Any]) -> list[tuple[str, Any]]:
+        """The output's tensors: the input's order, tensors of removed layers dropped, merged ones at the
+        place of their unit's first tensor, exactly as verified."""
+        drop = {key: u for u in self.applied for name in u.layers for key in self.graph.tensor_names(name)}
+        out: list[tuple[str, Any]] = []
+        done: set[str] = set()
+        for key in order:
+            unit = drop.get(key)
+            if unit is None:
+                out.append((key, copy(key)))
+            elif unit.name not in done:
+                done.add(unit.name)
+                out += _unit_tensors(unit)
+        for u in self.applied:
+            if u.name not in done:
+                out += _unit_tensors(u)
+        return out
+
+
+def build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]] = None, policy: str = "cheaper",
+          on_region: Optional[Callable[[], None]] = None) -> Plan:
+    """Judge every region and pair, choose and verify the merges (FORMAT.md, section 3)."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy: {policy!r} is not one of {', '.join(POLICIES)}")
+    if input_size is not None:
+        dims = sorted({spec.ndim for spec in graph.specs.values()}) or [len(input_size)]
+        input_size = fit_size(input_size, dims[0])
+    size_at = graph.sizes(input_size)
+    _check_sizes(graph, size_at, input_size)
+    nominal = _nominal(graph, input_size)
+    cost_at = graph.sizes(nominal)
+    plan = Plan(graph, policy, tuple(input_size) if input_size else None, nominal)
+    plan.notes += graph.notes
+    loader = Loader(graph, tensors)
+    in_region: dict[str, Region] = {}
+    for region in find_regions(graph):
+        _Planner(plan, loader, region, size_at, cost_at, tensors).run()
+        in_region.update({n: region for n in region.layers})
+        loader.clear()
+        if on_region:
+            on_region()
+    _judge_pairs(plan, loader, size_at, cost_at, in_region)
+    _size_notes(plan, size_at, input_size)
+    return plan
+
+
+# --- planning one region ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Option:
+    """A way to compute a sequence of items: its score and the merges it makes."""
+
+    score: tuple[float, float]
+    units: list[tuple[str, tuple[str, ...], str, Reduction]]  # (input, layers, output, reduction)
+
+
+class _Planner:
+    def __init__(self, plan: Plan, loader: Loader, region: Region, size_at: Mapping[str, Any],
+                 cost_at: Mapping[str, Any], tensors: Tensors) -> None:
+        self.plan, self.loader, self.region = plan, loader, region
+        self.graph = plan.graph
+        self.size_at, self.cost_at, self.tensors = size_at, cost_at, tensors
+        convs = [n for n in region.layers if self.graph.layers[n].op in CONV_OPS]
+        self.ndim = self.graph.specs[convs[0]].ndim
+        self.itemsize = torch.empty(0, dtype=_storage_dtype(tensors, convs)).element_size()
+
+    def run(self) -> None:
+        region, graph = self.region, self.graph
+        problem = self._problem()
+        whole = None if problem else self._reduce(region.input, region.layers, region.output)
+        units: list[tuple[str, tuple[str, ...], str, Reduction]] = []
+        if whole is not None and region.items is not None:
+            units = self._sequence(region.items, region.input).units
+        elif whole is not None and self._exact(whole, region.input):
+            units = [(region.input, region.layers, region.output, whole)]
+        built = [self._unit(*u) for u in units]
+        self.plan.units += built
+        applied = any(set(u.layers) == set(region.layers) and u.refused is None for u in built)
+        self.plan.regions.append(self._entry(whole, problem, applied))
+        del graph
+
+    def _problem(self) -> Optional[str]:
+        """Why this region cannot be judged at all (the judgement needs every layer's numbers)."""
+        bad = [n for n in self.region.layers if not self.loader.finite(n)]
+        if bad:
+            return f"{bad[0]} has NaN or Inf in its tensors, so the region is not merged"
+        for name in self.region.layers:
+            layer = self.graph.layers[name]
+            if layer.op == "pad" and self.graph.pads[name].axes_given() not in (None, self.ndim):
+                return f"pad {name} names {self.graph.pads[name].axes_given()} axes but the convs have {self.ndim}"
+            if layer.op in POOL_OPS and self.graph.pools[name].ndim != self.ndim:
+                return f"{name} pools {self.graph.pools[name].ndim} axes but the convs have {self.ndim}"
+            if layer.op in CONV_OPS and self.graph.specs[name].ndim != self.ndim:
+                return f"{name} convolves {self.graph.specs[name].ndim} axes, other convs {self.ndim}"
+        if self._channels(self.region.input) is None:
+            return f"the channel count of {self.region.input} is unknown"
+        return None
+
+    def _channels(self, value: str) -> Optional[int]:
+        return value_channels(self.graph, self.tensors, value, set(self.region.layers))
+
+    def _reduce(self, start: str, layers: Sequence[str], end: str) -> Reduction:
+        reducer = Reducer(self.graph, self.loader, start, self._channels(start), self.ndim)  # type: ignore[arg-type]
+        for name in layers:
+            reducer.add(name)
+        return reducer.result(end)
+
+    def _exact(self, red: Reduction, start: str) -> bool:
+        """Exact at every size, or at the given size where it is known."""
+        if red.conv is None:
+            return False
+        verdict = red.summary.verdict
+        here = self.size_at.get(start)
+        if verdict is Outcome.MERGEABLE:
+            return here is None or all(c.exact_at(here) for c in red.checks)
+        return verdict is Outcome.SIZE_DEPENDENT and here is not None and all(c.exact_at(here) for c in red.checks)
+
+    # The dynamic programme over a sequence of items (steps and parallel blocks).
+
+    def _sequence(self, items: Sequence[Item], start: str) -> _Option:
+        ends = [start] + [_end(item) for item in items]
+        best: list[Optional[_Option]] = [_Option((0.0, 0.0), [])] + [None] * len(items)
+        for i in range(len(items)):
+            prev = best[i]
+            if prev is None:
+                continue
+            kept = self._kept(items[i], ends[i])
+            self._offer(best, i + 1, prev, kept)
+            reducer = Reducer(self.graph, self.loader, ends[i], self._channels(ends[i]), self.ndim)  # type: ignore[arg-type]
+            layers: list[str] = []
+            for j in range(i, len(items)):
+                mine = set(layers_of((items[j],)))
+                new = [n for n in self.region.layers if n in mine]
+                if not all(self.loader.finite(n) for n in new):
+                    break
+                for name in new:
+                    reducer.add(name)
+                layers += new
+                red = reducer.result(ends[j + 1])
+                if not self._exact(red, ends[i]):
+                    break  # a segment that is not one conv does not become one by growing (DESIGN: chains)
+                if len(layers) >= 2:
+                    estimate = cost(red.conv.spec, self._cost_size(ends[i]), self.itemsize)  # type: ignore[union-attr]
+                    self._offer(best, j + 1, prev, _Option(self._score(1, estimate),
+                                                           [(ends[i], tuple(layers), ends[j + 1], red)]))
+        return best[-1]  # type: ignore[return-value]
+
+    def _offer(self, best: list[Optional[_Option]], j: int, prev: _Option, step: _Option) -> None:
+        total = _Option((prev.score[0] + step.score[0], prev.score[1] + step.score[1]), prev.units + step.units)
+        if best[j] is None or total.score < best[j].score:  # type: ignore[union-attr]
+            best[j] = total
+
+    def _kept(self, item: Item, start: str) -> _Option:
+        """An item left as it is (a block's branches still planned)."""
+        if isinstance(item, Step):
+            return _Option(self._score(1, self._op_cost(item.layer)), [])
+        total = _Option(self._score(1, self._op_cost(item.join)), [])
+        for branch in item.branches:
+            sub = self._sequence(branch, item.split)
+            total = _Option((total.score[0] + sub.score[0], total.score[1] + sub.score[1]), total.units + sub.units)
+        return total
+
+    def _score(self, layers: int, estimate: float) -> tuple[float, float]:
+        return (estimate, layers) if self.plan.policy == "cheaper" else (layers, estimate)
+
+    def _cost_size(self, value: str) -> tuple[int, ...]:
+        return self.cost_at.get(value) or (DEFAULT_COST_SIZE,) * self.ndim
+
+    def _op_cost(self, name: str) -> float:
+        """A layer left as it is, in the cost model's units."""
+        layer = self.graph.layers[name]
+        if layer.op in CONV_OPS:
+            return cost(self.graph.specs[name], self._cost_size(layer.inputs[0]), self.itemsize)
+        if layer.op in ("identity", "dropout"):
+            return 0.0
+        channels = self._channels(name) or self.graph.channels.get(name) or 1
+        size_out = self._cost_size(name)
+        size_in = [self._cost_size(s) for s in layer.inputs]
+        elements = channels * (math.prod(size_out) + sum(math.prod(s) for s in size_in))
+        work = channels * math.prod(size_out) * (math.prod(self.graph.pools[name].kernel) if layer.op in POOL_OPS else 1)
+        return work + BYTE_WEIGHT * self.itemsize * elements + LAYER_OVERHEAD
+
+    # Building what was chosen.
+
+    def _unit(self, start: str, layers: tuple[str, ...], end: str, red: Reduction) -> Unit:
+        graph = self.graph
+        convs = [n for n in layers if graph.layers[n].op in CONV_OPS]
+        dtype = _storage_dtype(self.tensors, convs)
+        merged = red.conv
+        assert merged is not None
+        run = lambda x: reference.run(graph, self.loader, start, layers, end, x)  # noqa: E731
+        here = self.size_at.get(start)
+        exact_everywhere = red.summary.verdict is Outcome.MERGEABLE
+        sizes = _verification_sizes(graph, layers, start, merged.spec, None if exact_everywhere else here)
+        if not sizes:
+            raise VerificationError(f"{end}: no input size where both the layers and the merged conv run")
+        stored = algebra.cast(merged, dtype)
+        errors = algebra.max_errors_of(run, merged.spec.in_channels, [merged, stored], sizes)
+        if not errors[0] <= VERIFY_TOLERANCE:
+            raise VerificationError(f"{end}: the merged conv differs from its layers by {errors[0]:.3g} (relative) "
+                                    f"at sizes {sizes}")
+        at = self._cost_size(start)
+        before_macs = sum(macs(graph.specs[n], self._cost_size(graph.layers[n].inputs[0])) for n in convs)
+        return Unit(unit_name(graph, set(layers), end), start, end, layers, stored, dtype, errors[0], errors[1],
+                    before_macs, macs(merged.spec, at), sum(params(graph.specs[n]) for n in convs),
+                    params(merged.spec), _storage_problem(errors[1], dtype),
+                    tuple("conv" if graph.layers[n].op in CONV_OPS else graph.layers[n].op for n in layers))
+
+    def _entry(self, whole: Optional[Reduction], problem: Optional[str], applied: bool) -> RegionEntry:
+        region, graph = self.region, self.graph
+        convs = [n for n in region.layers if graph.layers[n].op in CONV_OPS]
+        before = sum(macs(graph.specs[n], self._cost_size(graph.layers[n].inputs[0])) for n in convs)
+        entry = RegionEntry(input=region.input, output=region.output, layers=list(region.layers),
+                            verdict="skipped", reason=f"not merged: {problem}" if problem else "",
+                            branches=sum(1 for n in region.layers if graph.layers[n].op in JOIN_OPS) > 0,
+                            applied=applied, macs_before=before)
+        if whole is None:
+            return entry
+        s = whole.summary
+        if whole.conv is None:
+            entry.reason = "not merged: " + (s.why.text() if s.why else "the branches share no output grid")
+            return entry
+        here = self.size_at.get(region.input)
+        exact_here = None if here is None else all(c.exact_at(here) for c in whole.checks)
+        entry.verdict = "skipped" if s.verdict is Outcome.UNDECIDED else s.verdict.value
+        entry.reason = sentence(s.verdict, s.why, s.sizes, s.notes)
+        entry.sizes, entry.exact_here, entry.weight_dependent = s.sizes, exact_here, s.weight_dependent
+        exact = s.verdict is Outcome.MERGEABLE or exact_here is True
+        entry.merged = padding_fields(whole.conv.spec) if exact else None
+        entry.candidate = padding_fields(whole.conv.spec)
+        entry.macs_after = macs(whole.conv.spec, self._cost_size(region.input)) if exact else None
+        if s.verdict in (Outcome.UNMERGEABLE, Outcome.SIZE_DEPENDENT) and not exact:
+            loader, layers, start, end = self.loader, region.layers, region.input, region.output
+            graph_ = graph
+            conv, checks, fail_at = whole.conv, whole.checks, here if exact_here is False else None
+            entry.find_counterexample = lambda: _counterexample(graph_, loader, start, layers, end, conv, checks,
+                                                                 fail_at)
+        return entry
+
+
+def _counterexample(graph: Graph, loader: Loader, start: str, layers: Sequence[str], end: str, cand: Conv,
+                    checks: Sequence[Any], size: Optional[Sequence[int]]) -> Optional[Counterexample]:
+    """A concrete input where the layers and the forced single conv differ (at `size`, or the smallest)."""
+    nd = cand.spec.ndim
+    tries = [tuple(size)] if size else [(n,) * nd for n in range(1, 65)]
+    run = lambda x: reference.run(graph, loader, start, layers, end, x)  # noqa: E731
+    for s in tries:
+        if all(c.exact_at(s) for c in checks) or not layers_run(graph, layers, start, s, cand.spec):
+            continue
+        found = algebra.counterexample_of(run, cand, s)
+        if found is not None:
+            return found
+    return None
+
+
+# --- pairs ---------------------------------------------------------------------------------------
+
+
+def _judge_pairs(plan: Plan, loader: Loader, size_at: Mapping[str, Any], cost_at: Mapping[str, Any],
+                 in_region: Mapping[str, Region]) -> None:
+    """Each adjacent conv pair (conv, batch norms/identity, conv) with its own verdict (FORMAT.md section 3)."""
+    graph = plan.graph
+    together = {}
+    for u in plan.applied:
+        for n in u.layers:
+            together[n] = u.name
+    for pair in graph.pairs():
+        if pair.blocked is not None:
+            plan.pairs.append(PairEntry(pair.first, pair.second, list(pair.via), "skipped", f"not merged: {pair.blocked}"))
+            continue
+        names = [pair.first, *pair.via, pair.second]
+        bad = next((n for n in names if not loader.finite(n)), None)
+        if bad is not None:
+            plan.pairs.append(PairEntry(pair.first, pair.second, list(pair.via), "skipped",
+                                        f"{bad} has NaN or Inf in its weights (or its batch norm's), so this pair "
+                                        "is not merged"))
+            continue
+        a = loader.conv(pair.first)
+        for v in pair.via:
+            if graph.layers[v].op == "batch_norm":
+                a = algebra.fold_bn(a, loader.bn(v))
+        b = loader.conv(pair.second)
+        v = algebra.analyze(a, b)
+        src = graph.layers[pair.first].inputs[0]
+        here = size_at.get(src)
+        at = cost_at.get(src) or (DEFAULT_COST_SIZE,) * a.spec.ndim
+        mid = a.spec.out_size(at)
+        exact_here = None if here is None or v.verdict is Outcome.UNDECIDED else v.exact_at(here)
+        exact = v.verdict is Outcome.MERGEABLE or exact_here is True
+        entry = PairEntry(
+            first=pair.first, second=pair.second, via=list(pair.via),
+            verdict="skipped" if v.verdict is Outcome.UNDECIDED else v.verdict.value, reason=v.reason, sizes=v.sizes,
+            merged=padding_fields(v.candidate) if exact else None, exact_here=exact_here,
+            macs_before=macs(a.spec, at) + macs(b.spec, mid), macs_after=macs(v.candidate, at) if exact else None,
+            applied=together.get(pair.first) is not None and together.get(pair.first) == together.get(pair.second),
+            params_before=params(a.spec) + params(b.spec), params_after=params(v.candidate) if exact else None,
+            weight_dependent=v.weight_dependent)
+        if v.verdict is Outcome.UNMERGEABLE or (v.verdict is Outcome.SIZE_DEPENDENT and exact_here is False):
+            entry.find_counterexample = pair_counterexample(a, b, v, here if exact_here is False else None)
+        plan.pairs.append(entry)
+        loader.clear()
+
+
+def pair_counterexample(a: Conv, b: Conv, v: Any, size: Optional[Sequence[int]]) -> Callable[[], Any]:
+    def find() -> Optional[Counterexample]:
+        cand = algebra.merge(a, b, v.candidate)
+        tries = [tuple(size)] if size else [(n,) * a.spec.ndim for n in range(1, 65)]
+        for s in tries:
+            if v.exact_at(s) or not all(chain_runs([a, b], k, n) and pad_fits(cand.spec.padding_mode,
+                                                                                 cand.spec.axes[k].pad, n)
+                                        for k, n in enumerate(s)):
+                continue
+            found = algebra.counterexample_of(lambda x: algebra.apply_chain([a, b], x), cand, s)
+            if found is not None:
+                return found
+        return None
+    return find
+
+
+def value_channels(graph: Graph, tensors: Tensors, value: str, members: set[str]) -> Optional[int]:
+    """Channels of a value: from the description, else from the first conv or batch norm reading it."""
+    known = graph.channels.get(value)
+    if known is not None:
+        return known
+    stack, seen = [value], set()
+    while stack:
+        cur = stack.pop()
+        for c in graph.consumers.get(cur, []):
+            if c in seen or c not in members:
+                continue
+            seen.add(c)
+            op = graph.layers[c].op
+            if op in CONV_OPS:
+                return graph.specs[c].in_channels
+            if op == "batch_norm":
+                return int(tensors.info[f"{c}.running_mean"].shape[0])
+            if op in ("identity", "dropout", "pad") or op in POOL_OPS:
+                stack.append(c)
+    return None
+
+
+# --- verification sizes ----------------------------------------------------------------------------
+
+
+def _verification_sizes(graph: Graph, layers: Sequence[str], start: str, merged: ConvSpec,
+                        size: Optional[Sequence[int]]) -> list[tuple[int, ...]]:
+    """Small sizes per axis covering every residue of the merged stride near the borders, and one past
+    them; for a merge exact only at `size`, a congruent size past the border interactions stands in."""
+    per_axis = []
+    for k in range(merged.ndim):
+        period = merged.axes[k].stride
+        first = _first(lambda n: _runs_axis(graph, layers, start, k, n, merged))
+        if first is None:
+            return []
+        reach = merged.axes[k].extent + sum(merged.axes[k].pad)
+        begin = 4 * reach + 4 * period + 8
+        if size is None:
+            sizes = list(range(first, first + period + 1))
+            if begin + period <= MAX_VERIFY_LENGTH:
+                sizes.append(max(begin, first) + period)
+            per_axis.append(sizes)
+        else:
+            want = size[k]
+            per_axis.append([want if want < begin + period else begin + (want - begin) % period])
+    longest = max(len(p) for p in per_axis)
+    return [tuple(p[min(i, len(p) - 1)] for p in per_axis) for i in range(longest)]
+
+
+def _runs_axis(graph: Graph, layers: Sequence[str], start: str, k: int, n: int, merged: ConvSpec) -> bool:
+    size = [4 * (a.extent + sum(a.pad)) + 64 for a in merged.axes]
+    size[k] = n
+    return layers_run(graph, layers, start, tuple(size), merged)
+
+
+def layer_sizes(graph: Graph, layers: Sequence[str], start: str, size: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """The spatial size of every value of a part when its input has `size` (a value missing: it cannot run)."""
+    known: dict[str, tuple[int, ...]] = {start: tuple(size)}
+    for name in layers:
+        layer = graph.layers[name]
+        if any(s not in known for s in layer.inputs):
+            continue
+        ins = [known[s] for s in layer.inputs]
+        x = ins[0]
+        if layer.op in CONV_OPS:
+            spec = graph.specs[name]
+            if not all(pad_fits(spec.padding_mode, a.pad, n) for a, n in zip(spec.axes, x)):
+                continue
+        elif layer.op == "pad":
+            pad = graph.pads[name]
+            mode = "zeros" if pad.mode == "constant" else pad.mode
+            if not all(pad_fits(mode, p, n) for p, n in zip(pad.pairs(len(x)), x)):
+                continue
+        elif layer.op in JOIN_OPS and len(set(ins)) > 1:
+            continue
+        out = graph.out_size(layer, ins)
+        if out is not None and all(n >= 1 for n in out):
+            known[name] = out
+    return known
+
+
+def layers_run(graph: Graph, layers: Sequence[str], start: str, size: Sequence[int],
+               merged: Optional[ConvSpec]) -> bool:
+    """Whether PyTorch runs these layers (and the merged conv) on an input of this spatial size."""
+    if merged is not None and not all(pad_fits(merged.padding_mode, a.pad, n) and a.out_len(n) >= 1
+                                      for a, n in zip(merged.axes, size)):
+        return False
+    return not layers or layers[-1] in layer_sizes(graph, layers, start, size)
+
+
+def chain_runs(convs: Sequence[Conv], k: int, n: int) -> bool:
+    for c in convs:
+        a = c.spec.axes[k]
+        if not pad_fits(c.spec.padding_mode, a.pad, n):
+            return False
+        n = a.out_len(n)
+        if n < 1:
+            return False
+    return True
+
+
+def _first(ok: Callable[[int], bool], limit: int = 1 << 20) -> Optional[int]:
+    """The least n >= 1 with ok(n), for ok monotone in n (layers that run at n run at n + 1)."""
+    hi = 1
+    while not ok(hi):
+        hi *= 2
+        if hi > limit:
+            return None
+    lo = hi // 2 + 1 if hi > 1 else 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+# --- small helpers ---------------------------------------------------------------------------------
+
+
+def _end(item: Item) -> str:
+    return item.layer if isinstance(item, Step) else item.join
+
+
+def _unit_tensors(unit: Unit) -> list[tuple[str, torch.Tensor]]:
+    out = [(f"{unit.name}.weight", unit.stored.weight.contiguous())]
+    if unit.stored.bias is not None:
+        out.append((f"{unit.name}.bias", unit.stored.bias.contiguous()))
+    return out
+
+
+def _merge_entry(u: Unit) -> MergeEntry:
+    from .io import dtype_name
+
+    return MergeEntry(layers=list(u.layers), into=u.name, conv=padding_fields(u.spec), dtype=dtype_name(u.dtype),
+                      max_error=u.error, rounding_error=u.rounding, macs_before=u.macs_before,
+                      macs_after=u.macs_after, params_before=u.params_before, params_after=u.params_after,
+                      input=u.input, kind="bn-fold" if u.bn_fold else "merge", convs=u.kinds.count("conv"))
+
+
+def _storage_dtype(tensors: Tensors, convs: Sequence[str]) -> torch.dtype:
+    from .io import torch_dtype
+
+    dtype = None
+    for n in convs:
+        info = tensors.info[f"{n}.weight"]
+        t = info.dtype if isinstance(info.dtype, torch.dtype) else torch_dtype(info.dtype)
+        dtype = t if dtype is None else torch.promote_types(dtype, t)
+    return dtype or torch.float32
+
+
+def _storage_problem(rounding: float, dtype: torch.dtype) -> Optional[str]:
+    """A merge whose weights overflow or underflow their dtype would change the model: refuse it."""
+    limit = ROUNDING_ULPS * torch.finfo(dtype).eps
+    if rounding <= limit:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    off = "overflow" if rounding == float("inf") else f"are off by {rounding:.2g} (relative)"
+    return (f"merge refused: stored as {name} the merged weights {off}, more than {ROUNDING_ULPS} ulps; "
+            "the layers stay unmerged")
+
+
+def _nominal(graph: Graph, input_size: Optional[Sequence[int]]) -> Optional[tuple[int, ...]]:
+    if input_size:
+        return tuple(input_size)
+    dims = {spec.ndim for spec in graph.specs.values()}
+    return (DEFAULT_COST_SIZE,) * dims.pop() if len(dims) == 1 else None
+
+
+def _check_sizes(graph: Graph, size_at: Mapping[str, Any], input_size: Optional[Sequence[int]]) -> None:
+    """An --input-size at which the model itself cannot run is bad input, named by its first victim."""
+    from .spec import size_problem
+
+    for name, spec in graph.specs.items():
+        n = size_at.get(graph.layers[name].inputs[0])
+        problem = size_problem(spec, n) if n is not None and len(n) == spec.ndim else None
+        if problem:
+            shown = "x".join(map(str, input_size or ()))
+            raise GraphError(f"--input-size {shown}: layer '{name}' cannot run there: {problem}")
+
+
+def _size_notes(plan: Plan, size_at: Mapping[str, Any], input_size: Optional[Sequence[int]]) -> None:
+    """Say where sizes were lost (behind an op whose output size the description does not fix)."""
+    if not input_size:
+        return
+    graph = plan.graph
+    lost = [n for n in graph.specs if size_at.get(graph.layers[n].inputs[0]) is None]
+    if lost:
+        first = lost[0]
+        plan.notes.append(f"input sizes unknown for {len(lost)} conv(s) from '{first}' on (after an op whose output "
+                          f"size the description does not fix): their costs assume {DEFAULT_COST_SIZE} per axis and "
+                          "size-dependent merges there are not made")

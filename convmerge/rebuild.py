@@ -1,0 +1,95 @@
+"""A module that runs the fused graph: the user's traced graph with each merged part replaced by one conv.
+
+The plan speaks in layer names; the trace knows which fx node computes each name.  Each applied
+merge becomes a standard `nn.Conv1d/2d/3d` holding exactly the plan's verified tensors, called on
+the node its part read (after an explicit `F.pad` where the padding is asymmetric, which a Conv*d
+cannot express); every use of the part's output reads the conv instead, and the layers no one
+reads any more are removed.  The result is a `torch.fx.GraphModule`, whatever shape the original
+forward had (a RepVGG block's add has no module to swap, so swapping submodules cannot do this).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .plan import Plan, Unit
+
+__all__ = ["fused_module"]
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+def fused_module(module: nn.Module, plan: Plan, traced: fx.Graph, nodes: dict[str, fx.Node]) -> fx.GraphModule:
+    """`traced` is an fx trace of a deep copy of `module`; `nodes` maps layer names to its nodes."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    root = copy.deepcopy(module) if traced.owning_module is None else traced.owning_module
+    gm = fx.GraphModule(root, traced)
+    graph = gm.graph
+    replaced = {n for u in plan.applied for n in u.layers}
+    current = dict(nodes)  # a merged output is read through its new conv by later merges too
+    for unit in plan.applied:
+        source, output = current[unit.input], nodes[unit.output]
+        target = _free_name(gm, unit.name, replaced)
+        conv = _conv(unit).to(device)
+        with graph.inserting_before(output):
+            x = source
+            if not unit.spec.symmetric:
+                pads = [p for a in reversed(unit.spec.axes) for p in a.pad]
+                x = graph.call_function(F.pad, (x, pads), {"mode": _PAD_MODE[unit.spec.padding_mode]})
+            _set_module(gm, target, conv)
+            new = graph.call_module(target, (x,))
+        output.replace_all_uses_with(new)
+        current[unit.output] = new
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm.train(module.training)
+
+
+def _conv(unit: Unit) -> nn.Module:
+    spec, stored = unit.spec, unit.stored
+    symmetric = spec.symmetric
+    conv = _CONV[spec.ndim](spec.in_channels, spec.out_channels, spec.kernel_size, stride=spec.stride,
+                            padding=tuple(a.pad[0] for a in spec.axes) if symmetric else 0,
+                            dilation=spec.dilation, groups=spec.groups, bias=stored.bias is not None,
+                            padding_mode=spec.padding_mode if symmetric else "zeros",
+                            dtype=stored.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(stored.weight)
+        if stored.bias is not None:
+            conv.bias.copy_(stored.bias)
+    return conv
+
+
+def _free_name(gm: fx.GraphModule, name: str, replaced: set[str]) -> str:
+    """The merged conv's attribute path: its layer name where that is a module being replaced or a free
+    attribute of an existing module; otherwise a flat, suffixed form of it."""
+    parent, _, leaf = name.rpartition(".")
+    try:
+        owner = gm.get_submodule(parent) if parent else gm
+    except AttributeError:
+        owner = None
+    if owner is not None and ((name in replaced and hasattr(owner, leaf)) or
+                              (leaf.isidentifier() and not hasattr(owner, leaf))):
+        return name
+    return _suffixed(gm, "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "merged")
+
+
+def _suffixed(gm: fx.GraphModule, base: str) -> str:
+    base = base.replace(".", "_")
+    cand, k = base, 1
+    while hasattr(gm, cand):
+        cand, k = f"{base}_{k}", k + 1
+    return cand
+
+
+def _set_module(gm: fx.GraphModule, target: str, conv: nn.Module) -> None:
+    parent, _, leaf = target.rpartition(".")
+    owner = gm.get_submodule(parent) if parent else gm
+    setattr(owner, leaf, conv)

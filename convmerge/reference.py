@@ -1,0 +1,76 @@
+"""Run part of a model exactly as PyTorch would, in float64: the oracle every merge is checked against.
+
+This evaluates the *original* layers with torch.nn.functional (a pad is F.pad, a pooling is
+F.avg_pool), never through the conv forms that reduce.py builds, so verifying a merge against it
+checks the reduction itself.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import algebra
+from .algebra import BatchNorm, Conv
+from .graph import CONV_OPS, POOL_OPS, Graph
+
+__all__ = ["Params", "run"]
+
+_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+class Params(Protocol):
+    """Float64 CPU copies of layers' tensors."""
+
+    def conv(self, name: str) -> Conv: ...
+
+    def bn(self, name: str) -> BatchNorm: ...
+
+    def pad_value(self, name: str) -> Optional[torch.Tensor]: ...
+
+
+def run(graph: Graph, params: Params, start: str, layers: Sequence[str], end: str, x: torch.Tensor) -> torch.Tensor:
+    """The value of `end` when `start` holds `x`; `layers` are those between them, in graph order."""
+    values = {start: x}
+    for name in layers:
+        layer = graph.layers[name]
+        args = [values[src] for src in layer.inputs]
+        values[name] = _op(graph, params, name, layer.op, args)
+    return values[end]
+
+
+def _op(graph: Graph, params: Params, name: str, op: str, args: list[torch.Tensor]) -> torch.Tensor:
+    x = args[0]
+    if op in CONV_OPS:
+        return algebra.apply(params.conv(name), x)
+    if op == "batch_norm":
+        bn = params.bn(name)
+        return F.batch_norm(x, bn.mean.double(), bn.var.double(), _opt(bn.weight), _opt(bn.bias), False, 0.0, bn.eps)
+    if op in ("identity", "dropout"):
+        return x
+    if op == "add":
+        return sum(args[1:], x)
+    if op == "concat":
+        return torch.cat(args, dim=1)
+    if op in POOL_OPS:
+        p = graph.pools[name]
+        extra = {"divisor_override": p.divisor_override} if p.divisor_override else {}
+        return _POOL[p.ndim](x, p.kernel, p.stride, p.padding, p.ceil_mode, p.count_include_pad, **extra)
+    if op == "pad":
+        pad = graph.pads[name]
+        flat = [v for pair in reversed(pad.pairs(x.dim() - 2)) for v in pair]
+        if pad.mode != "constant":
+            return F.pad(x, flat, mode=pad.mode)
+        value = params.pad_value(name)
+        if value is None:
+            return F.pad(x, flat, value=pad.value)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        inside = F.pad(torch.ones_like(x[:1, :1]), flat)
+        return F.pad(x, flat) + (1 - inside) * value.double().view(shape)
+    raise ValueError(f"layer {name!r}: op {op!r} is not linear")
+
+
+def _opt(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.double()

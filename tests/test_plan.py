@@ -1,0 +1,263 @@
+"""The plan on chains: segmentation, the chain trap, batch norms, cost, verification, and that the
+tensors written are the tensors verified."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import convmerge
+from convmerge import algebra, io, model, plan
+from convmerge.algebra import BatchNorm, Conv, fold_bn
+from convmerge.graph import parse
+from convmerge.spec import conv_spec, macs
+
+from . import models
+from .models import chain_of, infos
+from .oracle import compare, run_chain
+from .strategies import conv
+
+
+def mk(kernel, cin, cout, seed=0, **kw):
+    spec = conv_spec(kernel, cin, cout, **kw)
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(*spec.weight_shape, generator=gen, dtype=torch.float64)
+    b = torch.randn(cout, generator=gen, dtype=torch.float64) if spec.bias else None
+    return Conv(spec, w, b)
+
+
+def plan_of(convs, size=None, policy="all", bns=None) -> tuple[plan.Plan, dict, dict]:
+    doc, tensors = chain_of(convs, bns)
+    graph = parse(doc, infos(tensors))
+    return plan.build(graph, plan.Tensors(infos(tensors), tensors.__getitem__), size, policy), doc, tensors
+
+
+def fused(p: plan.Plan, tensors: dict) -> tuple[dict, dict]:
+    """The fused description and tensors, exactly as `fuse` would write them."""
+    out = dict(p.listing(list(tensors), tensors.__getitem__))
+    return p.description(), out
+
+
+def same_function(doc, tensors, p, sizes, channels=None) -> bool:
+    """The fused description and tensors compute what the original does (independent evaluator)."""
+    doc1, t1 = fused(p, tensors)
+    if channels is None:
+        first = doc["layers"][0]
+        channels = tensors[f"{first['name']}.weight"].shape[1] * first.get("groups", 1)
+    for s in sizes:
+        x = torch.randn(1, channels, *s, dtype=torch.float64)
+        try:
+            want = models.evaluate(doc, tensors, x)[0]
+        except RuntimeError:
+            continue
+        if not torch.allclose(models.evaluate(doc1, t1, x)[0], want, rtol=1e-9, atol=1e-9):
+            return False
+    return True
+
+
+def test_chain_trap_3x3_p0_then_1x1_then_3x3_p1_is_not_one_conv():
+    convs = [mk((3, 3), 2, 2, 1, padding=0), mk((1, 1), 2, 2, 2), mk((3, 3), 2, 2, 3, padding=1)]
+    p, doc, tensors = plan_of(convs, policy="all")
+    assert [e.verdict for e in p.pairs] == ["mergeable", "mergeable"]
+    (region,) = p.regions
+    assert region.verdict == "unmergeable" and region.counterexample is not None
+    assert len(p.units) == 1 and len(p.units[0].layers) == 2  # never all three
+    assert same_function(doc, tensors, p, [(9, 9), (6, 11)])
+    m01 = algebra.merge(convs[0], convs[1], algebra.analyze(convs[0], convs[1]).candidate)
+    assert algebra.analyze(m01, convs[2]).verdict == "unmergeable"
+
+
+def test_cheaper_policy_keeps_depthwise_separable_and_all_merges_it():
+    dw = mk((3, 3), 64, 64, 1, padding=2, groups=64)
+    pw = mk((1, 1), 64, 64, 2)
+    assert not plan_of([dw, pw], (56, 56), "cheaper")[0].units
+    (unit,) = plan_of([dw, pw], (56, 56), "all")[0].units
+    assert unit.spec.groups == 1
+    assert macs(unit.spec, (56, 56)) > 5 * (macs(dw.spec, (56, 56)) + macs(pw.spec, (58, 58)))
+
+
+def test_cheaper_policy_merges_two_depthwise_convs_although_macs_grow():
+    """CP-decomposed 3x1 then 1x3 depthwise: 6 -> 9 MACs per pixel, but one pass less (measured faster)."""
+    a = mk((3, 1), 64, 64, 1, padding=[[1, 1], [0, 0]], groups=64)
+    b = mk((1, 3), 64, 64, 2, padding=[[0, 0], [1, 1]], groups=64)
+    (unit,) = plan_of([a, b], (56, 56), "cheaper")[0].units
+    assert unit.spec.kernel_size == (3, 3) and unit.spec.groups == 64
+    assert macs(unit.spec, (56, 56)) > macs(a.spec, (56, 56)) + macs(b.spec, (56, 56))
+
+
+def test_expandnets_style_1x1_3x3_1x1_collapses_to_one_cheaper_3x3():
+    convs = [mk((1, 1), 4, 16, 1), mk((3, 3), 16, 16, 2, padding=1), mk((1, 1), 16, 4, 3)]
+    p, doc, tensors = plan_of(convs, (16, 16), "cheaper")
+    (unit,) = p.units
+    assert unit.spec.kernel_size == (3, 3) and unit.name == "c2" and unit.layers == ("c0", "c1", "c2")
+    assert same_function(doc, tensors, p, [(16, 16), (5, 7)])
+
+
+def test_size_dependent_pair_merges_only_at_an_exact_size():
+    convs = [mk((3, 3), 2, 4, 1, stride=2, padding=1), mk((3, 3), 4, 2, 2, padding=1)]
+    assert not plan_of(convs, None, "all")[0].units
+    assert not plan_of(convs, (32, 32), "all")[0].units  # even: not exact
+    p, doc, tensors = plan_of(convs, (33, 33), "all")
+    assert len(p.units) == 1 and same_function(doc, tensors, p, [(33, 33), (225, 225)])
+
+
+def test_size_dependent_pair_gets_a_counterexample_at_a_failing_size():
+    convs = [mk((3,), 2, 4, 1, stride=2, padding=1), mk((3,), 4, 2, 2, padding=1)]
+    (pair,) = plan_of(convs, (32,))[0].pairs
+    assert pair.verdict == "size-dependent" and pair.exact_here is False
+    assert pair.counterexample is not None and list(pair.counterexample.input.shape) == [1, 2, 32]
+    (pair,) = plan_of(convs, (31,))[0].pairs
+    assert pair.exact_here is True and pair.counterexample is None
+
+
+def test_batch_norm_between_convs_folds_exactly():
+    c1 = mk((3, 3), 3, 4, 1, padding=2)
+    c2 = mk((3, 3), 4, 2, 2, padding=1, bias=True)
+    gen = torch.Generator().manual_seed(5)
+    bn = BatchNorm(torch.randn(4, generator=gen), torch.rand(4, generator=gen) + 0.5, 1e-5,
+                   torch.randn(4, generator=gen), torch.zeros(4))
+    bn_mod = torch.nn.BatchNorm2d(4).double().eval()
+    with torch.no_grad():
+        bn_mod.running_mean.copy_(bn.mean), bn_mod.running_var.copy_(bn.var)
+        bn_mod.weight.copy_(bn.weight), bn_mod.bias.copy_(bn.bias)
+    folded = fold_bn(c1, bn)
+    x = torch.randn(1, 3, 10, 10, dtype=torch.float64)
+    want = run_chain(bn_mod(run_chain(x, [c1])), [c2])
+    assert torch.allclose(run_chain(x, [folded, c2]), want, atol=1e-10)
+    # The batch norm's shift meets conv2's zero padding: the pair cannot be one conv...
+    assert algebra.analyze(folded, c2).verdict == "unmergeable"
+    # ...unless its shift is zero after folding (mean = 0, beta = 0), which holds only for these weights.
+    bn0 = BatchNorm(torch.zeros(4), bn.var, 1e-5, bn.weight, torch.zeros(4))
+    v = algebra.analyze(fold_bn(c1, bn0), c2)
+    assert v.verdict == "mergeable" and v.weight_dependent and "only because of these weights" in v.reason
+
+
+def test_verification_catches_a_wrong_merge(monkeypatch):
+    convs = [mk((3,), 2, 2, 1, padding=2), mk((3,), 2, 2, 2, padding=1)]
+    real = algebra.merge
+
+    def broken(a, b, cand):
+        m = real(a, b, cand)
+        return Conv(m.spec, m.weight.flip(-1), m.bias)
+
+    monkeypatch.setattr(algebra, "merge", broken)
+    with pytest.raises(plan.VerificationError):
+        plan_of(convs, None, "all")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_random_chains_plan_equals_running_the_chain(data):
+    nd = data.draw(st.sampled_from([1, 2]))
+    n_convs = data.draw(st.integers(2, 4))
+    convs = [data.draw(conv(nd, 2, 2, 1, mode="zeros", salt=i)) for i in range(n_convs)]
+    size = data.draw(st.sampled_from([None, (12,) * nd, (13,) * nd]))
+    try:
+        run_chain(torch.zeros(1, 2, *(size or (40,) * nd), dtype=torch.float64), convs)
+    except RuntimeError:
+        return
+    policy = data.draw(st.sampled_from(plan.POLICIES))
+    p, doc, tensors = plan_of(convs, size, policy)
+    assert same_function(doc, tensors, p, [size] if size else [(n,) * nd for n in (17, 18, 23)])
+
+
+def _bn(gen: torch.Generator, c: int, fresh: bool) -> BatchNorm:
+    if fresh:
+        return BatchNorm(torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64), 1e-5)
+    return BatchNorm(torch.randn(c, generator=gen, dtype=torch.float64),
+                     torch.rand(c, generator=gen, dtype=torch.float64) + 0.5, 1e-5,
+                     torch.randn(c, generator=gen, dtype=torch.float64),
+                     torch.randn(c, generator=gen, dtype=torch.float64))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_written_tensors_are_the_verified_tensors_with_batch_norms_anywhere(tmp_path_factory, data):
+    """Issue: a batch norm between convs was folded into the verified conv but not into the written one.
+    Random chains with batch norms at random places (fresh or trained), both policies: the fused file
+    computes what the original does, at two sizes, and its merged tensors are the plan's, bit for bit."""
+    n = data.draw(st.integers(2, 5))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 10_000)))
+    chans = [data.draw(st.sampled_from([2, 4])) for _ in range(n + 1)]
+    convs = []
+    for i in range(n):
+        k = data.draw(st.sampled_from([1, 3]))
+        pad = data.draw(st.sampled_from([0, k // 2, k - 1]))
+        groups = 2 if data.draw(st.booleans()) and chans[i] % 2 == 0 and chans[i + 1] % 2 == 0 else 1
+        convs.append(mk((k, k), chans[i], chans[i + 1], int(torch.randint(0, 999, (1,), generator=gen)),
+                        padding=pad, groups=groups, bias=data.draw(st.booleans())))
+    bns = {i: _bn(gen, chans[i + 1], data.draw(st.booleans())) for i in range(n) if data.draw(st.booleans())}
+    doc, tensors = chain_of(convs, bns)
+    policy = data.draw(st.sampled_from(plan.POLICIES))
+    path = tmp_path_factory.mktemp("bn") / "m.safetensors"
+    models.save(path, {k: v.float() for k, v in tensors.items()}, doc)
+    out = path.with_name("o.safetensors")
+    rep = model.fuse_file(str(path), str(out), policy=policy, force=True)
+    doc0, t0 = models.described(path)
+    doc1, t1 = models.described(out)
+    for size in [(9, 9), (12, 7)]:
+        x = torch.randn(1, chans[0], *size, dtype=torch.float64)
+        want = models.evaluate(doc0, t0, x)[0]
+        assert torch.allclose(models.evaluate(doc1, t1, x)[0], want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    header = io.read_header(path)
+    graph = parse(doc0, header.tensors)
+    again = plan.build(graph, model.file_tensors(header), None, policy)
+    for u in again.applied:
+        assert torch.equal(t1[f"{u.name}.weight"], u.stored.weight)
+    assert len(rep.merges) == len(again.applied)
+
+
+@pytest.mark.parametrize("mode,padding,groups", [("zeros", 0, 1), ("zeros", 1, 1), ("reflect", 1, 2),
+                                                  ("zeros", 1, 2), ("circular", 2, 1)])
+def test_batch_norm_before_a_conv_folds_when_exact(mode, padding, groups):
+    """A batch norm on the region's input folds into the conv after it exactly where its shift never
+    meets the conv's zero padding; reflect and circular padding copy the shift, so they always fold."""
+    gen = torch.Generator().manual_seed(3)
+    c = mk((3, 3), 4, 6, 1, padding=padding, padding_mode=mode, groups=groups, bias=True)
+    bn = _bn(gen, 4, fresh=False)
+    doc, tensors = chain_of([c])
+    doc["layers"].insert(0, {"name": "bn", "op": "batch_norm", "input": "x", "eps": bn.eps})
+    doc["layers"][1]["input"] = "bn"
+    tensors.update({"bn.running_mean": bn.mean, "bn.running_var": bn.var, "bn.weight": bn.weight,
+                    "bn.bias": bn.bias})
+    graph = parse(doc, infos(tensors))
+    p = plan.build(graph, plan.Tensors(infos(tensors), tensors.__getitem__), None, "all")
+    exact = mode != "zeros" or padding == 0
+    assert bool(p.units) == exact
+    assert p.regions[0].verdict == ("mergeable" if exact else "unmergeable")
+    if not exact:
+        assert "shift" in p.regions[0].reason and p.regions[0].counterexample is not None
+    assert same_function(doc, tensors, p, [(7, 7), (8, 5)], channels=4)
+
+
+def test_weights_that_cancel_get_no_fake_counterexample():
+    """Equal kernels make W2[0]W1[1] == W2[1]W1[0]: this replicate pair is then exact at size 4 by accident."""
+    w = torch.tensor([[[1.5, -0.25]]], dtype=torch.float64)
+    a = Conv(conv_spec((2,), 1, 1, dilation=2), w)
+    b = Conv(conv_spec((2,), 1, 1, dilation=3, padding=1, padding_mode="replicate"), w)
+    (pair,) = plan_of([a, b], (4,))[0].pairs
+    assert pair.verdict == "unmergeable" and pair.counterexample is None
+    b2 = Conv(b.spec, torch.tensor([[[0.5, 2.0]]], dtype=torch.float64))
+    (pair,) = plan_of([a, b2], (4,))[0].pairs
+    assert pair.counterexample is not None
+
+
+def test_a_zero_conv_with_a_bias_gets_a_verdict_not_an_internal_error():
+    """Issue: Sequential(Conv2d(2,3,1), Conv2d(3,2,3,padding=1)) with the first weight zeroed crashed `check`
+    with a VerificationError.  Its bias alone meets conv2's zero padding: not one conv, and a real
+    counterexample shows it; with no bias, the pair is a zero map and merges."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.Conv2d(3, 2, 3, padding=1)).double()
+    with torch.no_grad():
+        net[0].weight.zero_()
+    rep = convmerge.check(net)
+    (pair,) = rep["pairs"]
+    assert pair["verdict"] == "unmergeable" and "bias" in pair["reason"]
+    ce = pair["counterexample"]
+    assert ce is not None and abs(ce["pair_value"] - ce["candidate_value"]) > 1e-6
+    with torch.no_grad():
+        net[0].bias.zero_()
+    fused = convmerge.fuse(net)
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    assert torch.allclose(fused(x), net(x))
