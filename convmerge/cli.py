@@ -193,7 +193,8 @@ def fuse(
         pending: list[tuple[str, str]] = []  # (written temp, final path): published once the model is
 
         def companions(rep: Any, doc: dict) -> None:
-            clock.start("companions")
+            if report is not None or export is not None:
+                clock.start("companions")
             if report is not None:
                 data = dict(rep.to_dict(), description_used=doc)
                 pending.append(_stage(report, (json.dumps(data, indent=2) + "\n").encode()))
