@@ -4,16 +4,70 @@ from __future__ import annotations
 
 import copy
 import io as _io
+import itertools
 import json
+import numbers
 import os
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
 from . import io, model, trace
 from .graph import Graph, parse
+from .plan import POLICIES
 from .rebuild import fused_module
+
+
+def _check_args(fn: str, subject: Any, *, input_size: Any = None, policy: Any = "cheaper", graph: Any = None,
+                arch: Any = None) -> Optional[tuple[int, ...]]:
+    """Python callers' arguments, refused in one line naming the argument; returns input_size as a tuple."""
+    if fn == "check" and not isinstance(subject, (nn.Module, str, os.PathLike)):
+        raise TypeError(f"convmerge.check takes an nn.Module or a path to a .safetensors file, "
+                        f"not {type(subject).__name__}")
+    if fn != "check" and not isinstance(subject, nn.Module):
+        if isinstance(subject, (str, os.PathLike)):
+            raise TypeError(f"convmerge.{fn} takes a torch.nn.Module, not a path; for a file, run `convmerge fuse "
+                            "FILE` (or build the module with convmerge.api.load_module(arch, path)); "
+                            "convmerge.check takes a path")
+        raise TypeError(f"convmerge.{fn} takes a torch.nn.Module, not {type(subject).__name__}")
+    if isinstance(subject, nn.Module):
+        _not_meta(fn, subject)
+    for name, value in (("graph", graph), ("arch", arch)):
+        if value is not None and not isinstance(value, (str, os.PathLike) if name == "graph" else str):
+            kind = "a path (str or os.PathLike)" if name == "graph" else "a 'module:callable' string"
+            raise TypeError(f"convmerge.{fn}: {name} must be {kind}, not {type(value).__name__} {value!r}")
+    if policy not in POLICIES:
+        raise ValueError(f"convmerge.{fn}: policy must be one of {', '.join(map(repr, POLICIES))}, not {policy!r}")
+    return _input_size(fn, input_size)
+
+
+def _input_size(fn: str, value: Any) -> Optional[tuple[int, ...]]:
+    """1 to 3 positive ints (one per spatial axis, or one for all), as a tuple; None stays None."""
+    if value is None:
+        return None
+    what = f"convmerge.{fn}: input_size"
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{what} must be a sequence of ints like (224, 224), not {type(value).__name__} {value!r}")
+    size = []
+    for n in value:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"{what} must hold ints, not {type(n).__name__} {n!r} (in {tuple(value)!r})")
+        size.append(int(n))
+    if not 1 <= len(size) <= 3:
+        raise ValueError(f"{what} must hold 1 to 3 sizes (one per spatial axis), not {len(size)}")
+    if any(n < 1 for n in size):
+        raise ValueError(f"{what} must be positive, not {tuple(size)!r}")
+    return tuple(size)
+
+
+def _not_meta(fn: str, module: nn.Module) -> None:
+    """A module built on the meta device has shapes but no values: nothing to judge or merge."""
+    for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
+        if t.is_meta:
+            raise ValueError(f"convmerge.{fn}: tensor {name!r} is on the meta device (no values); "
+                             "load the weights first, e.g. module.to_empty(device='cpu') then load_state_dict")
 
 
 def check(
@@ -25,6 +79,7 @@ def check(
     policy: str = "cheaper",
 ) -> dict[str, Any]:
     """The report (same content as `convmerge check --json`) for a module or a safetensors file."""
+    input_size = _check_args("check", model_or_path, input_size=input_size, policy=policy, graph=graph, arch=arch)
     if isinstance(model_or_path, nn.Module):
         g, tensors, _, _ = _describe(model_or_path)
         report = model.analyze(g, tensors, input_size, policy).report()
@@ -41,6 +96,7 @@ def fuse(module: nn.Module, *, input_size: Optional[Sequence[int]] = None, polic
     The result is a `torch.fx.GraphModule` running the traced graph with each merged chain or region
     replaced by one standard `nn.Conv*d` holding the verified merged weights.
     """
+    input_size = _check_args("fuse", module, input_size=input_size, policy=policy)
     g, tensors, traced, nodes = _describe(module)
     plan = model.analyze(g, tensors, input_size, policy)
     return fused_module(module, plan, traced, nodes)

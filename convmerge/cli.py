@@ -16,8 +16,15 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
+from typer.core import TyperGroup
 
 from . import __version__
+
+try:
+    from typer._click.exceptions import ClickException  # newer typer ships its own copy of click
+except ImportError:  # an older typer runs on click itself
+    from click.exceptions import ClickException  # type: ignore[no-redef]
 
 EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_CODES = (
@@ -25,7 +32,27 @@ EXIT_CODES = (
     "3 a merge failed its numeric check or another internal error (nothing was written)."
 )
 
+
+class _Group(TyperGroup):
+    """Usage errors as one line and exit 2, as the README promises (click draws a multi-line box)."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except ClickException as e:
+            code = e.exit_code
+            if type(e).__name__ != "NoArgsIsHelpError":  # that one's message is the help, shown already
+                ctx = getattr(e, "ctx", None)
+                hint = f" (see '{ctx.command_path if ctx is not None else 'convmerge'} --help')"
+                typer.echo(f"convmerge: error: {' '.join(e.format_message().split())}{hint}", err=True)
+                code = EXIT_INPUT
+        if not standalone_mode:
+            return code
+        sys.exit(code or 0)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="convmerge",
     help="Merge consecutive convolutions into one, exactly, and prove when it cannot.\n\n" + EXIT_CODES,
     no_args_is_help=True,
@@ -57,16 +84,18 @@ SizeOpt = Annotated[Optional[str], typer.Option(
     "--input-size", "-s", metavar="HxW",
     help="Spatial input size, one number per axis (224x224 or 224,224). Decides size-dependent pairs. "
          "Without it they are not merged and costs assume 224 per axis.", rich_help_panel=SIZE)]
-PolicyOpt = Annotated[Policy, typer.Option("--policy", "-p", help="cheaper: merge only where MACs do not grow; "
-                                                                   "all: every exact merge.", rich_help_panel=SIZE)]
+PolicyOpt = Annotated[Policy, typer.Option(
+    "--policy", "-p", help="cheaper: merge only where the estimated CPU cost does not grow (a model fitted on CPU "
+                           "timings: MACs weighted by conv kind, plus memory traffic, plus a cost per layer; "
+                           "convmerge.spec.cost); all: every exact merge.", rich_help_panel=SIZE)]
 FailOpt = Annotated[Optional[FailOn], typer.Option(
     "--fail-on", help="Exit 1 if any pair is unmergeable / size-dependent or worse / not merged (for CI).",
     rich_help_panel=OUTPUT, show_default=False)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout (human output goes to stderr).",
-                                       rich_help_panel=OUTPUT)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout; stderr then gets one summary "
+                                       "line, and warnings and errors.", rich_help_panel=OUTPUT)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.", rich_help_panel=OUTPUT)]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Counterexample values and timings.",
-                                          rich_help_panel=OUTPUT)]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Counterexample values, and the time each "
+                                          "phase took.", rich_help_panel=OUTPUT)]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.", rich_help_panel=OUTPUT)]
 
 
@@ -84,7 +113,7 @@ def _main(
     pass
 
 
-@app.command(epilog="Example: convmerge check model.safetensors --input-size 224x224 --fail-on unmergeable")
+@app.command(epilog="Example: convmerge check examples/example.safetensors --input-size 65x65 --fail-on unmergeable")
 def check(
     model: ModelArg,
     graph: GraphOpt = None,
@@ -104,31 +133,36 @@ def check(
     size = _parse_size(input_size)
 
     def work() -> int:
-        from . import model as m
+        clock = _Clock()
+        with clock("import"):
+            from . import io
+            from . import model as m
 
-        with _progress(json_out, quiet) as tick:
+        with clock("judge"), _progress(json_out, quiet) as tick:
             rep = m.check_file(str(model), graph_file=_s(graph), arch=arch, input_size=size,
                                policy=policy.value, on_chain=tick)
         if counterexamples is not None:
-            _write_counterexamples(rep, counterexamples)
-        return _finish(rep.to_dict(), json_out, quiet, verbose, fail_on)
+            with clock("counterexamples"):
+                io.write_counterexamples(counterexamples, rep.pairs)
+        return _finish(rep.to_dict(), json_out, quiet, verbose, fail_on, clock)
 
     _run(work, debug)
 
 
-@app.command(epilog="Example: convmerge fuse model.safetensors -o model.fused.safetensors --input-size 224x224")
+@app.command(epilog="Example: convmerge fuse examples/example.safetensors -o example.fused.safetensors "
+                    "--input-size 65x65")
 def fuse(
     model: ModelArg,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file [default: <stem>.fused.safetensors "
-                                                                          "beside the input].", rich_help_panel=OUT,
-                                                   show_default=False)] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="PATH", help="Output file [default: "
+                                                  "<stem>.fused.safetensors beside the input].", rich_help_panel=OUT,
+                                                  show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing output files.",
                                         rich_help_panel=OUT)] = False,
-    report: Annotated[Optional[Path], typer.Option("--report", metavar="PATH", help="Also write the JSON report, with "
-                                                   "the description used, for reproducibility.", rich_help_panel=OUT)] = None,
-    export: Annotated[Optional[Path], typer.Option("--export", metavar="PATH", help="Also write a torch.export "
-                                                   "program (.pt2) of the fused model; needs --arch and --input-shape.",
-                                                   rich_help_panel=OUT)] = None,
+    report: Annotated[Optional[str], typer.Option("--report", metavar="PATH", help="Also write the JSON report, with "
+                                                  "the description used, for reproducibility.", rich_help_panel=OUT)] = None,
+    export: Annotated[Optional[str], typer.Option("--export", metavar="PATH", help="Also write a torch.export "
+                                                  "program (.pt2) of the fused model; needs --arch and --input-shape.",
+                                                  rich_help_panel=OUT)] = None,
     input_shape: Annotated[Optional[str], typer.Option("--input-shape", metavar="N,C,H,W",
                                                        help="Example input shape for --export.",
                                                        rich_help_panel=OUT)] = None,
@@ -144,19 +178,23 @@ def fuse(
 ) -> None:
     """Merge every exact conv chain and write a new, self-describing safetensors file."""
     size = _parse_size(input_size)
-    out = output or model.with_name(model.name.removesuffix(".safetensors") + ".fused.safetensors")
+    out = output or str(model.with_name(model.name.removesuffix(".safetensors") + ".fused.safetensors"))
     shape = _parse_shape(input_shape) if input_shape else None
     if export is not None and (arch is None or shape is None):
         _usage("--export needs --arch MODULE:CALLABLE and --input-shape N,C,H,W")
 
     def work() -> int:
-        from . import io
-        from . import model as m
+        clock = _Clock()
+        with clock("import"):
+            from . import io
+            from . import model as m
 
         io.check_outputs([p for p in (out, report, export) if p is not None], [model], force)
-        pending: list[tuple[Path, Path]] = []  # (written temp, final path): published once the model is
+        pending: list[tuple[str, str]] = []  # (written temp, final path): published once the model is
 
         def companions(rep: Any, doc: dict) -> None:
+            if report is not None or export is not None:
+                clock.start("companions")
             if report is not None:
                 data = dict(rep.to_dict(), description_used=doc)
                 pending.append(_stage(report, (json.dumps(data, indent=2) + "\n").encode()))
@@ -165,30 +203,34 @@ def fuse(
 
                 fused = api.fuse(api.load_module(arch, str(model)), input_size=size, policy=policy.value)  # type: ignore[arg-type]
                 pending.append(_stage(export, api.export_bytes(fused, shape)))  # type: ignore[arg-type]
+            clock.start("write")
+
+        clock.start("plan")
 
         try:
             with _progress(json_out, quiet) as tick:
-                rep = m.fuse_file(str(model), str(out), graph_file=_s(graph), arch=arch, input_size=size,
+                rep = m.fuse_file(str(model), out, graph_file=_s(graph), arch=arch, input_size=size,
                                   policy=policy.value, force=force, on_chain=tick, before_write=companions)
+            clock.stop()
             for tmp, final in pending:
                 os.replace(tmp, final)
         finally:
             for tmp, _ in pending:
-                if tmp.exists():
-                    tmp.unlink()
-        data = rep.to_dict()
-        return _finish(data, json_out, quiet, verbose, fail_on)
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        return _finish(rep.to_dict(), json_out, quiet, verbose, fail_on, clock)
 
     _run(work, debug)
 
 
-@app.command(epilog="Example: convmerge annotate model.safetensors --arch mypkg.models:build -o model.described.safetensors")
+@app.command(epilog="Example: convmerge annotate examples/example.safetensors --arch examples/model.py:build "
+                    "-o example.described.safetensors")
 def annotate(
     model: ModelArg,
     arch: Annotated[str, typer.Option("--arch", "-a", metavar="MODULE:CALLABLE", help="Module to trace.",
                                       rich_help_panel=DESC)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the annotated copy.",
-                                         rich_help_panel=OUT)],
+    output: Annotated[str, typer.Option("--output", "-o", metavar="PATH", help="Where to write the annotated copy.",
+                                        rich_help_panel=OUT)],
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.",
                                         rich_help_panel=OUT)] = False,
     quiet: QuietOpt = False,
@@ -205,53 +247,34 @@ def annotate(
         doc = trace.describe_module(trace.build_module(arch), arch)
         graph = parse(doc, header.tensors, f"--arch {arch}")
         metadata = dict(header.metadata, **{GRAPH_KEY: json.dumps(doc)})
-        io.write_model(str(output), [(n, i) for n, i in header.tensors.items()], metadata, src=header, force=force)
+        io.write_model(output, [(n, i) for n, i in header.tensors.items()], metadata, src=header, force=force)
         if not quiet:
-            _console(False).print(f"wrote {output}: {len(graph.layers)} layers, {len(graph.pairs())} conv pairs described")
+            _console(False).print(f"wrote {output}: {len(graph.layers)} layers, {len(graph.pairs())} conv pairs described",
+                                  markup=False)
         return EXIT_OK
 
     _run(work, debug)
 
 
-@app.command(epilog="Example: convmerge inspect model.safetensors")
+@app.command(epilog="Example: convmerge inspect examples/example.safetensors")
 def inspect(
     model: ModelArg,
     graph: GraphOpt = None,
+    arch: ArchOpt = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """List conv-shaped tensors and, when the file is described, its layers and conv pairs."""
 
     def work() -> int:
-        from . import io
-        from .graph import GraphError, parse
-        from .model import find_description
+        from .model import inspect_file
 
-        header = io.read_header(str(model))
-        info: dict[str, Any] = {
-            "file": str(model), "tensor_count": len(header.tensors), "metadata_keys": sorted(header.metadata),
-            "conv_tensors": [{"name": n, "dtype": t.dtype, "shape": list(t.shape)} for n, t in header.tensors.items()
-                             if n.endswith(".weight") and 3 <= len(t.shape) <= 5],
-            "description": None,
-        }
-        try:
-            doc, where = find_description(header, _s(graph))
-        except GraphError as e:
-            if "no graph description" not in str(e):
-                raise
-            info["missing"] = ("pass --graph FILE, or store one with `convmerge annotate MODEL --arch MODULE:CALLABLE "
-                               "-o OUT`; `check`/`fuse` refuse to guess how layers connect")
-        else:
-            g = parse(doc, header.tensors, where)
-            info.update(description=where, layer_count=len(g.layers),
-                        pairs=[{"first": p.first, "second": p.second, "via": list(p.via), "blocked": p.blocked}
-                               for p in g.pairs()])
-        return _emit(info, json_out, "inspect")
+        return _emit(inspect_file(str(model), graph_file=_s(graph), arch=arch), json_out, "inspect")
 
     _run(work, debug)
 
 
-@app.command(epilog="Example: convmerge explain model.safetensors stem.0 stem.2 --input-size 9x9")
+@app.command(epilog="Example: convmerge explain examples/example.safetensors 11 12 --input-size 9x9")
 def explain(
     model: ModelArg,
     first: Annotated[str, typer.Argument(help="The first conv of a pair, or the output layer of a region.",
@@ -344,19 +367,30 @@ def _emit(data: dict[str, Any], json_out: bool, view: str) -> int:
     return EXIT_OK
 
 
-def _finish(rep: dict[str, Any], json_out: bool, quiet: bool, verbose: bool, fail_on: Optional[FailOn]) -> int:
-    """Print the report and apply the CI gate."""
+def _finish(rep: dict[str, Any], json_out: bool, quiet: bool, verbose: bool, fail_on: Optional[FailOn],
+            clock: _Clock) -> int:
+    """Print the report and apply the CI gate.
+
+    With --json, stderr gets one summary line (as linters' JSON modes do), then warnings and errors.
+    """
+    from . import render
+
+    timings = clock.line() if verbose else ""
     if json_out:
         sys.stdout.write(json.dumps(rep, indent=2) + "\n")
-    if not quiet:
-        from . import render
-
-        console = _console(json_out)
+        if not quiet:
+            line = render.summary_line(rep) + (f" ({timings})" if timings else "")
+            _console(True).print(line, soft_wrap=True, markup=False)
+    elif not quiet:
+        console = _console(False)
         render.report(console, rep, verbose)
+        if timings:
+            console.print(timings, markup=False)
     failing = _gate(rep, fail_on)
     if failing:
         if not quiet:
-            _console(True).print(f"[red]gate --fail-on {fail_on.value} failed[/]: {failing}")  # type: ignore[union-attr]
+            _console(True).print(Text.assemble((f"gate --fail-on {fail_on.value} failed", "red"),  # type: ignore[union-attr]
+                                               f": {failing}"), soft_wrap=True)
         return EXIT_GATE
     return EXIT_OK
 
@@ -373,37 +407,54 @@ def _gate(rep: dict[str, Any], fail_on: Optional[FailOn]) -> str:
     return f"{len(hits)} pair(s): {', '.join(hits[:5])}{' ...' if len(hits) > 5 else ''}" if hits else ""
 
 
-def _stage(final: Path, data: bytes) -> tuple[Path, Path]:
+def _stage(final: str, data: bytes) -> tuple[str, str]:
     """Write a companion file under a hidden name beside `final`; renaming it later cannot run out of space."""
     from . import io
 
-    tmp = final.with_name(f".{final.name}.pending-{os.getpid()}")
+    folder, name = os.path.split(final)
+    tmp = os.path.join(folder, f".{name}.pending-{os.getpid()}")
     io.write_bytes(tmp, data, force=True)
     return tmp, final
 
 
-def _write_counterexamples(rep: Any, directory: Path) -> None:
-    from . import io
+class _Clock:
+    """Wall time of each phase of a command, measured around the library calls, for -v."""
 
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise io.ModelFileError(f"{directory}: cannot create the counterexample folder: {e.strerror or e}") from None
-    for p in rep.pairs:
-        ce = p.counterexample
-        if ce is None:
-            continue
-        tensors = [("input", ce.input.contiguous()), ("pair_output", ce.pair_output.contiguous()),
-                   ("candidate_output", ce.candidate_output.contiguous())]
-        meta = {"first": p.first, "second": p.second, "output_index": json.dumps(list(ce.index))}
-        io.write_model(directory / f"{p.first}__{p.second}.safetensors", tensors, meta, force=True)
+    def __init__(self) -> None:
+        self.phases: list[tuple[str, float]] = []
+        self._open: Optional[tuple[str, float]] = None
+
+    def start(self, name: str) -> None:
+        """End the running phase, if any, and start `name`."""
+        self.stop()
+        self._open = (name, time.perf_counter())
+
+    def stop(self) -> None:
+        if self._open is not None:
+            name, began = self._open
+            self.phases.append((name, time.perf_counter() - began))
+            self._open = None
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.start(name)
+        try:
+            yield
+        finally:
+            self.stop()
+
+    def line(self) -> str:
+        return "timings: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.phases)
 
 
 @contextmanager
 def _progress(json_out: bool, quiet: bool) -> Iterator[Callable[[], None]]:
-    """A transient spinner on stderr, shown only on a terminal and only once work passes a second."""
+    """A transient spinner on stderr, shown only on a terminal and only once work passes a second.
+
+    Not under NO_COLOR: a transient spinner moves the cursor with escape codes, and NO_COLOR means none.
+    """
     console = _console(True)
-    if quiet or not console.is_terminal:
+    if quiet or not console.is_terminal or os.environ.get("NO_COLOR"):
         yield lambda: None
         return
     from rich.progress import Progress, SpinnerColumn, TextColumn
@@ -440,8 +491,11 @@ def _run(work: Callable[[], int], debug: bool) -> None:
     except Exception as e:  # noqa: BLE001 - sorted into expected and internal below
         if debug:
             raise
+        from .io import OutputExists
+
         code = _exit_code(e)
-        text = " ".join(str(e).split()) or type(e).__name__
+        text = f"{e.shown}: exists; pass --force to overwrite" if isinstance(e, OutputExists) else str(e)
+        text = " ".join(text.split()) or type(e).__name__
         if code == EXIT_INTERNAL:
             text = f"internal error: {type(e).__name__}: {text} (rerun with --debug for the traceback)"
         typer.echo(f"convmerge: error: {text}", err=True)

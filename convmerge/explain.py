@@ -45,7 +45,7 @@ def explain_pair(graph: Graph, tensors: Tensors, first: str, second: str,
     mid = a.spec.out_size(size)
     specs = [dict(padding_fields(c.spec), bias=c.bias is not None) for c in (a, b)]
     if folded and graph.specs[first].bias is False:
-        specs[0]["bias_from"] = f"the shift of {', '.join(folded)} (folded)"
+        specs[0]["bias_from"] = f"{', '.join(folded)} (shift folded)"
     return {
         "kind": "pair", "first": first, "second": second, "via": list(pair.via), "blocked": pair.blocked,
         "specs": specs,

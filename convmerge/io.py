@@ -15,12 +15,13 @@ import errno
 import json
 import math
 import os
+import re
 import signal
 import secrets
 import stat
 import struct
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -33,6 +34,7 @@ __all__ = [
     "Header",
     "LazyTensor",
     "ModelFileError",
+    "OutputExists",
     "Source",
     "check_outputs",
     "TensorInfo",
@@ -41,6 +43,8 @@ __all__ = [
     "read_tensor",
     "torch_dtype",
     "write_bytes",
+    "write_counterexamples",
+    "write_in_folder",
     "write_model",
 ]
 
@@ -82,6 +86,17 @@ _NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _DTYPES.items()
 
 class ModelFileError(ValueError):
     """A model file we cannot use; ``str(e)`` is one line naming the file and the problem."""
+
+
+class OutputExists(ModelFileError):
+    """An output file exists and ``force`` was not given; ``shown`` is its path as messages print it.
+
+    The message names the keyword (``force=True``); the command line words it as its own flag.
+    """
+
+    def __init__(self, shown: str) -> None:
+        super().__init__(f"{shown}: exists; pass force=True to overwrite")
+        self.shown = shown
 
 
 @dataclass(frozen=True)
@@ -205,6 +220,70 @@ def write_bytes(out: str | os.PathLike[str], data: bytes, *, force: bool = False
     _write_atomic(out_path, shown, force, lambda fd: _write_all(fd, memoryview(data)))
 
 
+def write_in_folder(
+    folder: str | os.PathLike[str],
+    items: Iterable[tuple[str, Sequence[tuple[str, Source]], dict[str, str]]],
+    *,
+    force: bool = True,
+) -> list[str]:
+    """Write one safetensors file per ``(stem, tensors, metadata)`` item into ``folder`` (created if needed).
+
+    Stems come from hostile places (layer names in a description), so each becomes a plain file
+    name inside ``folder``: only ``[A-Za-z0-9_.-]``, no leading dot, at most 120 characters, and
+    distinct from the other items' names even on a case-insensitive filesystem (``-2``, ``-3``...).
+    Keep the original stem in ``metadata`` to tell the files apart. ``force`` (the default)
+    replaces files a previous run left; a link there is replaced, never followed. Returns the paths.
+    """
+    where = os.fsdecode(folder)
+    try:
+        os.makedirs(where, exist_ok=True)
+    except OSError as e:
+        raise ModelFileError(f"{_show(where)}: cannot create the folder: {e.strerror or e}") from None
+    written: list[str] = []
+    taken: set[str] = set()
+    for stem, tensors, metadata in items:
+        name = _file_name(stem, taken)
+        path = os.path.join(where, name + ".safetensors")
+        write_model(path, tensors, metadata, force=force)
+        written.append(path)
+    return written
+
+
+def write_counterexamples(folder: str | os.PathLike[str], pairs: Iterable[Any]) -> list[str]:
+    """One file per pair that has a counterexample: tensors ``input``, ``pair_output``, ``candidate_output``.
+
+    ``pairs`` are report entries (``.first``, ``.second``, ``.counterexample`` with ``.input``,
+    ``.pair_output``, ``.candidate_output`` and ``.index``); the metadata keeps the layer names
+    (``first``, ``second``) and the ``output_index`` (JSON) where the two outputs differ.
+    """
+    items = []
+    for p in pairs:
+        ce = p.counterexample
+        if ce is None:
+            continue
+        tensors = [("input", ce.input.contiguous()), ("pair_output", ce.pair_output.contiguous()),
+                   ("candidate_output", ce.candidate_output.contiguous())]
+        meta = {"first": p.first, "second": p.second, "output_index": json.dumps(list(ce.index))}
+        items.append((f"{p.first}__{p.second}", tensors, meta))
+    return write_in_folder(folder, items)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def _file_name(stem: str, taken: set[str]) -> str:
+    """A safe, new name for ``stem`` (see write_in_folder); ``taken`` holds the lower-cased names used."""
+    base = _UNSAFE.sub("_", stem)[:120] or "_"
+    if base.startswith("."):
+        base = "_" + base[1:]
+    name, k = base, 1
+    while name.lower() in taken:
+        k += 1
+        name = f"{base}-{k}"
+    taken.add(name.lower())
+    return name
+
+
 def _write_atomic(out_path: str, shown: str, force: bool, fill: Callable[[int], None]) -> None:
     """Temp file in the target folder, fsync, normal permissions, then publish; no temp file survives."""
     directory = os.path.dirname(out_path) or "."
@@ -227,7 +306,7 @@ def _write_atomic(out_path: str, shown: str, force: bool, fill: Callable[[int], 
                 with suppress(OSError):
                     os.close(fd)
             if tmp and not (fd < 0 and isinstance(e, FileExistsError)):
-                with suppress(FileNotFoundError):
+                with suppress(OSError):  # absent, or a read-only folder (EROFS): nothing of ours to remove
                     os.unlink(tmp)
             if isinstance(e, OSError):
                 raise ModelFileError(f"cannot write {shown}: {e.strerror or e}") from None
@@ -467,8 +546,10 @@ def _check_target(out: str, shown: str, src: Header | None, force: bool) -> None
         raise ModelFileError(f"{shown}: is the input file; write the output elsewhere")
     if os.path.isdir(out):
         raise ModelFileError(f"{shown}: is a directory")
+    if out.endswith(("/", os.sep)):
+        raise ModelFileError(f"{shown}: names a folder, not a file; give the output's file name")
     if os.path.lexists(out) and not force:
-        raise ModelFileError(f"{shown}: exists; pass --force to overwrite")
+        raise OutputExists(shown)
 
 
 def _stream(fd: int, head: bytes, plan: _Plan, src: Header | None) -> None:
@@ -559,7 +640,7 @@ def _publish(tmp: str, out: str, shown: str, force: bool) -> None:
     try:
         os.link(tmp, out)
     except FileExistsError:
-        raise ModelFileError(f"{shown}: exists; pass --force to overwrite") from None
+        raise OutputExists(shown) from None
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
             raise

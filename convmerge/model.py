@@ -59,7 +59,9 @@ def find_description(header: io.Header, graph_file: Optional[str] = None, arch: 
 def _read_sidecar(path: str) -> str:
     """A --graph file: a regular file (not a FIFO or /dev/zero) of bounded size, UTF-8."""
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise GraphError(f"{path}: not a regular file; pass a JSON description file")
             raw = f.read(MAX_DESCRIPTION_BYTES + 1)
@@ -123,3 +125,35 @@ def check_file(path: str, *, graph_file: Optional[str] = None, arch: Optional[st
     report = analyze(graph, file_tensors(header), input_size, policy, on_chain).report()
     report.source, report.description = os.fspath(path), where
     return report
+
+
+def inspect_file(path: str, graph_file: Optional[str] = None, arch: Optional[str] = None) -> dict[str, Any]:
+    """What `convmerge inspect` shows, as data: the conv-shaped tensors (in natural order: 2 before 10)
+    and, when a description is found (FORMAT.md, section 1), the layer count and the conv pairs."""
+    header = io.read_header(path)
+    convs = sorted((n for n, t in header.tensors.items() if n.endswith(".weight") and 3 <= len(t.shape) <= 5),
+                   key=_natural)
+    info: dict[str, Any] = {
+        "file": os.fspath(path), "tensor_count": len(header.tensors), "metadata_keys": sorted(header.metadata),
+        "conv_tensors": [{"name": n, "dtype": header.tensors[n].dtype, "shape": list(header.tensors[n].shape)}
+                         for n in convs],
+        "description": None,
+    }
+    if not (graph_file or arch or GRAPH_KEY in header.metadata):
+        info["missing"] = ("pass --graph FILE or --arch MODULE:CALLABLE, or store one with `convmerge annotate "
+                           "MODEL --arch MODULE:CALLABLE -o OUT`; `check`/`fuse` refuse to guess how layers connect")
+        return info
+    doc, where = find_description(header, graph_file, arch)
+    g = parse(doc, header.tensors, where)
+    info.update(description=where, layer_count=len(g.layers),
+                pairs=[{"first": p.first, "second": p.second, "via": list(p.via), "blocked": p.blocked}
+                       for p in g.pairs()])
+    return info
+
+
+def _natural(name: str) -> tuple:
+    """Sort key that orders the digit runs of a name by value: '2.weight' before '10.weight'."""
+    import re
+
+    parts = re.split(r"(\d+)", name)
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))

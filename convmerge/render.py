@@ -1,8 +1,16 @@
-"""Terminal rendering of reports, listings and explanations (rich), from the same dicts as --json."""
+"""Terminal rendering of reports, listings and explanations (rich), from the same dicts as --json.
+
+Tables are data: a tuple of `Column`s per table, and `grid` lays any of them out. `grid` picks
+the column widths itself, because rich shrinks the widest column first and so folds numbers
+mid-token on a narrow terminal (`1.3e-15` over two lines): every column is at least as wide as
+its longest word, so cells wrap only between words; only layer names fold, when nothing fits.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
 
 from rich import box
 from rich.console import Console, Group
@@ -10,11 +18,84 @@ from rich.table import Table
 from rich.text import Text
 
 VERDICT_STYLE = {"mergeable": "green", "size-dependent": "yellow", "unmergeable": "red", "skipped": "dim"}
-SHADES = " .:-=+*#%@"
+SHADES = ":-=+*#%@"
+"""Error-map marks from the smallest difference to the largest."""
+EQUAL = "·"
+"""Error-map mark of an output position where the pair and the single conv agree."""
+FOLD_MIN = 8
+"""Narrowest a column of layer names gets before they fold inside a name."""
+
+Cell = Union[str, Text]
 
 
-def _table(title: Optional[str] = None) -> Table:
-    return Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", title_style="bold")
+@dataclass(frozen=True)
+class Column:
+    """One table column: its header, how a row fills it, and how it may wrap.
+
+    Cells wrap between words; `whole` cells never wrap (short values such as '>= 2' or a shape);
+    `fold` cells (layer names) may break inside a word when the table has no room left.
+    """
+
+    header: str
+    cell: Callable[[dict[str, Any]], Cell]
+    whole: bool = False
+    fold: bool = False
+
+
+def grid(console: Console, title: Optional[str], columns: tuple[Column, ...], rows: list[dict[str, Any]]) -> Table:
+    """A table of `rows` whose numbers and verdicts stay whole at the console's width."""
+    cells = [[_text(c.cell(row)) for c in columns] for row in rows]
+    heads = [Text(c.header) for c in columns]
+    longest = [max([_longest_line(heads[j])] + [_longest_line(r[j]) for r in cells]) for j in range(len(columns))]
+    shortest = [max([_longest_word(heads[j])] + [_least(r[j], col) for r in cells]) for j, col in enumerate(columns)]
+    for pad in (1, 0):  # a gap of three between columns, or of one where that is what fits
+        widths = _fit(console.width - (2 * pad + 1) * (len(columns) - 1), shortest, longest, columns)
+        if widths is not None:
+            break
+    else:
+        widths = shortest
+    table = Table(title=Text(title) if title else None, box=box.SIMPLE_HEAD, title_justify="left",
+                  title_style="bold", show_edge=False, pad_edge=False, padding=(0, pad), header_style="bold")
+    for head, width in zip(heads, widths):
+        table.add_column(head, width=width, overflow="fold")
+    for row in cells:
+        table.add_row(*row)
+    return table
+
+
+def _fit(room: int, shortest: list[int], longest: list[int], columns: tuple[Column, ...]) -> Optional[list[int]]:
+    """Widths within `room`: each column at least its longest word, the rest shared out; None if none fit."""
+    widths = list(shortest)
+    for j, col in enumerate(columns):
+        if col.fold and sum(widths) > room:
+            widths[j] = min(widths[j], max(FOLD_MIN, widths[j] - (sum(widths) - room)))
+    if sum(widths) > room:
+        return None
+    spare = room - sum(widths)
+    while spare > 0:
+        growing = [j for j in range(len(widths)) if widths[j] < longest[j]]
+        if not growing:
+            break
+        for j in growing[:spare]:
+            widths[j] += 1
+        spare = room - sum(widths)
+    return widths
+
+
+def _text(cell: Cell) -> Text:
+    return cell if isinstance(cell, Text) else Text(cell)
+
+
+def _longest_line(t: Text) -> int:
+    return max((len(line) for line in t.plain.splitlines()), default=0)
+
+
+def _longest_word(t: Text) -> int:
+    return max((len(word) for word in t.plain.split()), default=0)
+
+
+def _least(t: Text, col: Column) -> int:
+    return _longest_line(t) if col.whole else _longest_word(t)
 
 
 def conv_words(fields: Optional[dict[str, Any]]) -> str:
@@ -54,59 +135,92 @@ def _si(n: int) -> str:
     return str(n)
 
 
+def _verdict(p: dict[str, Any]) -> Text:
+    t = Text(p["verdict"], style=VERDICT_STYLE.get(p["verdict"], ""))
+    if p.get("applied"):
+        t.append(" (merged)", style="bold")
+    return t
+
+
+def _pair_name(p: dict[str, Any]) -> str:
+    return f"{p['first']} -> {p['second']}" + (f" (via {', '.join(p['via'])})" if p["via"] else "")
+
+
+def _region_name(r: dict[str, Any]) -> str:
+    return f"{r['input']} -> {r['output']} ({len(r['layers'])} layers{', branches' if r['kind'] == 'branches' else ''})"
+
+
+REGION_COLUMNS = (
+    Column("#", lambda r: str(r["number"]), whole=True),
+    Column("region", _region_name, fold=True),
+    Column("verdict", _verdict),
+    Column("one conv", lambda r: conv_words(r.get("merged"))),
+    Column("MACs", lambda r: _macs(r.get("macs"))),
+)
+PAIR_COLUMNS = (
+    Column("#", lambda p: str(p["number"]), whole=True),
+    Column("pair", _pair_name, fold=True),
+    Column("verdict", _verdict),
+    Column("merged conv", lambda p: conv_words(p.get("merged"))),
+    Column("MACs", lambda p: _macs(p.get("macs"))),
+)
+MERGE_COLUMNS = (
+    Column("layers", lambda m: " + ".join(m["layers"]), fold=True),
+    Column("into", lambda m: m["into"], fold=True),
+    Column("conv", lambda m: conv_words(m["conv"])),
+    Column("dtype", lambda m: m["dtype"], whole=True),
+    Column("error (f64)", lambda m: f"{m['verified_max_error']:.1e}", whole=True),
+    Column("rounding", lambda m: f"{m['rounding_error']:.1e}", whole=True),
+    Column("MACs", lambda m: _macs(m["macs"])),
+)
+
+
+@dataclass(frozen=True)
+class Section:
+    """A table of the report: the key of its rows, its title, its columns, and whether each row's
+    'reason' is listed below it (numbered like the table's '#')."""
+
+    key: str
+    title: str
+    columns: tuple[Column, ...]
+    reasons: bool = False
+
+
+REPORT_SECTIONS = (
+    Section("regions", "Regions (linear layers between one input and one output)", REGION_COLUMNS, reasons=True),
+    Section("pairs", "Conv pairs", PAIR_COLUMNS, reasons=True),
+    Section("merges", "Merges", MERGE_COLUMNS),
+)
+
+
 def report(console: Console, rep: dict[str, Any], verbose: bool = False) -> None:
-    """The regions and pairs tables, each reason below its table (reasons are sentences), the merges, a summary."""
-    if rep.get("regions"):
-        r = _table("Regions (linear parts between one input and one output)")
-        for col in ("#", "region", "verdict", "merged conv", "MACs before -> after"):
-            r.add_column(col, overflow="fold")
-        for i, g in enumerate(rep["regions"], 1):
-            name = f"{g['input']} -> {g['output']} ({len(g['layers'])} layers{', branches' if g['kind'] == 'branches' else ''})"
-            verdict = Text(g["verdict"], style=VERDICT_STYLE.get(g["verdict"], ""))
-            if g.get("applied"):
-                verdict.append(" (merged)", style="bold")
-            r.add_row(f"R{i}", name, verdict, conv_words(g.get("merged")), _macs(g.get("macs")))
-        console.print(r)
-        for i, g in enumerate(rep["regions"], 1):
-            line = Text(f" R{i}. ", style="bold").append(g["reason"])
-            ce = g.get("counterexample")
-            if ce and verbose:
-                line.append(f"\n    counterexample: input {ce['input_shape']}, output {ce['output_index']}: layers "
-                            f"{ce['pair_value']:.6g}, single conv {ce['candidate_value']:.6g}", style="dim")
-            console.print(line)
-    if not rep["pairs"]:
-        _merges_and_summary(console, rep)
-        return
-    t = _table("Conv pairs")
-    for col in ("#", "pair", "verdict", "merged conv", "MACs before -> after"):
-        t.add_column(col, overflow="fold")
-    for i, p in enumerate(rep["pairs"], 1):
-        name = f"{p['first']} -> {p['second']}" + (f" (via {', '.join(p['via'])})" if p["via"] else "")
-        verdict = Text(p["verdict"], style=VERDICT_STYLE.get(p["verdict"], ""))
-        if p.get("applied"):
-            verdict.append(" (merged)", style="bold")
-        t.add_row(str(i), name, verdict, conv_words(p.get("merged")), _macs(p.get("macs")))
-    console.print(t)
-    for i, p in enumerate(rep["pairs"], 1):
-        line = Text(f" {i}. ", style="bold").append(p["reason"])
+    """Each non-empty section's table (pairs with their reasons below, merges), then a summary line."""
+    for section in REPORT_SECTIONS:
+        rows = [dict(row, number=i) for i, row in enumerate(rep.get(section.key) or [], 1)]
+        if not rows:
+            continue
+        console.print(grid(console, section.title, section.columns, rows))
+        if section.reasons:
+            console.print(_reasons(rows, verbose))
+        console.print()
+    for note in rep.get("notes") or []:
+        console.print(Text.assemble(("note: ", "yellow"), note))
+    console.print(Text(summary_line(rep)))
+
+
+def _reasons(rows: list[dict[str, Any]], verbose: bool) -> Table:
+    """'n. reason', wrapped lines indented under the reason; -v adds the counterexample's values."""
+    t = Table.grid(padding=(0, 1, 0, 0))
+    t.add_column(justify="right", no_wrap=True)
+    t.add_column(overflow="fold")
+    for p in rows:
+        text = Text(p["reason"])
         ce = p.get("counterexample")
         if ce and verbose:
-            line.append(f"\n    counterexample: input {ce['input_shape']}, output {ce['output_index']}: pair "
+            text.append(f"\ncounterexample: input {ce['input_shape']}, output {ce['output_index']}: layers "
                         f"{ce['pair_value']:.6g}, single conv {ce['candidate_value']:.6g}", style="dim")
-        console.print(line)
-    _merges_and_summary(console, rep)
-
-
-def _merges_and_summary(console: Console, rep: dict[str, Any]) -> None:
-    if rep.get("merges"):
-        m = _table("\nMerges")
-        for col in ("layers", "into", "conv", "dtype", "max error (f64)", "rounding", "MACs before -> after"):
-            m.add_column(col, overflow="fold")
-        for e in rep["merges"]:
-            m.add_row(" + ".join(e["layers"]), e["into"], conv_words(e["conv"]), e["dtype"],
-                      f"{e['verified_max_error']:.1e}", f"{e['rounding_error']:.1e}", _macs(e["macs"]))
-        console.print(m)
-    console.print(summary_line(rep))
+        t.add_row(Text(f" {p['number']}.", style="bold"), text)
+    return t
 
 
 def summary_line(rep: dict[str, Any]) -> str:
@@ -115,93 +229,121 @@ def summary_line(rep: dict[str, Any]) -> str:
     cost = rep.get("cost_size")
     at = (f"at input size {'x'.join(map(str, size))}" if size else
           "for every input size (no --input-size" + (f"; costs at {'x'.join(map(str, cost))})" if cost else ")"))
-    line = (f"{s['pairs']} pair(s) {at}: {s['mergeable']} mergeable, {s['size_dependent']} size-dependent, "
+    line = (f"{s['regions']} region(s) {at}: {s['regions_merged']} merged whole, {s['regions_unmergeable']} "
+            f"unmergeable; {s['pairs']} pair(s): {s['mergeable']} mergeable, {s['size_dependent']} size-dependent, "
             f"{s['unmergeable']} unmergeable, {s['skipped']} skipped; {s['merged']} merged; "
-            f"{s['regions']} region(s), {s['regions_merged']} merged whole; "
             f"convs {s['convs_before']} -> {s['convs_after']}"
             + (f" ({s['bn_folded']} conv-BN fold(s))" if s.get("bn_folded") else ""))
     if rep.get("output"):
-        unchanged = not rep.get("merges")
-        line += f" -> wrote {rep['output']}" + (" (an unchanged copy: nothing merged)" if unchanged else "")
+        line += f" -> wrote {rep['output']}" + ("" if rep.get("merges") else " (an unchanged copy: nothing merged)")
     return line
 
 
+TENSOR_COLUMNS = (
+    Column("tensor", lambda c: c["name"], fold=True),
+    Column("dtype", lambda c: c["dtype"], whole=True),
+    Column("shape", lambda c: str(c["shape"]), whole=True),
+    Column("kernel", lambda c: "x".join(map(str, c["shape"][2:])), whole=True),
+)
+LISTED_def _region_name(r: dict[str, Any]) -> str:
+    return f"{r['input']} -> {r['output']} ({len(r['layers'])} layers{', branches' if r['kind'] == 'branches' else ''})"
+
+
+REGION_COLUMNS = (
+    Column("#", lambda r: str(r["number"]), whole=True),
+    Column("region", _region_name, fold=True),
+    Column("verdict", _verdict),
+    Column("one conv", lambda r: conv_words(r.get("merged"))),
+    Column("MACs", lambda r: _macs(r.get("macs"))),
+)
+PAIR_COLUMNS = (
+    Column("first", lambda p: p["first"], fold=True),
+    Column("second", lambda p: p["second"], fold=True),
+    Column("via", lambda p: ", ".join(p["via"]) or "-", fold=True),
+    Column("status", lambda p: p["blocked"] or "candidate"),
+)
+
+
 def inspect(console: Console, info: dict[str, Any]) -> None:
-    t = _table(f"Conv-shaped tensors in {info['file']}")
-    for col in ("tensor", "dtype", "shape", "kernel"):
-        t.add_column(col)
-    for c in info["conv_tensors"]:
-        t.add_row(c["name"], c["dtype"], str(c["shape"]), "x".join(map(str, c["shape"][2:])))
-    console.print(t)
-    console.print(f"{info['tensor_count']} tensor(s), {len(info['conv_tensors'])} conv-shaped")
+    console.print(grid(console, f"Conv-shaped tensors in {info['file']}", TENSOR_COLUMNS, info["conv_tensors"]))
+    console.print(Text(f"{info['tensor_count']} tensor(s), {len(info['conv_tensors'])} conv-shaped"))
     if info.get("description") is None:
-        console.print(f"[yellow]no graph description:[/] {info['missing']}")
+        console.print(Text.assemble(("no graph description: ", "yellow"), info["missing"]))
         return
-    console.print(f"description: {info['description']} ({info['layer_count']} layers, {len(info['pairs'])} conv pairs)")
+    console.print(Text(f"description: {info['description']} ({info['layer_count']} layers, "
+                       f"{len(info['pairs'])} conv pairs)"))
     if info["pairs"]:
-        p = _table("Conv pairs")
-        for col in ("first", "second", "via", "status"):
-            p.add_column(col)
-        for row in info["pairs"]:
-            p.add_row(row["first"], row["second"], ", ".join(row["via"]) or "-", row["blocked"] or "candidate")
-        console.print(p)
+        console.print(grid(console, "Conv pairs", LISTED_PAIR_COLUMNS, info["pairs"]))
+
+
+SPEC_ROWS = (
+    ("kernel", lambda f: "x".join(map(str, f["kernel_size"]))),
+    ("stride", lambda f: "x".join(map(str, f["stride"]))),
+    ("padding", lambda f: " ".join(f"[{lo},{hi}]" for lo, hi in f["padding"])),
+    ("dilation", lambda f: "x".join(map(str, f["dilation"]))),
+    ("groups", lambda f: str(f["groups"])),
+    ("mode", lambda f: f["padding_mode"]),
+    ("bias", lambda f: (f"from {f['bias_from']}" if f.get("bias_from") else "yes") if f["bias"] else "no"),
+)
+"""The rows of explain's spec table: one conv per column, so it stays narrow."""
+CONDITION_COLUMNS = (
+    Column("axis", lambda r: r["axis"], whole=True),
+    Column("side", lambda r: r["side"], whole=True),
+    Column("conv2 pad", lambda r: str(r["conv2_pad"]), whole=True),
+    Column("conv2 reads padding", lambda r: "yes" if r["conv2_reads_padding"] else "no", whole=True),
+    Column("conv1 pad", lambda r: str(r["conv1_pad"]), whole=True),
+    Column("conv1 pad needed", lambda r: "-" if r["conv1_pad_needed"] is None else f">= {r['conv1_pad_needed']}",
+           whole=True),
+    Column("holds", lambda r: Text("yes", style="green") if r["holds"] else Text("no", style="red"), whole=True),
+)
 
 
 def explain(console: Console, e: dict[str, Any]) -> None:
     if e.get("kind") == "region":
         explain_region(console, e)
         return
-    specs = _table(f"{e['first']} -> {e['second']}" + (f" (via {', '.join(e['via'])})" if e["via"] else ""))
-    for col in ("", "kernel", "stride", "padding [lo,hi]", "dilation", "groups", "mode", "bias"):
-        specs.add_column(col)
-    for label, f in (("conv1", e["specs"][0]), ("conv2", e["specs"][1]), ("candidate", e["candidate"])):
-        specs.add_row(label, str(f["kernel_size"]), str(f["stride"]), str(f["padding"]), str(f["dilation"]),
-                      str(f["groups"]), f["padding_mode"], "yes" if f["bias"] else "no")
-    conds = _table("Border conditions (per axis and side)")
-    for col in ("axis", "side", "conv2 pad", "conv2 reads padding", "conv1 pad", "conv1 pad needed", "holds"):
-        conds.add_column(col)
-    for r in e["conditions"]:
-        need = "-" if r["conv1_pad_needed"] is None else f">= {r['conv1_pad_needed']}"
-        conds.add_row(r["axis"], r["side"], str(r["conv2_pad"]), "yes" if r["conv2_reads_padding"] else "no",
-                      str(r["conv1_pad"]), need, Text("yes" if r["holds"] else "no", style="green" if r["holds"] else "red"))
+    convs = (("conv1", e["specs"][0]), ("conv2", e["specs"][1]), ("candidate", e["candidate"]))
+    spec_columns = (Column("", lambda r: r["label"], whole=True),) + tuple(
+        Column(name, lambda r, name=name: r[name]) for name, _ in convs)
+    spec_rows = [dict(label=label, **{name: show(f) for name, f in convs}) for label, show in SPEC_ROWS]
+    title = f"{e['first']} -> {e['second']}" + (f" (via {', '.join(e['via'])})" if e["via"] else "")
     size = "x".join(map(str, e["size"]))
     verdict = Text(e["verdict"], style=VERDICT_STYLE.get(e["verdict"], ""))
-    lines = [Text.assemble("verdict: ", verdict, f" - {e['reason']}")]
-    lines.append(Text(f"at input size {size}: {'exact' if e['exact_at_size'] else 'differs'}; "
-                      f"MACs {_macs(e['macs'])}"))
+    lines = [Text.assemble("verdict: ", verdict, f" - {e['reason']}"),
+             Text(f"at input size {size}: {'exact' if e['exact_at_size'] else 'differs'}; MACs {_macs(e['macs'])}")]
     if e["counterexample"]:
         ce = e["counterexample"]
         lines.append(Text(f"counterexample: input {ce['input_shape']}, output {ce['output_index']}: "
                           f"pair {ce['pair_value']:.6g}, single conv {ce['candidate_value']:.6g}"))
-    console.print(specs, conds, Group(*lines))
-    if e.get("error_map") is not None:
-        console.print(Text(f"\n|pair - single conv| per output position (one slice, max over channels; "
-                           f"'{SHADES[1]}' small ... '{SHADES[-1]}' largest, '·' equal):"))
-        console.print(error_grid(e["error_map"]))
+    console.print(grid(console, title, spec_columns, spec_rows),
+                  grid(console, "Border conditions (per axis and side)", CONDITION_COLUMNS, e["conditions"]),
+                  Group(*lines))
+    _error_map(console, e, "pair")
+
+
+BRANCH_COLUMNS = (
+    Column("branch output", lambda b: b["output"], fold=True),
+    Column("layers", lambda b: str(len(b["layers"])), whole=True),
+    Column("as one conv", lambda b: conv_words(b["conv"]) + (" +bias" if b["conv"] and b["conv"]["bias"] else "")),
+    Column("verdict", _verdict),
+)
+STEP_COLUMNS = (
+    Column("from", lambda r: r["from"], fold=True),
+    Column("to", lambda r: r["to"], fold=True),
+    Column("verdict", _verdict),
+    Column("why", lambda r: r["reason"]),
+)
 
 
 def explain_region(console: Console, e: dict[str, Any]) -> None:
-    """A region: its branches as single convs, the steps that decide it, the candidate, and where it differs."""
+    """A region: its branches as single convs, the moves that decide it, the candidate, and where it differs."""
     title = f"region {e['input']} -> {e['output']} ({len(e['layers'])} layers)"
     if e["branches"]:
-        t = _table(title + ": branches")
-        for col in ("branch output", "layers", "as one conv", "verdict"):
-            t.add_column(col, overflow="fold")
-        for b in e["branches"]:
-            t.add_row(b["output"], str(len(b["layers"])), conv_words(b["conv"]) + (" +bias" if b["conv"] and
-                                                                                   b["conv"]["bias"] else ""),
-                      Text(b["verdict"], style=VERDICT_STYLE.get(b["verdict"], "")))
-        console.print(t)
+        console.print(grid(console, title + ": branches", BRANCH_COLUMNS, e["branches"]))
     else:
         console.print(Text(title, style="bold"))
     if e["steps"]:
-        s = _table("Steps (each move of the reduction, in order)")
-        for col in ("from", "to", "verdict", "why"):
-            s.add_column(col, overflow="fold")
-        for step in e["steps"]:
-            s.add_row(step["from"], step["to"], Text(step["verdict"], style=VERDICT_STYLE.get(step["verdict"], "")),
-                      step["reason"])
-        console.print(s)
+        console.print(grid(console, "Steps (each move of the reduction, in order)", STEP_COLUMNS, e["steps"]))
     size = "x".join(map(str, e["size"]))
     verdict = Text(e["verdict"], style=VERDICT_STYLE.get(e["verdict"], ""))
     lines = [Text.assemble("verdict: ", verdict, f" - {e['reason']}"),
@@ -212,22 +354,47 @@ def explain_region(console: Console, e: dict[str, Any]) -> None:
         lines.append(Text(f"counterexample: input {ce['input_shape']}, output {ce['output_index']}: "
                           f"layers {ce['pair_value']:.6g}, single conv {ce['candidate_value']:.6g}"))
     console.print(Group(*lines))
-    if e.get("error_map") is not None:
-        console.print(Text(f"\n|layers - single conv| per output position (one slice, max over channels; "
-                           f"'{SHADES[1]}' small ... '{SHADES[-1]}' largest, '·' equal):"))
-        console.print(error_grid(e["error_map"]))
+    _error_map(console, e, "layers")
 
 
-def error_grid(grid: list[list[float]]) -> Text:
+def _error_map(console: Console, e: dict[str, Any], what: str) -> None:
+    if e.get("error_map") is None:
+        return
+    shown, step = downsample(e["error_map"], console.width)
+    note = (f"; downsampled to fit: one character per {step}x{step} block of positions, its largest"
+            if step > 1 else "")
+    console.print(Text(f"\n|{what} - single conv| per output position (one slice, max over channels{note}; "
+                       f"{map_legend()}):"))
+    console.print(error_grid(shown), no_wrap=True, crop=True)
+
+
+def map_legend() -> str:
+    return f"'{EQUAL}' equal, '{SHADES[0]}' smallest difference ... '{SHADES[-1]}' largest"
+
+
+def downsample(grid_: list[list[float]], width: int) -> tuple[list[list[float]], int]:
+    """The map with f x f blocks merged into their largest value, f the least that fits `width` columns."""
+    cols = max((len(row) for row in grid_), default=0)
+    step = max(1, math.ceil(cols / max(width, 1)))
+    if step == 1:
+        return grid_, 1
+    out = []
+    for i in range(0, len(grid_), step):
+        block = grid_[i:i + step]
+        out.append([max(v for row in block for v in row[j:j + step]) for j in range(0, cols, step)])
+    return out, step
+
+
+def error_grid(grid_: list[list[float]]) -> Text:
     """The border ring at a glance: one character per output position, shaded by error."""
-    top = max((v for row in grid for v in row), default=0.0)
+    top = max((v for row in grid_ for v in row), default=0.0)
     out = Text()
-    for row in grid:
+    for row in grid_:
         for v in row:
             if top <= 0 or v <= 1e-12 * max(top, 1.0):
-                out.append("·", style="dim")
+                out.append(EQUAL, style="dim")
             else:
-                level = 1 + min(len(SHADES) - 2, int((v / top) * (len(SHADES) - 2)))
+                level = min(len(SHADES) - 1, int((v / top) * len(SHADES)))
                 out.append(SHADES[level], style="red")
         out.append("\n")
     return out

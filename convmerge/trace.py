@@ -41,7 +41,8 @@ def load_callable(ref: str) -> Callable[..., nn.Module]:
     """The callable behind ``--arch``: ``package.module:callable`` or ``path/to/file.py:callable``.
 
     A file is imported with its directory on ``sys.path`` only while it runs, so it can import
-    its sibling files without changing where later imports look.
+    its sibling files without changing where later imports look; a module is looked for in the
+    working directory first, as ``python -m`` does, and that entry is removed again afterwards.
     """
     source, _, attr = ref.rpartition(":")
     if not source or not attr:
@@ -49,7 +50,15 @@ def load_callable(ref: str) -> Callable[..., nn.Module]:
     if source.endswith(".py") or "/" in source or os.sep in source:
         module, where = _import_file(ref, source), source
     else:
-        module, where = _import_module(ref, source), f"module {source}"
+        cwd = os.getcwd()
+        added = cwd not in sys.path and "" not in sys.path
+        if added:
+            sys.path.insert(0, cwd)
+        try:
+            module, where = _import_module(ref, source), f"module {source}"
+        finally:
+            if added and cwd in sys.path:
+                sys.path.remove(cwd)
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):

@@ -30,6 +30,7 @@ from .models import (
     GRAPH_KEY,
     bn_model,
     branch_model,
+    conv,
     depthwise_model,
     describe,
     description_of,
@@ -196,8 +197,8 @@ def test_check_json_is_the_only_stdout_and_matches_format(stack: Path) -> None:
     assert ce["pair_value"] != ce["candidate_value"]
     assert pair(rep, "c3", "c4")["sizes"]
     assert "exact_at_input_size" not in pair(rep, "c3", "c4")  # no --input-size: not decided
-    # the human table went to stderr
-    assert "c5 -> c6" in result.stderr
+    # stderr holds the summary line only (the table is for people, who did not ask for JSON)
+    assert result.stderr.splitlines() == [line for line in result.stderr.splitlines() if "3 pair(s)" in line]
     assert listing(stack.parent) == before
 
 
@@ -1095,3 +1096,192 @@ def test_no_color_on_a_terminal_leaves_no_ansi(stack: Path) -> None:
     proc = script("check", stack, *FAST, env={"NO_COLOR": "1", "TTY_COMPATIBLE": "1"})
     assert proc.returncode == 0
     assert not ANSI.search(proc.stdout + proc.stderr), proc.stdout[:200]
+
+
+# --- counterexample files stay in their folder (issue 9.5) ------------------------------------
+
+
+def _unmergeable(first: str, second: str, gen: torch.Generator) -> list[tuple[dict, dict]]:
+    """first (2->2, 3x3, pad 0) -> second (3x3, pad 2): unmergeable, like c5 -> c6."""
+    return [conv(first, "x", 2, 2, 3, padding=0, gen=gen), conv(second, first, 2, 2, 3, padding=2, gen=gen)]
+
+
+def test_counterexample_files_stay_in_their_folder(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(5)
+    # '../../escaped' once climbed out of the folder; 'u/' -> 'v' and 'u' -> '_v' both sanitise to 'u___v'
+    pairs = [("../../escaped", "b"), ("u/", "v"), ("u", "_v"), ("..", ".")]
+    parts = [p for first, second in pairs for p in _unmergeable(first, second, gen)]
+    tensors = {k: v for _, t in parts for k, v in t.items()}
+    model = save(tmp_path / "m.safetensors", tensors, describe([p[0] for p in parts], [s for _, s in pairs]))
+    folder = tmp_path / "a" / "b" / "ce"
+    before = listing(tmp_path)
+    result = cli("check", model, "--json", "--counterexamples", folder, *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert [p["verdict"] for p in json_out(result)["pairs"]] == ["unmergeable"] * len(pairs)
+    new = sorted(set(listing(tmp_path)) - set(before))
+    assert new == ["a", "a/b", "a/b/ce"] + sorted(f"a/b/ce/{p.name}" for p in folder.iterdir())
+    files = sorted(folder.iterdir())
+    assert len(files) == len(pairs), [f.name for f in files]
+    assert len({f.name.lower() for f in files}) == len(files)
+    assert all(not f.name.startswith(".") and f.name.endswith(".safetensors") for f in files)
+    named = set()
+    for f in files:
+        _, meta = read(f)
+        named.add((meta["first"], meta["second"]))
+    assert named == set(pairs)
+
+
+# --- usage errors, output paths (issue 9.7) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("args, words", [
+    (["check"], "model"), (["check", "x.safetensors", "--bogus"], "--bogus"), (["frobnicate"], "frobnicate"),
+    (["check", "x.safetensors", "--policy", "fast"], "fast"), (["check", "x.safetensors", "--input-size"], "--input-size"),
+    (["check", "x.safetensors", "--fail-on", "everything"], "everything"), (["explain", "x.safetensors", "c1"], "second"),
+    (["annotate", "x.safetensors"], "--arch")])
+def test_usage_errors_are_one_line(args: list[str], words: str) -> None:
+    line = assert_one_line_error(cli(*args))
+    assert words.lower() in line.lower()
+    assert "help" in line
+
+
+def test_help_still_works_after_the_one_line_errors() -> None:
+    for args in (["--help"], ["check", "--help"], ["-h"]):
+        result = cli(*args)
+        assert result.exit_code == 0 and "Usage" in result.stdout, args
+    bare = cli()
+    assert bare.exit_code in (0, 2) and "Usage" in bare.stdout + bare.stderr and "check" in bare.stdout + bare.stderr
+
+
+@pytest.mark.parametrize("option", ["-o", "--report"])
+def test_output_naming_a_missing_folder_is_refused(stack: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     option: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    before = listing(tmp_path)
+    args = ["-o", "nodir/"] if option == "-o" else ["-o", "out.safetensors", "--report", "nodir/"]
+    line = assert_one_line_error(fuse_keeping_input(stack, *args))
+    assert "nodir" in line
+    assert listing(tmp_path) == before
+
+
+def test_output_into_an_existing_folder_is_refused(stack: Path, tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    before = listing(tmp_path)
+    assert_one_line_error(fuse_keeping_input(stack, "-o", f"{tmp_path / 'd'}/"))
+    assert listing(tmp_path) == before
+
+
+def test_existing_output_error_names_the_flag(stack: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"keep")
+    line = assert_one_line_error(fuse_keeping_input(stack, "-o", out))
+    assert "--force" in line and "force=True" not in line
+
+
+# --- help and README say what the code does (issue 10.3) ---------------------------------------
+
+
+def test_policy_help_names_the_cost_model() -> None:
+    out = " ".join(cli("check", "--help").stdout.split())
+    assert "MACs do not grow" not in out
+    assert "cost" in out and "memory" in out
+
+
+def test_verbose_prints_timings(stack: Path) -> None:
+    result = cli("check", stack, "-v", *FAST)
+    assert result.exit_code == 0
+    assert re.search(r"timings?:.*\d+(\.\d+)? ?s", result.stdout + result.stderr)
+    assert "timing" not in cli("check", stack, *FAST).stdout
+
+
+@pytest.fixture
+def example_dir(tmp_path: Path) -> Path:
+    """examples/ as `python examples/make_example.py` leaves it: model.py and example.safetensors."""
+    import convmerge
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    folder = tmp_path / "examples"
+    folder.mkdir()
+    shutil.copy(root / "model.py", folder / "model.py")
+    ns: dict[str, Any] = {}
+    exec(compile((root / "model.py").read_text(), "model.py", "exec"), ns)
+    torch.manual_seed(0)
+    convmerge.save(ns["build"]().eval(), folder / "example.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["check", "fuse", "annotate", "inspect", "explain"])
+def test_help_examples_run_on_the_shipped_example(example_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   command: str) -> None:
+    import shlex
+
+    monkeypatch.chdir(example_dir.parent)
+    text = " ".join(cli(command, "--help").stdout.split())
+    examples = re.findall(r"Example: (convmerge .*?)(?=\s*(?:Example:|╰|│|$))", text)
+    assert examples, text
+    for example in examples:
+        args = shlex.split(example)[1:]
+        assert "examples/example.safetensors" in args or "example.safetensors" in args, example
+        result = cli(*args)
+        assert result.exit_code in (0, 1), (example, result.stderr)
+        assert_no_traceback(result)
+
+
+def test_arch_module_is_found_in_the_working_directory(arch_model: tuple[Path, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import uuid
+
+    bare, code = arch_model
+    name = f"arch_{uuid.uuid4().hex[:8]}"
+    code.rename(tmp_path / f"{name}.py")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    try:
+        result = cli("annotate", bare, "--arch", f"{name}:build", "-o", "out.safetensors")
+        assert result.exit_code == 0, result.stderr
+        assert str(tmp_path) not in sys.path, "the working directory stays off sys.path afterwards"
+    finally:
+        sys.modules.pop(name, None)
+
+
+def _natural_model(tmp_path: Path) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    parts = [conv("0", "x", 3, 4, 3, gen=gen)] + [conv(str(i), str(j), 4, 4, 1, gen=gen)
+                                                 for j, i in zip([0, 1, 3, 11, 12, 2], [1, 3, 11, 12, 2, 20])]
+    tensors = {k: v for _, t in parts for k, v in t.items()}
+    return save(tmp_path / "n.safetensors", tensors, describe([p[0] for p in parts], ["20"]))
+
+
+def test_inspect_sorts_tensors_naturally_and_takes_arch(arch_model: tuple[Path, Path], tmp_path: Path) -> None:
+    data = json_out(cli("inspect", _natural_model(tmp_path), "--json"))
+    assert [c["name"] for c in data["conv_tensors"]] == [f"{n}.weight" for n in (0, 1, 2, 3, 11, 12, 20)]
+    bare, code = arch_model
+    plain = json_out(cli("inspect", bare, "--json"))
+    assert plain["description"] is None and "--arch" in plain["missing"]
+    traced = json_out(cli("inspect", bare, "--arch", f"{code}:build", "--json"))
+    assert traced["description"] == f"--arch {code}:build" and len(traced["pairs"]) == 2
+
+
+def test_inspect_data_comes_from_the_library(stack: Path) -> None:
+    from convmerge.model import inspect_file
+
+    assert inspect_file(str(stack)) == json_out(cli("inspect", stack, "--json"))
+
+
+# --- --json keeps stderr short (issue 10.5) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["check", "fuse"])
+def test_json_stderr_holds_at_most_one_summary_line(stack: Path, tmp_path: Path, command: str) -> None:
+    extra = ["-o", tmp_path / "o.safetensors", "--force"] if command == "fuse" else []
+    result = cli(command, stack, "--json", *extra, *FAST)
+    assert result.exit_code == 0
+    assert json_out(result)["summary"]["pairs"] == 3
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "3 pair(s)" in lines[0], result.stderr
+    gated = cli(command, stack, "--json", "--fail-on", "unmergeable", *extra, *FAST)
+    assert gated.exit_code == 1
+    lines = gated.stderr.splitlines()
+    assert len(lines) == 2 and "fail-on unmergeable" in lines[1] and "c5 -> c6" in lines[1], gated.stderr
+    assert cli(command, stack, "--json", "-q", *extra, *FAST).stderr == ""

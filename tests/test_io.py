@@ -27,12 +27,14 @@ from safetensors.torch import load_file, save_file
 from convmerge.io import (
     Header,
     ModelFileError,
+    OutputExists,
     TensorInfo,
     _terminating_as_interrupt,
     dtype_name,
     read_header,
     read_tensor,
     torch_dtype,
+    write_in_folder,
     write_model,
 )
 
@@ -461,9 +463,10 @@ def test_fuzz_header_fields(tmp_path: Path, tensor: str, field: str | None, valu
 def test_refuses_existing_output_without_force(tmp_path: Path) -> None:
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"precious")
-    with pytest.raises(ModelFileError, match="exists; pass --force to overwrite") as info:
+    with pytest.raises(OutputExists, match="exists; pass force=True to overwrite") as info:
         write_model(out, [("t", torch.ones(2))], {})
     check_message(info.value, out)
+    assert "--force" not in str(info.value) and info.value.shown == str(out)
     assert out.read_bytes() == b"precious"
     write_model(out, [("t", torch.ones(2))], {}, force=True)
     assert torch.equal(load_file(str(out))["t"], torch.ones(2))
@@ -509,6 +512,68 @@ def test_bad_targets_and_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         write_model(out, [], {"k": 1})  # type: ignore[dict-item]
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_a_path_ending_in_a_separator_names_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for out in ("nodir/", f"{tmp_path}/"):
+        with pytest.raises(ModelFileError, match="folder|directory"):
+            write_model(out, [("t", torch.ones(1))], {}, force=True)
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+HOSTILE_STEMS = ["../../escaped", "a/b", "a_b", "A_B", ".hidden", "..", ".", "back\\slash", "nul\x00byte",
+                 "new\nline", "x" * 300, "ünïcode", "CON", "a b", ""]
+
+
+def test_write_in_folder_confines_and_separates_hostile_names(tmp_path: Path) -> None:
+    folder = tmp_path / "deep" / "ce"
+    items = [(stem, [("t", torch.full((2,), float(i)))], {"stem": stem}) for i, stem in enumerate(HOSTILE_STEMS)]
+    written = write_in_folder(folder, items)
+    assert len(written) == len(items)
+    names = sorted(os.listdir(folder))
+    assert sorted(os.path.basename(w) for w in written) == names
+    assert len({n.lower() for n in names}) == len(items), names
+    for path, (stem, _, _) in zip(written, items):
+        assert os.path.dirname(os.path.abspath(path)) == str(folder)
+        name = os.path.basename(path)
+        assert name.endswith(".safetensors") and not name.startswith(".") and len(name.encode()) <= 200
+        assert name.isprintable() and "/" not in name and "\\" not in name
+        with safe_open(path, framework="pt") as f:
+            assert f.metadata()["stem"] == stem
+    assert sorted(os.listdir(tmp_path)) == ["deep"] and os.listdir(tmp_path / "deep") == ["ce"]
+
+
+def test_write_in_folder_replaces_its_own_files_only_inside(tmp_path: Path) -> None:
+    folder = tmp_path / "ce"
+    outside = tmp_path / "target.safetensors"
+    outside.write_bytes(b"precious")
+    folder.mkdir()
+    (folder / "a.safetensors").symlink_to(outside)
+    (written,) = write_in_folder(folder, [("a", [("t", torch.ones(1))], {})])
+    assert outside.read_bytes() == b"precious"
+    assert not os.path.islink(written)
+    write_in_folder(folder, [("a", [("t", torch.zeros(1))], {})])  # a second run replaces its own file
+    assert torch.equal(load_file(written)["t"], torch.zeros(1))
+
+
+def test_write_in_folder_refuses_a_file_as_folder(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ModelFileError, match="folder"):
+        write_in_folder(tmp_path / "f", [("a", [("t", torch.ones(1))], {})])
+
+
+def test_unwritable_folder_is_a_model_file_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EROFS when creating the temp file, and again when removing it, is still one ModelFileError."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, flags, *a: refuse() if flags & os.O_CREAT else real_open(p, flags, *a))
+    monkeypatch.setattr(os, "unlink", refuse)
+    with pytest.raises(ModelFileError, match="Read-only file system"):
+        write_model(tmp_path / "out.safetensors", [("t", torch.ones(1))], {})
 
 
 def test_source_truncated_during_copy(tmp_path: Path) -> None:
@@ -665,7 +730,7 @@ def test_concurrent_writers(tmp_path: Path, force: bool) -> None:
         assert codes == [0, 0], results
     else:
         assert codes == [0, 3], results
-        assert any(b"exists; pass --force to overwrite" in stdout for _, stdout, _ in results)
+        assert any(b"exists; pass force=True to overwrite" in stdout for _, stdout, _ in results)
     loaded = load_file(str(out))["t"]
     with safe_open(str(out), "pt") as f:
         value = float(f.metadata()["writer"])

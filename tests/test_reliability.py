@@ -1187,6 +1187,139 @@ def test_installed_script_refuses_in_one_line(tmp_path: Path) -> None:
         assert snapshot(folder) == before, case
 
 
+# --- 4b. paths that hang or cannot be written, and the Python API's arguments ----------------------------------
+
+
+def _within(seconds: int, run: Callable[[], Any]) -> Any:
+    """run(), failing the test (not hanging it) when it takes longer than `seconds`."""
+
+    def alarm(signum: int, frame: Any) -> None:
+        raise _Hang()
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    hung = False
+    try:
+        try:
+            signal.alarm(seconds)
+            return run()
+        finally:
+            signal.alarm(0)
+    except _Hang:
+        hung = True
+    finally:
+        signal.signal(signal.SIGALRM, old)
+        if hung:
+            pytest.fail(f"still running after {seconds} s")
+
+
+@pytest.mark.parametrize("command", ["check", "fuse", "inspect"])
+def test_graph_naming_a_fifo_is_refused_without_hanging(tmp_path: Path, command: str) -> None:
+    model = write(tmp_path / "model.safetensors", model_bytes(BASE_TENSORS))
+    os.mkfifo(tmp_path / "graph.json")
+    before = snapshot(tmp_path)
+    extra = ["-o", tmp_path / "out.safetensors"] if command == "fuse" else []
+    result = _within(10, lambda: cli(command, model, "--graph", tmp_path / "graph.json", *extra))
+    assert_refused(result, tmp_path, before, "graph.json", "not a regular file")
+
+
+def test_read_only_output_folder_is_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a read-only filesystem both creating the temp file and removing it fail with EROFS."""
+    model = write(tmp_path / "model.safetensors", BASE)
+    before = snapshot(tmp_path)
+    real_open = os.open
+
+    def read_only(path: Any, flags: int, *args: Any) -> int:
+        if flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real_open(path, flags, *args)
+
+    def no_unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+    monkeypatch.setattr(os, "open", read_only)
+    monkeypatch.setattr(os, "unlink", no_unlink)
+    result = cli("fuse", model, "-o", tmp_path / "out.safetensors")
+    monkeypatch.undo()
+    assert_refused(result, tmp_path, before, "out.safetensors", "Read-only file system")
+
+
+def _api_model(tmp_path: Path) -> Path:
+    return write(tmp_path / "model.safetensors", model_bytes(BASE_TENSORS, BASE_DESC))
+
+
+def _net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=2, bias=False), torch.nn.Conv2d(4, 4, 3, bias=False))
+
+
+@pytest.mark.parametrize("size, error, words", [
+    (65, TypeError, "input_size"), ((65.5, 65), TypeError, "65.5"), ("65x65", TypeError, "65x65"),
+    ((-5, 5), ValueError, "-5"), ((0, 5), ValueError, "positive"), ((), ValueError, "input_size"),
+    ((True, 5), TypeError, "True"), ((1, 2, 3, 4), ValueError, "1 to 3")])
+@pytest.mark.parametrize("target", ["path", "module"])
+def test_api_rejects_bad_input_sizes(tmp_path: Path, size: Any, error: type, words: str, target: str) -> None:
+    import convmerge
+
+    subject = _api_model(tmp_path) if target == "path" else _net()
+    with pytest.raises(error) as info:
+        convmerge.check(subject, input_size=size)
+    assert words in str(info.value) and "\n" not in str(info.value)
+    if target == "module":
+        with pytest.raises(error):
+            convmerge.fuse(subject, input_size=size)
+
+
+def test_api_accepts_good_input_sizes(tmp_path: Path) -> None:
+    import numpy as np
+
+    import convmerge
+
+    for size in ((9, 9), [9, 9], (np.int64(9), 9), torch.Size([9, 9])):
+        assert convmerge.check(_net(), input_size=size)["input_size"] == [9, 9]
+
+
+def test_api_fuse_of_a_path_says_which_function_takes_one(tmp_path: Path) -> None:
+    import convmerge
+
+    for target in (str(_api_model(tmp_path)), _api_model(tmp_path)):
+        with pytest.raises(TypeError) as info:
+            convmerge.fuse(target)
+        message = str(info.value)
+        assert "nn.Module" in message and "convmerge fuse" in message and "load_module" in message
+
+
+def test_api_rejects_modules_on_the_meta_device() -> None:
+    import convmerge
+
+    with torch.device("meta"):
+        net = _net()
+    for call in (convmerge.check, convmerge.fuse):
+        with pytest.raises(ValueError, match="meta"):
+            call(net)
+
+
+@pytest.mark.parametrize("field, value, words", [("graph", 123, "graph"), ("graph", b"g.json", "graph"),
+                                                 ("arch", 5, "arch"), ("policy", "fast", "cheaper")])
+def test_api_rejects_bad_options(tmp_path: Path, field: str, value: Any, words: str) -> None:
+    import convmerge
+
+    with pytest.raises((TypeError, ValueError)) as info:
+        convmerge.check(_api_model(tmp_path), **{field: value})
+    assert words in str(info.value)
+    with pytest.raises(TypeError, match="nn.Module or a path"):
+        convmerge.check(123)  # type: ignore[arg-type]
+
+
+def test_api_errors_name_force_as_a_keyword(tmp_path: Path) -> None:
+    import convmerge
+
+    out = tmp_path / "net.safetensors"
+    out.write_bytes(b"keep")
+    with pytest.raises(cmio.ModelFileError) as info:
+        convmerge.save(_net(), out)
+    assert "force=True" in str(info.value) and "--force" not in str(info.value)
+    assert out.read_bytes() == b"keep"
+
+
 # --- 5. how many hostile inputs ---------------------------------------------------------------------------------
 
 
