@@ -184,10 +184,12 @@ class Section:
     title: str
     columns: tuple[Column, ...]
     reasons: bool = False
+    prefix: str = ""  # before each row's number ('R1'), so two numbered sections stay apart
 
 
 REPORT_SECTIONS = (
-    Section("regions", "Regions (linear layers between one input and one output)", REGION_COLUMNS, reasons=True),
+    Section("regions", "Regions (linear layers between one input and one output)", REGION_COLUMNS, reasons=True,
+            prefix="R"),
     Section("pairs", "Conv pairs", PAIR_COLUMNS, reasons=True),
     Section("merges", "Merges", MERGE_COLUMNS),
 )
@@ -196,7 +198,7 @@ REPORT_SECTIONS = (
 def report(console: Console, rep: dict[str, Any], verbose: bool = False) -> None:
     """Each non-empty section's table (pairs with their reasons below, merges), then a summary line."""
     for section in REPORT_SECTIONS:
-        rows = [dict(row, number=i) for i, row in enumerate(rep.get(section.key) or [], 1)]
+        rows = [dict(row, number=f"{section.prefix}{i}") for i, row in enumerate(rep.get(section.key) or [], 1)]
         if not rows:
             continue
         console.print(grid(console, section.title, section.columns, rows))
@@ -245,18 +247,7 @@ TENSOR_COLUMNS = (
     Column("shape", lambda c: str(c["shape"]), whole=True),
     Column("kernel", lambda c: "x".join(map(str, c["shape"][2:])), whole=True),
 )
-LISTED_def _region_name(r: dict[str, Any]) -> str:
-    return f"{r['input']} -> {r['output']} ({len(r['layers'])} layers{', branches' if r['kind'] == 'branches' else ''})"
-
-
-REGION_COLUMNS = (
-    Column("#", lambda r: str(r["number"]), whole=True),
-    Column("region", _region_name, fold=True),
-    Column("verdict", _verdict),
-    Column("one conv", lambda r: conv_words(r.get("merged"))),
-    Column("MACs", lambda r: _macs(r.get("macs"))),
-)
-PAIR_COLUMNS = (
+LISTED_PAIR_COLUMNS = (
     Column("first", lambda p: p["first"], fold=True),
     Column("second", lambda p: p["second"], fold=True),
     Column("via", lambda p: ", ".join(p["via"]) or "-", fold=True),

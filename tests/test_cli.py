@@ -1137,7 +1137,7 @@ def test_counterexample_files_stay_in_their_folder(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args, words", [
     (["check"], "model"), (["check", "x.safetensors", "--bogus"], "--bogus"), (["frobnicate"], "frobnicate"),
     (["check", "x.safetensors", "--policy", "fast"], "fast"), (["check", "x.safetensors", "--input-size"], "--input-size"),
-    (["check", "x.safetensors", "--fail-on", "everything"], "everything"), (["explain", "x.safetensors", "c1"], "second"),
+    (["check", "x.safetensors", "--fail-on", "everything"], "everything"), (["explain", "x.safetensors"], "first"),
     (["annotate", "x.safetensors"], "--arch")])
 def test_usage_errors_are_one_line(args: list[str], words: str) -> None:
     line = assert_one_line_error(cli(*args))
