@@ -96,33 +96,6 @@ def fold_bn(conv: Conv, bn: BatchNorm) -> Conv:
     return Conv(conv.spec.with_bias(True), w, b)
 
 
-def fold_bn_before(bn: BatchNorm, conv: Conv) -> Optional[Conv]:
-    """Batch norm feeding a conv, as one conv (float64); None where that is not exact.
-
-    The conv pads the batch norm's *output*: zero padding then sees 0 where the folded conv would
-    see the shift, so it is exact only if the conv reads no zero padding or the shift is zero.
-    Reflect/replicate/circular padding copy per-channel affine values, so they always fold.
-    """
-    scale, shift = bn.scale_shift()
-    spec = conv.spec
-    if scale.numel() != spec.in_channels:
-        raise ValueError(f"batch norm has {scale.numel()} channels, the conv takes {spec.in_channels}")
-    reads_zeros = spec.padding_mode == "zeros" and any(
-        lo > spec.axes[k].dilation * t[0] or hi > spec.axes[k].dilation * (spec.axes[k].kernel - 1 - t[-1])
-        for k, ((lo, hi), t) in enumerate(zip(spec.padding, support(conv.weight))) if t
-    )
-    if reads_zeros and bool(torch.any(shift != 0)):
-        return None
-    g = spec.groups
-    shape = (1, g, spec.in_channels // g) + (1,) * spec.ndim
-    w = conv.weight.double().view(g, spec.out_channels // g, *conv.weight.shape[1:])
-    w = (w * scale.view(shape).transpose(0, 1)).reshape(conv.weight.shape)
-    extra = (conv.weight.double().view(g, spec.out_channels // g, *conv.weight.shape[1:])
-             * shift.view(shape).transpose(0, 1)).flatten(2).sum(2).flatten()
-    b = extra if conv.bias is None else conv.bias.double() + extra
-    return Conv(spec.with_bias(True), w, b)
-
-
 @contextmanager
 def one_thread() -> Iterator[None]:
     """Small ops (supports, checks on narrow inputs) run faster on one thread than waiting for a second."""

@@ -140,7 +140,7 @@ def check(
 
         with clock("judge"), _progress(json_out, quiet) as tick:
             rep = m.check_file(str(model), graph_file=_s(graph), arch=arch, input_size=size,
-                               policy=policy.value, on_chain=tick)
+                               policy=policy.value, on_region=tick)
         if counterexamples is not None:
             with clock("counterexamples"):
                 io.write_counterexamples(counterexamples, rep.pairs)
@@ -176,7 +176,7 @@ def fuse(
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Merge every exact conv chain and write a new, self-describing safetensors file."""
+    """Merge every exact chain and region into one conv each and write a new, self-describing safetensors file."""
     size = _parse_size(input_size)
     out = output or str(model.with_name(model.name.removesuffix(".safetensors") + ".fused.safetensors"))
     shape = _parse_shape(input_shape) if input_shape else None
@@ -210,7 +210,7 @@ def fuse(
         try:
             with _progress(json_out, quiet) as tick:
                 rep = m.fuse_file(str(model), out, graph_file=_s(graph), arch=arch, input_size=size,
-                                  policy=policy.value, force=force, on_chain=tick, before_write=companions)
+                                  policy=policy.value, force=force, on_region=tick, before_write=companions)
             clock.stop()
             for tmp, final in pending:
                 os.replace(tmp, final)
@@ -471,7 +471,7 @@ def _progress(json_out: bool, quiet: bool) -> Iterator[Callable[[], None]]:
                 state["bar"].start()
                 state["task"] = state["bar"].add_task("")
             if state["bar"] is not None:
-                state["bar"].update(state["task"], description=f"judged {state['done']} conv chain(s)")
+                state["bar"].update(state["task"], description=f"judged {state['done']} region(s)")
 
         yield tick
     finally:

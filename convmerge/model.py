@@ -90,7 +90,7 @@ def fuse_file(
     input_size: Optional[Sequence[int]] = None,
     policy: str = "cheaper",
     force: bool = False,
-    on_chain: Optional[Callable[[], None]] = None,
+    on_region: Optional[Callable[[], None]] = None,
     before_write: Optional[Callable[[Report, dict], None]] = None,
 ) -> Report:
     """Read, plan, verify and write `<out>` atomically; the input is never modified.
@@ -101,7 +101,7 @@ def fuse_file(
     header = io.read_header(path)
     doc, where = find_description(header, graph_file, arch)
     graph = parse(doc, header.tensors, where)
-    plan = analyze(graph, file_tensors(header), input_size, policy, on_chain)
+    plan = analyze(graph, file_tensors(header), input_size, policy, on_region)
     report = plan.report()
     new_doc = plan.description()
     metadata = dict(header.metadata)
@@ -117,12 +117,12 @@ def fuse_file(
 
 def check_file(path: str, *, graph_file: Optional[str] = None, arch: Optional[str] = None,
                input_size: Optional[Sequence[int]] = None, policy: str = "cheaper",
-               on_chain: Optional[Callable[[], None]] = None) -> Report:
+               on_region: Optional[Callable[[], None]] = None) -> Report:
     """The dry run: the same report as `fuse_file`, nothing written."""
     header = io.read_header(path)
     doc, where = find_description(header, graph_file, arch)
     graph = parse(doc, header.tensors, where)
-    report = analyze(graph, file_tensors(header), input_size, policy, on_chain).report()
+    report = analyze(graph, file_tensors(header), input_size, policy, on_region).report()
     report.source, report.description = os.fspath(path), where
     return report
 
