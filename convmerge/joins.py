@@ -12,14 +12,14 @@ No tensors here: the kernels are embedded by `algebra.join`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 from .reasons import Outcome, Why
 from .rules import Support, reads_padding
 from .spec import Axis, ConvSpec, pad_fits
 
-__all__ = ["Join", "decide_join"]
+__all__ = ["Join", "decide_join", "periodic_from"]
 
 
 @dataclass(frozen=True)
@@ -32,27 +32,24 @@ class Join:
     offsets: tuple[tuple[int, ...], ...]  # per branch, per axis: where its window starts in the candidate's
     lengths: tuple[tuple[int, ...], ...]  # per axis, the c = l + r - e of each branch (grids agree where equal)
     notes: tuple[Why, ...] = ()
+    others: tuple[tuple[Axis, tuple[int, ...]], ...] = ()  # per other-mode branch, per axis: (axis, taps)
 
     def exact_at(self, size: Sequence[int]) -> bool:
-        """Exact at this input size: the branches' outputs agree in length and PyTorch runs the candidate."""
-        if self.candidate is None or self.verdict is Outcome.UNMERGEABLE:
-            return False
-        for k, n in enumerate(size):
-            axis = self.candidate.axes[k]
-            if len({(n + c) // axis.stride for c in self.lengths[k]}) > 1:
-                return False
-            if not pad_fits(self.candidate.padding_mode, axis.pad, n):
-                return False
-        return True
+        """Exact at this size: lengths agree, PyTorch runs the candidate, no other-mode branch reads padding."""
+        return all(self.axis_ok(k, n) for k, n in enumerate(size))
 
     def axis_ok(self, k: int, n: int) -> Optional[bool]:
         """Axis k at length n while the other axes are large (None: PyTorch refuses the candidate there)."""
-        if self.candidate is None or self.verdict is Outcome.UNMERGEABLE:
+        if self.candidate is None:
             return False
         axis = self.candidate.axes[k]
+        if len({(n + c) // axis.stride for c in self.lengths[k]}) > 1:
+            return False
+        if any(_reads_at(axes[k], taps[k], n) for axes, taps in self.others):  # type: ignore[index]
+            return False
         if not pad_fits(self.candidate.padding_mode, axis.pad, n):
             return None
-        return len({(n + c) // axis.stride for c in self.lengths[k]}) == 1
+        return True
 
 
 def decide_join(specs: Sequence[ConvSpec], supports: Sequence[Support], names: Sequence[str],
@@ -60,33 +57,48 @@ def decide_join(specs: Sequence[ConvSpec], supports: Sequence[Support], names: S
     """Branches (convs of one input) summed, or stacked along channels with `concat`."""
     first = specs[0]
     nd = first.ndim
-    strides = [tuple(s.stride) for s in specs]
     for i, s in enumerate(specs):
         if s.stride != first.stride:
             k = next(k for k in range(nd) if s.stride[k] != first.stride[k])
             why = Why.of("grid-differs", a=names[0], b=names[i], axis=first.axis_names[k],
                          sa=first.stride[k], sb=s.stride[k])
             return Join(Outcome.UNMERGEABLE, why, None, (), ())
-    del strides
     reading = [i for i, (s, t) in enumerate(zip(specs, supports)) if reads_padding(s, t)]
-    modes = {specs[i].padding_mode for i in reading}
-    if len(modes) > 1:
-        a = reading[0]
-        b = next(i for i in reading if specs[i].padding_mode != specs[a].padding_mode)
-        why = Why.of("branch-modes-differ", a=names[a], b=names[b], ma=specs[a].padding_mode,
-                     mb=specs[b].padding_mode)
-        cand, offsets, lengths = _candidate(specs, "zeros", concat)
-        return Join(Outcome.UNMERGEABLE, why, cand, offsets, lengths)
-    mode = modes.pop() if modes else "zeros"
+    mode = specs[reading[0]].padding_mode if reading else "zeros"
+    other = [i for i in reading if specs[i].padding_mode != mode]
     cand, offsets, lengths = _candidate(specs, mode, concat)
-    varies = [k for k in range(nd) if len(set(lengths[k])) > 1]
-    verdict = Outcome.SIZE_DEPENDENT if varies else Outcome.MERGEABLE
-    why = None
-    if varies:
-        k = varies[0]
+    join = Join(Outcome.MERGEABLE, None, cand, offsets, lengths, _limit_notes(cand, specs, mode),
+                tuple((tuple(specs[i].axes), tuple(supports[i])) for i in other))  # type: ignore[misc]
+    failing = [k for k in range(nd) if any(join.axis_ok(k, n) is False for n in range(1, periodic_from(cand, k)))]
+    if not failing:
+        return join
+    never = [k for k in range(nd) if not any(join.axis_ok(k, n) for n in range(1, periodic_from(cand, k)))]
+    if other:
+        b = other[0]
+        why = Why.of("branch-modes-differ", a=names[reading[0]], b=names[b], ma=mode, mb=specs[b].padding_mode)
+    else:
+        k = failing[0]
         why = Why.of("lengths-differ", axis=first.axis_names[k], stride=first.stride[k],
                      spread=max(lengths[k]) - min(lengths[k]))
-    return Join(verdict, why, cand, offsets, lengths, _limit_notes(cand, specs, mode))
+    return replace(join, verdict=Outcome.UNMERGEABLE if never else Outcome.SIZE_DEPENDENT, why=why)
+
+
+def _reads_at(axis: Axis, taps: tuple[int, ...], n: int) -> bool:
+    """Whether a conv reads a padded cell on this axis at input length n (through a nonzero tap)."""
+    if not taps:
+        return False
+    out = axis.out_len(n)
+    if out < 1:
+        return False
+    first = -axis.pad[0] + axis.dilation * taps[0]
+    last = axis.stride * (out - 1) - axis.pad[0] + axis.dilation * taps[-1]
+    return first < 0 or last >= n
+
+
+def periodic_from(cand: ConvSpec, k: int) -> int:
+    """Lengths that represent every length of axis k (the joins repeat with the stride past them)."""
+    a = cand.axes[k]
+    return 4 * (a.extent + sum(a.pad)) + 4 * a.stride + 8
 
 
 def _candidate(specs: Sequence[ConvSpec], mode: str, concat: bool):

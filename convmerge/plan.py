@@ -258,8 +258,9 @@ class _Planner:
         return reducer.result(end)
 
     def _exact(self, red: Reduction, start: str) -> bool:
-        """Exact at every size, or at the given size where it is known."""
-        if red.conv is None:
+        """Exact at every size, or at the given size where it is known (and finite: a batch norm with a
+        negative variance folds into NaN)."""
+        if red.conv is None or not _finite(red.conv):
             return False
         verdict = red.summary.verdict
         here = self.size_at.get(start)
@@ -369,6 +370,9 @@ class _Planner:
         if whole is None:
             return entry
         s = whole.summary
+        if whole.conv is not None and not _finite(whole.conv):
+            entry.reason = "not merged: its layers fold into NaN or Inf (a batch norm's variance below zero?)"
+            return entry
         if whole.conv is None:
             entry.reason = "not merged: " + (s.why.text() if s.why else "the branches share no output grid")
             return entry
@@ -421,17 +425,18 @@ def _judge_pairs(plan: Plan, loader: Loader, size_at: Mapping[str, Any], cost_at
             plan.pairs.append(PairEntry(pair.first, pair.second, list(pair.via), "skipped", f"not merged: {pair.blocked}"))
             continue
         names = [pair.first, *pair.via, pair.second]
-        bad = next((n for n in names if not loader.finite(n)), None)
-        if bad is not None:
-            plan.pairs.append(PairEntry(pair.first, pair.second, list(pair.via), "skipped",
-                                        f"{bad} has NaN or Inf in its weights (or its batch norm's), so this pair "
-                                        "is not merged"))
-            continue
         a = loader.conv(pair.first)
         for v in pair.via:
             if graph.layers[v].op == "batch_norm":
                 a = algebra.fold_bn(a, loader.bn(v))
         b = loader.conv(pair.second)
+        bad = next((n for n in names if not loader.finite(n)), None) or (None if _finite(a) else pair.via[-1])
+        if bad is not None:
+            plan.pairs.append(PairEntry(pair.first, pair.second, list(pair.via), "skipped",
+                                        f"{bad} has NaN or Inf in its tensors (or once its batch norm is folded), "
+                                        f"so {pair.first} -> {pair.second} is not merged"))
+            loader.clear()
+            continue
         v = algebra.analyze(a, b)
         src = graph.layers[pair.first].inputs[0]
         here = size_at.get(src)
@@ -588,6 +593,10 @@ def _first(ok: Callable[[int], bool], limit: int = 1 << 20) -> Optional[int]:
 
 
 # --- small helpers ---------------------------------------------------------------------------------
+
+
+def _finite(conv: Conv) -> bool:
+    return bool(torch.isfinite(conv.weight).all()) and (conv.bias is None or bool(torch.isfinite(conv.bias).all()))
 
 
 def _end(item: Item) -> str:

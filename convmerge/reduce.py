@@ -201,7 +201,7 @@ def _join(graph: Graph, name: str, parts: list[tuple[Optional[Conv], tuple[Check
     convs = [conv if conv is not None else algebra.identity(channels, ndim) for conv, _ in parts]
     concat = graph.layers[name].op == "concat"
     j = joins.decide_join([c.spec for c in convs], [algebra.support(c.weight) for c in convs], list(inputs), concat)
-    start = tuple(4 * max(a.extent + sum(a.pad) for a in axes) + 8 for axes in zip(*(c.spec.axes for c in convs)))
+    start = tuple(joins.periodic_from(j.candidate, k) if j.candidate else 1 for k in range(ndim))
     period = tuple(convs[0].spec.stride)
     why = j.why or Why.of("region-exact")
     check = Check(inputs[0], name, j.verdict, why, None, j.exact_at, j.axis_ok, period, start, j.notes)

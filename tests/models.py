@@ -224,7 +224,9 @@ def evaluate(description: dict, tensors: Mapping[str, torch.Tensor], x: torch.Te
             out = F.relu(args[0])
         elif op in ("identity", "dropout"):
             out = args[0]
-        elif op == "add":
+        elif op == "add":  # FORMAT.md: inputs of one shape (PyTorch would broadcast a length-1 axis)
+            if len({a.shape for a in args}) > 1:
+                raise RuntimeError(f"add {name}: shapes differ: {[list(a.shape) for a in args]}")
             out = sum(args[1:], args[0])
         elif op == "concat":
             out = torch.cat(args, dim=layer.get("dim", 1))

@@ -1,0 +1,350 @@
+"""Regions (parallel branches, pooling, pad) against brute-force float64 evaluation.
+
+Every claim is checked with the independent evaluator in tests/models.py (torch.nn.functional on
+the description) and the conv oracle: a region called exact at a size must equal its single conv
+there, one called inexact must differ, a counterexample must really differ, and a fused file must
+compute what its source computes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import convmerge
+from convmerge import model, plan
+from convmerge.graph import parse
+from convmerge.reduce import reduce_part
+from convmerge.region import find_regions
+
+from . import models, nets
+from .models import infos
+from .oracle import run
+
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# --- building random regions ------------------------------------------------------------------------
+
+
+class Builder:
+    """Layers and tensors of a description, with fresh names."""
+
+    def __init__(self, nd: int, gen: torch.Generator) -> None:
+        self.nd, self.gen = nd, gen
+        self.layers: list[dict] = []
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def name(self, stem: str) -> str:
+        return f"{stem}{len(self.layers)}"
+
+    def conv(self, src: str, cin: int, cout: int, kernel: list[int], stride: list[int], pads: list[list[int]],
+             dilation: list[int], groups: int = 1, mode: str = "zeros", bias: bool = False) -> str:
+        n = self.name("conv")
+        self.layers.append({"name": n, "op": f"conv{self.nd}d", "input": src, "stride": stride, "padding": pads,
+                            "dilation": dilation, "groups": groups, "padding_mode": mode})
+        w = torch.randn(cout, cin // groups, *kernel, generator=self.gen, dtype=torch.float64)
+        self.tensors[f"{n}.weight"] = w / math.sqrt(w[0].numel())
+        if bias:
+            self.tensors[f"{n}.bias"] = torch.randn(cout, generator=self.gen, dtype=torch.float64)
+        return n
+
+    def bn(self, src: str, c: int, fresh: bool = False) -> str:
+        n = self.name("bn")
+        self.layers.append({"name": n, "op": "batch_norm", "input": src, "eps": 1e-5})
+        g = self.gen
+        self.tensors.update({
+            f"{n}.running_mean": torch.zeros(c, dtype=torch.float64) if fresh else torch.randn(c, generator=g,
+                                                                                                dtype=torch.float64),
+            f"{n}.running_var": torch.rand(c, generator=g, dtype=torch.float64) + 0.5,
+            f"{n}.weight": torch.randn(c, generator=g, dtype=torch.float64),
+            f"{n}.bias": torch.zeros(c, dtype=torch.float64) if fresh else torch.randn(c, generator=g,
+                                                                                        dtype=torch.float64)})
+        return n
+
+    def op(self, op: str, inputs: list[str], **fields: Any) -> str:
+        n = self.name(op.split("_")[0])
+        wiring = {"input": inputs[0]} if len(inputs) == 1 and op != "concat" else {"inputs": inputs}
+        self.layers.append({"name": n, "op": op, **wiring, **fields})
+        return n
+
+    def doc(self, out: str) -> dict:
+        return models.describe(self.layers, [out])
+
+
+@st.composite
+def branch(draw, b: Builder, src: str, cin: int, cout: int, stride: int, grid: Optional[int]):
+    """One branch from `src`: a conv (maybe with a BN, a 1x1 before it, a pad before it), an identity,
+    a BN alone, or an average pooling.  `grid`: the c = l + r - e every axis should have (None: random)."""
+    nd = b.nd
+    kinds = ["conv", "conv", "conv_bn", "chain", "pad_conv"]
+    if stride == 1 and cin == cout and grid in (None, -1):
+        kinds += ["identity", "bn"]
+    if cin == cout:
+        kinds += ["pool"]
+    kind = draw(st.sampled_from(kinds))
+    if kind == "identity":
+        return src
+    if kind == "bn":
+        return b.bn(src, cin, fresh=draw(st.booleans()))
+    if kind == "pool":
+        k = draw(st.integers(1, 3))
+        p = draw(st.integers(0, k // 2))
+        s = stride if draw(st.integers(0, 3)) else draw(st.integers(1, 2))
+        return b.op(f"avg_pool{nd}d", [src], kernel_size=k, stride=s, padding=p,
+                    count_include_pad=draw(st.booleans()), ceil_mode=draw(st.integers(0, 4)) == 0)
+    kernel = [draw(st.integers(1, 3)) for _ in range(nd)]
+    dilation = [draw(st.sampled_from([1, 1, 2])) for _ in range(nd)]
+    pads = []
+    for k, d in zip(kernel, dilation):
+        e = d * (k - 1) + 1
+        if grid is None:
+            pads.append([draw(st.integers(0, 2)), draw(st.integers(0, 2))])
+        else:
+            lo = draw(st.integers(0, e - 1))
+            pads.append([lo, max(0, grid + e - lo)])
+    mode = draw(st.sampled_from(["zeros"] * 5 + ["reflect", "replicate", "circular"]))
+    g = 2 if cin % 2 == 0 and cout % 2 == 0 and draw(st.integers(0, 3)) == 0 else 1
+    bias = draw(st.booleans())
+    if kind == "chain":
+        mid = b.conv(src, cin, cout, [1] * nd, [1] * nd, [[0, 0]] * nd, [1] * nd, bias=draw(st.booleans()))
+        src = b.bn(mid, cout, fresh=draw(st.booleans())) if draw(st.booleans()) else mid
+        cin = cout
+    if kind == "pad_conv":
+        amount = [[draw(st.integers(0, 1)), draw(st.integers(0, 1))] for _ in range(nd)]
+        src = b.op("pad", [src], padding=amount, mode=draw(st.sampled_from(["constant", "constant", "reflect"])))
+        pads = [[max(0, p[0] - a[0]), max(0, p[1] - a[1])] for p, a in zip(pads, amount)]
+    out = b.conv(src, cin, cout, kernel, [stride] * nd, pads, dilation, g, mode, bias)
+    if kind == "conv_bn":
+        out = b.bn(out, cout, fresh=draw(st.booleans()))
+    return out
+
+
+@st.composite
+def regions(draw):
+    nd = draw(st.sampled_from([1, 1, 2]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    b = Builder(nd, gen)
+    cin = draw(st.sampled_from([2, 4]))
+    cout = cin if draw(st.booleans()) else draw(st.sampled_from([2, 4]))
+    stride = draw(st.sampled_from([1, 1, 2]))
+    grid = draw(st.sampled_from([-1, -1, -2, 0, None]))
+    concat = draw(st.integers(0, 4)) == 0
+    count = draw(st.integers(1, 4))
+    outs = [draw(branch(b, "x", cin, cout, stride, grid)) for _ in range(count)]
+    if count == 1:
+        out = outs[0]
+        if out == "x":
+            out = b.conv("x", cin, cout, [1] * nd, [1] * nd, [[0, 0]] * nd, [1] * nd)
+    else:
+        out = b.op("concat" if concat else "add", outs)
+    if draw(st.booleans()):
+        channels = cout * (count if concat and count > 1 else 1)
+        out = b.bn(out, channels)
+    return b, cin, out
+
+
+def region_output(doc: dict, tensors: dict, x: torch.Tensor) -> Optional[torch.Tensor]:
+    try:
+        return models.evaluate(doc, tensors, x)[0]
+    except RuntimeError:
+        return None
+
+
+def equal(a: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
+    return b is not None and a.shape == b.shape and bool((a - b).abs().max() <= 1e-9 * max(1.0, float(a.abs().max())))
+
+
+@settings(max_examples=250, **SETTINGS)
+@given(regions())
+def test_random_regions_match_brute_force(built):
+    b, cin, out = built
+    doc = b.doc(out)
+    graph = parse(doc, infos(b.tensors))
+    found = find_regions(graph)
+    if not found or found[0].output != out:
+        return  # e.g. a lone identity branch: nothing to merge
+    region = found[0]
+    loader = plan.Loader(graph, plan.Tensors(infos(b.tensors), b.tensors.__getitem__))
+    red = reduce_part(graph, loader, region.input, cin, b.nd, region.layers, region.output)
+    summary = red.summary
+    if red.conv is None:
+        return  # branches on different grids: no candidate (reported 'skipped')
+    exact_sizes, seen = [], 0
+    for n in range(1, 15):
+        size = (n,) * b.nd if b.nd == 1 or n % 3 else (n, n + 3)
+        x = torch.randn(2, cin, *size, dtype=torch.float64)
+        want = region_output(doc, b.tensors, x)
+        if want is None or want.numel() == 0:
+            continue
+        try:
+            got = run(x, red.conv.weight, red.conv.bias, red.conv.spec)
+        except RuntimeError:
+            got = None
+        brute = equal(want, got)
+        claimed = all(c.exact_at(size) for c in red.checks)
+        assert claimed == brute, (size, summary.verdict, summary.why, brute)
+        seen += 1
+        exact_sizes += [size] if brute else []
+    if seen and summary.verdict == "mergeable":
+        assert len(exact_sizes) == seen or any(n.kind == "pytorch-pad-limit" for n in summary.notes)
+    if seen and summary.verdict == "unmergeable":
+        assert not exact_sizes
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(regions(), st.sampled_from(plan.POLICIES))
+def test_random_regions_fuse_to_the_same_function(tmp_path_factory, built, policy):
+    b, cin, out = built
+    path = tmp_path_factory.mktemp("r") / "m.safetensors"
+    models.save(path, b.tensors, b.doc(out))
+    rep = model.fuse_file(str(path), str(path.with_name("o.safetensors")), policy=policy, force=True)
+    doc0, t0 = models.described(path)
+    doc1, t1 = models.described(path.with_name("o.safetensors"))
+    for size in [(9,) * b.nd, (12,) * b.nd]:
+        x = torch.randn(1, cin, *size, dtype=torch.float64)
+        want = region_output(doc0, t0, x)
+        if want is None:
+            continue
+        assert equal(want, region_output(doc1, t1, x)), size
+    for r in rep.regions:
+        ce = r.counterexample
+        if ce is not None:
+            assert abs(ce.pair_value - ce.candidate_value) > 1e-9 * max(1.0, abs(ce.pair_value))
+
+
+# --- the structural re-parameterisations, by hand ------------------------------------------------------
+
+
+def _check(net: torch.nn.Module, channels: int, sizes=((9, 9), (10, 12)), policy: str = "all") -> tuple[Any, dict]:
+    net = nets.randomize_bn(net).double().eval()
+    fused = convmerge.fuse(net, policy=policy)
+    for size in sizes:
+        x = torch.randn(2, channels, *size, dtype=torch.float64)
+        want = net(x)
+        assert torch.allclose(fused(x), want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+    return fused, convmerge.check(net, policy=policy)
+
+
+def _convs(module: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in module.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))]
+
+
+def test_repvgg_block_becomes_one_3x3():
+    fused, rep = _check(nets.RepVGGBlock(8), 8)
+    (conv,) = _convs(fused)
+    assert conv.kernel_size == (3, 3) and conv.groups == 1
+    (region,) = rep["regions"]
+    assert region["verdict"] == "mergeable" and region["applied"] and region["kind"] == "branches"
+
+
+def test_strided_repvgg_block_without_identity_becomes_one_3x3_stride_2():
+    fused, _ = _check(nets.RepVGGBlock(8, stride=2), 8, sizes=((9, 9), (10, 12)))
+    (conv,) = _convs(fused)
+    assert conv.kernel_size == (3, 3) and conv.stride == (2, 2)
+
+
+def test_acnet_block_becomes_one_3x3():
+    fused, _ = _check(nets.ACBlock(6), 6)
+    (conv,) = _convs(fused)
+    assert conv.kernel_size == (3, 3)
+
+
+def test_mobileone_style_depthwise_block_stays_depthwise():
+    fused, _ = _check(nets.MobileOneBlock(8, k=3, depthwise=True), 8)
+    (conv,) = _convs(fused)
+    assert conv.groups == 8 and conv.kernel_size == (3, 3)
+
+
+def test_replknet_style_large_and_small_depthwise_kernels_merge():
+    fused, _ = _check(nets.LargeKernel(4, big=7, small=3), 4, sizes=((11, 11), (8, 13)))
+    (conv,) = _convs(fused)
+    assert conv.kernel_size == (7, 7) and conv.groups == 4
+
+
+def test_dbb_branch_with_zero_padding_after_a_batch_norm_is_unmergeable():
+    net = nets.randomize_bn(nets.DBBLike(4, bn_pad=False)).double().eval()
+    rep = convmerge.check(net, policy="all")
+    (region,) = rep["regions"]
+    assert region["verdict"] == "unmergeable" and "shift" in region["reason"]
+    ce = region["counterexample"]
+    assert ce is not None and abs(ce["pair_value"] - ce["candidate_value"]) > 1e-6
+    _check(nets.DBBLike(4, bn_pad=False), 4)  # partial merges still compute the same
+
+
+def test_dbb_branch_with_bn_and_pad_becomes_one_conv(tmp_path):
+    """Padding the batch norm's output with what it gives a zero input (DBB's BN-and-pad) makes the 1x1 -> BN ->
+    3x3 branch exact: described as a pad with a per-channel value tensor."""
+    net = nets.randomize_bn(nets.DBBLike(4, bn_pad=True)).double().eval()
+    b = Builder(2, torch.Generator().manual_seed(0))
+    doc, tensors = nets.dbb_description(net)
+    path = models.save(tmp_path / "dbb.safetensors", tensors, doc)
+    out = tmp_path / "o.safetensors"
+    rep = model.fuse_file(str(path), str(out), policy="all")
+    (region,) = rep.regions
+    assert region.verdict == "mergeable" and region.applied
+    doc1, t1 = models.described(out)
+    assert [layer["op"] for layer in doc1["layers"]] == ["conv2d"]
+    for size in [(9, 9), (7, 10)]:
+        x = torch.randn(1, 4, *size, dtype=torch.float64)
+        assert torch.allclose(models.evaluate(doc1, t1, x)[0], net(x), atol=1e-9)
+    del b
+
+
+def test_average_pooling_branch_counts_padding_or_is_not_a_conv():
+    fused, rep = _check(nets.PoolBranch(4, count_include_pad=True), 4)
+    assert len(_convs(fused)) == 1 and rep["regions"][0]["verdict"] == "mergeable"
+    net = nets.randomize_bn(nets.PoolBranch(4, count_include_pad=False)).double().eval()
+    rep = convmerge.check(net, policy="all")
+    region = rep["regions"][0]
+    assert region["verdict"] == "unmergeable" and "count_include_pad" in region["reason"]
+    assert region["counterexample"] is not None
+
+
+def test_branches_reading_the_border_in_different_modes_are_unmergeable():
+    net = nets.MixedModes(3).double().eval()
+    rep = convmerge.check(net, policy="all")
+    (region,) = rep["regions"]
+    assert region["verdict"] == "unmergeable" and "reflect" in region["reason"] and "zeros" in region["reason"]
+    ce = region["counterexample"]
+    assert ce is not None and abs(ce["pair_value"] - ce["candidate_value"]) > 1e-9
+
+
+def test_concat_of_parallel_convs_is_one_conv_with_stacked_channels():
+    fused, rep = _check(nets.Inception(4), 4, policy="all")
+    (conv,) = _convs(fused)
+    assert conv.out_channels == 12 and conv.kernel_size == (3, 3)
+    cheaper = convmerge.check(nets.randomize_bn(nets.Inception(4)).double().eval(), policy="cheaper")
+    assert cheaper["regions"][0]["verdict"] == "mergeable"
+
+
+def test_branches_whose_lengths_agree_only_at_some_sizes_are_size_dependent():
+    net = nets.OddEven(3).double().eval()  # 3x3 s2 p1 + 1x1 s2 p0 ... and 2x2 s2 p0: lengths agree iff n even
+    rep = convmerge.check(net)
+    (region,) = rep["regions"]
+    assert region["verdict"] == "size-dependent" and "even" in region["reason"]
+    assert not convmerge.check(net, input_size=(9, 9))["merges"]
+    fused = convmerge.fuse(net, input_size=(10, 10), policy="all")
+    x = torch.randn(1, 3, 10, 10, dtype=torch.float64)
+    assert len(_convs(fused)) == 1 and torch.allclose(fused(x), net(x), atol=1e-9)
+
+
+def test_plain_conv_bn_is_always_folded_and_counted():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4),
+                              torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, stride=2), torch.nn.BatchNorm2d(4))
+    fused, rep = _check(net, 3, policy="cheaper")
+    assert rep["summary"]["bn_folded"] == 2 and not [m for m in fused.modules()
+                                                      if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+@pytest.mark.parametrize("policy", plan.POLICIES)
+def test_tiny_repvgg_network_reaches_its_deploy_conv_count(policy):
+    net = nets.TinyRepVGG()
+    fused, rep = _check(net, 3, sizes=((16, 16), (17, 19)), policy=policy)
+    assert len(_convs(fused)) == net.deploy_convs
+    assert rep["summary"]["convs_after"] == net.deploy_convs
