@@ -58,14 +58,14 @@ def fuse(module: nn.Module, *, input_size: Optional[Sequence[int]] = None, polic
 
 def save(module: nn.Module, path: Union[str, os.PathLike], *, force: bool = False) -> None:
     """Write the module's state dict as safetensors with its graph description in the header."""
-    doc = trace.describe_module(module, type(module).__name__)
+    doc = trace.describe_module(module, type(module).__name__).doc
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     parse(doc, model.module_tensors(state).info, "traced module")
     io.write_model(path, list(state.items()), {model.GRAPH_KEY: json.dumps(doc), "format": "pt"}, force=force)
 
 
 def _describe(module: nn.Module) -> tuple[Graph, model.Tensors]:
-    doc = trace.describe_module(module, type(module).__name__)
+    doc = trace.describe_module(module, type(module).__name__).doc
     tensors = model.module_tensors(module.state_dict())
     return parse(doc, tensors.info, "traced module"), tensors
 

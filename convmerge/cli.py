@@ -202,7 +202,7 @@ def annotate(
         from .model import GRAPH_KEY
 
         header = io.read_header(str(model))
-        doc = trace.describe_module(trace.build_module(arch), arch)
+        doc = trace.describe_module(trace.build_module(arch), arch).doc
         graph = parse(doc, header.tensors, f"--arch {arch}")
         metadata = dict(header.metadata, **{GRAPH_KEY: json.dumps(doc)})
         io.write_model(str(output), [(n, i) for n, i in header.tensors.items()], metadata, src=header, force=force)

@@ -73,7 +73,7 @@ def find_description(header: io.Header, graph_file: Optional[str] = None, arch: 
     if arch:
         from . import trace
 
-        return trace.describe_module(trace.build_module(arch), arch), f"--arch {arch}"
+        return trace.describe_module(trace.build_module(arch), arch).doc, f"--arch {arch}"
     raise GraphError(
         f"{header.path}: no graph description: pass --graph FILE or --arch MODULE:CALLABLE "
         "(or store one with `convmerge annotate`); convmerge never guesses how layers connect"
