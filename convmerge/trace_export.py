@@ -483,7 +483,7 @@ class _Mapper:
         target = node.target
         if target is operator.getitem and node.args[0] in self.single and node.args[1] == 0:
             self.names[node] = self.names[node.args[0]]
-        elif target in _ALIASES or (target is aten.dropout.default and not node.args[2]):
+        elif target in _ALIASES or (target is aten.dropout.default and not _bind(node)["train"]):
             self.names[node] = self._name(node.args[0])
         elif target is _LEAF:
             self._leaf(node)

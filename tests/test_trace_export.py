@@ -674,3 +674,27 @@ def test_generated_branches_are_traced_exactly(model: Generated, seed: int) -> N
     traced = trace(model, example_size=(1, model.c, 6, 6))
     assert {op for _, op in ops(traced)} <= {"conv2d", "batch_norm", "avg_pool2d", "pad", "add", "concat"}
     assert_same_function(model, traced, torch.randn(2, model.c, 5, 7, dtype=torch.float64))
+
+
+# --- the example input --------------------------------------------------------------------------
+
+
+def test_example_input_is_guessed_from_the_first_conv_or_given() -> None:
+    model = nn.Sequential(nn.Conv3d(2, 3, 1), nn.ReLU())
+    assert trace(model).notes[0] == ("traced with torch.export on an input of shape [1, 2, 32, 32, 32] (guessed from "
+                                     "Conv3d '0'; give example_size if it is wrong)")
+    assert trace(model, example_size=(4, 5, 6)).notes[0] == "traced with torch.export on an input of shape [1, 2, 4, 5, 6]"
+    assert trace(model, example_size=(2, 2, 4, 5, 6)).notes[0].endswith("shape [2, 2, 4, 5, 6]")
+    fallback = describe_module(model, example_size=(4, 5))
+    assert fallback.notes[0] == ("traced with torch.fx (example size [4, 5] is neither 3 spatial sizes nor a full "
+                                 "input shape)")
+    assert [item["op"] for item in fallback.doc["layers"]] == ["conv3d", "relu"]
+
+
+def test_a_wrong_guess_falls_back_to_fx_and_says_why() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 2))
+    traced = describe_module(model)
+    assert traced.notes[0].startswith("traced with torch.fx (torch.export: RuntimeError: ")
+    assert [item["op"] for item in traced.doc["layers"]] == ["conv2d", "flatten", "linear"]
+    assert trace(model, example_size=(3, 3)).doc == {**traced.doc, "inputs": ["input"], "layers": [
+        {**traced.doc["layers"][0], "input": "input"}, *traced.doc["layers"][1:]]}
