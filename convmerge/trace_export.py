@@ -159,8 +159,20 @@ def _export_with_leaves(module: nn.Module, example: torch.Tensor, leaves: dict[s
             culprit = _failing_module(exc, module)
             if culprit is None or culprit in leaves:
                 raise TraceError(f"torch.export: {first_line(exc)}") from exc
-            leaves[culprit] = f"torch.export: {first_line(exc)}"
+            leaves.update(_same_class(module, culprit, f"torch.export: {first_line(exc)}", leaves))
     raise TraceError("torch.export: every submodule failed")
+
+
+def _same_class(root: nn.Module, culprit: str, why: str, leaves: dict[str, str]) -> dict[str, str]:
+    """The failing module and every other instance of its class: they run the same code, and each
+    failure costs one more export of the whole model."""
+    cls = type(root.get_submodule(culprit))
+    found = {culprit: why}
+    for qualname, m in root.named_modules():
+        inside = any(qualname.startswith(q + ".") for q in [*leaves, *found])
+        if type(m) is cls and qualname not in found and qualname not in leaves and not inside:
+            found[qualname] = f"{why} (in {culprit!r}, of the same class)"
+    return found
 
 
 def _failing_module(exc: BaseException, root: nn.Module) -> Optional[str]:

@@ -698,3 +698,13 @@ def test_a_wrong_guess_falls_back_to_fx_and_says_why() -> None:
     assert [item["op"] for item in traced.doc["layers"]] == ["conv2d", "flatten", "linear"]
     assert trace(model, example_size=(3, 3)).doc == {**traced.doc, "inputs": ["input"], "layers": [
         {**traced.doc["layers"][0], "input": "input"}, *traced.doc["layers"][1:]]}
+
+
+def test_every_instance_of_a_failing_class_is_a_leaf_after_one_failure() -> None:
+    model = prepared(nn.Sequential(nn.Conv2d(2, 4, 1), Gate(4), nn.Conv2d(4, 4, 1), Gate(4)))
+    traced = trace(model)
+    assert ops(traced) == [("0", "conv2d"), ("1", "gate"), ("2", "conv2d"), ("3", "gate")]
+    assert traced.notes[1].startswith("module '1' (Gate) is opaque: torch.export: GuardOnDataDependentSymNode")
+    assert traced.notes[2].startswith("module '3' (Gate) is opaque: torch.export: GuardOnDataDependentSymNode")
+    assert traced.notes[2].endswith("(in '1', of the same class)")
+    assert_same_function(model, traced, torch.randn(1, 2, 3, 3, dtype=torch.float64), {"1": model[1], "3": model[3]})
