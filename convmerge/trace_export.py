@@ -27,7 +27,6 @@ import io
 import itertools
 import logging
 import operator
-import re
 import traceback
 import warnings
 from collections import Counter
@@ -56,6 +55,7 @@ _OUTPUTS: dict[str, list[tuple[tuple[int, ...], torch.dtype, torch.device]]] = {
 """What a leaf call returns (shape, dtype, device per tensor), keyed by `session/qualname#call`."""
 _STRUCTURES: dict[str, tuple[list[Any], Any]] = {}
 """The same call's output structure (`_Slot` where a tensor goes), for the module's caller."""
+_SESSIONS = itertools.count()
 
 
 @torch.library.custom_op("convmerge::opaque_leaf", mutates_args=())
@@ -95,8 +95,6 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
     return traced
 
 
-_SESSIONS = itertools.count()
-
 
 def example_input(module: nn.Module, example_size: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, str]:
     """An input for ``module`` (on its device, in its dtype) and a note on where its shape came from.
@@ -116,10 +114,11 @@ def example_input(module: nn.Module, example_size: Optional[Sequence[int]] = Non
             raise TraceError("torch.export needs an example input size (no conv or batch norm to guess one from)")
         shape = tuple(example_size)
     else:
-        nd = len(first.kernel_size) if isinstance(first, nn.modules.conv._ConvNd) else max(1, _bn_rank(first))
+        nd = len(first.kernel_size) if isinstance(first, nn.modules.conv._ConvNd) else _bn_rank(first)
         if example_size is None:
             shape = (1, _channels(first), *([_DEFAULT_SIDE[nd]] * nd))
-            origin = f" (guessed from {type(first).__name__} {_qualname(module, first)!r}; give example_size if it is wrong)"
+            where = f"{type(first).__name__} {_qualname(module, first)!r}"
+            origin = f" (guessed from {where}; give example_size if it is wrong)"
         elif len(example_size) == nd + 2:
             shape = tuple(example_size)
         elif len(example_size) == nd:
@@ -215,7 +214,6 @@ def _measure_leaves(module: nn.Module, example: torch.Tensor, leaves: list[str],
         module(example)
 
 
-
 def _run_leaf(leaf: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     """The leaf's output; on the meta device, code that needs values (``if x.sum() > 0``) runs on
     a CPU stand-in with made-up weights: only the output's shapes are kept."""
@@ -230,7 +228,10 @@ def _run_leaf(leaf: nn.Module, forward: Callable[..., Any], args: tuple, kwargs:
     stand_in = stand_in.to_empty(device="cpu")
     with torch.no_grad():
         for t in itertools.chain(stand_in.parameters(), stand_in.buffers()):
-            t.uniform_(0.5, 1.5) if t.is_floating_point() else t.zero_()
+            if t.is_floating_point():
+                t.uniform_(0.5, 1.5)
+            else:
+                t.zero_()
     generator = torch.Generator().manual_seed(0)
     args, kwargs = pytree.tree_map_only(
         torch.Tensor, lambda t: torch.rand(t.shape, generator=generator).to(t.dtype), (args, kwargs))
@@ -416,7 +417,8 @@ class _Mapper:
         for node in self.graph.nodes:
             if node.op != "call_function" or node.target is _LEAF:
                 continue
-            seeded = isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags
+            target = node.target
+            seeded = isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
             if not seeded and all(n in const for n in node.all_input_nodes):
                 const.add(node)
         return const
@@ -672,7 +674,8 @@ class _Mapper:
         prefix when it uses its parameters as they are, else its module's name, else ``.computed``;
         never one under which the state dict holds other tensors.  Computed tensors are stored."""
         path = self._path(node)
-        prefixes = [k[: -len(s) - 1] for s, t in tensors.items() if (k := self._exclusive_key(t)) and k.endswith("." + s)]
+        keys = {suffix: self._exclusive_key(tensor) for suffix, tensor in tensors.items()}
+        prefixes = [key[: -len(suffix) - 1] for suffix, key in keys.items() if key and key.endswith("." + suffix)]
         owned = prefixes[:1] + ([path] if path else [])
         stem = f"{path}.computed" if path else base
         for name in itertools.chain(owned, [stem], (f"{stem}_{k}" for k in itertools.count(1))):

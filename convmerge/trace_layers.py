@@ -18,8 +18,8 @@ from torch.nn.utils import parametrize
 from .modules import PaddedConv1d, PaddedConv2d, PaddedConv3d, spec_of
 from .spec import padding_fields
 
-__all__ = ["STRUCTURAL_OPS", "STRUCTURAL_MODULES", "TraceError", "Traced", "avg_pool_fields", "first_line", "is_leaf_class",
-           "is_plain", "module_fields", "opaque", "pad_fields"]
+__all__ = ["STRUCTURAL_MODULES", "STRUCTURAL_OPS", "TraceError", "Traced", "avg_pool_fields", "first_line",
+           "is_leaf_class", "is_plain", "module_fields", "opaque", "pad_fields"]
 
 STRUCTURAL_OPS = frozenset({
     "conv1d", "conv2d", "conv3d", "batch_norm", "identity", "dropout",
@@ -112,8 +112,8 @@ def module_fields(module: nn.Module) -> dict[str, Any]:
     if is_plain(module, _DROPOUTS):
         return {"op": "dropout"}
     if is_plain(module, _AVG_POOLS):
-        return avg_pool_fields(_nd_of(module, _AVG_POOLS), module.kernel_size, module.stride, module.padding, module.ceil_mode,
-                               module.count_include_pad, getattr(module, "divisor_override", None))
+        return avg_pool_fields(_nd_of(module, _AVG_POOLS), module.kernel_size, module.stride, module.padding,
+                               module.ceil_mode, module.count_include_pad, getattr(module, "divisor_override", None))
     if is_plain(module, _PADS):
         cls = next(c for c in _PADS if isinstance(module, c))
         nd = int(cls.__name__[-2])
