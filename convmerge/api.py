@@ -77,45 +77,51 @@ def check(
     arch: Optional[str] = None,
     input_size: Optional[Sequence[int]] = None,
     policy: str = "cheaper",
+    leaves: Sequence[Union[type, str]] = (),
 ) -> dict[str, Any]:
     """The report (same content as `convmerge check --json`) for a module or a safetensors file."""
     input_size = _check_args("check", model_or_path, input_size=input_size, policy=policy, graph=graph, arch=arch)
     if isinstance(model_or_path, nn.Module):
-        g, tensors, _, _ = _describe(model_or_path)
+        g, tensors, _ = _describe(model_or_path, leaves)
         report = model.analyze(g, tensors, input_size, policy).report()
         report.description = "traced module"
     else:
         report = model.check_file(os.fspath(model_or_path), graph_file=graph, arch=arch, input_size=input_size,
-                                  policy=policy)
+                                  policy=policy, leaves=[c if isinstance(c, str) else c.__name__ for c in leaves])
     return report.to_dict()
 
 
-def fuse(module: nn.Module, *, input_size: Optional[Sequence[int]] = None, policy: str = "cheaper") -> nn.Module:
+def fuse(module: nn.Module, *, input_size: Optional[Sequence[int]] = None, policy: str = "cheaper",
+         leaves: Sequence[Union[type, str]] = ()) -> nn.Module:
     """A new module computing the same function with merged convs; `module` is left untouched.
 
     The result is a `torch.fx.GraphModule` running the traced graph with each merged chain or region
-    replaced by one standard `nn.Conv*d` holding the verified merged weights.
+    replaced by one standard `nn.Conv*d` holding the verified merged weights.  `leaves`: module classes
+    (or class or qualified names) kept opaque, untraced.
     """
     input_size = _check_args("fuse", module, input_size=input_size, policy=policy)
-    g, tensors, traced, nodes = _describe(module)
+    g, tensors, traced = _describe(module, leaves)
     plan = model.analyze(g, tensors, input_size, policy)
-    return fused_module(module, plan, traced, nodes)
+    return fused_module(module, plan, traced)
 
 
-def save(module: nn.Module, path: Union[str, os.PathLike], *, force: bool = False) -> None:
-    """Write the module's state dict as safetensors with its graph description in the header."""
-    doc = trace.describe_module(module, type(module).__name__)
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+def save(module: nn.Module, path: Union[str, os.PathLike], *, force: bool = False,
+         leaves: Sequence[Union[type, str]] = ()) -> None:
+    """Write the module's state dict as safetensors with its graph description in the header (and the
+    kernels the trace computed from parameters, which the state dict does not hold)."""
+    traced = trace.describe_module(module, type(module).__name__, leaves=leaves)
+    doc = traced.doc
+    state = {k: v.detach().cpu().contiguous() for k, v in {**module.state_dict(), **traced.tensors}.items()}
     parse(doc, model.module_tensors(state).info, "traced module")
     io.write_model(path, list(state.items()), {model.GRAPH_KEY: json.dumps(doc), "format": "pt"}, force=force)
 
 
-def _describe(module: nn.Module) -> tuple[Graph, model.Tensors, Any, dict[str, Any]]:
-    """Trace a copy of `module` (so its nodes can be rewired without touching the original)."""
+def _describe(module: nn.Module, leaves: Sequence[Union[type, str]] = ()) -> tuple[Graph, model.Tensors, Any]:
+    """Trace a copy of `module` (so a fused module can be rebuilt from it without touching the original)."""
     copied = copy.deepcopy(module)
-    doc, traced, nodes = trace.trace_module(copied, type(module).__name__)
-    tensors = model.module_tensors(copied.state_dict())
-    return parse(doc, tensors.info, "traced module"), tensors, traced, nodes
+    traced = trace.describe_module(copied, type(module).__name__, leaves=leaves)
+    tensors = model.module_tensors({**copied.state_dict(), **traced.tensors})
+    return parse(traced.doc, tensors.info, "traced module"), tensors, traced
 
 
 def load_module(arch: str, path: Union[str, os.PathLike]) -> nn.Module:

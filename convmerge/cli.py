@@ -77,6 +77,9 @@ DESC, SIZE, OUT, OUTPUT = "Model description", "Input size and policy", "Output 
 ModelArg = Annotated[Path, typer.Argument(help="A .safetensors model file (read, never modified).", show_default=False)]
 GraphOpt = Annotated[Optional[Path], typer.Option("--graph", "-g", help="Graph description JSON (sidecar file).",
                                                   rich_help_panel=DESC, show_default=False)]
+LeafOpt = Annotated[Optional[list[str]], typer.Option(
+    "--leaf", metavar="CLASS", help="With --arch: keep modules of this class (or this qualified name) opaque, "
+                                    "untraced; repeatable.", rich_help_panel=DESC, show_default=False)]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", "-a", metavar="MODULE:CALLABLE",
                                                 help="Build and trace this nn.Module (also path/to/file.py:CALLABLE) "
                                                      "when the file has no description.", rich_help_panel=DESC)]
@@ -118,6 +121,7 @@ def check(
     model: ModelArg,
     graph: GraphOpt = None,
     arch: ArchOpt = None,
+    leaf: LeafOpt = None,
     input_size: SizeOpt = None,
     policy: PolicyOpt = Policy.cheaper,
     counterexamples: Annotated[Optional[Path], typer.Option(
@@ -140,7 +144,7 @@ def check(
 
         with clock("judge"), _progress(json_out, quiet) as tick:
             rep = m.check_file(str(model), graph_file=_s(graph), arch=arch, input_size=size,
-                               policy=policy.value, on_region=tick)
+                               policy=policy.value, leaves=leaf or (), on_region=tick)
         if counterexamples is not None:
             with clock("counterexamples"):
                 io.write_counterexamples(counterexamples, rep.pairs)
@@ -168,6 +172,7 @@ def fuse(
                                                        rich_help_panel=OUT)] = None,
     graph: GraphOpt = None,
     arch: ArchOpt = None,
+    leaf: LeafOpt = None,
     input_size: SizeOpt = None,
     policy: PolicyOpt = Policy.cheaper,
     fail_on: FailOpt = None,
@@ -210,7 +215,8 @@ def fuse(
         try:
             with _progress(json_out, quiet) as tick:
                 rep = m.fuse_file(str(model), out, graph_file=_s(graph), arch=arch, input_size=size,
-                                  policy=policy.value, force=force, on_region=tick, before_write=companions)
+                                  policy=policy.value, force=force, leaves=leaf or (), on_region=tick,
+                                  before_write=companions)
             clock.stop()
             for tmp, final in pending:
                 os.replace(tmp, final)
@@ -233,21 +239,23 @@ def annotate(
                                         rich_help_panel=OUT)],
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.",
                                         rich_help_panel=OUT)] = False,
+    leaf: LeafOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Write a copy of MODEL with the traced graph description in its header, so CI needs only the file."""
+    """Write a copy of MODEL with the traced graph description in its header (and any kernels the trace
+    computed from the weights), so CI needs only the file."""
 
     def work() -> int:
-        from . import io, trace
-        from .graph import parse
-        from .model import GRAPH_KEY
+        from . import io
+        from .model import GRAPH_KEY, describe_file
 
-        header = io.read_header(str(model))
-        doc = trace.describe_module(trace.build_module(arch), arch)
-        graph = parse(doc, header.tensors, f"--arch {arch}")
-        metadata = dict(header.metadata, **{GRAPH_KEY: json.dumps(doc)})
-        io.write_model(output, [(n, i) for n, i in header.tensors.items()], metadata, src=header, force=force)
+        described = describe_file(str(model), None, arch, leaf or ())
+        header, graph = described.header, described.graph
+        metadata = dict(header.metadata, **{GRAPH_KEY: json.dumps(graph.doc)})
+        listing = [(n, i) for n, i in header.tensors.items()] + [
+            (n, t.detach().cpu().contiguous()) for n, t in described.extra.items()]
+        io.write_model(output, listing, metadata, src=header, force=force)
         if not quiet:
             _console(False).print(f"wrote {output}: {len(graph.layers)} layers, {len(graph.pairs())} conv pairs described",
                                   markup=False)
@@ -283,6 +291,7 @@ def explain(
                                                     show_default=False)] = None,
     graph: GraphOpt = None,
     arch: ArchOpt = None,
+    leaf: LeafOpt = None,
     input_size: Annotated[Optional[str], typer.Option(
         "--input-size", "-s", metavar="HxW", help="Size at FIRST's input [default: a small size, one that fails "
                                                    "if any does].", rich_help_panel=SIZE)] = None,
@@ -294,14 +303,11 @@ def explain(
     size = _parse_size(input_size)
 
     def work() -> int:
-        from . import io
         from .explain import explain_pair, explain_region
-        from .graph import parse
-        from .model import file_tensors, find_description
+        from .model import describe_file
 
-        header = io.read_header(str(model))
-        doc, where = find_description(header, _s(graph), arch)
-        g, tensors = parse(doc, header.tensors, where), file_tensors(header)
+        described = describe_file(str(model), _s(graph), arch, leaf or ())
+        g, tensors = described.graph, described.tensors
         if second is None:
             data = explain_region(g, tensors, first, size)
         else:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import stat
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
 from . import io, plan as planning
-from .graph import MAX_DESCRIPTION_BYTES, GraphError, load_description, parse
+from .graph import MAX_DESCRIPTION_BYTES, Graph, GraphError, load_description, parse
 from .plan import Plan, Tensors
 from .report import Report
 
@@ -39,17 +40,52 @@ def module_tensors(state: Mapping[str, torch.Tensor]) -> Tensors:
     return Tensors({k: ModuleTensor(v) for k, v in state.items()}, lambda name: state[name].detach())
 
 
+@dataclass
+class Described:
+    """A model file with its description: the graph, where it came from, and its tensors, including
+    those a trace computed that the file lacks (kernels computed from parameters, pad values)."""
+
+    header: io.Header
+    graph: Graph
+    where: str
+    tensors: Tensors
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def describe_file(path: str, graph_file: Optional[str] = None, arch: Optional[str] = None,
+                  leaves: Sequence[str] = ()) -> Described:
+    """Read a model's header and its description (FORMAT.md, section 1) and validate them together."""
+    header = io.read_header(path)
+    doc, where, extra, notes = _description(header, graph_file, arch, leaves)
+    info = dict(header.tensors)
+    info.update({k: ModuleTensor(v) for k, v in extra.items()})
+    tensors = Tensors(info, lambda name: extra[name] if name in extra else io.read_tensor(header, name))
+    graph = parse(doc, info, where)
+    graph.notes[:0] = notes
+    return Described(header, graph, where, tensors, extra, notes)
+
+
 def find_description(header: io.Header, graph_file: Optional[str] = None, arch: Optional[str] = None) -> tuple[dict, str]:
     """The description from --graph, else the header, else by tracing --arch (FORMAT.md, section 1)."""
+    doc, where, _, _ = _description(header, graph_file, arch, ())
+    return doc, where
+
+
+def _description(header: io.Header, graph_file: Optional[str], arch: Optional[str],
+                 leaves: Sequence[str]) -> tuple[dict, str, dict[str, torch.Tensor], list[str]]:
     if graph_file:
-        return load_description(_read_sidecar(graph_file), graph_file), graph_file
+        return load_description(_read_sidecar(graph_file), graph_file), graph_file, {}, []
     if GRAPH_KEY in header.metadata:
         where = f"{header.path}: header key '{GRAPH_KEY}'"
-        return load_description(header.metadata[GRAPH_KEY], where), where
+        return load_description(header.metadata[GRAPH_KEY], where), where, {}, []
     if arch:
-        from . import trace
+        from . import api, trace
 
-        return trace.describe_module(trace.build_module(arch), arch), f"--arch {arch}"
+        traced = trace.describe_module(trace.build_module(arch), arch, leaves=leaves)
+        if traced.missing:  # kernels computed from the weights: trace the module holding them
+            traced = trace.describe_module(api.load_module(arch, header.path), arch, leaves=leaves)
+        return traced.doc, f"--arch {arch}", dict(traced.tensors), list(traced.notes)
     raise GraphError(
         f"{header.path}: no graph description: pass --graph FILE or --arch MODULE:CALLABLE "
         "(or store one with `convmerge annotate`); convmerge never guesses how layers connect"
@@ -90,6 +126,7 @@ def fuse_file(
     input_size: Optional[Sequence[int]] = None,
     policy: str = "cheaper",
     force: bool = False,
+    leaves: Sequence[str] = (),
     on_region: Optional[Callable[[], None]] = None,
     before_write: Optional[Callable[[Report, dict], None]] = None,
 ) -> Report:
@@ -98,32 +135,30 @@ def fuse_file(
     `before_write(report, description)` runs once everything is decided and before the model is
     written, so companions (a report file, an export) can fail without leaving a fused model.
     """
-    header = io.read_header(path)
-    doc, where = find_description(header, graph_file, arch)
-    graph = parse(doc, header.tensors, where)
-    plan = analyze(graph, file_tensors(header), input_size, policy, on_region)
+    model = describe_file(path, graph_file, arch, leaves)
+    header, extra = model.header, model.extra
+    plan = analyze(model.graph, model.tensors, input_size, policy, on_region)
     report = plan.report()
     new_doc = plan.description()
     metadata = dict(header.metadata)
     metadata[GRAPH_KEY] = json.dumps(new_doc)
     metadata["format"] = "pt"
-    report.source, report.description, report.output = os.fspath(path), where, os.fspath(out)
+    report.source, report.description, report.output = os.fspath(path), model.where, os.fspath(out)
     if before_write is not None:
         before_write(report, new_doc)
-    listing = plan.listing(list(header.tensors), lambda n: header.tensors[n])
+    listing = plan.listing(list(header.tensors) + list(extra),
+                           lambda n: extra[n].detach().cpu().contiguous() if n in extra else header.tensors[n])
     io.write_model(out, listing, metadata, src=header, force=force)
     return report
 
 
 def check_file(path: str, *, graph_file: Optional[str] = None, arch: Optional[str] = None,
-               input_size: Optional[Sequence[int]] = None, policy: str = "cheaper",
+               input_size: Optional[Sequence[int]] = None, policy: str = "cheaper", leaves: Sequence[str] = (),
                on_region: Optional[Callable[[], None]] = None) -> Report:
     """The dry run: the same report as `fuse_file`, nothing written."""
-    header = io.read_header(path)
-    doc, where = find_description(header, graph_file, arch)
-    graph = parse(doc, header.tensors, where)
-    report = analyze(graph, file_tensors(header), input_size, policy, on_region).report()
-    report.source, report.description = os.fspath(path), where
+    model = describe_file(path, graph_file, arch, leaves)
+    report = analyze(model.graph, model.tensors, input_size, policy, on_region).report()
+    report.source, report.description = os.fspath(path), model.where
     return report
 
 

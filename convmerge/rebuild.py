@@ -10,13 +10,12 @@ forward had (a RepVGG block's add has no module to swap, so swapping submodules 
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from .plan import Plan, Unit
+from .trace_layers import TraceError, Traced
 
 __all__ = ["fused_module"]
 
@@ -24,12 +23,15 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
 
-def fused_module(module: nn.Module, plan: Plan, traced: fx.Graph, nodes: dict[str, fx.Node]) -> fx.GraphModule:
-    """`traced` is an fx trace of a deep copy of `module`; `nodes` maps layer names to its nodes."""
+def fused_module(module: nn.Module, plan: Plan, traced: Traced) -> fx.GraphModule:
+    """`traced` comes from a deep copy of `module` (the graph module it builds may share its submodules)."""
+    if traced.graph_module is None:
+        raise TraceError("the trace holds no runnable graph to rebuild the fused module from")
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    root = copy.deepcopy(module) if traced.owning_module is None else traced.owning_module
-    gm = fx.GraphModule(root, traced)
+    gm = traced.graph_module()
     graph = gm.graph
+    by_name = {node.name: node for node in graph.nodes}
+    nodes = {layer: by_name[name] for layer, name in traced.nodes.items() if name in by_name}
     replaced = {n for u in plan.applied for n in u.layers}
     current = dict(nodes)  # a merged output is read through its new conv by later merges too
     for unit in plan.applied:

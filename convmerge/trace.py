@@ -1,11 +1,12 @@
-"""Derive the graph description (FORMAT.md section 1) from a `torch.nn.Module` with torch.fx.
+"""Derive the graph description (FORMAT.md section 1) from a `torch.nn.Module`.
 
-A state dict alone does not say how layers connect; a model's Python code does.  We build the
-module (on the meta device: no weights needed), trace it symbolically, and write one layer per
-fx node.  Convs and batch norms become structural layers named by their qualified module name,
-so their tensors are found under the state dict's keys; everything else is an opaque op that
-convmerge keeps and never merges across.  When in doubt, a layer is opaque: a wrong structural
-layer would silently produce a wrong merged model, a needless opaque one only misses a merge.
+A state dict alone does not say how layers connect; a model's Python code does.  We trace the
+module (on the meta device when it has no weights) with torch.export, which sees shapes and
+ATen ops, and fall back to torch.fx, which needs no example input, when export cannot run.  Either
+way a submodule that cannot be traced becomes one opaque layer and a note, not a failed model.
+Convs and batch norms are named by their qualified module names, so their tensors are found under
+the state dict's keys; tensors the description needs beyond those (kernels computed from
+parameters, per-channel pad values) come back beside it (`Traced.tensors`).
 """
 
 from __future__ import annotations
@@ -14,27 +15,16 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from .modules import PaddedConv1d, PaddedConv2d, PaddedConv3d, spec_of
-from .spec import SpecError, padding_fields
+from . import trace_export, trace_fx
+from .trace_layers import STRUCTURAL_OPS, TraceError, Traced, first_line
 
-STRUCTURAL_OPS = frozenset({"conv1d", "conv2d", "conv3d", "batch_norm", "identity", "dropout"})
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_PADDED_CONVS = (PaddedConv1d, PaddedConv2d, PaddedConv3d)
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-_STRUCTURAL = _CONVS + _PADDED_CONVS + _BATCH_NORMS + _DROPOUTS + (nn.Identity,)
-
-
-class TraceError(ValueError):
-    """A model that cannot be imported, built or traced; the message names it and what to do."""
+__all__ = ["STRUCTURAL_OPS", "TraceError", "Traced", "build_module", "describe_module", "load_callable"]
 
 
 def load_callable(ref: str) -> Callable[..., nn.Module]:
@@ -83,152 +73,39 @@ def build_module(ref: str) -> nn.Module:
         try:
             built = factory()
         except Exception as exc:
-            raise TraceError(f"--arch {ref}: calling it raised {_first_line(exc)}") from exc
+            raise TraceError(f"--arch {ref}: calling it raised {first_line(exc)}") from exc
     if not isinstance(built, nn.Module):
         raise TraceError(f"--arch {ref}: returned a {type(built).__name__}, not a torch.nn.Module")
     return built.eval()
 
 
-def describe_module(module: nn.Module, name: str = "model") -> dict[str, Any]:
-    """The graph description of ``module``: one layer per fx node, in the graph's (topological) order."""
-    return trace_module(module, name)[0]
+def describe_module(module: nn.Module, name: str = "model", *, leaves: Sequence[type | str] = (),
+                    example_size: Optional[Sequence[int]] = None) -> Traced:
+    """The graph description of ``module`` and the tensors it needs beyond the state dict.
 
+    ``leaves``: module classes (or class names) to keep as opaque layers without tracing them.
+    ``example_size``: the input's full shape, or its spatial size (guessed from the first conv
+    otherwise); torch.export traces with it.  When torch.export fails on the model itself, torch.fx
+    traces it instead (``notes`` says so and why).  A module on the meta device is traced without
+    its weights: tensors computed from them are then listed in ``missing``, not returned.
 
-def trace_module(module: nn.Module, name: str = "model") -> tuple[dict[str, Any], fx.Graph, dict[str, fx.Node]]:
-    """The description, the fx graph it came from, and the node computing each layer (and input) name."""
+    Raises TraceError when neither tracer gets through the model's own ``forward``, or when a
+    module that should be a conv cannot be one.
+
+    >>> traced = describe_module(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    >>> [layer["op"] for layer in traced.doc["layers"]]
+    ['conv2d', 'relu']
+    """
     try:
-        graph = _StructuralTracer().trace(module)
+        return trace_export.describe(module, leaves, example_size)
     except Exception as exc:
-        raise TraceError(
-            f"{name}: torch.fx cannot trace it ({_first_line(exc)}); pass --graph FILE instead"
-        ) from exc
-    names, shared = layer_names(graph), _shared_targets(graph)
-    layers = []
-    for node in graph.nodes:
-        if node.op in ("placeholder", "output"):
-            continue
-        try:
-            layers.append(describe_node(node, module, names, shared))
-        except SpecError as exc:
-            raise TraceError(f"{name}: layer {names[node]}: {exc}; pass --graph FILE instead") from exc
-    output = next(node for node in graph.nodes if node.op == "output")
-    doc = {
-        "version": 1,
-        "inputs": [names[node] for node in graph.nodes if node.op == "placeholder"],
-        "layers": layers,
-        "outputs": _input_names(output, names),
-    }
-    return doc, graph, {n: node for node, n in names.items()}
-
-
-def layer_names(graph: fx.Graph) -> dict[fx.Node, str]:
-    """A unique layer name per node: the module's qualified name for ``call_module`` (so a conv's
-    tensors are ``NAME.weight``), ``NAME@k`` for the k-th call of a module called several times,
-    and fx's node name for the rest (suffixed in the rare case it equals a module's name).
-    """
-    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
-    seen: Counter[str] = Counter()
-    names: dict[fx.Node, str] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            target = str(node.target)
-            names[node] = target if calls[target] == 1 else f"{target}@{seen[target]}"
-            seen[target] += 1
-    others = [node for node in graph.nodes if node not in names]
-    fx_names = {node.name for node in others}
-    used = set(names.values())
-    for node in others:
-        candidate, k = node.name, 1
-        while candidate in used or (candidate != node.name and candidate in fx_names):
-            candidate, k = f"{node.name}_{k}", k + 1
-        names[node] = candidate
-        used.add(candidate)
-    return names
-
-
-def describe_node(node: fx.Node, root: nn.Module, names: dict[fx.Node, str], shared: set[str]) -> dict[str, Any]:
-    """One layer of the description; ``shared`` holds the modules whose tensors are used elsewhere too."""
-    fields: dict[str, Any]
-    if node.op == "call_module":
-        module = root.get_submodule(str(node.target))
-        if node.target in shared:
-            fields = {"op": "shared_" + type(module).__name__.lower()}
-        else:
-            fields = module_fields(module)
-    elif node.op == "get_attr":
-        fields = {"op": "get_attr"}
-    elif node.op == "call_method":
-        fields = {"op": _opaque(str(node.target))}
-    else:
-        fields = {"op": _opaque(getattr(node.target, "__name__", type(node.target).__name__))}
-    producers = _input_names(node, names)
-    wiring = {"input": producers[0]} if len(producers) == 1 else {"inputs": producers}
-    return {"name": names[node], "op": fields.pop("op"), **wiring, **fields}
-
-
-def module_fields(module: nn.Module) -> dict[str, Any]:
-    """``op`` and the hyperparameters of a module called once.
-
-    Only modules that compute what their op means are structural: a conv or norm subclass that
-    overrides ``forward`` (weight standardisation, fake quantisation...) is opaque.
-    """
-    if _is_plain(module, _CONVS + _PADDED_CONVS):
-        return {"op": f"conv{len(module.kernel_size)}d", **padding_fields(spec_of(module))}
-    if _is_plain(module, _BATCH_NORMS):
-        if module.track_running_stats and module.running_mean is not None:
-            return {"op": "batch_norm", "eps": float(module.eps), "affine": bool(module.affine)}
-        return {"op": "batch_norm_train"}
-    if _is_plain(module, (nn.Identity,)):
-        return {"op": "identity"}
-    if _is_plain(module, _DROPOUTS):
-        return {"op": "dropout"}
-    return {"op": _opaque(type(module).__name__.lower())}
-
-
-class _StructuralTracer(fx.Tracer):
-    """Keeps every structural module whole, ours and users' subclasses included (fx's default
-    only keeps modules defined inside ``torch.nn`` whole and traces into the rest)."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _is_plain(m, _STRUCTURAL) or super().is_leaf_module(m, module_qualified_name)
-
-
-def _is_plain(module: nn.Module, classes: tuple[type, ...]) -> bool:
-    """An instance of one of ``classes`` that computes what that class computes."""
-    if not isinstance(module, classes):
-        return False
-    cls = type(module)
-    if cls.forward not in {c.forward for c in classes}:
-        return False
-    if isinstance(module, _CONVS):
-        return cls._conv_forward in {c._conv_forward for c in _CONVS}
-    return True
-
-
-def _shared_targets(graph: fx.Graph) -> set[str]:
-    """Modules called more than once, or whose tensors the graph also reads directly: merging them
-    would change the other use."""
-    calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
-    read = [str(node.target) for node in graph.nodes if node.op == "get_attr"]
-    return {t for t, n in calls.items() if n > 1 or any(r.startswith(t + ".") for r in read)}
-
-
-def _input_names(node: fx.Node, names: dict[fx.Node, str]) -> list[str]:
-    """The layer names among a node's args and kwargs, flattened, in order."""
-    found: list[str] = []
-
-    def collect(producer: fx.Node) -> fx.Node:
-        found.append(names[producer])
-        return producer
-
-    fx.node.map_arg((node.args, node.kwargs), collect)
-    return found
-
-
-def _opaque(op: str) -> str:
-    """An opaque op name that cannot be mistaken for a structural one (``F.conv2d`` is not a
-    layer with tensors ``NAME.weight``)."""
-    return "opaque_" + op if op in STRUCTURAL_OPS else op
+        export_failed = str(exc) if isinstance(exc, TraceError) else f"torch.export: {first_line(exc)}"
+    try:
+        traced = trace_fx.describe(module, leaves)
+    except TraceError as exc:
+        raise TraceError(f"{name}: cannot trace it ({export_failed}; {exc}); pass --graph FILE instead") from exc
+    traced.notes.insert(0, f"traced with torch.fx ({export_failed})")
+    return traced
 
 
 def _import_module(ref: str, dotted: str) -> Any:
@@ -237,9 +114,9 @@ def _import_module(ref: str, dotted: str) -> Any:
     except ModuleNotFoundError as exc:
         if exc.name and (dotted == exc.name or dotted.startswith(exc.name + ".")):
             raise TraceError(f"--arch {ref}: no module named {exc.name!r}") from exc
-        raise TraceError(f"--arch {ref}: importing {dotted} raised {_first_line(exc)}") from exc
+        raise TraceError(f"--arch {ref}: importing {dotted} raised {first_line(exc)}") from exc
     except (Exception, SystemExit) as exc:
-        raise TraceError(f"--arch {ref}: importing {dotted} raised {_first_line(exc)}") from exc
+        raise TraceError(f"--arch {ref}: importing {dotted} raised {first_line(exc)}") from exc
 
 
 def _import_file(ref: str, path: str) -> Any:
@@ -258,13 +135,8 @@ def _import_file(ref: str, path: str) -> Any:
         spec.loader.exec_module(module)
     except (Exception, SystemExit) as exc:
         sys.modules.pop(module_name, None)
-        raise TraceError(f"--arch {ref}: importing {path} raised {_first_line(exc)}") from exc
+        raise TraceError(f"--arch {ref}: importing {path} raised {first_line(exc)}") from exc
     finally:
         if directory in sys.path:
             sys.path.remove(directory)
     return module
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

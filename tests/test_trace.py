@@ -14,9 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from convmerge import trace_fx
 from convmerge.modules import PaddedConv2d, spec_of, to_module
 from convmerge.spec import spec_from_fields
-from convmerge.trace import TraceError, build_module, describe_module, load_callable
+from convmerge.trace import TraceError, build_module, load_callable
+from convmerge.trace import describe_module as trace_module
 
 from .strategies import conv
 
@@ -77,6 +79,10 @@ class MyConv2d(nn.Conv2d):
     pass
 
 
+def describe_module(module: nn.Module, name: str = "model", **options) -> dict:
+    return trace_module(module, name, **options).doc
+
+
 def layer(description: dict, name: str) -> dict:
     return next(item for item in description["layers"] if item["name"] == name)
 
@@ -110,8 +116,8 @@ def test_sequential_names_are_state_dict_keys() -> None:
     )
     description = describe_module(model)
     assert ops(description) == {"stem.0": "conv2d", "stem.1": "batch_norm", "stem.2": "relu", "head": "conv2d"}
-    assert [item.get("input") for item in description["layers"]] == ["input_1", "stem.0", "stem.1", "stem.2"]
-    assert description["inputs"] == ["input_1"] and description["outputs"] == ["head"]
+    assert [item.get("input") for item in description["layers"]] == ["input", "stem.0", "stem.1", "stem.2"]
+    assert description["inputs"] == ["input"] and description["outputs"] == ["head"]
     keys = set(model.state_dict())
     for item in description["layers"]:
         if item["op"] == "conv2d":
@@ -132,8 +138,8 @@ def test_one_conv_feeding_two_consumers() -> None:
     description = describe_module(Branch())
     assert layer(description, "left")["input"] == "stem"
     assert layer(description, "right")["input"] == "stem"
-    assert layer(description, "cat") == {"name": "cat", "op": "cat", "inputs": ["left", "right"]}
-    assert description["outputs"] == ["cat"]
+    assert layer(description, "concat") == {"name": "concat", "op": "concat", "inputs": ["left", "right"], "dim": 1}
+    assert description["outputs"] == ["concat"]
 
 
 def test_conv1d_same_padding_is_asymmetric_for_even_kernels() -> None:
@@ -156,7 +162,7 @@ def test_conv3d_and_depthwise_fields() -> None:
     )
     description = describe_module(model)
     assert layer(description, "0") == {
-        "name": "0", "op": "conv3d", "input": "input_1", "kernel_size": [1, 3, 3], "stride": [1, 2, 2],
+        "name": "0", "op": "conv3d", "input": "input", "kernel_size": [1, 3, 3], "stride": [1, 2, 2],
         "padding": [[0, 0], [1, 1], [1, 1]], "dilation": [1, 1, 1], "groups": 1, "padding_mode": "zeros",
     }
     assert layer(description, "1") == {"name": "1", "op": "batch_norm", "input": "0", "eps": 1e-05, "affine": False}
@@ -217,24 +223,29 @@ def test_norm_identity_dropout_and_opaque_modules() -> None:
     ]
 
 
-def test_functions_and_methods_are_opaque_ops() -> None:
-    class Functional(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.relu = nn.ReLU()
-            self.weight = nn.Parameter(torch.ones(1, 1, 1, 1))
+class Functional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu = nn.ReLU()
+        self.weight = nn.Parameter(torch.ones(1, 1, 1, 1))
 
-        def forward(self, x: torch.Tensor) -> dict:
-            a = torch.relu(x)
-            b = self.relu(F.relu(a))
-            c = torch.add(a, b).add(x) + b
-            d = F.conv2d(c, self.weight)
-            return {"flat": d.flatten(1), "pair": (F.dropout(c), a)}
+    def forward(self, x: torch.Tensor) -> dict:
+        a = torch.relu(x)
+        b = self.relu(F.relu(a))
+        c = torch.add(a, b).add(x) + b
+        d = F.conv2d(c, self.weight)
+        return {"flat": d.flatten(1), "pair": (F.dropout(c), a)}
 
-    description = describe_module(Functional())
+
+def test_functions_and_methods_without_an_input_size_are_traced_by_fx() -> None:
+    traced = trace_module(Functional())
+    assert traced.notes[0] == ("traced with torch.fx (torch.export needs an example input size (no conv or batch "
+                               "norm to guess one from))")
+    description = traced.doc
     assert ops(description) == {
-        "relu_1": "relu", "relu_2": "relu", "relu": "relu", "add": "add", "add_1": "add", "add_2": "add",
-        "weight": "get_attr", "conv2d": "opaque_conv2d", "flatten": "flatten", "dropout": "opaque_dropout",
+        "relu_1": "relu", "relu_2": "relu", "relu": "relu", "add": "opaque_add", "add_1": "opaque_add",
+        "add_2": "opaque_add", "weight": "get_attr", "conv2d": "opaque_conv2d", "flatten": "flatten",
+        "dropout": "opaque_dropout",
     }
     # fx named torch.relu's node "relu"; that is the module's name, so the function takes a free one
     assert layer(description, "relu_2")["input"] == "x"
@@ -245,24 +256,47 @@ def test_functions_and_methods_are_opaque_ops() -> None:
     assert description["outputs"] == ["flatten", "dropout", "relu_2"]
     names = [item["name"] for item in description["layers"]]
     assert len(names) == len(set(names))
+    assert "torch.fx sees no shapes, so additions (which may broadcast) are opaque" in traced.notes
+
+
+def test_functions_and_methods_with_an_input_size_are_traced_by_export() -> None:
+    model = Functional().double()
+    traced = trace_module(model, example_size=(1, 1, 3, 3))
+    assert traced.notes[0] == "traced with torch.export on an input of shape [1, 1, 3, 3]"
+    assert ops(traced.doc) == {
+        "relu_1": "relu", "relu_2": "relu", "relu": "relu", "add": "add", "add_1": "add", "add_2": "add",
+        "conv2d": "conv2d", "view": "view", "native_dropout": "native_dropout", "getitem": "getitem"}
+    assert layer(traced.doc, "add")["inputs"] == ["relu_1", "relu"]
+    assert traced.doc["outputs"] == ["view", "getitem", "relu_1"]
+    assert set(traced.tensors) == {"conv2d.weight"}, "a root parameter named weight is no layer's .weight"
 
 
 def test_conv_subclasses() -> None:
+    model = nn.Sequential(MyConv2d(2, 2, 3), StdConv2d(2, 2, 1)).double()
+    traced = trace_module(model)
+    assert ops(traced.doc) == {"0": "conv2d", "1.computed": "conv2d"}
+    standardised = model[1].weight - model[1].weight.mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.equal(traced.tensors["1.computed.weight"], standardised)
+    assert torch.equal(traced.tensors["1.computed.bias"], model[1].bias)
+
+
+def test_conv_subclasses_without_shapes_are_opaque() -> None:
     model = nn.Sequential(MyConv2d(2, 2, 3), StdConv2d(2, 2, 1))
-    description = describe_module(model)
+    description = trace_fx.describe(model).doc
     assert layer(description, "0")["op"] == "conv2d"
     assert "conv2d" not in [item["op"] for item in description["layers"][1:]]
     assert "opaque_conv2d" in ops(description).values()
 
 
 def test_untraceable_module_says_to_pass_a_graph() -> None:
-    with pytest.raises(TraceError, match=r"^resnet: torch.fx cannot trace it \(.*\); pass --graph FILE instead$"):
+    with pytest.raises(TraceError, match=r"^resnet: cannot trace it \(torch.export: GuardOnDataDependentSymNode: .*; "
+                                         r"torch.fx: .*\); pass --graph FILE instead$") as info:
         describe_module(DataDependent(), name="resnet")
+    assert "\n" not in str(info.value)
 
 
-def test_conv_that_is_not_a_conv_yet() -> None:
-    with pytest.raises(TraceError, match=r"^model: layer 0: in_channels: 0 .*; pass --graph FILE instead$"):
-        describe_module(nn.Sequential(nn.LazyConv2d(4, 3)))
+def test_lazy_conv_is_opaque_until_it_has_weights() -> None:
+    assert ops(describe_module(nn.Sequential(nn.LazyConv2d(4, 3)))) == {"0": "lazyconv2d"}
 
 
 MODEL_FILE = """

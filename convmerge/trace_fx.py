@@ -1,0 +1,213 @@
+"""The fallback tracer: torch.fx, symbolic, no example input needed.
+
+fx sees Python calls, not tensors: it keeps modules whole and records function calls, but knows
+no shapes, so an addition (which may broadcast) and ``F.pad`` (whose axes depend on the input's
+rank) stay opaque here.  A submodule fx cannot trace (data-dependent control flow, iterating a
+Proxy, item assignment) becomes an opaque leaf instead of failing the whole model.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+from torch.fx.operator_schemas import normalize_function
+
+from .spec import SpecError
+from .trace_layers import (STRUCTURAL_MODULES, TraceError, Traced, avg_pool_fields, first_line, is_leaf_class, is_plain,
+                           module_fields, opaque)
+
+__all__ = ["describe"]
+
+_CATS = {torch.cat, torch.concat, torch.concatenate}
+_AVG_POOLS = {torch.nn.functional.avg_pool1d: 1, torch.nn.functional.avg_pool2d: 2, torch.nn.functional.avg_pool3d: 3}
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def describe(module: nn.Module, leaves: Sequence[type | str] = ()) -> Traced:
+    """The description of ``module`` traced by fx; raises TraceError when its own forward cannot be
+    traced (a failing submodule becomes an opaque leaf and a note)."""
+    tracer = _Tracer(leaves)
+    try:
+        graph = tracer.trace(module)
+    except Exception as exc:
+        raise TraceError(f"torch.fx: {first_line(exc)}") from exc
+    names, shared = layer_names(graph), _shared_targets(graph, module)
+    active = _active(graph)
+    layers = []
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        try:
+            layers.append(describe_node(node, module, names, shared, active, tracer.forced))
+        except SpecError as exc:
+            raise TraceError(f"layer {names[node]}: {exc}") from exc
+    output = next(node for node in graph.nodes if node.op == "output")
+    doc = {
+        "version": 1,
+        "inputs": [names[node] for node in graph.nodes if node.op == "placeholder"],
+        "layers": layers,
+        "outputs": _input_names(output, names),
+    }
+    notes = [f"module {q!r} ({type(module.get_submodule(q)).__name__}) is opaque: {why}"
+             for q, why in tracer.opaque.items()]
+    notes += [f"module {q!r} ({type(module.get_submodule(q)).__name__}) is opaque: marked as a leaf"
+              for q in tracer.forced]
+    if any(layer["op"] == "opaque_add" for layer in layers):
+        notes.append("torch.fx sees no shapes, so additions (which may broadcast) are opaque")
+    nodes = {name: node.name for node, name in names.items()}
+    return Traced(doc, notes=notes, graph_module=lambda: fx.GraphModule(module, graph), nodes=nodes)
+
+
+def layer_names(graph: fx.Graph) -> dict[fx.Node, str]:
+    """A unique layer name per node: the module's qualified name for ``call_module`` (so a conv's
+    tensors are ``NAME.weight``), ``NAME@k`` for the k-th call of a module called several times,
+    and fx's node name for the rest (suffixed in the rare case it equals a module's name).
+    """
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    seen: Counter[str] = Counter()
+    names: dict[fx.Node, str] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            target = str(node.target)
+            names[node] = target if calls[target] == 1 else f"{target}@{seen[target]}"
+            seen[target] += 1
+    others = [node for node in graph.nodes if node not in names]
+    fx_names = {node.name for node in others}
+    used = set(names.values())
+    for node in others:
+        candidate, k = node.name, 1
+        while candidate in used or (candidate != node.name and candidate in fx_names):
+            candidate, k = f"{node.name}_{k}", k + 1
+        names[node] = candidate
+        used.add(candidate)
+    return names
+
+
+def describe_node(node: fx.Node, root: nn.Module, names: dict[fx.Node, str], shared: set[str],
+                  active: set[fx.Node], leaves: set[str] = frozenset()) -> dict[str, Any]:
+    """One layer of the description; ``shared`` holds the modules whose tensors are used elsewhere
+    too, ``active`` the nodes that depend on the graph's inputs, ``leaves`` the modules marked so."""
+    fields: dict[str, Any]
+    if node.op == "call_module":
+        module = root.get_submodule(str(node.target))
+        if node.target in leaves:
+            fields = {"op": opaque(type(module).__name__.lower())}
+        elif node.target in shared:
+            fields = {"op": "shared_" + type(module).__name__.lower()}
+        else:
+            fields = module_fields(module)
+    elif node.op == "get_attr":
+        fields = {"op": "get_attr"}
+    elif node.op == "call_method":
+        fields = {"op": opaque("add" if node.target in ("add", "add_") else str(node.target))}
+    else:
+        fields = _function_fields(node, active)
+    producers = _input_names(node, names)
+    wiring = {"input": producers[0]} if len(producers) == 1 else {"inputs": producers}
+    return {"name": names[node], "op": fields.pop("op"), **wiring, **fields}
+
+
+def _function_fields(node: fx.Node, active: set[fx.Node]) -> dict[str, Any]:
+    """A function call: ``torch.cat`` of layer values and ``F.avg_pool*d`` are structural (their
+    arguments read by the function's signature); everything else is opaque."""
+    target = node.target
+    name = getattr(target, "__name__", type(target).__name__)
+    if target in _ADDS:
+        return {"op": opaque("add")}
+    if target in _CATS or target in _AVG_POOLS:
+        bound = normalize_function(target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+        if bound is not None:
+            kw = bound.kwargs
+            if target in _CATS and _all_active(kw["tensors"], active) and isinstance(kw["dim"], int):
+                return {"op": "concat", "dim": kw["dim"]}
+            if target in _AVG_POOLS and node.args and node.args[0] in active and _constant(kw, "input"):
+                return avg_pool_fields(_AVG_POOLS[target], kw["kernel_size"], kw["stride"], kw["padding"],
+                                       kw["ceil_mode"], kw["count_include_pad"], kw.get("divisor_override"))
+        return {"op": opaque("cat" if target in _CATS else name)}
+    return {"op": opaque(name)}
+
+
+class _Tracer(fx.Tracer):
+    """Keeps every structural module whole, ours and users' subclasses included (fx's default only
+    keeps modules defined inside ``torch.nn`` whole and traces into the rest), and turns a
+    submodule it cannot trace into a leaf: the nodes its partial trace left are erased first."""
+
+    def __init__(self, leaves: Sequence[type | str]) -> None:
+        super().__init__()
+        self.leaves = tuple(leaves)
+        self.opaque: dict[str, str] = {}
+        self.forced: set[str] = set()
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name and is_leaf_class(m, self.leaves):
+            self.forced.add(module_qualified_name)
+            return True
+        return (is_plain(m, STRUCTURAL_MODULES) or module_qualified_name in self.opaque
+                or super().is_leaf_module(m, module_qualified_name))
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        qualname = self.path_of_module(m)
+        if self.is_leaf_module(m, qualname):
+            return super().call_module(m, forward, args, kwargs)
+        mark = len(self.graph.nodes)
+        stack, calls = dict(self.module_stack), dict(self.num_calls)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            for node in reversed(list(self.graph.nodes)[mark:]):
+                self.graph.erase_node(node)
+            self.module_stack.clear()
+            self.module_stack.update(stack)
+            self.num_calls.clear()
+            self.num_calls.update(calls)
+            self.opaque[qualname] = f"torch.fx: {first_line(exc)}"
+            return super().call_module(m, forward, args, kwargs)
+
+
+def _active(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value depends on a graph input."""
+    active: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(n in active for n in node.all_input_nodes):
+            active.add(node)
+    return active
+
+
+def _all_active(values: Any, active: set[fx.Node]) -> bool:
+    return isinstance(values, (list, tuple)) and len(values) > 0 and all(v in active for v in values)
+
+
+def _constant(kwargs: dict[str, Any], tensor_arg: str) -> bool:
+    """No argument but the tensor is computed in the graph (a pool size from ``x.shape`` is not a field)."""
+    found: list[fx.Node] = []
+    fx.node.map_arg({k: v for k, v in kwargs.items() if k != tensor_arg}, found.append)
+    return not found
+
+
+def _shared_targets(graph: fx.Graph, root: nn.Module) -> set[str]:
+    """Modules with tensors that are called more than once, or whose tensors the graph also reads
+    directly: merging them would change the other use."""
+    calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
+    read = [str(node.target) for node in graph.nodes if node.op == "get_attr"]
+    return {t for t, n in calls.items()
+            if _has_tensors(root.get_submodule(t)) and (n > 1 or any(r.startswith(t + ".") for r in read))}
+
+
+def _has_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def _input_names(node: fx.Node, names: dict[fx.Node, str]) -> list[str]:
+    """The layer names among a node's args and kwargs, flattened, in order."""
+    found: list[str] = []
+
+    def collect(producer: fx.Node) -> fx.Node:
+        found.append(names[producer])
+        return producer
+
+    fx.node.map_arg((node.args, node.kwargs), collect)
+    return found
