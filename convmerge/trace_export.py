@@ -116,13 +116,13 @@ def example_input(module: nn.Module, example_size: Optional[Sequence[int]] = Non
     else:
         nd = len(first.kernel_size) if isinstance(first, nn.modules.conv._ConvNd) else _bn_rank(first)
         if example_size is None:
-            shape = (1, _channels(first), *([_DEFAULT_SIDE[nd]] * nd))
+            shape = (2, _channels(first), *([_DEFAULT_SIDE[nd]] * nd))  # batch 2: a batch of 1 would be fixed
             where = f"{type(first).__name__} {_qualname(module, first)!r}"
             origin = f" (guessed from {where}; give example_size if it is wrong)"
         elif len(example_size) == nd + 2:
             shape = tuple(example_size)
         elif len(example_size) == nd:
-            shape = (1, _channels(first), *example_size)
+            shape = (2, _channels(first), *example_size)
         else:
             raise TraceError(f"example size {list(example_size)} is neither {nd} spatial sizes nor a full input shape")
     generator = torch.Generator().manual_seed(0)
@@ -152,7 +152,7 @@ def _export_with_leaves(module: nn.Module, example: torch.Tensor, leaves: dict[s
                 if leaves:
                     _measure_leaves(module, example, list(leaves), session)
                 with _patched(module, {q: _exporting(q, session) for q in leaves}):
-                    program = torch.export.export(module, (example,), strict=False)
+                    program = _export(module, example, dynamic=not leaves)
                 return program.run_decompositions({})
         except Exception as exc:
             culprit = _failing_module(exc, module)
@@ -160,6 +160,18 @@ def _export_with_leaves(module: nn.Module, example: torch.Tensor, leaves: dict[s
                 raise TraceError(f"torch.export: {first_line(exc)}") from exc
             leaves.update(_same_class(module, culprit, f"torch.export: {first_line(exc)}", leaves))
     raise TraceError("torch.export: every submodule failed")
+
+
+def _export(module: nn.Module, example: torch.Tensor, dynamic: bool) -> torch.export.ExportedProgram:
+    """Export with the batch and spatial sizes symbolic where the model allows (so the graph, and a fused
+    module rebuilt from it, run at any size), else with the example's sizes."""
+    if dynamic and example.dim() >= 3:
+        dims = {k: torch.export.Dim.AUTO for k in range(example.dim()) if k != 1}
+        try:
+            return torch.export.export(module, (example,), dynamic_shapes=(dims,), strict=False)
+        except Exception:  # noqa: BLE001 - a model whose code needs fixed sizes: export those
+            pass
+    return torch.export.export(module, (example,), strict=False)
 
 
 def _same_class(root: nn.Module, culprit: str, why: str, leaves: dict[str, str]) -> dict[str, str]:
