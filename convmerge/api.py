@@ -141,7 +141,9 @@ def load_module(arch: str, path: Union[str, os.PathLike]) -> nn.Module:
 
 def export_bytes(module: nn.Module, input_shape: Sequence[int]) -> bytes:
     """A torch.export program of `module` (loadable with torch.export.load without its code), as bytes."""
-    program = torch.export.export(module.eval(), (torch.randn(*input_shape),))
+    if not isinstance(module, torch.fx.GraphModule):  # a fused module is already the inference form
+        module = module.eval()
+    program = torch.export.export(module, (torch.randn(*input_shape),))
     buffer = _io.BytesIO()
     torch.export.save(program, buffer)
     return buffer.getvalue()

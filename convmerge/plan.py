@@ -77,6 +77,13 @@ class Loader:
     def pad_value(self, name: str) -> Optional[torch.Tensor]:
         return self._get(f"{name}.value")
 
+    def pad_value_dtype(self, name: str) -> torch.dtype:
+        """The dtype a pad's value is stored in (float64 for a value given in the description)."""
+        info = self.tensors.info.get(f"{name}.value")
+        if info is None:
+            return torch.float64
+        return info.dtype if isinstance(info.dtype, torch.dtype) else _torch_dtype(info.dtype)
+
     def finite(self, name: str) -> bool:
         """No NaN or Inf in a layer's tensors (such a layer is never merged)."""
         op = self.graph.layers[name].op
@@ -338,7 +345,7 @@ class _Planner:
     def _unit(self, start: str, layers: tuple[str, ...], end: str, red: Reduction) -> Unit:
         graph = self.graph
         convs = [n for n in layers if graph.layers[n].op in CONV_OPS]
-        dtype = _storage_dtype(self.tensors, convs)
+        dtype = _storage_dtype(self.tensors, convs, layers)
         merged = red.conv
         assert merged is not None
         run = lambda x: reference.run(graph, self.loader, start, layers, end, x)  # noqa: E731
@@ -349,7 +356,7 @@ class _Planner:
             raise VerificationError(f"{end}: no input size where both the layers and the merged conv run")
         stored = algebra.cast(merged, dtype)
         errors = algebra.max_errors_of(run, merged.spec.in_channels, [merged, stored], sizes)
-        if not errors[0] <= VERIFY_TOLERANCE:
+        if not errors[0] <= max([VERIFY_TOLERANCE] + [c.tolerance for c in red.checks]):
             raise VerificationError(f"{end}: the merged conv differs from its layers by {errors[0]:.3g} (relative) "
                                     f"at sizes {sizes}")
         at = self._cost_size(start)
@@ -619,13 +626,22 @@ def _merge_entry(u: Unit) -> MergeEntry:
                       input=u.input, kind="bn-fold" if u.bn_fold else "merge", convs=u.kinds.count("conv"))
 
 
-def _storage_dtype(tensors: Tensors, convs: Sequence[str]) -> torch.dtype:
+def _torch_dtype(name: str) -> torch.dtype:
     from .io import torch_dtype
 
+    return torch_dtype(name)
+
+
+def _storage_dtype(tensors: Tensors, convs: Sequence[str], others: Sequence[str] = ()) -> torch.dtype:
+    """The dtype merged weights are stored in: the convs' weights' (promoted), else the other layers'
+    tensors' (a pooling and a batch norm merged without a conv)."""
+    keys = [f"{n}.weight" for n in convs] or [k for n in others for k in (f"{n}.running_var", f"{n}.value")]
     dtype = None
-    for n in convs:
-        info = tensors.info[f"{n}.weight"]
-        t = info.dtype if isinstance(info.dtype, torch.dtype) else torch_dtype(info.dtype)
+    for key in keys:
+        info = tensors.info.get(key)
+        if info is None:
+            continue
+        t = info.dtype if isinstance(info.dtype, torch.dtype) else _torch_dtype(info.dtype)
         dtype = t if dtype is None else torch.promote_types(dtype, t)
     return dtype or torch.float32
 

@@ -33,6 +33,8 @@ def fused_module(module: nn.Module, plan: Plan, traced: Traced) -> fx.GraphModul
     graph = gm.graph
     by_name = {node.name: node for node in graph.nodes}
     nodes = {layer: by_name[name] for layer, name in traced.nodes.items() if name in by_name}
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    nodes.update(zip(traced.doc["inputs"], placeholders))  # inputs may be renamed in the runnable graph
     replaced = {n for u in plan.applied for n in u.layers}
     current = dict(nodes)  # a merged output is read through its new conv by later merges too
     for unit in plan.applied:

@@ -30,6 +30,8 @@ class Params(Protocol):
 
     def pad_value(self, name: str) -> Optional[torch.Tensor]: ...
 
+    def pad_value_dtype(self, name: str) -> torch.dtype: ...
+
 
 def run(graph: Graph, params: Params, start: str, layers: Sequence[str], end: str, x: torch.Tensor) -> torch.Tensor:
     """The value of `end` when `start` holds `x`; `layers` are those between them, in graph order."""
