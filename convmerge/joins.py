@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 from .reasons import Outcome, Why
-from .rules import Support, reads_padding
+from .rules import Support, padded_cell, reads_padding
 from .spec import Axis, ConvSpec, pad_fits
 
 __all__ = ["Join", "decide_join", "periodic_from"]
@@ -32,7 +32,8 @@ class Join:
     offsets: tuple[tuple[int, ...], ...]  # per branch, per axis: where its window starts in the candidate's
     lengths: tuple[tuple[int, ...], ...]  # per axis, the c = l + r - e of each branch (grids agree where equal)
     notes: tuple[Why, ...] = ()
-    others: tuple[tuple[Axis, tuple[int, ...]], ...] = ()  # per other-mode branch, per axis: (axis, taps)
+    others: tuple[tuple[tuple[Axis, ...], tuple[tuple[int, ...], ...], str], ...] = ()
+    """Per branch padded in another mode than the candidate: its axes, taps and mode."""
 
     def exact_at(self, size: Sequence[int]) -> bool:
         """Exact at this size: lengths agree, PyTorch runs the candidate, no other-mode branch reads padding."""
@@ -45,7 +46,8 @@ class Join:
         axis = self.candidate.axes[k]
         if len({(n + c) // axis.stride for c in self.lengths[k]}) > 1:
             return False
-        if any(_reads_at(axes[k], taps[k], n) for axes, taps in self.others):  # type: ignore[index]
+        mode = self.candidate.padding_mode
+        if any(_differs_at(axes[k], taps[k], n, own, mode) for axes, taps, own in self.others):  # type: ignore[index]
             return False
         if not pad_fits(self.candidate.padding_mode, axis.pad, n):
             return None
@@ -68,7 +70,7 @@ def decide_join(specs: Sequence[ConvSpec], supports: Sequence[Support], names: S
     other = [i for i in reading if specs[i].padding_mode != mode]
     cand, offsets, lengths = _candidate(specs, mode, concat)
     join = Join(Outcome.MERGEABLE, None, cand, offsets, lengths, _limit_notes(cand, specs, mode),
-                tuple((tuple(specs[i].axes), tuple(supports[i])) for i in other))  # type: ignore[misc]
+                tuple((tuple(specs[i].axes), tuple(supports[i]), specs[i].padding_mode) for i in other))
     failing = [k for k in range(nd) if any(join.axis_ok(k, n) is False for n in range(1, periodic_from(cand, k)))]
     if not failing:
         return join
@@ -83,16 +85,19 @@ def decide_join(specs: Sequence[ConvSpec], supports: Sequence[Support], names: S
     return replace(join, verdict=Outcome.UNMERGEABLE if never else Outcome.SIZE_DEPENDENT, why=why)
 
 
-def _reads_at(axis: Axis, taps: tuple[int, ...], n: int) -> bool:
-    """Whether a conv reads a padded cell on this axis at input length n (through a nonzero tap)."""
-    if not taps:
-        return False
+def _differs_at(axis: Axis, taps: tuple[int, ...], n: int, mode: str, cand_mode: str) -> bool:
+    """Whether a branch padded in `mode` reads, at input length n, a padded cell that the candidate's
+    `cand_mode` fills from another cell (reflect and circular agree on some cells at some sizes)."""
     out = axis.out_len(n)
-    if out < 1:
+    if out < 1 or not taps:
         return False
-    first = -axis.pad[0] + axis.dilation * taps[0]
-    last = axis.stride * (out - 1) - axis.pad[0] + axis.dilation * taps[-1]
-    return first < 0 or last >= n
+    reach = (max(axis.pad) + axis.extent) // axis.stride + 2
+    for o in set(range(min(out, reach))) | set(range(max(0, out - reach), out)):
+        for t in taps:
+            j = axis.stride * o - axis.pad[0] + axis.dilation * t
+            if not 0 <= j < n and padded_cell(mode, j, n) != padded_cell(cand_mode, j, n):
+                return True
+    return False
 
 
 def periodic_from(cand: ConvSpec, k: int) -> int:

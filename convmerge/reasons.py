@@ -88,8 +88,8 @@ SENTENCES: dict[str, tuple[frozenset[Outcome], str]] = {
     "pool-excludes-padding": (INEXACT, "average pooling {layer} leaves its padding out of the mean "
                                        "(count_include_pad=False), so its divisor changes at the border and it is no "
                                        "convolution there"),
-    "pool-ceil-mode": (INEXACT, "average pooling {layer} in ceil mode adds a partial window on {axis} unless the "
-                                "padded length minus the window is a multiple of its stride {stride}"),
+    "pool-ceil-mode": (INEXACT, "average pooling {layer} in ceil mode adds a partial window (with a smaller "
+                                "divisor) on {axis} at some sizes"),
     "pad-value": (INEXACT, "pad {layer} fills its border with {value}, not with what the layers before it give a "
                            "zero input, so the border differs from any conv's"),
     # Remarks after a verdict.

@@ -29,12 +29,20 @@ def fused_module(module: nn.Module, plan: Plan, traced: Traced) -> fx.GraphModul
     if traced.graph_module is None:
         raise TraceError("the trace holds no runnable graph to rebuild the fused module from")
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    gm = traced.graph_module()
-    graph = gm.graph
-    by_name = {node.name: node for node in graph.nodes}
-    nodes = {layer: by_name[name] for layer, name in traced.nodes.items() if name in by_name}
-    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
-    nodes.update(zip(traced.doc["inputs"], placeholders))  # inputs may be renamed in the runnable graph
+    wanted = {n for u in plan.applied for n in (u.input, u.output)}
+    for dynamic in (True, False):  # the graph exported again at any size keeps the ops' names, or should
+        gm, renamed = traced.graph_module(dynamic)
+        graph = gm.graph
+        by_name = {node.name: node for node in graph.nodes}
+        nodes = {layer: by_name[renamed[name]] for layer, name in traced.nodes.items()
+                 if renamed.get(name) in by_name}
+        placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+        nodes.update(zip(traced.doc["inputs"], placeholders))  # inputs may be renamed in the runnable graph
+        if wanted <= set(nodes):
+            break
+    else:
+        missing = sorted(wanted - set(nodes))
+        raise TraceError(f"the traced graph has no node for {', '.join(missing[:3])}: cannot rebuild the module")
     replaced = {n for u in plan.applied for n in u.layers}
     current = dict(nodes)  # a merged output is read through its new conv by later merges too
     for unit in plan.applied:

@@ -175,15 +175,16 @@ def _pool_check(name: str, before: str, pool: PoolSpec, m: Optional[Conv], compo
     def pool_in(k: int, n: int) -> int:  # the pooling's input length when the part's input has length n
         return m.spec.axes[k].out_len(n) if m is not None else n
 
-    def fits(k: int, n: int) -> bool:  # no partial window: ceil mode changes nothing
-        return (pool_in(k, n) + 2 * pool.padding[k] - pool.kernel[k]) % pool.stride[k] == 0
+    def fits(k: int, n: int) -> bool:  # ceil mode adds no (partial) window: it changes nothing
+        m = pool_in(k, n)
+        return pool.out_len(k, m) == max(0, (m + 2 * pool.padding[k] - pool.kernel[k]) // pool.stride[k] + 1)
 
     period = tuple((m.spec.axes[k].stride if m is not None else 1) * pool.stride[k] for k in range(nd))
     start = tuple(pool.kernel[k] + 2 * (m.spec.axes[k].extent + sum(m.spec.axes[k].pad) if m is not None else 0) + 2
                   for k in range(nd))
     if all(fits(k, n) for k in range(nd) for n in range(1, start[k] + period[k])):
         return composed
-    why = Why.of("pool-ceil-mode", layer=name, axis=" and ".join(_axis_names(nd)), stride=max(pool.stride))
+    why = Why.of("pool-ceil-mode", layer=name, axis=" and ".join(_axis_names(nd)))
     ceil = Check(before, name, Outcome.SIZE_DEPENDENT, why, None,
                  lambda size: all(fits(k, n) for k, n in enumerate(size)), fits, period, start)
     ceil = replace(ceil, sizes=_sizes_words(ceil, nd, _axis_names(nd)))

@@ -216,11 +216,11 @@ def axis_view(
                 pp = p
                 inside_taps.append(c)
             else:
-                pp = _cell(mode2, p, n1)
+                pp = padded_cell(mode2, p, n1)
             for a in t1:
                 j = s1 * p - l1 + d1 * a
-                cand = _cell(modem, j, n)
-                pair = _ZERO if pp is _ZERO else _cell(mode1, s1 * pp - l1 + d1 * a, n)
+                cand = padded_cell(modem, j, n)
+                pair = _ZERO if pp is _ZERO else padded_cell(mode1, s1 * pp - l1 + d1 * a, n)
                 kind = _kind(pair, cand)
                 types.add(kind)
                 if kind in (NE, PZ, CZ):
@@ -471,7 +471,7 @@ def _periodic_from(a1: Axis, a2: Axis, am: Axis) -> int:
     return 2 * reach + 4 * a1.stride * a2.stride + 8
 
 
-def _cell(mode: str, j: int, n: int):
+def padded_cell(mode: str, j: int, n: int):
     """The input cell a padded read at j takes its value from, or _ZERO."""
     if 0 <= j < n:
         return j

@@ -86,6 +86,7 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
         program = _export_with_leaves(module, example, opaque_modules, session)
         mapper = _Mapper(module, program)
         traced = mapper.describe()
+        traced.graph_module = runnable(module, example, program, bool(opaque_modules))
     finally:
         for key in [k for k in _OUTPUTS if k.startswith(session + "/")]:
             del _OUTPUTS[key], _STRUCTURES[key]
@@ -116,13 +117,13 @@ def example_input(module: nn.Module, example_size: Optional[Sequence[int]] = Non
     else:
         nd = len(first.kernel_size) if isinstance(first, nn.modules.conv._ConvNd) else _bn_rank(first)
         if example_size is None:
-            shape = (2, _channels(first), *([_DEFAULT_SIDE[nd]] * nd))  # batch 2: a batch of 1 would be fixed
+            shape = (1, _channels(first), *([_DEFAULT_SIDE[nd]] * nd))
             where = f"{type(first).__name__} {_qualname(module, first)!r}"
             origin = f" (guessed from {where}; give example_size if it is wrong)"
         elif len(example_size) == nd + 2:
             shape = tuple(example_size)
         elif len(example_size) == nd:
-            shape = (2, _channels(first), *example_size)
+            shape = (1, _channels(first), *example_size)
         else:
             raise TraceError(f"example size {list(example_size)} is neither {nd} spatial sizes nor a full input shape")
     generator = torch.Generator().manual_seed(0)
@@ -152,7 +153,7 @@ def _export_with_leaves(module: nn.Module, example: torch.Tensor, leaves: dict[s
                 if leaves:
                     _measure_leaves(module, example, list(leaves), session)
                 with _patched(module, {q: _exporting(q, session) for q in leaves}):
-                    program = _export(module, example, dynamic=not leaves)
+                    program = torch.export.export(module, (example,), strict=False)
                 return program.run_decompositions({})
         except Exception as exc:
             culprit = _failing_module(exc, module)
@@ -162,16 +163,52 @@ def _export_with_leaves(module: nn.Module, example: torch.Tensor, leaves: dict[s
     raise TraceError("torch.export: every submodule failed")
 
 
-def _export(module: nn.Module, example: torch.Tensor, dynamic: bool) -> torch.export.ExportedProgram:
-    """Export with the batch and spatial sizes symbolic where the model allows (so the graph, and a fused
-    module rebuilt from it, run at any size), else with the example's sizes."""
-    if dynamic and example.dim() >= 3:
-        dims = {k: torch.export.Dim.AUTO for k in range(example.dim()) if k != 1}
-        try:
-            return torch.export.export(module, (example,), dynamic_shapes=(dims,), strict=False)
-        except Exception:  # noqa: BLE001 - a model whose code needs fixed sizes: export those
-            pass
-    return torch.export.export(module, (example,), strict=False)
+def runnable(module: nn.Module, example: torch.Tensor, program: torch.export.ExportedProgram,
+             leaves: bool) -> Callable[[bool], tuple[fx.GraphModule, dict[str, str]]]:
+    """A builder of a runnable module of the traced graph, and the names its nodes have there.
+
+    With ``dynamic``, the model is exported again with symbolic batch and spatial sizes, so the module
+    runs at any size; its tensor ops pair with the traced graph's one to one, in order (it only adds
+    shape arithmetic, which shifts the nodes' names).  Else (or where that export fails or does not
+    pair up, or with opaque leaves) it is the traced graph without its shape guards, which runs at the
+    traced sizes and wherever no op fixed a size.
+    """
+
+    def build(dynamic: bool = True) -> tuple[fx.GraphModule, dict[str, str]]:
+        if dynamic and not leaves and example.dim() >= 3:
+            batch = example.expand(2, *example.shape[1:]).contiguous()  # a batch of 1 would be fixed
+            dims = {k: torch.export.Dim.AUTO for k in range(example.dim()) if k != 1}
+            try:
+                with _quiet(), _eval(module):
+                    again = torch.export.export(module, (batch,), dynamic_shapes=(dims,), strict=False)
+                again = again.run_decompositions({})
+                names = _pair_nodes(program.graph, again.graph)
+                if names is not None:
+                    return again.module(), names
+            except Exception:  # noqa: BLE001 - code that needs fixed sizes: the traced graph it is
+                pass
+        gm = program.module()
+        for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+            gm.graph.erase_node(node)
+        gm.recompile()
+        return gm, {n.name: n.name for n in program.graph.nodes}
+
+    return build
+
+
+def _pair_nodes(traced: fx.Graph, again: fx.Graph) -> Optional[dict[str, str]]:
+    """Traced node name -> the same op's node name in the graph exported again (None if they differ)."""
+    def ops(graph: fx.Graph) -> list[fx.Node]:
+        return [n for n in graph.nodes if n.op == "call_function" and not isinstance(
+            n.meta.get("val"), (int, torch.SymInt, torch.SymBool, torch.SymFloat))]
+
+    a, b = ops(traced), ops(again)
+    if len(a) != len(b) or any(x.target != y.target for x, y in zip(a, b)):
+        return None
+    names = {x.name: y.name for x, y in zip(a, b)}
+    names.update({x.name: y.name for x, y in zip([n for n in traced.nodes if n.op == "placeholder"],
+                                                [n for n in again.nodes if n.op == "placeholder"])})
+    return names
 
 
 def _same_class(root: nn.Module, culprit: str, why: str, leaves: dict[str, str]) -> dict[str, str]:
@@ -406,7 +443,7 @@ class _Mapper:
         for node in self.graph.nodes:  # the last node of a name holds its value (a BN's getitem, an alias)
             if node in self.names:
                 nodes[self.names[node]] = node.name
-        return Traced(doc, self.tensors, notes, self.missing, self.program.module, nodes)
+        return Traced(doc, self.tensors, notes, self.missing, None, nodes)
 
     def _mark_shared(self) -> None:
         """A module whose tensors another layer also reads (a get_attr or constant layer computed

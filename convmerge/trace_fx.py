@@ -59,7 +59,7 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = ()) -> Traced:
     if any(layer["op"] == "opaque_add" for layer in layers):
         notes.append("torch.fx sees no shapes, so additions (which may broadcast) are opaque")
     nodes = {name: node.name for node, name in names.items()}
-    return Traced(doc, notes=notes, graph_module=lambda: fx.GraphModule(module, graph), nodes=nodes)
+    return Traced(doc, notes=notes, graph_module=lambda dynamic=True: (fx.GraphModule(module, graph), {n.name: n.name for n in graph.nodes}), nodes=nodes)
 
 
 def layer_names(graph: fx.Graph) -> dict[fx.Node, str]:

@@ -57,9 +57,10 @@ class Traced:
     ``{**module.state_dict(), **tensors}`` has every tensor the description names.  ``missing``
     lists the ones that could not be computed because the module has no weights (meta device):
     build it on the CPU, load the weights and trace again before using the description.
-    ``notes`` says which tracer ran and which modules became opaque, and why.  ``graph_module``
-    builds a runnable `fx.GraphModule` of the traced graph, and ``nodes`` names, per layer (and
-    input), the node of that graph holding its value: what a fused module is rebuilt from.
+    ``notes`` says which tracer ran and which modules became opaque, and why.  ``graph_module(dynamic)``
+    builds a runnable `fx.GraphModule` of the traced graph (with ``dynamic``, one that runs at any
+    size where the model allows), and ``nodes`` names, per layer (and input), the node of that graph
+    holding its value: what a fused module is rebuilt from.
     """
 
     doc: dict
