@@ -7,6 +7,7 @@ to the *merged* conv as it grows, and dynamic programming picks the segmentation
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
@@ -14,7 +15,7 @@ import torch
 
 from . import algebra
 from .algebra import Conv, Counterexample
-from .rules import Verdict
+from .rules import Analysis, Verdict
 from .spec import ConvSpec, cost, pad_fits
 
 Size = tuple[int, ...]
@@ -29,6 +30,10 @@ ROUNDING_ULPS = 64
 NO_COUNTEREXAMPLE = (
     "; yet these particular weights showed no difference on the inputs tried (they may cancel),"
     " and convmerge merges only what it can prove"
+)
+NOTHING_TRIED = (
+    "; no input could be tried (PyTorch refuses the candidate's padding at every size tried),"
+    " so no counterexample is shown, and convmerge merges only what it can prove"
 )
 
 
@@ -82,27 +87,46 @@ def judge_pairs(convs: Sequence[Conv], size: Optional[Size]) -> list[PairReport]
         if v.verdict == "undecided":
             here = None
         elif v.verdict == "unmergeable" or (v.verdict == "size-dependent" and here is False):
-            ce = find_counterexample(a, b, v, sizes[t] if here is False else None)
+            ce, tried = find_counterexample(a, b, v, sizes[t] if here is False else None)
             if ce is None:
-                v = replace(v, reason=v.reason + NO_COUNTEREXAMPLE)
+                v = replace(v, reason=v.reason + (NO_COUNTEREXAMPLE if tried else NOTHING_TRIED))
         reports.append(PairReport(t, v, here, ce))
     return reports
 
 
-def find_counterexample(a: Conv, b: Conv, v: Verdict, size: Optional[Size]) -> Optional[Counterexample]:
-    """At `size`, or else at the smallest square/cubic size where the candidate runs and differs."""
+def find_counterexample(a: Conv, b: Conv, v: Verdict, size: Optional[Size]) -> tuple[Optional[Counterexample], bool]:
+    """At `size`, or else at the smallest square/cubic size where the candidate runs and differs.
+
+    Also says whether any input was tried at all: at a size where PyTorch refuses the candidate's
+    padding, none can be. A large `size` is searched at a congruent size past the border
+    interactions (`representative`), where exactness is the same.
+    """
     cand = algebra.merge(a, b, v.candidate)
     tries = [size] if size else [(n,) * a.spec.ndim for n in range(1, 65)]
+    unfolds = max(c.spec.in_channels * math.prod(c.spec.kernel_size) for c in (a, b))
+    tried = False
     for s in tries:
         if v.analysis.exact_at(s) or not defined(a, b, s):
             continue
         try:
-            ce = algebra.counterexample([a, b], cand, s)
+            ce = algebra.counterexample(lambda x: algebra.apply_chain([a, b], x), cand, s, a.spec.in_channels,
+                                        stand_in=representative(v.analysis, s), unfolds=unfolds)
         except RuntimeError:  # PyTorch refuses the candidate's padding at this size
             continue
+        tried = True
         if ce is not None:
-            return ce
-    return None
+            return ce, True
+    return None, tried
+
+
+def representative(an: Analysis, size: Size) -> Size:
+    """A size no larger than `size` where the pair behaves as there: per axis, congruent past its periodic start."""
+    return tuple(_congruent(n, an.start[k], an.period[k]) for k, n in enumerate(size))
+
+
+def _congruent(n: int, start: int, period: int) -> int:
+    """n itself below start + period; else the length in [start, start + period) with n's residue."""
+    return n if n < start + period else start + (n - start) % period
 
 
 def plan(
@@ -197,7 +221,7 @@ def verify(
     if not sizes:
         raise VerificationError("no input size where both the chain and the merged conv run")
     versions = [merged] + ([algebra.cast(merged, dtype)] if dtype is not None else [])
-    errors = algebra.max_errors(convs, versions, sizes)
+    errors = algebra.chain_errors(convs, versions, sizes)
     if not errors[0] <= VERIFY_TOLERANCE:
         raise VerificationError(f"merged conv differs from the chain by {errors[0]:.3g} (relative) at sizes {sizes}")
     return errors[0], errors[-1]
@@ -222,8 +246,7 @@ def verification_sizes(convs: Sequence[Conv], merged: ConvSpec, size: Optional[S
                 sizes.append(max(start, first) + period)
             per_axis.append(sizes)
             continue
-        want = size[k]
-        per_axis.append([want if want < start + period else start + (want - start) % period])
+        per_axis.append([_congruent(size[k], start, period)])
     longest = max(len(p) for p in per_axis)
     return [tuple(p[min(i, len(p) - 1)] for p in per_axis) for i in range(longest)]
 

@@ -29,7 +29,7 @@ def explain_pair(graph: Graph, tensors: Tensors, first: str, second: str,
     size = _default_size(a, b, v) if size is None else fit_size(size, nd)
     cand = algebra.merge(a, b, v.candidate)
     exact = v.exact_at(size)
-    ce = None if exact else chain.find_counterexample(a, b, v, size)
+    ce = None if exact else chain.find_counterexample(a, b, v, size)[0]
     sizes = chain.sizes_along([a, b], size)
     return {
         "first": first, "second": second, "via": list(pair.via), "blocked": pair.blocked,

@@ -177,3 +177,16 @@ def test_weights_that_cancel_get_no_fake_counterexample():
     b2 = Conv(b.spec, torch.tensor([[[0.5, 2.0]]], dtype=torch.float64))
     (pair,) = chain.judge_pairs([a, b2], (4,))
     assert pair.counterexample is not None and "no difference" not in pair.verdict.reason
+
+
+def test_no_counterexample_says_whether_any_input_was_tried():
+    """At length 2 the 5-tap candidate's reflect pad of 2 is refused by PyTorch: no input runs through it."""
+    spec = conv_spec((3,), 1, 1, padding=1, padding_mode="reflect")
+    a, b = Conv(spec, torch.tensor([[[1.0, 2.0, -1.0]]], dtype=torch.float64)), Conv(
+        spec, torch.tensor([[[0.5, -1.0, 3.0]]], dtype=torch.float64))
+    (pair,) = chain.judge_pairs([a, b], (2,))
+    assert pair.verdict.verdict == "unmergeable" and pair.counterexample is None
+    assert "no input could be tried" in pair.verdict.reason and "no difference" not in pair.verdict.reason
+    assert chain.find_counterexample(a, b, pair.verdict, (2,)) == (None, False)
+    (pair,) = chain.judge_pairs([a, b], (3,))
+    assert pair.counterexample is not None and "no input" not in pair.verdict.reason
