@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import groupby
 from typing import Any, Optional
 
 from rich import box
@@ -147,15 +148,21 @@ def explain(console: Console, e: dict[str, Any]) -> None:
 
 
 def error_grid(grid: list[list[float]]) -> Text:
-    """The border ring at a glance: one character per output position, shaded by error."""
+    """The border ring at a glance: one character per output position, shaded by error.
+
+    Cells are appended a run of one style at a time: a span per cell would take hundreds of MB
+    at 1024x1024.
+    """
     top = max((v for row in grid for v in row), default=0.0)
     out = Text()
     for row in grid:
+        cells = []
         for v in row:
             if top <= 0 or v <= 1e-12 * max(top, 1.0):
-                out.append("·", style="dim")
+                cells.append("·")
             else:
-                level = 1 + min(len(SHADES) - 2, int((v / top) * (len(SHADES) - 2)))
-                out.append(SHADES[level], style="red")
+                cells.append(SHADES[1 + min(len(SHADES) - 2, int((v / top) * (len(SHADES) - 2)))])
+        for equal, run in groupby(cells, key=lambda c: c == "·"):
+            out.append("".join(run), style="dim" if equal else "red")
         out.append("\n")
     return out
