@@ -14,11 +14,10 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import algebra
-from .algebra import Conv, Counterexample
+from .algebra import Conv, Counterexample, Size
 from .rules import Analysis, Verdict
 from .spec import ConvSpec, cost, pad_fits
 
-Size = tuple[int, ...]
 POLICIES = ("cheaper", "all")
 VERIFY_TOLERANCE = 1e-9
 MAX_VERIFY_LENGTH = 512
