@@ -69,8 +69,7 @@ def report(console: Console, rep: dict[str, Any], verbose: bool = False) -> None
         line = Text(f" {i}. ", style="bold").append(p["reason"])
         ce = p.get("counterexample")
         if ce and verbose:
-            line.append(f"\n    counterexample: input {ce['input_shape']}, output {ce['output_index']}: pair "
-                        f"{ce['pair_value']:.6g}, single conv {ce['candidate_value']:.6g}", style="dim")
+            line.append(f"\n    {counterexample_words(ce)}", style="dim")
         console.print(line)
     if rep.get("merges"):
         m = _table("\nMerges")
@@ -138,13 +137,20 @@ def explain(console: Console, e: dict[str, Any]) -> None:
                       f"MACs {_macs(e['macs'])}"))
     if e["counterexample"]:
         ce = e["counterexample"]
-        lines.append(Text(f"counterexample: input {ce['input_shape']}, output {ce['output_index']}: "
-                          f"pair {ce['pair_value']:.6g}, single conv {ce['candidate_value']:.6g}"))
+        lines.append(Text(counterexample_words(ce)))
     console.print(specs, conds, Group(*lines))
     if e.get("error_map") is not None:
         console.print(Text(f"\n|pair - single conv| per output position (one slice, max over channels; "
                            f"'{SHADES[1]}' small ... '{SHADES[-1]}' largest, '·' equal):"))
         console.print(error_grid(e["error_map"]))
+
+
+def counterexample_words(ce: dict[str, Any]) -> str:
+    """One line; says when the input is a smaller stand-in for the size asked (same border behaviour)."""
+    stand_in = ce.get("representative_of")
+    where = f" (a stand-in for {'x'.join(map(str, stand_in))}: the borders behave the same)" if stand_in else ""
+    return (f"counterexample: input {ce['input_shape']}{where}, output {ce['output_index']}: "
+            f"pair {ce['pair_value']:.6g}, single conv {ce['candidate_value']:.6g}")
 
 
 def error_grid(grid: list[list[float]]) -> Text:

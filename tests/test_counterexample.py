@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from convmerge import algebra, chain
 from convmerge.algebra import Conv, analyze, merge
+from convmerge.render import counterexample_words
 from convmerge.spec import conv_spec
 
 from .oracle import compare, run, run_chain
@@ -139,3 +140,11 @@ def test_impulses_stop_at_the_search_budget(monkeypatch):
     monkeypatch.setattr(algebra, "SEARCH_BUDGET", 3 * 4)
     assert algebra.counterexample(reference, merge(a, b, v.candidate), (4,), 1) is None
     assert len(calls) == 2 + 3  # random, all ones, then three impulses of 4 elements
+
+
+def test_the_text_report_says_when_the_input_stands_in_for_the_size_asked():
+    (pair,) = chain.judge_pairs(seed_pair(), (112, 224))
+    words = counterexample_words(pair.counterexample.as_dict())
+    assert "input [1, 16, " in words and "a stand-in for 112x224" in words
+    (pair,) = chain.judge_pairs([mk((3, 3), 2, 2, 1), mk((3, 3), 2, 2, 2, padding=2)], (40, 40))
+    assert "stand-in" not in counterexample_words(pair.counterexample.as_dict())
