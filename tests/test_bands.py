@@ -16,7 +16,7 @@ from .strategies import conv_pairs
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@settings(max_examples=300, **SETTINGS)
+@settings(max_examples=80, **SETTINGS)
 @given(conv_pairs(), st.data())
 def test_bands_of_a_pair_and_its_candidate_match_the_whole_evaluation(pair, data):
     a, b = pair

@@ -87,13 +87,13 @@ def test_a_small_input_is_searched_at_the_size_itself():
     assert_real(pair.counterexample, convs, (40, 40))
 
 
-@settings(max_examples=150, **SETTINGS)
+@settings(max_examples=60, **SETTINGS)
 @given(conv_pairs(nd=1), st.integers(0, 40))
 def test_representative_counterexamples_differ_by_brute_force_1d(pair, extra):
     check_representative(list(pair), extra)
 
 
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=25, **SETTINGS)
 @given(conv_pairs(nd=2), st.integers(0, 12), st.integers(0, 12))
 def test_representative_counterexamples_differ_by_brute_force_2d(pair, extra_h, extra_w):
     check_representative(list(pair), extra_h, extra_w)
