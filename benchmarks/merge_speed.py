@@ -104,7 +104,7 @@ def main() -> None:
         ("reference: one float64 GEMM + 81 slice adds", lambda: gemm_kernel(c1, c2), flops),
         ("reference: float32 conv_transpose (not exact)", lambda: torch.nn.functional.conv_transpose2d(
             c1.weight.float().transpose(0, 1), c2.weight.float().transpose(0, 1)).transpose(0, 1), flops),
-        (f"algebra.max_error ({len(sizes)} sizes, narrowed)", lambda: algebra.max_error([c1, c2], merged, sizes), None),
+        (f"algebra.chain_errors ({len(sizes)} sizes, narrowed)", lambda: algebra.chain_errors([c1, c2], [merged], sizes), None),
         ("chain.verify (float64 only)", lambda: chain.verify([c1, c2], merged, None), None),
         ("chain.verify, dtype=float32 (+ rounding error)", lambda: chain.verify([c1, c2], merged, None, torch.float32),
          None),

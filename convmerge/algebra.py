@@ -10,6 +10,7 @@ import itertools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from itertools import product
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -21,6 +22,21 @@ from .spec import CONV_MODE_OF_PAD, Axis, ConvSpec, PoolSpec
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+Size = tuple[int, ...]
+Reference = Callable[[torch.Tensor], torch.Tensor]
+"""The original layers as one function of a float64 input (for a chain: `lambda x: apply_chain(convs, x)`)."""
+
+SEARCH_ELEMENTS = 1 << 20
+"""Most values a search at the size asked may unfold (positions x channels x taps) before it moves
+to the caller's smaller stand-in size: 8 MiB of float64. PyTorch's CPU conv has no float64 fast
+path; it unfolds its input (im2col), the biggest buffer of a trial, next to a few input-sized
+ones. So a search stays within tens of MB and a trial within milliseconds."""
+SEARCH_BUDGET = 1 << 22
+"""Input elements the impulses of one search may add up to (about 32 MiB of float64 pushed through
+the layers): random and all-ones inputs almost always decide, impulses are for weights that cancel."""
+IMPULSES = 4096
+"""At most this many impulses per search, however small the input."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,7 @@ class Counterexample:
     pair_output: torch.Tensor
     candidate_output: torch.Tensor
     index: tuple[int, ...]
+    representative_of: Optional[Size] = None  # the input size asked for, where `input` has a smaller stand-in size
 
     @property
     def pair_value(self) -> float:
@@ -83,6 +100,7 @@ class Counterexample:
             "output_index": list(self.index),
             "pair_value": self.pair_value,
             "candidate_value": self.candidate_value,
+            "representative_of": None if self.representative_of is None else list(self.representative_of),
         }
 
 
@@ -252,25 +270,19 @@ def apply_chain(convs: Sequence[Conv], x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def max_error(convs: Sequence[Conv], merged: Conv, sizes: Sequence[Sequence[int]], seed: int = 0) -> float:
-    """Largest |chain - merged| relative to the output scale, on random float64 inputs of each size."""
-    return max_errors(convs, [merged], sizes, seed)[0]
-
-
-def max_errors(convs: Sequence[Conv], merged: Sequence[Conv], sizes: Sequence[Sequence[int]],
+def max_errors(reference: Reference, merged: Sequence[Conv], sizes: Sequence[Sequence[int]], in_channels: int,
                seed: int = 0) -> list[float]:
-    """`max_error` for several versions of one merge (float64, stored dtype), running the chain once.
+    """Largest |reference - merged| relative to the output scale, per version of one merge, on random inputs.
 
-    Wide dense convs are checked on a random few input and output channels: slicing a weight is
-    exact, and it keeps the check at milliseconds where the full layers would take seconds.
+    `reference` runs the original layers in float64; it runs once per size for all versions
+    (typically the float64 merge and the same weights rounded to their stored dtype).
     """
     gen = torch.Generator().manual_seed(seed)
-    convs, merged = _narrow(list(convs), list(merged), gen)
     worst = [0.0] * len(merged)
     with one_thread():
         for size in sizes:
-            x = torch.randn(1, convs[0].spec.in_channels, *size, generator=gen, dtype=torch.float64)
-            want = apply_chain(convs, x)
+            x = torch.randn(1, in_channels, *size, generator=gen, dtype=torch.float64)
+            want = reference(x)
             top = float(want.abs().max()) if want.numel() else 0.0
             scale = top if top > 0 else 1.0  # the output's own scale: max(top, 1) would hide tiny outputs
             for k, m in enumerate(merged):
@@ -283,21 +295,43 @@ def max_errors(convs: Sequence[Conv], merged: Sequence[Conv], sizes: Sequence[Se
     return worst
 
 
-def counterexample(
-    convs: Sequence[Conv], cand: Conv, size: Sequence[int], seed: int = 0
-) -> Optional[Counterexample]:
-    """A small deterministic input where the chain and the candidate differ, or None if none was found."""
+def chain_errors(convs: Sequence[Conv], merged: Sequence[Conv], sizes: Sequence[Sequence[int]],
+                 seed: int = 0) -> list[float]:
+    """`max_errors` against a chain of convs, on a random few channels of wide dense convs.
+
+    Slicing a weight is exact, and it keeps the check at milliseconds where the full layers
+    would take seconds.
+    """
+    convs, merged = _narrow(list(convs), list(merged), torch.Generator().manual_seed(seed))
+    return max_errors(lambda x: apply_chain(convs, x), merged, sizes, convs[0].spec.in_channels, seed)
+
+
+def counterexample(reference: Reference, cand: Conv, size: Sequence[int], in_channels: int, seed: int = 0,
+                   stand_in: Optional[Sequence[int]] = None, unfolds: int = 0) -> Optional[Counterexample]:
+    """A deterministic input where `reference` (the original layers, float64) and `cand` differ; None if none found.
+
+    Tries a random input, an all-ones input, then impulses nearest the borders first (where a
+    candidate differs from its pair), within SEARCH_BUDGET. `stand_in` is a smaller size at which
+    exactness is the same as at `size` (periodic past the borders; the caller knows the period):
+    where a trial at `size` would unfold more than SEARCH_ELEMENTS values (the candidate's, or
+    `unfolds` per input position for the reference: channels x taps of its widest conv), the
+    search runs there and the counterexample says which size it represents. Raises RuntimeError
+    where PyTorch refuses to run `cand` (or the reference) at the size searched.
+    """
+    size = tuple(size)
+    used = size
+    unfolded = math.prod(size) * max(in_channels * math.prod(cand.spec.kernel_size), unfolds)
+    if stand_in is not None and unfolded > SEARCH_ELEMENTS and math.prod(stand_in) < math.prod(size):
+        used = tuple(stand_in)
     with one_thread():
-        return _search(convs, cand, size, seed)
+        ce = _search(reference, _as_double(cand), used, in_channels, seed)
+    return ce if ce is None or used == size else replace(ce, representative_of=size)
 
 
-def _search(convs: Sequence[Conv], cand: Conv, size: Sequence[int], seed: int) -> Optional[Counterexample]:
-    c0 = convs[0].spec.in_channels
-    gen = torch.Generator().manual_seed(seed)
-    trials = [torch.randn(1, c0, *size, generator=gen, dtype=torch.float64), torch.ones(1, c0, *size, dtype=torch.float64)]
-    for x in trials + list(_impulses(c0, size)):
-        want = apply_chain(convs, x)
-        got = apply(_as_double(cand), x)
+def _search(reference: Reference, cand: Conv, size: Size, in_channels: int, seed: int) -> Optional[Counterexample]:
+    for x in _inputs(in_channels, size, seed):
+        want = reference(x)
+        got = apply(cand, x)
         diff = (want - got).abs()
         scale = max(float(want.abs().max()), float(got.abs().max()), 1.0)
         if diff.numel() and float(diff.max()) > 1e-9 * scale:
@@ -306,16 +340,39 @@ def _search(convs: Sequence[Conv], cand: Conv, size: Sequence[int], seed: int) -
     return None
 
 
-def _impulses(channels: int, size: Sequence[int], limit: int = 4096):
+def _inputs(channels: int, size: Size, seed: int) -> Iterator[torch.Tensor]:
+    """Random, all ones, then impulses border-first: one tensor alive at a time, built only when asked for."""
+    gen = torch.Generator().manual_seed(seed)
+    yield torch.randn(1, channels, *size, generator=gen, dtype=torch.float64)
+    yield torch.ones(1, channels, *size, dtype=torch.float64)
+    elements = channels * math.prod(size)
+    yield from _impulses(channels, size, min(IMPULSES, SEARCH_BUDGET // max(elements, 1)))
+
+
+def _impulses(channels: int, size: Size, limit: int) -> Iterator[torch.Tensor]:
     count = 0
-    for c in range(channels):
-        for pos in torch.cartesian_prod(*[torch.arange(n) for n in size]).view(-1, len(size)):
+    for pos in _border_first(size):
+        for c in range(channels):
             if count >= limit:
                 return
             x = torch.zeros(1, channels, *size, dtype=torch.float64)
-            x[(0, c, *pos.tolist())] = 1.0
+            x[(0, c, *pos)] = 1.0
             count += 1
             yield x
+
+
+def _border_first(size: Sequence[int]) -> Iterator[tuple[int, ...]]:
+    """Every position of a grid once, nearest a border first (ring by ring), without listing them.
+
+    A position's ring is d = min over axes of its distance to that axis' nearer end; within a
+    ring, the first axis at distance d names it once: axes before it are further in, axes after
+    it are at least d in.
+    """
+    for d in range((min(size) + 1) // 2):
+        for k, n in enumerate(size):
+            before = [range(d + 1, m - 1 - d) for m in size[:k]]
+            after = [range(d, m - d) for m in size[k + 1:]]
+            yield from product(*before, sorted({d, n - 1 - d}), *after)
 
 
 def _narrow(convs: list[Conv], merged: list[Conv], gen: torch.Generator, keep_in: int = 4, keep_out: int = 8):
@@ -422,46 +479,3 @@ def join(convs: Sequence[Conv], cand: ConvSpec, offsets: Sequence[Sequence[int]]
     return Conv(cand.with_bias(any(c.bias is not None for c in convs)), weight,
                 bias if any(c.bias is not None for c in convs) else None)
 
-
-def max_errors_of(reference: Callable[[torch.Tensor], torch.Tensor], in_channels: int, merged: Sequence[Conv],
-                  sizes: Sequence[Sequence[int]], seed: int = 0) -> list[float]:
-    """Largest |reference - merged| relative to the output scale, for several versions of one merge,
-    running the (float64) reference once per size."""
-    gen = torch.Generator().manual_seed(seed)
-    worst = [0.0] * len(merged)
-    with one_thread():
-        for size in sizes:
-            x = torch.randn(1, in_channels, *size, generator=gen, dtype=torch.float64)
-            want = reference(x)
-            top = float(want.abs().max()) if want.numel() else 0.0
-            scale = top if top > 0 else 1.0
-            for k, m in enumerate(merged):
-                got = apply(_as_double(m), x)
-                if want.shape != got.shape:
-                    worst[k] = math.inf
-                elif want.numel():
-                    err = float((want - got).abs().max()) / scale
-                    worst[k] = max(worst[k], err if err == err else math.inf)
-    return worst
-
-
-def counterexample_of(reference: Callable[[torch.Tensor], torch.Tensor], cand: Conv, size: Sequence[int],
-                      seed: int = 0) -> Optional[Counterexample]:
-    """A small deterministic input where the reference and the candidate differ, or None."""
-    c0 = cand.spec.in_channels
-    gen = torch.Generator().manual_seed(seed)
-    trials = itertools.chain(
-        [torch.randn(1, c0, *size, generator=gen, dtype=torch.float64), torch.ones(1, c0, *size, dtype=torch.float64)],
-        _impulses(c0, size))
-    with one_thread():
-        for x in trials:
-            want = reference(x)
-            got = apply(_as_double(cand), x)
-            if want.shape != got.shape:
-                continue
-            diff = (want - got).abs()
-            scale = max(float(want.abs().max()), float(got.abs().max()), 1.0)
-            if diff.numel() and float(diff.max()) > 1e-9 * scale:
-                index = tuple(int(i) for i in torch.unravel_index(torch.argmax(diff), diff.shape))
-                return Counterexample(x, want, got, index)
-    return None

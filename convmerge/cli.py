@@ -365,7 +365,8 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 def _emit(data: dict[str, Any], json_out: bool, view: str) -> int:
     """JSON on stdout, or the named rich view of the same data."""
     if json_out:
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        json.dump(data, sys.stdout, indent=2)  # streamed: explain's error map at 1024x1024 is a million numbers
+        sys.stdout.write("\n")
     else:
         from . import render
 

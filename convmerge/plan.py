@@ -355,7 +355,7 @@ class _Planner:
         if not sizes:
             raise VerificationError(f"{end}: no input size where both the layers and the merged conv run")
         stored = algebra.cast(merged, dtype)
-        errors = algebra.max_errors_of(run, merged.spec.in_channels, [merged, stored], sizes)
+        errors = algebra.max_errors(run, [merged, stored], sizes, merged.spec.in_channels)
         if not errors[0] <= max([VERIFY_TOLERANCE] + [c.tolerance for c in red.checks]):
             raise VerificationError(f"{end}: the merged conv differs from its layers by {errors[0]:.3g} (relative) "
                                     f"at sizes {sizes}")
@@ -401,19 +401,41 @@ class _Planner:
         return entry
 
 
+Found = tuple[Optional[Counterexample], bool]
+"""A counterexample (or None), and whether any input could be tried at all."""
+
+
 def _counterexample(graph: Graph, loader: Loader, start: str, layers: Sequence[str], end: str, cand: Conv,
-                    checks: Sequence[Any], size: Optional[Sequence[int]]) -> Optional[Counterexample]:
-    """A concrete input where the layers and the forced single conv differ (at `size`, or the smallest)."""
+                    checks: Sequence[Any], size: Optional[Sequence[int]]) -> Found:
+    """A concrete input where the layers and the forced single conv differ (at `size`, or the smallest).
+
+    A large size is searched at a congruent size past the border interactions, where every check
+    behaves as at the size itself (algebra.counterexample says so in the counterexample)."""
     nd = cand.spec.ndim
     tries = [tuple(size)] if size else [(n,) * nd for n in range(1, 65)]
     run = lambda x: reference.run(graph, loader, start, layers, end, x)  # noqa: E731
+    periodic = [c for c in checks if c.period]
+    tried = False
     for s in tries:
         if all(c.exact_at(s) for c in checks) or not layers_run(graph, layers, start, s, cand.spec):
             continue
-        found = algebra.counterexample_of(run, cand, s)
+        stand_in = None
+        if periodic:
+            stand_in = tuple(_congruent(n, max(c.start[k] for c in periodic),
+                                        math.lcm(*(c.period[k] for c in periodic))) for k, n in enumerate(s))
+        try:
+            found = algebra.counterexample(run, cand, s, cand.spec.in_channels, stand_in=stand_in)
+        except RuntimeError:  # PyTorch refuses the candidate's padding at this size
+            continue
+        tried = True
         if found is not None:
-            return found
-    return None
+            return found, True
+    return None, tried
+
+
+def _congruent(n: int, start: int, period: int) -> int:
+    """n itself below start + period; else the length in [start, start + period) with n's residue."""
+    return n if n < start + period else start + (n - start) % period
 
 
 # --- pairs ---------------------------------------------------------------------------------------
@@ -465,19 +487,27 @@ def _judge_pairs(plan: Plan, loader: Loader, size_at: Mapping[str, Any], cost_at
         loader.clear()
 
 
-def pair_counterexample(a: Conv, b: Conv, v: Any, size: Optional[Sequence[int]]) -> Callable[[], Any]:
-    def find() -> Optional[Counterexample]:
+def pair_counterexample(a: Conv, b: Conv, v: Any, size: Optional[Sequence[int]]) -> Callable[[], Found]:
+    """The search for a pair's counterexample, run when something reads it."""
+    def find() -> Found:
         cand = algebra.merge(a, b, v.candidate)
+        an = v.analysis
         tries = [tuple(size)] if size else [(n,) * a.spec.ndim for n in range(1, 65)]
+        unfolds = max(c.spec.in_channels * math.prod(c.spec.kernel_size) for c in (a, b))
+        tried = False
         for s in tries:
-            if v.exact_at(s) or not all(chain_runs([a, b], k, n) and pad_fits(cand.spec.padding_mode,
-                                                                                 cand.spec.axes[k].pad, n)
-                                        for k, n in enumerate(s)):
+            if v.exact_at(s) or not all(chain_runs([a, b], k, n) for k, n in enumerate(s)):
                 continue
-            found = algebra.counterexample_of(lambda x: algebra.apply_chain([a, b], x), cand, s)
+            stand_in = tuple(_congruent(n, an.start[k], an.period[k]) for k, n in enumerate(s))
+            try:
+                found = algebra.counterexample(lambda x: algebra.apply_chain([a, b], x), cand, s,
+                                               a.spec.in_channels, stand_in=stand_in, unfolds=unfolds)
+            except RuntimeError:  # PyTorch refuses the candidate's padding at this size
+                continue
+            tried = True
             if found is not None:
-                return found
-        return None
+                return found, True
+        return None, tried
     return find
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any, Callable, Optional, Union
 
 from rich import box
@@ -219,8 +220,7 @@ def _reasons(rows: list[dict[str, Any]], verbose: bool) -> Table:
         text = Text(p["reason"])
         ce = p.get("counterexample")
         if ce and verbose:
-            text.append(f"\ncounterexample: input {ce['input_shape']}, output {ce['output_index']}: layers "
-                        f"{ce['pair_value']:.6g}, single conv {ce['candidate_value']:.6g}", style="dim")
+            text.append(f"\n{counterexample_words(ce, 'layers')}", style="dim")
         t.add_row(Text(f" {p['number']}.", style="bold"), text)
     return t
 
@@ -304,8 +304,7 @@ def explain(console: Console, e: dict[str, Any]) -> None:
              Text(f"at input size {size}: {'exact' if e['exact_at_size'] else 'differs'}; MACs {_macs(e['macs'])}")]
     if e["counterexample"]:
         ce = e["counterexample"]
-        lines.append(Text(f"counterexample: input {ce['input_shape']}, output {ce['output_index']}: "
-                          f"pair {ce['pair_value']:.6g}, single conv {ce['candidate_value']:.6g}"))
+        lines.append(Text(counterexample_words(ce, "pair")))
     console.print(grid(console, title, spec_columns, spec_rows),
                   grid(console, "Border conditions (per axis and side)", CONDITION_COLUMNS, e["conditions"]),
                   Group(*lines))
@@ -342,8 +341,7 @@ def explain_region(console: Console, e: dict[str, Any]) -> None:
              Text(f"at input size {size}: {'exact' if e['exact_at_size'] else 'differs'}; MACs {_macs(e['macs'])}")]
     if e["counterexample"]:
         ce = e["counterexample"]
-        lines.append(Text(f"counterexample: input {ce['input_shape']}, output {ce['output_index']}: "
-                          f"layers {ce['pair_value']:.6g}, single conv {ce['candidate_value']:.6g}"))
+        lines.append(Text(counterexample_words(ce, "layers")))
     console.print(Group(*lines))
     _error_map(console, e, "layers")
 
@@ -376,16 +374,26 @@ def downsample(grid_: list[list[float]], width: int) -> tuple[list[list[float]],
     return out, step
 
 
+def counterexample_words(ce: dict[str, Any], what: str = "pair") -> str:
+    """One line; says when the input is a smaller stand-in for the size asked (same border behaviour)."""
+    stand_in = ce.get("representative_of")
+    where = f" (a stand-in for {'x'.join(map(str, stand_in))}: the borders behave the same)" if stand_in else ""
+    return (f"counterexample: input {ce['input_shape']}{where}, output {ce['output_index']}: "
+            f"{what} {ce['pair_value']:.6g}, single conv {ce['candidate_value']:.6g}")
+
+
 def error_grid(grid_: list[list[float]]) -> Text:
-    """The border ring at a glance: one character per output position, shaded by error."""
+    """The border ring at a glance: one character per output position, shaded by error.
+
+    Cells are appended a run of one style at a time: a span per cell would take hundreds of MB
+    at 1024x1024.
+    """
     top = max((v for row in grid_ for v in row), default=0.0)
     out = Text()
     for row in grid_:
-        for v in row:
-            if top <= 0 or v <= 1e-12 * max(top, 1.0):
-                out.append(EQUAL, style="dim")
-            else:
-                level = min(len(SHADES) - 1, int((v / top) * len(SHADES)))
-                out.append(SHADES[level], style="red")
+        cells = [EQUAL if top <= 0 or v <= 1e-12 * max(top, 1.0) else
+                 SHADES[min(len(SHADES) - 1, int((v / top) * len(SHADES)))] for v in row]
+        for equal, run in groupby(cells, key=lambda c: c == EQUAL):
+            out.append("".join(run), style="dim" if equal else "red")
         out.append("\n")
     return out

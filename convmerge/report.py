@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .algebra import Counterexample
+from .reasons import Why
 
 __all__ = ["MergeEntry", "PairEntry", "RegionEntry", "Report", "VERDICTS"]
 
@@ -18,16 +19,31 @@ _UNSEARCHED = object()
 
 
 class _LazyCounterexample:
-    """A counterexample found on first read (None when nothing is searched or none is found)."""
+    """A counterexample found on first read (None when nothing is searched or none is found).
 
-    find_counterexample: Optional[Callable[[], Optional[Counterexample]]]
+    When a search finds none, the reason says so truly: whether inputs were tried and showed no
+    difference (the weights may cancel), or none could be tried at all.
+    """
+
+    find_counterexample: Optional[Callable[[], tuple[Optional[Counterexample], bool]]]
     _found: Any
+    _reason: str
 
     @property
     def counterexample(self) -> Optional[Counterexample]:
         if self._found is _UNSEARCHED:
-            self._found = self.find_counterexample() if self.find_counterexample else None
-        return self._found
+            self._found = self.find_counterexample() if self.find_counterexample else (None, True)
+        return self._found[0]
+
+    @property
+    def reason(self) -> str:
+        if self.find_counterexample is None or self.counterexample is not None:
+            return self._reason
+        return self._reason + "; " + Why.of("no-counterexample" if self._found[1] else "nothing-tried").text()
+
+    @reason.setter
+    def reason(self, text: str) -> None:
+        self._reason = text
 
     def _counterexample_dict(self) -> Optional[dict[str, Any]]:
         ce = self.counterexample
@@ -52,7 +68,8 @@ class PairEntry(_LazyCounterexample):
     params_before: Optional[int] = None
     params_after: Optional[int] = None
     weight_dependent: bool = False
-    find_counterexample: Optional[Callable[[], Optional[Counterexample]]] = field(default=None, repr=False)
+    find_counterexample: Optional[Callable[[], tuple[Optional[Counterexample], bool]]] = field(default=None,
+                                                                                              repr=False)
     _found: Any = field(default=_UNSEARCHED, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,7 +114,8 @@ class RegionEntry(_LazyCounterexample):
     macs_before: Optional[int] = None
     macs_after: Optional[int] = None
     weight_dependent: bool = False
-    find_counterexample: Optional[Callable[[], Optional[Counterexample]]] = field(default=None, repr=False)
+    find_counterexample: Optional[Callable[[], tuple[Optional[Counterexample], bool]]] = field(default=None,
+                                                                                              repr=False)
     _found: Any = field(default=_UNSEARCHED, repr=False)
 
     def to_dict(self) -> dict[str, Any]:

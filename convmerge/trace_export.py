@@ -184,10 +184,12 @@ def runnable(module: nn.Module, example: torch.Tensor, program: torch.export.Exp
                 again = again.run_decompositions({})
                 names = _pair_nodes(program.graph, again.graph)
                 if names is not None:
-                    return again.module(), names
+                    with _quiet():
+                        return again.module(), names
             except Exception:  # noqa: BLE001 - code that needs fixed sizes: the traced graph it is
                 pass
-        gm = program.module()
+        with _quiet():
+            gm = program.module()
         for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
             gm.graph.erase_node(node)
         gm.recompile()

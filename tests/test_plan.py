@@ -239,6 +239,7 @@ def test_weights_that_cancel_get_no_fake_counterexample():
     b = Conv(conv_spec((2,), 1, 1, dilation=3, padding=1, padding_mode="replicate"), w)
     (pair,) = plan_of([a, b], (4,))[0].pairs
     assert pair.verdict == "unmergeable" and pair.counterexample is None
+    assert "no difference on the inputs tried" in pair.reason
     b2 = Conv(b.spec, torch.tensor([[[0.5, 2.0]]], dtype=torch.float64))
     (pair,) = plan_of([a, b2], (4,))[0].pairs
     assert pair.counterexample is not None
@@ -261,3 +262,15 @@ def test_a_zero_conv_with_a_bias_gets_a_verdict_not_an_internal_error():
     fused = convmerge.fuse(net)
     x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
     assert torch.allclose(fused(x), net(x))
+
+
+def test_no_counterexample_says_whether_any_input_was_tried():
+    """At length 2 the 5-tap candidate's reflect pad of 2 is refused by PyTorch: no input runs through it."""
+    spec = conv_spec((3,), 1, 1, padding=1, padding_mode="reflect")
+    a, b = Conv(spec, torch.tensor([[[1.0, 2.0, -1.0]]], dtype=torch.float64)), Conv(
+        spec, torch.tensor([[[0.5, -1.0, 3.0]]], dtype=torch.float64))
+    (pair,) = plan_of([a, b], (2,))[0].pairs
+    assert pair.verdict == "unmergeable" and pair.counterexample is None
+    assert "no counterexample could be computed" in pair.reason and "no difference" not in pair.reason
+    (pair,) = plan_of([a, b], (3,))[0].pairs
+    assert pair.counterexample is not None and "could be computed" not in pair.reason

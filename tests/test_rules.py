@@ -58,7 +58,7 @@ def check_against_brute_force(c1: Conv, c2: Conv) -> None:
         assert not any(seen.values()), v.reason
     failing = [s for s, ok in seen.items() if not ok and runs(merged, s)]
     if failing:
-        ce = counterexample([c1, c2], merged, failing[0])
+        ce = counterexample(lambda x: run_chain(x, [c1, c2]), merged, failing[0], c1.spec.in_channels)
         assert ce is not None
         pair = run_chain(ce.input, [c1, c2])
         single = run(ce.input, merged.weight, merged.bias, merged.spec)
@@ -132,7 +132,7 @@ def test_seed_counterexample_on_a_3x3_image():
     assert v.verdict == "unmergeable"
     assert "pads 0 on the left of H but needs >= 2" in v.reason and "conv2 pads 2" in v.reason
     merged = merge(c1, c2, v.candidate)
-    ce = counterexample([c1, c2], merged, (3, 3))
+    ce = counterexample(lambda x: run_chain(x, [c1, c2]), merged, (3, 3), 1)
     assert ce is not None and list(ce.input.shape) == [1, 1, 3, 3]
     pair = run_chain(ce.input, [c1, c2])
     # The pair applies kernel1 once and copies that value over a 3x3 output.
