@@ -403,28 +403,37 @@ class _Planner:
 
 Found = tuple[Optional[Counterexample], bool]
 """A counterexample (or None), and whether any input could be tried at all."""
+Size = tuple[int, ...]
 
 
 def _counterexample(graph: Graph, loader: Loader, start: str, layers: Sequence[str], end: str, cand: Conv,
                     checks: Sequence[Any], size: Optional[Sequence[int]]) -> Found:
-    """A concrete input where the layers and the forced single conv differ (at `size`, or the smallest).
-
-    A large size is searched at a congruent size past the border interactions, where every check
-    behaves as at the size itself (algebra.counterexample says so in the counterexample)."""
-    nd = cand.spec.ndim
-    tries = [tuple(size)] if size else [(n,) * nd for n in range(1, 65)]
-    run = lambda x: reference.run(graph, loader, start, layers, end, x)  # noqa: E731
+    """A concrete input where the layers and the forced single conv differ (at `size`, or the smallest)."""
     periodic = [c for c in checks if c.period]
+
+    def stand_in(s: Size) -> Optional[Size]:
+        if not periodic:
+            return None
+        return tuple(_congruent(n, max(c.start[k] for c in periodic), math.lcm(*(c.period[k] for c in periodic)))
+                     for k, n in enumerate(s))
+
+    return _search(lambda x: reference.run(graph, loader, start, layers, end, x), cand, size,
+                   lambda s: all(c.exact_at(s) for c in checks), lambda s: layers_run(graph, layers, start, s,
+                                                                                      cand.spec), stand_in)
+
+
+def _search(run: Callable[[torch.Tensor], torch.Tensor], cand: Conv, size: Optional[Sequence[int]],
+            exact_at: Callable[[Size], bool], runs: Callable[[Size], bool],
+            stand_in: Callable[[Size], Optional[Size]], unfolds: int = 0) -> Found:
+    """The first size (`size`, or 1, 2, ... per axis) where the layers run and are not exact, searched for a
+    counterexample; a large size at its congruent stand-in past the border interactions (same exactness)."""
+    tries = [tuple(size)] if size else [(n,) * cand.spec.ndim for n in range(1, 65)]
     tried = False
     for s in tries:
-        if all(c.exact_at(s) for c in checks) or not layers_run(graph, layers, start, s, cand.spec):
+        if exact_at(s) or not runs(s):
             continue
-        stand_in = None
-        if periodic:
-            stand_in = tuple(_congruent(n, max(c.start[k] for c in periodic),
-                                        math.lcm(*(c.period[k] for c in periodic))) for k, n in enumerate(s))
         try:
-            found = algebra.counterexample(run, cand, s, cand.spec.in_channels, stand_in=stand_in)
+            found = algebra.counterexample(run, cand, s, cand.spec.in_channels, stand_in=stand_in(s), unfolds=unfolds)
         except RuntimeError:  # PyTorch refuses the candidate's padding at this size
             continue
         tried = True
@@ -490,24 +499,11 @@ def _judge_pairs(plan: Plan, loader: Loader, size_at: Mapping[str, Any], cost_at
 def pair_counterexample(a: Conv, b: Conv, v: Any, size: Optional[Sequence[int]]) -> Callable[[], Found]:
     """The search for a pair's counterexample, run when something reads it."""
     def find() -> Found:
-        cand = algebra.merge(a, b, v.candidate)
         an = v.analysis
-        tries = [tuple(size)] if size else [(n,) * a.spec.ndim for n in range(1, 65)]
-        unfolds = max(c.spec.in_channels * math.prod(c.spec.kernel_size) for c in (a, b))
-        tried = False
-        for s in tries:
-            if v.exact_at(s) or not all(chain_runs([a, b], k, n) for k, n in enumerate(s)):
-                continue
-            stand_in = tuple(_congruent(n, an.start[k], an.period[k]) for k, n in enumerate(s))
-            try:
-                found = algebra.counterexample(lambda x: algebra.apply_chain([a, b], x), cand, s,
-                                               a.spec.in_channels, stand_in=stand_in, unfolds=unfolds)
-            except RuntimeError:  # PyTorch refuses the candidate's padding at this size
-                continue
-            tried = True
-            if found is not None:
-                return found, True
-        return None, tried
+        return _search(lambda x: algebra.apply_chain([a, b], x), algebra.merge(a, b, v.candidate), size, v.exact_at,
+                       lambda s: all(chain_runs([a, b], k, n) for k, n in enumerate(s)),
+                       lambda s: tuple(_congruent(n, an.start[k], an.period[k]) for k, n in enumerate(s)),
+                       max(c.spec.in_channels * math.prod(c.spec.kernel_size) for c in (a, b)))
     return find
 
 

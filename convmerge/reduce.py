@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from itertools import product
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -247,7 +248,14 @@ def combine(checks: Sequence[Check]) -> Summary:
     nd = len(failing[0].period)
     merged = _Merged(checks)
     if any(not any(merged.axis_ok(k, n) for n in range(1, merged.start[k] + merged.period[k])) for k in range(nd)):
-        return Summary(Outcome.UNMERGEABLE, why, None, notes, dependent)  # type: ignore[arg-type]
+        # No length of some axis works while the others are large; the borders of small axes can still
+        # meet so that every check holds (a 1x1 input): those sizes are named, not hidden.
+        tiny = [size for size in product(range(1, 9), repeat=nd) if all(c.exact_at(size) for c in checks)]
+        if not tiny:
+            return Summary(Outcome.UNMERGEABLE, why, None, notes, dependent)  # type: ignore[arg-type]
+        shown = " or ".join("x".join(map(str, size)) for size in tiny[:3]) + (" ..." if len(tiny) > 3 else "")
+        words = f"{'x'.join(_axis_names(nd))} is {shown}"
+        return Summary(Outcome.SIZE_DEPENDENT, why, words, notes, dependent)  # type: ignore[arg-type]
     sizes = _sizes_words(merged, nd, _axis_names(nd))
     return Summary(Outcome.SIZE_DEPENDENT, why, sizes, notes, dependent)  # type: ignore[arg-type]
 
