@@ -164,6 +164,7 @@ class MergeEntry:
             "into": self.into,
             "input": self.input,
             "kind": self.kind,
+            "convs": self.convs,
             "conv": self.conv,
             "dtype": self.dtype,
             "verified_max_error": self.max_error,
