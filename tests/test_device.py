@@ -19,7 +19,7 @@ CUDA = torch.cuda.is_available()
 def test_a_cuda_module_is_checked_and_fused_on_its_device(make, channels):
     net = nets.randomize_bn(make()).double().eval().cuda()
     rep = convmerge.check(net)
-    assert rep["summary"]["convs_after"] < rep["summary"]["convs_before"]
+    assert rep["merges"] and rep["summary"]["layers_removed"] > 0
     fused = convmerge.fuse(net, policy="all")
     assert {p.device.type for p in fused.parameters()} == {"cuda"}
     x = torch.randn(2, channels, 11, 13, dtype=torch.float64, device="cuda")
