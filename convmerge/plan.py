@@ -14,6 +14,7 @@ take exactly those tensors (`Unit.stored`).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -199,6 +200,7 @@ def build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]] = 
             on_region()
     _judge_pairs(plan, loader, size_at, cost_at, in_region)
     _size_notes(plan, size_at, input_size)
+    _nothing_note(plan)
     return plan
 
 
@@ -700,6 +702,24 @@ def _check_sizes(graph: Graph, size_at: Mapping[str, Any], input_size: Optional[
         if problem:
             shown = "x".join(map(str, input_size or ()))
             raise GraphError(f"--input-size {shown}: layer '{name}' cannot run there: {problem}")
+
+
+def _nothing_note(plan: Plan) -> None:
+    """When nothing merges, say what was found: where the convs sit and why their regions stay."""
+    if plan.applied:
+        return
+    graph = plan.graph
+    convs = [n for n, layer in graph.layers.items() if layer.op in CONV_OPS]
+    inside = {n for r in plan.regions for n in r.layers}
+    verdicts = Counter(r.verdict for r in plan.regions)
+    kept = sum(r.verdict == "mergeable" for r in plan.regions)
+    judged = ", ".join(f"{count} {verdict}" for verdict, count in sorted(verdicts.items()))
+    plan.notes.append(
+        f"nothing merged: {len(convs)} conv(s); {sum(n in inside for n in convs)} in {len(plan.regions)} region(s) "
+        f"({sum(r.branches for r in plan.regions)} with parallel branches{'; ' + judged if judged else ''}"
+        f"{f'; the {kept} mergeable one(s) would cost more merged (--policy all merges them)' if kept else ''}); "
+        f"{sum(n not in inside for n in convs)} conv(s) between non-linear or opaque ops, or read by several layers, "
+        "with no linear neighbour to merge with")
 
 
 def _size_notes(plan: Plan, size_at: Mapping[str, Any], input_size: Optional[Sequence[int]]) -> None:

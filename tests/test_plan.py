@@ -274,3 +274,20 @@ def test_no_counterexample_says_whether_any_input_was_tried():
     assert "no counterexample could be computed" in pair.reason and "no difference" not in pair.reason
     (pair,) = plan_of([a, b], (3,))[0].pairs
     assert pair.counterexample is not None and "could be computed" not in pair.reason
+
+
+def test_a_model_with_nothing_to_merge_says_what_was_found(tmp_path):
+    """Issue: ResNet-like models gave an empty table and '0 pair(s)'.  The notes count the convs, those in regions
+    (with branches or not) and those alone between non-linear ops; fuse still writes, and says it is a copy."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+                              torch.nn.ReLU())
+    rep = convmerge.check(net)
+    (note,) = [n for n in rep["notes"] if n.startswith("nothing merged")]
+    assert "2 conv(s); 0 in 0 region(s)" in note and "2 conv(s) between non-linear" in note
+    src = tmp_path / "m.safetensors"
+    convmerge.save(net, src)
+    from convmerge import render
+
+    report = model.fuse_file(str(src), str(tmp_path / "o.safetensors")).to_dict()
+    assert (tmp_path / "o.safetensors").exists()
+    assert render.summary_line(report).endswith("(an unchanged copy: nothing merged)")
