@@ -140,8 +140,11 @@ class Graph:
     def sizes(self, input_size: Optional[Sequence[int]]) -> dict[str, Optional[tuple[int, ...]]]:
         """Spatial size of every value, where the description determines it (None where it does not)."""
         known: dict[str, Optional[tuple[int, ...]]] = {n: (tuple(input_size) if input_size else None) for n in self.inputs}
+        traced = input_size is not None and self.doc.get("traced_input") == list(input_size)
         for name, layer in self.layers.items():
             known[name] = self.out_size(layer, [known.get(src) for src in layer.inputs])
+            if known[name] is None and traced and layer.op not in LINEAR_OPS:
+                known[name] = _traced_size(layer.fields.get("traced_size"))
         return known
 
     def out_size(self, layer: Layer, srcs: list[Optional[tuple[int, ...]]]) -> Optional[tuple[int, ...]]:
@@ -211,6 +214,13 @@ class Graph:
         if self.specs[first].out_channels != self.specs[second].in_channels:
             return f"{second} takes {self.specs[second].in_channels} channels, {first} gives {self.specs[first].out_channels}"
         return None
+
+
+def _traced_size(value: Any) -> Optional[tuple[int, ...]]:
+    """An opaque layer's output size as the trace saw it (valid at the traced input size only)."""
+    if isinstance(value, list) and 1 <= len(value) <= 3 and all(type(n) is int and 0 < n <= MAX_INT for n in value):
+        return tuple(value)
+    return None
 
 
 def _broadcast(sizes: Sequence[Optional[tuple[int, ...]]]) -> Optional[tuple[int, ...]]:

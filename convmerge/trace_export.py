@@ -435,6 +435,9 @@ class _Mapper:
         self._mark_shared()
         doc = {"version": 1, "inputs": [self.names[n] for n in self.inputs], "layers": self.layers,
                "outputs": [self._name(n) for n in self.outputs]}
+        first = self.inputs[0].meta.get("val") if self.inputs else None
+        if isinstance(first, torch.Tensor) and first.dim() >= 3:
+            doc["traced_input"] = list(first.shape[2:])
         notes = [f"layer {name!r} uses tensors computed from the module's parameters (returned beside the description)"
                  for name in self.computed]
         if self.missing:
@@ -821,6 +824,10 @@ class _Mapper:
         producers = [self._name(n) for n in inputs]
         wiring = {"input": producers[0]} if len(producers) == 1 else {"inputs": producers}
         fields = dict(fields)
+        val = node.meta.get("val")
+        if fields["op"] not in STRUCTURAL_OPS and isinstance(val, torch.Tensor) and val.dim() >= 3 and all(
+                isinstance(n, int) for n in val.shape):
+            fields["traced_size"] = list(val.shape[2:])  # what the description cannot derive (an upsampling...)
         self.layers.append({"name": name, "op": fields.pop("op"), **wiring, **fields})
         self.names[node] = name
 

@@ -114,3 +114,28 @@ def test_sizes_follow_pooling_pad_and_broadcasting_as_pytorch_runs_them(n, k, s,
     sizes = graph.sizes((n, n + 1))
     assert sizes["pad"] == tuple(want) and sizes["se"] == tuple(want) and sizes["cat"] == tuple(want)
     assert sizes["gap"] is None
+
+
+def test_sizes_the_trace_saw_fill_in_behind_ops_the_description_cannot_follow():
+    """Issue: sizes stopped at an upsampling (or any opaque op).  The export tracer records the output size it saw
+    on opaque layers; they hold exactly at the traced input size, and only there."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from convmerge import model, trace
+
+    class Up(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+            self.b = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(F.interpolate(self.a(x), scale_factor=2.0, mode="nearest"))
+
+    net = Up()
+    traced = trace.describe_module(net, example_size=(32, 30))
+    assert traced.doc["traced_input"] == [32, 30]
+    graph = parse(traced.doc, model.module_tensors(net.state_dict()).info)
+    assert graph.sizes((32, 30))["b"] == (32, 30)
+    assert graph.sizes((64, 64))["b"] is None
