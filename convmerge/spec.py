@@ -220,9 +220,7 @@ class PoolSpec:
 
     def out_len(self, k: int, n: int) -> int:
         """PyTorch's output length on axis k: ceil mode adds a window that starts inside the input or left pad."""
-        span = n + 2 * self.padding[k] - self.kernel[k]
-        if span < 0:
-            return 0
+        span = n + 2 * self.padding[k] - self.kernel[k]  # may be negative: ceil mode still gives one window
         out = (-(-span // self.stride[k]) if self.ceil_mode else span // self.stride[k]) + 1
         if self.ceil_mode and (out - 1) * self.stride[k] >= n + self.padding[k]:
             out -= 1
