@@ -104,6 +104,7 @@ def test_residual_block_exact_description() -> None:
             {"name": "add", "op": "add", "inputs": ["conv2", "x"]},
         ],
         "outputs": ["add"],
+        "traced_input": [224, 224],
     }
 
 

@@ -697,8 +697,9 @@ def test_a_wrong_guess_falls_back_to_fx_and_says_why() -> None:
     traced = describe_module(model)
     assert traced.notes[0].startswith("traced with torch.fx (torch.export: RuntimeError: ")
     assert [item["op"] for item in traced.doc["layers"]] == ["conv2d", "flatten", "linear"]
-    assert trace(model, example_size=(3, 3)).doc == {**traced.doc, "inputs": ["input"], "layers": [
-        {**traced.doc["layers"][0], "input": "input"}, *traced.doc["layers"][1:]]}
+    assert trace(model, example_size=(3, 3)).doc == {**traced.doc, "inputs": ["input"], "traced_input": [3, 3],
+                                                     "layers": [{**traced.doc["layers"][0], "input": "input"},
+                                                                *traced.doc["layers"][1:]]}
 
 
 def test_every_instance_of_a_failing_class_is_a_leaf_after_one_failure() -> None:
