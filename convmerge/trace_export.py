@@ -556,7 +556,8 @@ class _Mapper:
         target = node.target
         if target is operator.getitem and node.args[0] in self.single and node.args[1] == 0:
             self.names[node] = self.names[node.args[0]]
-        elif target in _ALIASES or (target is aten.dropout.default and not _bind(node)["train"]):
+        elif (target in _ALIASES or (target is aten.dropout.default and not _bind(node)["train"])
+              or self._plus_zero(node)):
             self.names[node] = self._name(node.args[0])
         elif target is _LEAF:
             self._leaf(node)
@@ -564,6 +565,15 @@ class _Mapper:
                 (_CONVS, self._conv), ({_BATCH_NORM}, self._batch_norm), ({aten.add.Tensor}, self._add),
                 ({aten.cat.default}, self._cat), (_POOLS, self._pool), (_PADS, self._pad))):
             self._opaque(node)
+
+    def _plus_zero(self, node: fx.Node) -> bool:
+        """``x + 0`` keeping x's shape and dtype is x (MobileOne starts its sum of branches at the number 0)."""
+        if node.target is not aten.add.Tensor:
+            return False
+        a = _bind(node)
+        x, other, out = a["self"], a["other"], node.meta["val"]
+        return (self._active(x) and type(other) in (int, float) and other == 0
+                and x.meta["val"].shape == out.shape and x.meta["val"].dtype == out.dtype)
 
     def _conv(self, node: fx.Node) -> bool:
         """A convolution of the input by a kernel that is a parameter or computed from parameters."""

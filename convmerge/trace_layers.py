@@ -30,7 +30,7 @@ _RESERVED = STRUCTURAL_OPS | {"cat"}
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PADDED_CONVS = (PaddedConv1d, PaddedConv2d, PaddedConv3d)
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # Sync: F.batch_norm unless training
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _PAD_MODES = {

@@ -1,0 +1,114 @@
+"""How the structural re-parameterisation repositories write their blocks, in plain torch.nn.
+
+Each module here reproduces one pattern met in RepVGG, MobileOne, ACNet, RepLKNet or DBB (their
+code never enters this repository) that once kept `convmerge.fuse` from reaching the repository's
+own deploy conv count or from running at all.  Each is fused and compared with itself in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import convmerge
+
+from .nets import randomize_bn
+
+
+def conv_bn(cin: int, cout: int, k: int, **kwargs) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, bias=False, **kwargs), nn.BatchNorm2d(cout))
+
+
+def convs(module: nn.Module) -> int:
+    return sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in module.modules())
+
+
+def fused_and_checked(net: nn.Module, channels: int, sizes=((9, 9), (10, 12))) -> nn.Module:
+    torch.manual_seed(0)
+    net = randomize_bn(net).double().eval()
+    fused = convmerge.fuse(net, policy="all")
+    with torch.no_grad():
+        for size in sizes:
+            x = torch.randn(2, channels, *size, dtype=torch.float64)
+            want = net(x)
+            assert torch.allclose(fused(x), want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+    return fused
+
+
+class InputNamedInput(nn.Module):
+    """ACNet's ACBlock names its forward argument `input`, a Python builtin."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.square = conv_bn(c, c, 3, padding=1)
+        self.one = conv_bn(c, c, 1)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.square(input) + self.one(input)
+
+
+def test_an_input_named_after_a_builtin_is_found_in_the_rebuilt_graph() -> None:
+    assert convs(fused_and_checked(InputNamedInput(4), 4)) == 1
+
+
+class ZeroStart(nn.Module):
+    """MobileOne's block: `identity_out = 0` when there is no skip branch, then `scale_out + identity_out`
+    and `out += conv(x)` for each conv branch."""
+
+    def __init__(self, c: int = 4, stride: int = 2, zero_first: bool = False) -> None:
+        super().__init__()
+        self.zero_first = zero_first
+        self.scale = conv_bn(c, c, 1, stride=stride, groups=c)
+        self.branches = nn.ModuleList(conv_bn(c, c, 3, stride=stride, padding=1, groups=c) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = 0 + self.scale(x) if self.zero_first else self.scale(x) + 0
+        for branch in self.branches:
+            out += branch(x)
+        return torch.relu(out)
+
+
+@pytest.mark.parametrize("zero_first", [False, True])
+def test_adding_the_number_zero_is_no_layer(zero_first: bool) -> None:
+    assert convs(fused_and_checked(ZeroStart(4, zero_first=zero_first), 4)) == 1
+
+
+class SyncLargeKernel(nn.Module):
+    """RepLKNet builds its batch norms as SyncBatchNorm (its default `use_sync_bn=True`): a 7x7 and a 3x3
+    depthwise conv, each with its norm, summed.  In eval mode a SyncBatchNorm is a batch norm."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.large = nn.Sequential(nn.Conv2d(c, c, 7, padding=3, groups=c, bias=False), nn.SyncBatchNorm(c))
+        self.small = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.SyncBatchNorm(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.large(x)
+        out += self.small(x)
+        return out
+
+
+def test_sync_batch_norm_in_eval_mode_is_a_batch_norm() -> None:
+    fused = fused_and_checked(SyncLargeKernel(4), 4)
+    assert convs(fused) == 1
+    assert not [m for m in fused.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+class PoolThenNorm(nn.Module):
+    """DBB's average-pooling branch: pooling, then a batch norm, with no conv.  Beside a branch that pads
+    by reflection, the sum is no conv, but each branch is one."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.pool = nn.Sequential(nn.AvgPool2d(3, stride=1, padding=1), nn.BatchNorm2d(c))
+        self.conv = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, padding_mode="reflect", bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(x) + self.conv(x)
+
+
+def test_a_merge_without_convs_is_stored_in_the_models_dtype() -> None:
+    fused = fused_and_checked(PoolThenNorm(4), 4)
+    merged = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    assert len(merged) == 2 and all(m.weight.dtype == m.bias.dtype == torch.float64 for m in merged)
