@@ -161,7 +161,8 @@ def _check(proto: onnx.ModelProto, path: str, shown: str) -> None:
         else:
             onnx.checker.check_model(proto)
     except Exception as e:  # noqa: BLE001 - ValidationError, and whatever else a hostile model makes it raise
-        raise GraphError(f"{shown}: onnx.checker: {_line(e)}") from None
+        text = " ".join(str(e).split("==> Context")[0].split()) or type(e).__name__
+        raise GraphError(f"{shown}: onnx.checker: {text if len(text) <= 300 else text[:297] + '...'}") from None
 
 
 def _is_external(t: TensorProto) -> bool:

@@ -154,12 +154,12 @@ def test_round_trip_is_exact_under_onnxruntime(tmp_path: Path, name: str) -> Non
     assert len(ops(out)) < len(ops(path))
 
 
-@pytest.mark.parametrize("name", ["repvgg", "expandnet", "acnet"])
-def test_dynamic_sizes_mean_every_size(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize("name,opset", [("repvgg", 11), ("expandnet", 17), ("acnet", 13)])
+def test_dynamic_sizes_mean_every_size(tmp_path: Path, name: str, opset: int) -> None:
     make, shape, convs = MODULES[name]
     torch.manual_seed(0)
     module = make().eval()
-    path = export(module, shape, tmp_path / f"{name}.onnx", dynamic=True)
+    path = export(module, shape, tmp_path / f"{name}.onnx", dynamic=True, opset=opset)
     out, report = fuse(path)
     assert report["input_size"] is None
     assert ops(out).count("Conv") == convs
@@ -186,14 +186,15 @@ def test_same_merged_weights_as_the_pytorch_path(tmp_path: Path) -> None:
     module = nets.randomize_bn(nn.Sequential(nets.TinyRepVGG(), nets.ACBlock(16), nn.Conv2d(16, 4, 1),
                                              nn.Conv2d(4, 4, 3, padding=1)))
     fused = convmerge.fuse(module, input_size=(32, 32))
-    torch_weights = [fused.get_submodule(n.target).weight.detach() for n in fused.graph.nodes
+    torch_weights = [fused.get_submodule(n.target).weight.detach() for n in fused.graph.nodes  # the merged convs
                      if n.op == "call_module" and isinstance(fused.get_submodule(n.target), nn.Conv2d)]
     path = export(module, (1, 3, 32, 32), tmp_path / "m.onnx")
     out, _ = fuse(path)
     proto = onnx.load(str(out))
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    onnx_weights = [torch.from_numpy(inits[n.input[1]].copy()) for n in proto.graph.node if n.op_type == "Conv"]
-    assert len(onnx_weights) == len(torch_weights) == 6
+    onnx_weights = [torch.from_numpy(inits[n.input[1]].copy()) for n in proto.graph.node
+                    if n.op_type == "Conv" and n.doc_string.startswith("convmerge: merged")]
+    assert len(onnx_weights) == len(torch_weights) == 5  # the last 3x3 is not merged: the other path keeps it
     for a, b in zip(onnx_weights, torch_weights):
         assert a.shape == b.shape
         # the same float64 arithmetic on the same float32 parameters; ONNX stores epsilon as a float32
@@ -509,6 +510,20 @@ def test_verification_failure_writes_nothing(repvgg: Path, monkeypatch: pytest.M
     assert result.exit_code == 3 and "VerificationError" in result.stderr
     assert not repvgg.with_name("out.onnx").exists()
     assert sorted(os.listdir(repvgg.parent)) == ["rep.onnx"]
+
+
+def test_check_runs_nothing_and_writes_nothing(repvgg: Path) -> None:
+    report = convmerge.check(repvgg)
+    assert report["onnxruntime"] is None and report["output"] is None
+    assert sorted(os.listdir(repvgg.parent)) == ["rep.onnx"]
+
+
+def test_without_onnxruntime_the_float64_check_stands_alone(repvgg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    out, report = fuse(repvgg)
+    assert report["onnxruntime"] is None and report["summary"]["regions_merged"] == 4
+    assert any("onnxruntime is not installed" in n and "convmerge[onnx]" in n for n in report["notes"])
+    assert_round_trip(repvgg, out, (1, 3, 32, 32))
 
 
 def test_onnx_found_by_content(repvgg: Path) -> None:
