@@ -56,6 +56,7 @@ class Described:
 def describe_file(path: str, graph_file: Optional[str] = None, arch: Optional[str] = None,
                   leaves: Sequence[str] = ()) -> Described:
     """Read a model's header and its description (FORMAT.md, section 1) and validate them together."""
+    _safetensors_only(path)
     header = io.read_header(path)
     doc, where, extra, notes = _description(header, graph_file, arch, leaves)
     info = dict(header.tensors)
@@ -192,6 +193,13 @@ def is_onnx(path: str) -> bool:
     return head[:1] == b"\x08" and head[8:9] != b"{"
 
 
+def _safetensors_only(path: str) -> None:
+    """inspect, explain and annotate read safetensors; an ONNX file gets a sentence, not a header error."""
+    if is_onnx(path):
+        raise io.ModelFileError(f"{path}: an ONNX model; this command reads safetensors files "
+                                f"(`convmerge check {path}` judges an ONNX model)")
+
+
 def _onnx_reader(path: str, graph_file: Optional[str], arch: Optional[str]) -> Any:
     """convmerge.onnx_model for an ONNX file (None for safetensors); one line to install it if onnx is missing."""
     if not is_onnx(path):
@@ -211,6 +219,7 @@ def _onnx_reader(path: str, graph_file: Optional[str], arch: Optional[str]) -> A
 def inspect_file(path: str, graph_file: Optional[str] = None, arch: Optional[str] = None) -> dict[str, Any]:
     """What `convmerge inspect` shows, as data: the conv-shaped tensors (in natural order: 2 before 10)
     and, when a description is found (FORMAT.md, section 1), the layer count and the conv pairs."""
+    _safetensors_only(path)
     header = io.read_header(path)
     convs = sorted((n for n, t in header.tensors.items() if n.endswith(".weight") and 3 <= len(t.shape) <= 5),
                    key=_natural)

@@ -77,7 +77,7 @@ def fuse_file(path: str, out: str, *, input_size: Optional[Sequence[int]] = None
             with open(_data_path(staged), "wb") as f:
                 f.write(external)
         report.notes += _checked(staged, path, bool(plan.applied))
-        report.onnxruntime = _compare(model, path, staged, report.notes) if plan.applied else None
+        report.onnxruntime = _compare(path, staged, report.notes) if plan.applied else None
     if before_write is not None:
         before_write(report, plan.description())
     _write(out, data, external, force)
@@ -92,7 +92,7 @@ def _report(model: OnnxGraph, plan: planning.Plan, path: str) -> OnnxReport:
 
 
 def _data_path(out: str) -> str:
-    return os.path.join(os.path.dirname(out), os.path.basename(out) + ".data")
+    return out + ".data"  # the name onnx_write.serialize gives the model's external data
 
 
 def _write(out: str, data: bytes, external: Optional[bytes], force: bool) -> None:
@@ -127,7 +127,7 @@ def _checked(staged: str, original: str, changed: bool) -> list[str]:
 # --- onnxruntime ---------------------------------------------------------------------------------------
 
 
-def _compare(model: OnnxGraph, original: str, fused: str, notes: list[str]) -> Optional[dict[str, Any]]:
+def _compare(original: str, fused: str, notes: list[str]) -> Optional[dict[str, Any]]:
     """Run both models on the same random inputs; the largest difference of any output, or None if
     onnxruntime is missing or cannot run the original (then the float64 check of each merge stands alone)."""
     try:
@@ -148,8 +148,9 @@ def _compare(model: OnnxGraph, original: str, fused: str, notes: list[str]) -> O
         after = ort.InferenceSession(fused, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
         raise VerificationError(f"onnxruntime loads the original model but not the fused one: {_line(e)}") from None
-    worst, shapes, failures, tolerance = 0.0, [], [], 0.0
-    absolute = 0.0
+    worst = absolute = tolerance = 0.0
+    shapes: list[str] = []
+    failures: list[str] = []
     for size in _sizes(before):
         if len(shapes) == 2:
             break

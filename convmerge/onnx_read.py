@@ -103,13 +103,17 @@ def read_model(path: str, input_size: Optional[Sequence[int]] = None) -> OnnxGra
     _check(proto, path, shown)
     external = any(_is_external(t) for t in proto.graph.initializer)
     constants = _constants(proto.graph)
-    shapes, notes = _shapes(proto, external)
+    shapes, notes = _shapes(proto)
+    fed = len({t.name for t in proto.graph.initializer} & {i.name for i in proto.graph.input})
+    if fed:
+        notes.append(f"{fed} initializer(s) are also graph inputs, which a caller may replace, so the layers "
+                     "reading them stay opaque (export with keep_initializers_as_inputs=False)")
     reader = _Reader(proto.graph, shown, constants, shapes)
     doc, infos = reader.describe()
     graph = parse(doc, infos, shown)
     base = os.path.dirname(os.path.abspath(path))
     tensors = Tensors(infos, lambda key: tensor_of(constants[reader.tensors[key]], base, shown))
-    size = _input_size(proto.graph, graph, constants, input_size, shown, notes)
+    size = _input_size(proto.graph, graph, input_size, shown, notes)
     where = f"{shown}: ONNX graph (opset {opset})"
     graph.notes[:0] = notes + reader.notes
     return OnnxGraph(path, proto, graph, tensors, where, reader.values, reader.nodes, constants, size, external, opset)
@@ -272,7 +276,7 @@ def _constant_value(node: onnx.NodeProto) -> Optional[TensorProto]:
 Shape = Optional[tuple[Optional[int], ...]]
 
 
-def _shapes(proto: onnx.ModelProto, external: bool) -> tuple[dict[str, Shape], list[str]]:
+def _shapes(proto: onnx.ModelProto) -> tuple[dict[str, Shape], list[str]]:
     """Every value's shape as far as ONNX shape inference knows (None: an unknown or symbolic size)."""
     notes: list[str] = []
     g = proto.graph
@@ -293,13 +297,14 @@ def _shapes(proto: onnx.ModelProto, external: bool) -> tuple[dict[str, Shape], l
     return shapes, notes
 
 
-def _input_size(g: onnx.GraphProto, graph: Graph, constants: Mapping[str, TensorProto],
-                given: Optional[Sequence[int]], shown: str, notes: list[str]) -> Optional[tuple[int, ...]]:
+def _input_size(g: onnx.GraphProto, graph: Graph, given: Optional[Sequence[int]], shown: str,
+                notes: list[str]) -> Optional[tuple[int, ...]]:
     """The spatial size the model fixes for its inputs (it acts as --input-size); None where it is symbolic."""
     sizes = set()
     dynamic = False
+    weights = {t.name for t in g.initializer}
     for vi in g.input:
-        if vi.name in constants or not vi.type.HasField("tensor_type"):
+        if vi.name in weights or not vi.type.HasField("tensor_type"):
             continue
         dims = vi.type.tensor_type.shape.dim
         if len(dims) < 3:

@@ -502,6 +502,9 @@ def test_cli_fuse_and_check(repvgg: Path) -> None:
 def test_cli_refuses_description_options(repvgg: Path) -> None:
     result = cli("check", repvgg, "--graph", repvgg)
     assert result.exit_code == 2 and "carries its own graph" in result.stderr
+    for command in (["inspect", repvgg], ["explain", repvgg, "/blocks/blocks.0/Add"]):
+        result = cli(*command)
+        assert result.exit_code == 2 and "reads safetensors files" in result.stderr, result.stderr
 
 
 def test_verification_failure_writes_nothing(repvgg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
