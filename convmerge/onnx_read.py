@@ -28,7 +28,7 @@ from .graph import CONV_OPS, Graph, GraphError, parse
 from .io import ModelFileError
 from .plan import Tensors
 
-__all__ = ["MIN_OPSET", "OnnxGraph", "read_model", "raw_bytes", "tensor_of"]
+__all__ = ["MIN_OPSET", "OnnxGraph", "node_reads", "read_model", "raw_bytes", "tensor_of"]
 
 MIN_OPSET = 11
 MAX_PROTO_BYTES = 2**31 - 1
@@ -344,7 +344,7 @@ class _Reader:
         self.taken: set[str] = set()
         self.notes: list[str] = []
         self._same_later: list[str] = []
-        self.read = {v for node in g.node for v in _reads(node)} | {o.name for o in g.output}
+        self.read = {v for node in g.node for v in node_reads(node)} | {o.name for o in g.output}
 
     def describe(self) -> tuple[dict, dict[str, Info]]:
         inputs = []
@@ -392,7 +392,7 @@ class _Reader:
             return [{"name": name, **layer}]
         # Opaque: one layer per output (so two convs reading two outputs of a Split never look like
         # branches of one value), reading every value the node reads, its subgraphs' outer names included.
-        sources = [self.names[v] for v in _reads(node) if v in self.names]
+        sources = [self.names[v] for v in node_reads(node) if v in self.names]
         op = f"{'onnx' if node.domain in DEFAULT_DOMAINS else node.domain}.{node.op_type}"
         out = []
         for k, value in enumerate(outs or [""]):
@@ -587,7 +587,7 @@ class _Reader:
         return got[0] if len(got) == 1 else True
 
 
-def _reads(node: onnx.NodeProto) -> Iterator[str]:
+def node_reads(node: onnx.NodeProto) -> Iterator[str]:
     """The values a node reads: its inputs and the outer-scope names its subgraphs (If, Loop, Scan) use."""
     yield from (v for v in node.input if v)
     for a in node.attribute:
@@ -599,7 +599,7 @@ def _reads(node: onnx.NodeProto) -> Iterator[str]:
 def _outer_names(g: onnx.GraphProto) -> Iterator[str]:
     inner = {i.name for i in g.input} | {t.name for t in g.initializer}
     for node in g.node:
-        for v in _reads(node):
+        for v in node_reads(node):
             if v not in inner:
                 yield v
         inner.update(node.output)

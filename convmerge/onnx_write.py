@@ -17,7 +17,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from .onnx_read import DEFAULT_DOMAINS, DTYPES, MAX_PROTO_BYTES, OnnxGraph, raw_bytes
+from .onnx_read import DEFAULT_DOMAINS, DTYPES, MAX_PROTO_BYTES, OnnxGraph, node_reads, raw_bytes
 from .plan import Plan, Unit
 
 __all__ = ["EXTERNAL_THRESHOLD", "fused_model", "serialize"]
@@ -129,8 +129,6 @@ class _Names:
 
 
 def _reads(g: onnx.GraphProto) -> set[str]:
-    from .onnx_read import _reads as node_reads
-
     return {v for n in g.node for v in node_reads(n)} | {o.name for o in g.output}
 
 
