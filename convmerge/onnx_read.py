@@ -108,12 +108,13 @@ def read_model(path: str, input_size: Optional[Sequence[int]] = None) -> OnnxGra
     if fed:
         notes.append(f"{fed} initializer(s) are also graph inputs, which a caller may replace, so the layers "
                      "reading them stay opaque (export with keep_initializers_as_inputs=False)")
-    reader = _Reader(proto.graph, shown, constants, shapes)
+    static = _static_size(proto.graph, notes)
+    reader = _Reader(proto.graph, shown, constants, shapes, static)
     doc, infos = reader.describe()
     graph = parse(doc, infos, shown)
     base = os.path.dirname(os.path.abspath(path))
     tensors = Tensors(infos, lambda key: tensor_of(constants[reader.tensors[key]], base, shown))
-    size = _input_size(proto.graph, graph, input_size, shown, notes)
+    size = _input_size(static, graph, input_size, shown)
     where = f"{shown}: ONNX graph (opset {opset})"
     graph.notes[:0] = notes + reader.notes
     return OnnxGraph(path, proto, graph, tensors, where, reader.values, reader.nodes, constants, size, external, opset)
@@ -297,9 +298,8 @@ def _shapes(proto: onnx.ModelProto) -> tuple[dict[str, Shape], list[str]]:
     return shapes, notes
 
 
-def _input_size(g: onnx.GraphProto, graph: Graph, given: Optional[Sequence[int]], shown: str,
-                notes: list[str]) -> Optional[tuple[int, ...]]:
-    """The spatial size the model fixes for its inputs (it acts as --input-size); None where it is symbolic."""
+def _static_size(g: onnx.GraphProto, notes: list[str]) -> Optional[tuple[int, ...]]:
+    """The spatial size the model fixes for its inputs, where they all agree (None where one is symbolic)."""
     sizes = set()
     dynamic = False
     weights = {t.name for t in g.initializer}
@@ -314,12 +314,17 @@ def _input_size(g: onnx.GraphProto, graph: Graph, given: Optional[Sequence[int]]
             dynamic = True
         else:
             sizes.add(spatial)
-    static = next(iter(sizes)) if len(sizes) == 1 and not dynamic else None
-    if static is not None and any(spec.ndim != len(static) for spec in graph.specs.values()):
-        static = None  # convs of another rank (behind a reshape): the input's size says nothing about theirs
     if len(sizes) > 1 or (sizes and dynamic):
         notes.append("the model's inputs have different spatial sizes; costs assume 224 per axis and size-dependent "
                      "merges are made only with --input-size")
+    return next(iter(sizes)) if len(sizes) == 1 and not dynamic and len(next(iter(sizes))) <= 3 else None
+
+
+def _input_size(static: Optional[tuple[int, ...]], graph: Graph, given: Optional[Sequence[int]],
+                shown: str) -> Optional[tuple[int, ...]]:
+    """The static size acts as --input-size (a given one must agree with it); else the given one."""
+    if static is not None and any(spec.ndim != len(static) for spec in graph.specs.values()):
+        static = None  # convs of another rank (behind a reshape): the input's size says nothing about theirs
     if static is None:
         return tuple(given) if given else None
     if given and (tuple(given) * len(static) if len(given) == 1 else tuple(given)) != static:
@@ -335,8 +340,8 @@ class _Reader:
     """Walks the nodes once, in their (topological) order, writing one description layer per node."""
 
     def __init__(self, g: onnx.GraphProto, shown: str, constants: Mapping[str, TensorProto],
-                 shapes: Mapping[str, Shape]) -> None:
-        self.g, self.shown, self.constants, self.shapes = g, shown, constants, shapes
+                 shapes: Mapping[str, Shape], static: Optional[tuple[int, ...]]) -> None:
+        self.g, self.shown, self.constants, self.shapes, self.static = g, shown, constants, shapes, static
         self.names: dict[str, str] = {}  # ONNX value -> description name
         self.values: dict[str, str] = {}  # description name -> ONNX value
         self.nodes: dict[str, int] = {}
@@ -363,7 +368,10 @@ class _Reader:
             self.notes.append(f"auto_pad SAME with stride > 1 needs a static input size; opaque: {shown}")
         outputs = [self.names[o.name] for o in self.g.output if o.name in self.names]
         infos = {key: self._info(value) for key, value in self.tensors.items()}
-        return {"version": 1, "inputs": inputs, "layers": layers, "outputs": outputs}, infos
+        doc = {"version": 1, "inputs": inputs, "layers": layers, "outputs": outputs}
+        if self.static is not None:
+            doc["traced_input"] = list(self.static)  # the opaque layers' traced_size hold at this size
+        return doc, infos
 
     def _info(self, value: str) -> Info:
         t = self.constants[value]
@@ -398,9 +406,22 @@ class _Reader:
         for k, value in enumerate(outs or [""]):
             layer_name = name if k == 0 else self._fresh(f"{name}:{k}")
             out.append({"name": layer_name, "op": op, "inputs": list(dict.fromkeys(sources))})
+            size = self._static_out(node, value)
+            if size is not None:
+                out[-1]["traced_size"] = size
             if value:
                 self._bind(value, layer_name, index)
         return out
+
+    def _static_out(self, node: onnx.NodeProto, value: str) -> Optional[list[int]]:
+        """An opaque output's spatial size as shape inference gives it for the model's static input (so sizes
+        carry past a MaxPool).  Not for pooling in ceil mode, where onnxruntime's sizes and onnx's disagree."""
+        shape = self.shapes.get(value)
+        if self.static is None or shape is None or not 3 <= len(shape) <= 5 or None in shape:
+            return None
+        if any(a.name == "ceil_mode" and a.i for a in node.attribute):
+            return None
+        return [int(n) for n in shape[2:]]
 
     def _bind(self, value: str, layer: str, index: int) -> None:
         self.names[value], self.values[layer], self.nodes[layer] = layer, value, index

@@ -181,6 +181,24 @@ def test_static_size_acts_as_input_size(tmp_path: Path) -> None:
         cm_model.check_file(str(static), input_size=(12, 12))
 
 
+def test_static_sizes_carry_past_opaque_nodes(tmp_path: Path) -> None:
+    """3x3 s2 p1 then 3x3 p1 is exact only at odd sizes: behind a MaxPool (opaque), the size shape inference
+    gives for the static input decides; a symbolic input leaves it unmerged."""
+    for size, merged in ((18, True), (16, False), ("h", False)):
+        nodes = [helper.make_node("MaxPool", ["x"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+                 helper.make_node("Conv", ["p", "w1"], ["a"], name="c1", strides=[2, 2], pads=[1, 1, 1, 1]),
+                 helper.make_node("Conv", ["a", "w2"], ["y"], name="c2", pads=[1, 1, 1, 1])]
+        proto = build(nodes, {"w1": weights(4, 4, 3, 3), "w2": weights(4, 4, 3, 3, seed=1)}, [1, 4, size, size])
+        path = save(proto, tmp_path / f"m{size}.onnx")
+        report = cm_model.check_file(str(path), policy="all").to_dict()
+        (pair,) = report["pairs"]
+        assert pair["verdict"] == "size-dependent" and pair["applied"] is merged, (size, pair)
+        if merged:
+            out, _ = fuse(path, policy="all")
+            assert ops(out) == ["MaxPool", "Conv"]
+            assert_round_trip(path, out, (1, 4, size, size))
+
+
 def test_same_merged_weights_as_the_pytorch_path(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = nets.randomize_bn(nn.Sequential(nets.TinyRepVGG(), nets.ACBlock(16), nn.Conv2d(16, 4, 1),
