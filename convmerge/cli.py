@@ -75,6 +75,8 @@ class FailOn(str, Enum):
 
 DESC, SIZE, OUT, OUTPUT = "Model description", "Input size and policy", "Output files", "Output and logging"
 ModelArg = Annotated[Path, typer.Argument(help="A .safetensors model file (read, never modified).", show_default=False)]
+AnyModelArg = Annotated[Path, typer.Argument(help="A .safetensors or .onnx model file (read, never modified).",
+                                             show_default=False)]
 GraphOpt = Annotated[Optional[Path], typer.Option("--graph", "-g", help="Graph description JSON (sidecar file).",
                                                   rich_help_panel=DESC, show_default=False)]
 LeafOpt = Annotated[Optional[list[str]], typer.Option(
@@ -118,7 +120,7 @@ def _main(
 
 @app.command(epilog="Example: convmerge check examples/example.safetensors --input-size 65x65 --fail-on unmergeable")
 def check(
-    model: ModelArg,
+    model: AnyModelArg,
     graph: GraphOpt = None,
     arch: ArchOpt = None,
     leaf: LeafOpt = None,
@@ -156,10 +158,10 @@ def check(
 @app.command(epilog="Example: convmerge fuse examples/example.safetensors -o example.fused.safetensors "
                     "--input-size 65x65")
 def fuse(
-    model: ModelArg,
+    model: AnyModelArg,
     output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="PATH", help="Output file [default: "
-                                                  "<stem>.fused.safetensors beside the input].", rich_help_panel=OUT,
-                                                  show_default=False)] = None,
+                                                  "<stem>.fused.safetensors, or <stem>.fused.onnx, beside the "
+                                                  "input].", rich_help_panel=OUT, show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing output files.",
                                         rich_help_panel=OUT)] = False,
     report: Annotated[Optional[str], typer.Option("--report", metavar="PATH", help="Also write the JSON report, with "
@@ -181,9 +183,9 @@ def fuse(
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Merge every exact chain and region into one conv each and write a new, self-describing safetensors file."""
+    """Merge every exact chain and region into one conv each and write a new, self-describing safetensors file
+    (or, for an ONNX model, a new ONNX model)."""
     size = _parse_size(input_size)
-    out = output or str(model.with_name(model.name.removesuffix(".safetensors") + ".fused.safetensors"))
     shape = _parse_shape(input_shape) if input_shape else None
     if export is not None and (arch is None or shape is None):
         _usage("--export needs --arch MODULE:CALLABLE and --input-shape N,C,H,W")
@@ -194,6 +196,7 @@ def fuse(
             from . import io
             from . import model as m
 
+        out = output or m.default_output(str(model))
         io.check_outputs([p for p in (out, report, export) if p is not None], [model], force)
         pending: list[tuple[str, str]] = []  # (written temp, final path): published once the model is
 

@@ -56,6 +56,7 @@ class Described:
 def describe_file(path: str, graph_file: Optional[str] = None, arch: Optional[str] = None,
                   leaves: Sequence[str] = ()) -> Described:
     """Read a model's header and its description (FORMAT.md, section 1) and validate them together."""
+    _safetensors_only(path)
     header = io.read_header(path)
     doc, where, extra, notes = _description(header, graph_file, arch, leaves)
     info = dict(header.tensors)
@@ -134,7 +135,12 @@ def fuse_file(
 
     `before_write(report, description)` runs once everything is decided and before the model is
     written, so companions (a report file, an export) can fail without leaving a fused model.
+    An ONNX file goes to onnx_model, which writes ONNX.
     """
+    onnx_model = _onnx_reader(path, graph_file, arch)
+    if onnx_model is not None:
+        return onnx_model.fuse_file(path, out, input_size=input_size, policy=policy, force=force, on_region=on_region,
+                                    before_write=before_write)
     model = describe_file(path, graph_file, arch, leaves)
     header, extra = model.header, model.extra
     plan = analyze(model.graph, model.tensors, input_size, policy, on_region)
@@ -156,15 +162,64 @@ def check_file(path: str, *, graph_file: Optional[str] = None, arch: Optional[st
                input_size: Optional[Sequence[int]] = None, policy: str = "cheaper", leaves: Sequence[str] = (),
                on_region: Optional[Callable[[], None]] = None) -> Report:
     """The dry run: the same report as `fuse_file`, nothing written."""
+    onnx_model = _onnx_reader(path, graph_file, arch)
+    if onnx_model is not None:
+        return onnx_model.check_file(path, input_size=input_size, policy=policy, on_region=on_region)
     model = describe_file(path, graph_file, arch, leaves)
     report = analyze(model.graph, model.tensors, input_size, policy, on_region).report()
     report.source, report.description = os.fspath(path), model.where
     return report
 
 
+def default_output(path: str) -> str:
+    """`<stem>.fused.safetensors` beside the input, or `<stem>.fused.onnx` for an ONNX model."""
+    suffix = ".onnx" if is_onnx(path) else ".safetensors"
+    folder, name = os.path.split(path)
+    stem = name[: -len(suffix)] if name.lower().endswith(suffix) else name
+    return os.path.join(folder, stem + ".fused" + suffix)
+
+
+def is_onnx(path: str) -> bool:
+    """An ONNX model: named `.onnx`, or (under another name than `.safetensors`) a protobuf that opens with
+    ModelProto's first field (a safetensors file's ninth byte is the `{` of its header)."""
+    lower = os.fspath(path).lower()
+    if lower.endswith((".onnx", ".safetensors")):
+        return lower.endswith(".onnx")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return head[:1] == b"\x08" and head[8:9] != b"{"
+
+
+def _safetensors_only(path: str) -> None:
+    """inspect, explain and annotate read safetensors; an ONNX file gets a sentence, not a header error."""
+    if is_onnx(path):
+        raise io.ModelFileError(f"{path}: an ONNX model; this command reads safetensors files "
+                                f"(`convmerge check {path}` judges an ONNX model)")
+
+
+def _onnx_reader(path: str, graph_file: Optional[str], arch: Optional[str]) -> Any:
+    """convmerge.onnx_model for an ONNX file (None for safetensors); one line to install it if onnx is missing."""
+    if not is_onnx(path):
+        return None
+    if graph_file or arch:
+        raise GraphError(f"{path}: an ONNX model carries its own graph; --graph and --arch are for safetensors files")
+    try:
+        from . import onnx_model
+    except ImportError as e:
+        if (e.name or "").partition(".")[0] not in ("onnx", "google"):
+            raise
+        raise io.ModelFileError(f"{path}: reading an ONNX model needs the onnx package: "
+                                "pip install 'convmerge[onnx]'") from None
+    return onnx_model
+
+
 def inspect_file(path: str, graph_file: Optional[str] = None, arch: Optional[str] = None) -> dict[str, Any]:
     """What `convmerge inspect` shows, as data: the conv-shaped tensors (in natural order: 2 before 10)
     and, when a description is found (FORMAT.md, section 1), the layer count and the conv pairs."""
+    _safetensors_only(path)
     header = io.read_header(path)
     convs = sorted((n for n, t in header.tensors.items() if n.endswith(".weight") and 3 <= len(t.shape) <= 5),
                    key=_natural)

@@ -1,0 +1,249 @@
+"""`convmerge check/fuse model.onnx`: the ONNX file read as a description (onnx_read), planned by the one
+planner, written back (onnx_write), and run under onnxruntime beside the original before anything is
+written.
+
+The plan checks every merge in float64 against the layers it replaces, as for safetensors.  The
+end-to-end run adds what that check cannot see: that the rewritten graph is wired right.  It feeds the
+original and the fused model the same random inputs at the model's static size (or a few sizes where
+the size is symbolic); a difference beyond the dtype's rounding is a VerificationError (exit 3) and
+nothing is written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import onnx
+
+from . import io, plan as planning
+from .onnx_read import OnnxGraph, read_model
+from .onnx_write import fused_model, serialize
+from .plan import VerificationError
+from .report import Report
+
+__all__ = ["OnnxReport", "TOLERANCE", "check_file", "fuse_file"]
+
+TOLERANCE = {"tensor(double)": 1e-9, "tensor(float)": 1e-4, "tensor(float16)": 1e-2, "tensor(bfloat16)": 6e-2}
+"""Largest difference between the original's and the fused model's outputs, relative to the output's
+largest magnitude, that rounding explains: summing a merged kernel in another order moves each output
+by a few ulps per layer, and a deep network adds those up (float32: ~840 ulps)."""
+DYNAMIC_SIZES = (32, 57, 64, 97, 224)
+"""Spatial sizes tried for symbolic axes, in order, until two run: a multiple of 32 and an odd one."""
+
+
+@dataclass
+class OnnxReport(Report):
+    """The report (FORMAT.md section 3), plus what onnxruntime measured."""
+
+    onnxruntime: Optional[dict[str, Any]] = field(default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["onnxruntime"] = self.onnxruntime
+        return out
+
+
+def check_file(path: str, *, input_size: Optional[Sequence[int]] = None, policy: str = "cheaper",
+               on_region: Optional[Callable[[], None]] = None) -> OnnxReport:
+    """The dry run for an ONNX file: the report `fuse_file` gives, nothing written, nothing run."""
+    model = read_model(path, input_size)
+    return _report(model, planning.build(model.graph, model.tensors, model.input_size, policy, on_region), path)
+
+
+def fuse_file(path: str, out: str, *, input_size: Optional[Sequence[int]] = None, policy: str = "cheaper",
+              force: bool = False, on_region: Optional[Callable[[], None]] = None,
+              before_write: Optional[Callable[[Report, dict], None]] = None) -> OnnxReport:
+    """Read, plan, rewrite, check (onnx.checker, onnxruntime) and write `out` atomically (and `<out>.data`
+    where the weights are external); the input is never modified."""
+    model = read_model(path, input_size)
+    inputs = [path, *model.data_files()]
+    io.check_outputs([out], inputs, force)
+    plan = planning.build(model.graph, model.tensors, model.input_size, policy, on_region)
+    report = _report(model, plan, path)
+    report.output = os.fspath(out)
+    fused = fused_model(model, plan)
+    data, external = serialize(fused, out, model.external, model)
+    if external is not None:
+        io.check_outputs([_data_path(out)], inputs, force)
+    with tempfile.TemporaryDirectory(prefix="convmerge-onnx-") as tmp:
+        staged = os.path.join(tmp, os.path.basename(out))
+        with open(staged, "wb") as f:
+            f.write(data)
+        if external is not None:
+            with open(_data_path(staged), "wb") as f:
+                f.write(external)
+        report.notes += _checked(staged, path, bool(plan.applied))
+        report.onnxruntime = _compare(path, staged, report.notes) if plan.applied else None
+    if before_write is not None:
+        before_write(report, plan.description())
+    _write(out, data, external, force)
+    return report
+
+
+def _report(model: OnnxGraph, plan: planning.Plan, path: str) -> OnnxReport:
+    base = plan.report()
+    report = OnnxReport(**{k: getattr(base, k) for k in base.__dataclass_fields__})
+    report.source, report.description = os.fspath(path), model.where
+    return report
+
+
+def _data_path(out: str) -> str:
+    return out + ".data"  # the name onnx_write.serialize gives the model's external data
+
+
+def _write(out: str, data: bytes, external: Optional[bytes], force: bool) -> None:
+    """The data file first, then the model that names it: a crash in between leaves no model at all."""
+    if external is None:
+        io.write_bytes(out, data, force=force)
+        return
+    io.write_bytes(_data_path(out), external, force=force)
+    try:
+        io.write_bytes(out, data, force=force)
+    except BaseException:
+        os.unlink(_data_path(out))
+        raise
+
+
+def _checked(staged: str, original: str, changed: bool) -> list[str]:
+    """onnx.checker's full check on the output; an input that fails it itself gets the plain check."""
+    try:
+        onnx.checker.check_model(staged, full_check=True)
+        return []
+    except Exception as e:  # noqa: BLE001 - ValidationError or InferenceError
+        problem = _line(e)
+    try:
+        onnx.checker.check_model(original, full_check=True)
+    except Exception as e:  # noqa: BLE001
+        onnx.checker.check_model(staged)
+        return [f"the input model fails onnx.checker's full check ({_line(e)}); the output passes its plain check"]
+    raise VerificationError(f"the fused model fails onnx.checker's full check, the input passes it: {problem}"
+                            + ("" if changed else " (nothing was merged)"))
+
+
+# --- onnxruntime ---------------------------------------------------------------------------------------
+
+
+def _compare(original: str, fused: str, notes: list[str]) -> Optional[dict[str, Any]]:
+    """Run both models on the same random inputs; the largest difference of any output, or None if
+    onnxruntime is missing or cannot run the original (then the float64 check of each merge stands alone)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        notes.append("onnxruntime is not installed: each merge was checked in float64, the fused graph was not run "
+                     "(pip install 'convmerge[onnx]')")
+        return None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        before = ort.InferenceSession(original, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - the original is not ours to fix
+        notes.append(f"onnxruntime cannot load the original model ({_line(e)}); the fused graph was not run")
+        return None
+    try:
+        after = ort.InferenceSession(fused, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001
+        raise VerificationError(f"onnxruntime loads the original model but not the fused one: {_line(e)}") from None
+    worst = absolute = tolerance = 0.0
+    shapes: list[str] = []
+    failures: list[str] = []
+    for size in _sizes(before):
+        if len(shapes) == 2:
+            break
+        feeds = _inputs(before, size)
+        try:
+            want = before.run(None, feeds)
+        except Exception as e:  # noqa: BLE001
+            failures.append(_line(e))
+            continue
+        try:
+            got = after.run(None, feeds)
+        except Exception as e:  # noqa: BLE001
+            raise VerificationError(f"onnxruntime runs the original model but not the fused one at "
+                                    f"{_shape_text(feeds)}: {_line(e)}") from None
+        shapes.append(_shape_text(feeds))
+        for meta, a, b in zip(before.get_outputs(), want, got):
+            a, b = np.asarray(a), np.asarray(b)
+            if a.shape == b.shape and not np.issubdtype(a.dtype, np.floating):
+                if not np.array_equal(a, b):  # argmax and the like flip on rounding: worth a word, not a failure
+                    notes.append(f"onnxruntime: output {meta.name!r} ({meta.type}) differs in "
+                                 f"{int(np.sum(a != b))} element(s) at {_shape_text(feeds)} (rounding of the "
+                                 "float values it is computed from)")
+                continue
+            diff, rel = _difference(a, b)
+            allowed = TOLERANCE.get(meta.type, 0.0)
+            tolerance = max(tolerance, allowed)
+            if not rel <= allowed:
+                raise VerificationError(f"output {meta.name!r} of the fused model differs from the original by "
+                                        f"{rel:.3g} (relative; {diff:.3g} absolute) at {_shape_text(feeds)} under "
+                                        f"onnxruntime, more than {meta.type} rounding ({allowed:g})")
+            worst, absolute = max(worst, rel), max(absolute, diff)
+    if not shapes:
+        notes.append(f"onnxruntime cannot run the original model ({failures[0] if failures else 'no input size'}); "
+                     "the fused graph was not run")
+        return None
+    notes.append(f"onnxruntime: the fused model's outputs differ from the original's by at most {absolute:.3g} "
+                 f"({worst:.3g} relative) on random inputs of shape {', '.join(shapes)}")
+    return {"max_difference": absolute, "relative_difference": worst, "tolerance": tolerance, "inputs": shapes}
+
+
+def _sizes(session: Any) -> list[Optional[int]]:
+    """One run where every spatial axis is static; else the dynamic sizes, of which the first two that run count."""
+    symbolic = any(not isinstance(d, int) for i in session.get_inputs() for d in list(i.shape)[2:])
+    return list(DYNAMIC_SIZES) if symbolic else [None]
+
+
+def _inputs(session: Any, size: Optional[int]) -> dict[str, np.ndarray]:
+    """Random normal floats (zeros for other types); a symbolic axis is 1 for batch and channels, else `size`,
+    and one symbol gets one value."""
+    rng = np.random.default_rng(0)
+    chosen: dict[str, int] = {}
+    feeds = {}
+    for meta in session.get_inputs():
+        shape = []
+        for k, d in enumerate(meta.shape):
+            if isinstance(d, int) and d >= 0:
+                shape.append(d)
+            elif isinstance(d, str) and d in chosen:
+                shape.append(chosen[d])
+            else:
+                n = 1 if k < 2 or size is None else size
+                if isinstance(d, str):
+                    chosen[d] = n
+                shape.append(n)
+        kind = meta.type.removeprefix("tensor(").removesuffix(")")
+        dtype = {"float": np.float32, "double": np.float64, "float16": np.float16}.get(kind)
+        if dtype is not None:
+            feeds[meta.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[meta.name] = np.zeros(shape, dtype={"int64": np.int64, "int32": np.int32, "bool": np.bool_}
+                                        .get(kind, np.float32))
+    return feeds
+
+
+def _difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Largest |a - b| and the same relative to max |a|; NaN or Inf where the other is not counts as infinite."""
+    if a.shape != b.shape:
+        return float("inf"), float("inf")
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    same = (a64 == b64) | (np.isnan(a64) & np.isnan(b64))
+    finite = np.isfinite(a64) & np.isfinite(b64)
+    if not (same | finite).all():
+        return float("inf"), float("inf")
+    diff = np.where(same, 0.0, np.abs(a64 - b64))
+    scale = float(np.max(np.abs(np.where(np.isfinite(a64), a64, 0.0)), initial=0.0))
+    worst = float(np.max(diff, initial=0.0))
+    return worst, worst / scale if scale > 0 else worst
+
+
+def _shape_text(feeds: dict[str, np.ndarray]) -> str:
+    return " and ".join("x".join(map(str, v.shape)) for v in feeds.values())
+
+
+def _line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

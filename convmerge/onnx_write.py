@@ -1,0 +1,189 @@
+"""The fused ONNX model: each merged part of the plan becomes one Conv node, everything else stays.
+
+A unit of the plan replaces some nodes; one Conv (after a Pad node where the merged conv pads by
+reflection, replication or wrapping, which Conv cannot) reads the value the unit read and writes the
+value the unit wrote, under its ONNX name, so no consumer changes.  It stands where the unit's last
+node stood, which keeps the node order topological.  Initializers and Constant nodes that only the
+replaced nodes read are removed, and so is the value_info of values that no longer exist; node
+order, metadata, opset imports, doc strings and everything else are kept as they were.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from .onnx_read import DEFAULT_DOMAINS, DTYPES, MAX_PROTO_BYTES, OnnxGraph, node_reads, raw_bytes
+from .plan import Plan, Unit
+
+__all__ = ["EXTERNAL_THRESHOLD", "fused_model", "serialize"]
+
+EXTERNAL_THRESHOLD = 1024
+"""Tensors of at least this many bytes go to the external data file (onnx's own default)."""
+_PAD_MODE = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+_ONNX_TYPE = {dtype: code for code, (_, dtype) in DTYPES.items()}
+
+
+def fused_model(model: OnnxGraph, plan: Plan) -> onnx.ModelProto:
+    """A copy of the model with the plan's applied units in place of their nodes."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model.proto)
+    g = out.graph
+    replaced: dict[int, Optional[Unit]] = {}
+    for unit in plan.applied:
+        for layer in unit.layers:
+            replaced[model.nodes[layer]] = None
+        replaced[model.nodes[unit.output]] = unit
+    names = _Names(g, set(replaced))
+    nodes, inits = [], []
+    for index, node in enumerate(g.node):
+        if index not in replaced:
+            nodes.append(node)
+            continue
+        unit = replaced[index]
+        if unit is not None:
+            new_nodes, new_inits = _conv_nodes(unit, model, names)
+            nodes += new_nodes
+            inits += new_inits
+    gone = [v for i in replaced for v in g.node[i].output if v]
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(inits)
+    _drop_dead(g, {v for i in replaced for v in model.proto.graph.node[i].input if v}, set(model.constants))
+    live = _produced(g)
+    kept = [vi for vi in g.value_info if vi.name in live or vi.name not in gone]
+    del g.value_info[:]
+    g.value_info.extend(kept)
+    return out
+
+
+def _conv_nodes(unit: Unit, model: OnnxGraph, names: "_Names") -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    spec = unit.spec
+    nd = spec.ndim
+    source, target = model.values[unit.input], model.values[unit.output]
+    weight = _tensor(names.value(f"{unit.name}.weight"), unit.stored.weight)
+    inits = [weight]
+    inputs = [source, weight.name]
+    if unit.stored.bias is not None:
+        bias = _tensor(names.value(f"{unit.name}.bias"), unit.stored.bias)
+        inits.append(bias)
+        inputs.append(bias.name)
+    lo, hi = [a.pad[0] for a in spec.axes], [a.pad[1] for a in spec.axes]
+    nodes = []
+    if spec.padding_mode != "zeros" and spec.pads_anything:
+        if spec.padding_mode == "circular" and model.opset < 19:
+            raise RuntimeError(f"{unit.name}: circular padding needs Pad mode 'wrap' (opset 19), the model has "
+                               f"opset {model.opset}")
+        pads = _tensor(names.value(f"{unit.name}.pads"), torch.tensor([0, 0, *lo, 0, 0, *hi], dtype=torch.int64))
+        inits.append(pads)
+        padded = names.value(f"{unit.name}.padded")
+        nodes.append(helper.make_node("Pad", [source, pads.name], [padded], names.node(f"{unit.name}.pad"),
+                                      mode=_PAD_MODE[spec.padding_mode]))
+        inputs[0], lo, hi = padded, [0] * nd, [0] * nd
+    merged_from = ", ".join(n for n in unit.layers)
+    nodes.append(helper.make_node(
+        "Conv", inputs, [target], names.node(unit.name), doc_string=f"convmerge: merged from {merged_from}",
+        kernel_shape=list(spec.kernel_size), strides=list(spec.stride), dilations=list(spec.dilation),
+        group=spec.groups, pads=lo + hi))
+    return nodes, inits
+
+
+def _tensor(name: str, t: torch.Tensor) -> TensorProto:
+    """A tensor stored as raw little-endian bytes, in its own dtype (bfloat16 included)."""
+    out = TensorProto()
+    out.name = name
+    out.data_type = _ONNX_TYPE[t.dtype]
+    out.dims.extend(t.shape)
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    out.raw_data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return out
+
+
+class _Names:
+    """Fresh value and node names: the wanted one where free, else with a number."""
+
+    def __init__(self, g: onnx.GraphProto, replaced: set[int]) -> None:
+        self.values = {i.name for i in g.input} | {t.name for t in g.initializer} | {
+            v for n in g.node for v in (*n.input, *n.output)} | {o.name for o in g.output}
+        # the merged conv may take the name of a node it replaces
+        self.nodes = {n.name for i, n in enumerate(g.node) if i not in replaced}
+
+    def value(self, want: str) -> str:
+        return self._fresh(want, self.values)
+
+    def node(self, want: str) -> str:
+        return self._fresh(want, self.nodes)
+
+    @staticmethod
+    def _fresh(want: str, taken: set[str]) -> str:
+        name, k = want, 1
+        while name in taken:
+            k += 1
+            name = f"{want}_{k}"
+        taken.add(name)
+        return name
+
+
+def _reads(g: onnx.GraphProto) -> set[str]:
+    return {v for n in g.node for v in node_reads(n)} | {o.name for o in g.output}
+
+
+def _produced(g: onnx.GraphProto) -> set[str]:
+    return {i.name for i in g.input} | {t.name for t in g.initializer} | {v for n in g.node for v in n.output}
+
+
+def _drop_dead(g: onnx.GraphProto, candidates: set[str], constants: set[str]) -> None:
+    """Remove the initializers and constant-making nodes (Constant, Identity of a constant) that only the
+    replaced nodes read: no one reads them now.  Others, read or not, stay as they were."""
+    while candidates:
+        read = _reads(g)
+        dead = {v for v in candidates if v not in read and v in constants}
+        if not dead:
+            return
+        makers = {i for i, n in enumerate(g.node) if n.domain in DEFAULT_DOMAINS
+                  and n.op_type in ("Constant", "Identity") and len(n.output) == 1 and n.output[0] in dead}
+        candidates = {v for i in makers for v in g.node[i].input if v}
+        if makers:
+            kept_nodes = [n for i, n in enumerate(g.node) if i not in makers]
+            del g.node[:]
+            g.node.extend(kept_nodes)
+        fed = {i.name for i in g.input}
+        kept = [t for t in g.initializer if t.name not in dead or t.name in fed]
+        if len(kept) != len(g.initializer):
+            del g.initializer[:]
+            g.initializer.extend(kept)
+
+
+def serialize(model: onnx.ModelProto, out: str, external: bool, source: OnnxGraph) -> tuple[bytes, Optional[bytes]]:
+    """The model file's bytes, and the external data file's (`<out name>.data`) where the input kept its
+    weights outside, or the model would pass protobuf's 2 GiB limit."""
+    if not external and model.ByteSize() < MAX_PROTO_BYTES - (64 << 20):
+        return model.SerializeToString(), None
+    location = os.path.basename(out) + ".data"
+    data = bytearray()
+    for t in model.graph.initializer:
+        raw = raw_bytes(t, source.base_dir, source.path)
+        if raw is None or len(raw) < EXTERNAL_THRESHOLD:
+            if raw is not None and t.data_location == TensorProto.EXTERNAL:
+                _inline(t, raw)
+            continue
+        data += b"\0" * (-len(data) % 64)  # aligned, so a runtime may map it
+        offset = len(data)
+        data += raw
+        t.ClearField("raw_data")
+        del t.external_data[:]
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+    return model.SerializeToString(), bytes(data)
+
+
+def _inline(t: TensorProto, raw: bytes) -> None:
+    del t.external_data[:]
+    t.data_location = TensorProto.DEFAULT
+    t.raw_data = raw
