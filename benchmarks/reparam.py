@@ -9,15 +9,16 @@ statistics in float64:
 - exactness: the largest error of the deploy form and of convmerge's fused module against the
   training form, relative to the output, float64, at two input sizes;
 - time to fuse;
-- float32 CPU inference, side by side and interleaved: the training form, the deploy form and
-  convmerge's (`cheaper`), in NCHW and channels-last, as ratios to the training form in NCHW.
+- float32 CPU inference at batch 1 and 16, one thread, side by side and interleaved: the training
+  form, the deploy form and convmerge's (`cheaper`), in NCHW and channels-last, as ratios to the
+  training form in NCHW.
 
     git clone https://github.com/DingXiaoH/RepVGG            repos/RepVGG
     git clone https://github.com/apple/ml-mobileone          repos/ml-mobileone
     git clone https://github.com/DingXiaoH/ACNet             repos/ACNet
     git clone https://github.com/DingXiaoH/RepLKNet-pytorch  repos/RepLKNet-pytorch
     git clone https://github.com/DingXiaoH/DiverseBranchBlock repos/DiverseBranchBlock
-    python benchmarks/reparam.py --repos repos [--only RepVGG,MobileOne] [--batch 8 --size 224 --reps 5]
+    python benchmarks/reparam.py --repos repos [--only RepVGG,MobileOne] [--batch 1,16 --size 224 --reps 5 --threads 1]
 
 A repository missing from --repos is skipped with a note.
 """
@@ -25,7 +26,9 @@ A repository missing from --repos is skipped with a note.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import importlib
 import sys
 import time
@@ -172,7 +175,7 @@ def speeds(models: dict[str, nn.Module], x: torch.Tensor, reps: int) -> dict[str
     return {k: median(v) for k, v in times.items()}
 
 
-def measure(name: str, built: Built, batch: int, size: int, reps: int) -> dict[str, Any]:
+def measure(name: str, built: Built, batches: list[int], size: int, reps: int) -> dict[str, Any]:
     model, deploy, channels, _ = built
     t = time.perf_counter()
     fused = convmerge.fuse(model, policy="all", input_size=(size, size))
@@ -186,8 +189,8 @@ def measure(name: str, built: Built, batch: int, size: int, reps: int) -> dict[s
         "convmerge_error": max(max(error(model, fused, x), error(model, cheaper, x)) for x in xs),
         "fuse_s": fuse_s,
     }
-    x = torch.randn(batch, channels, size, size)
-    row["speed"] = speeds({"original": model, "deploy": deploy, "convmerge": cheaper}, x, reps)
+    row["speed"] = {b: speeds({"original": model, "deploy": deploy, "convmerge": cheaper},
+                              torch.randn(b, channels, size, size), reps) for b in batches}
     return row
 
 
@@ -195,12 +198,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repos", type=Path, required=True, help="folder holding clones of the repositories")
     parser.add_argument("--only", default=",".join(NETS), help="comma-separated: " + ",".join(NETS))
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", default="1,16", help="comma-separated batch sizes")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads for inference (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for inference")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's own, on copying a GraphModule
+    batches = [int(b) for b in args.batch.split(",")]
     rows = []
     for name in args.only.split(","):
         folder, build = NETS[name]
@@ -208,8 +212,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         if not repo.is_dir():
             print(f"skipped {name}: no clone at {repo}")
             continue
-        torch.set_num_threads(max(1, torch.get_num_threads()) if not args.threads else args.threads)
-        rows.append(measure(name, build(repo), args.batch, args.size, args.reps))
+        torch.set_num_threads(args.threads)
+        with contextlib.redirect_stdout(io.StringIO()):  # the repositories print every block they build
+            built = build(repo)
+        rows.append(measure(name, built, batches, args.size, args.reps))
         print(f"{name}: done", file=sys.stderr)
     info = machine()
     print(f"\nconv counts and exactness (float64; error relative to the output, max over sizes {args.size} and "
@@ -218,14 +224,15 @@ def main(argv: Optional[list[str]] = None) -> None:
                  "convmerge error", "fuse (s)"],
                 [[r["net"], r["convs"], r["deploy"], r["all"], r["cheaper"], f"{r['deploy_error']:.1e}",
                   f"{r['convmerge_error']:.1e}", f"{r['fuse_s']:.1f}"] for r in rows]))
-    print(f"\nfloat32 inference, batch {args.batch} at {args.size}x{args.size}, {torch.get_num_threads()} threads, "
-          f"median of {args.reps}: time of the training form in NCHW / time of each (higher is faster)\n")
+    print(f"\nfloat32 inference at {args.size}x{args.size}, {args.threads} thread(s), median of {args.reps}: "
+          "time of the training form in NCHW / time of each (higher is faster)\n")
     keys = ["original channels-last", "deploy NCHW", "deploy channels-last", "convmerge NCHW", "convmerge channels-last"]
-    print(table(["net", "original NCHW (ms)", *keys],
-                [[r["net"], f"{r['speed']['original NCHW'] * 1e3:.0f}",
-                  *(f"{r['speed']['original NCHW'] / r['speed'][k]:.2f}x" for k in keys)] for r in rows]))
+    print(table(["net", "batch", "original NCHW (ms)", *keys],
+                [[r["net"], b, f"{r['speed'][b]['original NCHW'] * 1e3:.0f}",
+                  *(f"{r['speed'][b]['original NCHW'] / r['speed'][b][k]:.2f}x" for k in keys)]
+                 for r in rows for b in batches]))
     print(f"\nreproduce: python benchmarks/reparam.py --repos {args.repos} --only {args.only} "
-          f"--batch {args.batch} --size {args.size} --reps {args.reps}")
+          f"--batch {args.batch} --size {args.size} --reps {args.reps} --threads {args.threads}")
     write_json("reparam.json", {"args": vars(args) | {"repos": str(args.repos)}, "rows": rows})
 
 
