@@ -198,10 +198,20 @@ def runnable(module: nn.Module, example: torch.Tensor, program: torch.export.Exp
     return build
 
 
+_PLUMBING = {getattr(aten, n).default for n in ("view", "_unsafe_view", "expand", "clone", "alias", "copy",
+                                               "unsqueeze", "squeeze", "slice_scatter")} | {aten.slice.Tensor}
+"""Ops that only move or re-view data, which an export at symbolic sizes adds where the static one needs
+none (a whole-axis slice, a border write broadcast to a symbolic shape): left out of the pairing."""
+
+
 def _pair_nodes(traced: fx.Graph, again: fx.Graph) -> Optional[dict[str, str]]:
-    """Traced node name -> the same op's node name in the graph exported again (None if they differ)."""
+    """Traced node name -> the same op's node name in the graph exported again (None if they differ).
+
+    Ops are paired in order, leaving out shape arithmetic and `_PLUMBING`; a plumbing node (DBB's padded
+    border, the last write of its pad) then pairs with what the paired consumer of its value reads in the
+    same place.  A node with no partner makes a rebuild that needs it fall back to the traced graph."""
     def ops(graph: fx.Graph) -> list[fx.Node]:
-        return [n for n in graph.nodes if n.op == "call_function" and not isinstance(
+        return [n for n in graph.nodes if n.op == "call_function" and n.target not in _PLUMBING and not isinstance(
             n.meta.get("val"), (int, torch.SymInt, torch.SymBool, torch.SymFloat))]
 
     a, b = ops(traced), ops(again)
@@ -210,7 +220,21 @@ def _pair_nodes(traced: fx.Graph, again: fx.Graph) -> Optional[dict[str, str]]:
     names = {x.name: y.name for x, y in zip(a, b)}
     names.update({x.name: y.name for x, y in zip([n for n in traced.nodes if n.op == "placeholder"],
                                                 [n for n in again.nodes if n.op == "placeholder"])})
+    by_name = {n.name: n for n in again.nodes}
+    for node in traced.nodes:
+        for user in node.users if node.name not in names else ():
+            partner = by_name.get(names.get(user.name, ""))
+            mine = _flat_args(user)
+            if partner is not None and node in mine and len(_flat_args(partner)) == len(mine):
+                read = _flat_args(partner)[mine.index(node)]
+                if isinstance(read, fx.Node):
+                    names[node.name] = read.name
+                    break
     return names
+
+
+def _flat_args(node: fx.Node) -> list[Any]:
+    return [b for a in node.args for b in (a if isinstance(a, (list, tuple)) else (a,))]
 
 
 def _same_class(root: nn.Module, culprit: str, why: str, leaves: dict[str, str]) -> dict[str, str]:

@@ -112,3 +112,40 @@ def test_a_merge_without_convs_is_stored_in_the_models_dtype() -> None:
     fused = fused_and_checked(PoolThenNorm(4), 4)
     merged = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
     assert len(merged) == 2 and all(m.weight.dtype == m.bias.dtype == torch.float64 for m in merged)
+
+
+class OffsetBorder(nn.Module):
+    """DBB's BNAndPadLayer (a batch norm, a zero pad, the border overwritten per channel) with a border
+    value that is not the batch norm's response to zero, so the pad stays a layer of its own."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.pad(self.bn(x), [1, 1, 1, 1])
+        fill = (self.bn.bias.detach() + 1).view(1, -1, 1, 1)
+        out[:, :, 0:1, :] = fill
+        out[:, :, -1:, :] = fill
+        out[:, :, :, 0:1] = fill
+        out[:, :, :, -1:] = fill
+        return out
+
+
+class BorderThenHead(nn.Module):
+    """A conv + BN fold that reads the written border, and a head that flattens by the batch size: the
+    fused module must be the graph exported at symbolic sizes (the traced one fixes batch and size)."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 1)
+        self.border = OffsetBorder(c)
+        self.conv = conv_bn(c, c, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(self.border(torch.relu(self.stem(x)))))
+        return y.view(y.size(0), -1)
+
+
+def test_a_merge_reading_a_written_border_runs_at_any_batch_and_size() -> None:
+    assert convs(fused_and_checked(BorderThenHead(4), 3)) == 1  # the fold; the stem stays a call in the graph
