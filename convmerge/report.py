@@ -28,6 +28,9 @@ class _LazyCounterexample:
     find_counterexample: Optional[Callable[[], tuple[Optional[Counterexample], bool]]]
     _found: Any
     _reason: str
+    sizes: Optional[str]
+    exact_here: Optional[bool]
+    weight_dependent: bool
 
     @property
     def counterexample(self) -> Optional[Counterexample]:
@@ -44,6 +47,15 @@ class _LazyCounterexample:
     @reason.setter
     def reason(self, text: str) -> None:
         self._reason = text
+
+    def _size_fields(self, out: dict[str, Any]) -> None:
+        """The optional fields pairs and regions share (present only when they say something)."""
+        if self.sizes is not None:
+            out["sizes"] = self.sizes
+        if self.exact_here is not None:
+            out["exact_at_input_size"] = self.exact_here
+        if self.weight_dependent:
+            out["weight_dependent"] = True
 
     def _counterexample_dict(self) -> Optional[dict[str, Any]]:
         ce = self.counterexample
@@ -83,12 +95,7 @@ class PairEntry(_LazyCounterexample):
             "counterexample": self._counterexample_dict(),
             "applied": self.applied,
         }
-        if self.sizes is not None:
-            out["sizes"] = self.sizes
-        if self.exact_here is not None:
-            out["exact_at_input_size"] = self.exact_here
-        if self.weight_dependent:
-            out["weight_dependent"] = True
+        self._size_fields(out)
         if self.macs_before is not None:
             out["macs"] = {"before": self.macs_before, "after": self.macs_after}
         if self.params_before is not None:
@@ -131,12 +138,7 @@ class RegionEntry(_LazyCounterexample):
             "applied": self.applied,
             "macs": {"before": self.macs_before, "after": self.macs_after},
         }
-        if self.sizes is not None:
-            out["sizes"] = self.sizes
-        if self.exact_here is not None:
-            out["exact_at_input_size"] = self.exact_here
-        if self.weight_dependent:
-            out["weight_dependent"] = True
+        self._size_fields(out)
         return out
 
 
