@@ -71,6 +71,7 @@ def find_regions(graph: Graph) -> list[Region]:
     """Every maximal region holding a conv and at least one other layer, in graph order."""
     taken: set[str] = set()
     found = []
+    position = {n: i for i, n in enumerate(graph.layers)}
     for name in reversed(list(graph.layers)):
         if name in taken or not linear(graph, name):
             continue
@@ -79,7 +80,7 @@ def find_regions(graph: Graph) -> list[Region]:
         if len(inputs) != 1:
             continue  # reads two values (a residual add): the join stays, its inputs start regions later
         taken |= members
-        order = [n for n in graph.layers if n in members]
+        order = sorted(members, key=position.__getitem__)
         if len(order) < 2 or not any(graph.layers[n].op in CONV_OPS for n in order):
             continue
         (start,) = inputs

@@ -119,15 +119,19 @@ class Analysis:
         self.bias_ok = bias_ok if spec2.padding_mode == "zeros" else None
         self.period = [a1.stride * a2.stride for a1, a2 in zip(spec1.axes, spec2.axes)]
         self.start = [_periodic_from(a1, a2, am) for a1, a2, am in zip(spec1.axes, spec2.axes, self.cand.axes)]
+        self._views: list[Optional[tuple[Optional[AxisView], ...]]] = [None] * spec1.ndim
 
     def view(self, k: int, n: int) -> Optional[AxisView]:
         """Axis k at input length n; None where the pair is undefined there."""
+        if self._views[k] is None:  # every length the verdict reads, fetched with one cache lookup
+            self._views[k] = _axis_views(*self._axis_key(k), self.start[k] + self.period[k] - 1)
+        views = self._views[k]
+        return views[n - 1] if 1 <= n <= len(views) else axis_view(*self._axis_key(k), n)  # type: ignore[arg-type]
+
+    def _axis_key(self, k: int) -> tuple:
         s1, s2 = self.spec1, self.spec2
-        return axis_view(
-            s1.axes[k], s2.axes[k], self.cand.axes[k],
-            (s1.padding_mode, s2.padding_mode, self.cand.padding_mode),
-            self.sup1[k], self.sup2[k], n,
-        )
+        return (s1.axes[k], s2.axes[k], self.cand.axes[k], (s1.padding_mode, s2.padding_mode, self.cand.padding_mode),
+                self.sup1[k], self.sup2[k])
 
     def sizes(self, k: int) -> range:
         """Input lengths that represent every length of axis k (the tail repeats with the period)."""
@@ -170,6 +174,24 @@ class Analysis:
             if sets != tuple(full) and not self.bias_ok(sets):
                 return False
         return True
+
+
+@lru_cache(maxsize=1 << 12)
+def _axis_views(a1: Axis, a2: Axis, am: Axis, modes: tuple[str, str, str], t1: tuple[int, ...], t2: tuple[int, ...],
+                count: int) -> tuple[Optional[AxisView], ...]:
+    """axis_view at lengths 1..count."""
+    return tuple(axis_view(a1, a2, am, modes, t1, t2, n) for n in range(1, count + 1))
+
+
+@lru_cache(maxsize=1 << 12)
+def _signature(a1: Axis, a2: Axis, am: Axis, modes: tuple[str, str, str], t1: tuple[int, ...], t2: tuple[int, ...],
+               count: int) -> tuple[AxisView, ...]:
+    """The distinct behaviours of one axis over lengths 1..count (where the pair and the candidate run)."""
+    sig: dict = {}
+    for v in _axis_views(a1, a2, am, modes, t1, t2, count):
+        if v is not None and not v.limit:
+            sig.setdefault((v.types, v.inside_sets), v)
+    return tuple(sig.values())
 
 
 @lru_cache(maxsize=1 << 16)
@@ -248,14 +270,7 @@ def decide(
 def _classify(an: Analysis) -> Outcome:
     """Sizes where PyTorch refuses only the candidate's padding do not count against the merge (issue: a
     circular 'same' pair is one conv wherever PyTorch can run that conv)."""
-    signatures = []
-    for k in range(an.spec1.ndim):
-        sig = {}
-        for n in an.sizes(k):
-            v = an.view(k, n)
-            if v is not None and not v.limit:
-                sig.setdefault((v.types, v.inside_sets), v)
-        signatures.append(list(sig.values()))
+    signatures = [_signature(*an._axis_key(k), an.start[k] + an.period[k] - 1) for k in range(an.spec1.ndim)]
     outcomes = {an.combo_exact(views) for views in product(*signatures)}
     if outcomes == {True}:
         return Outcome.MERGEABLE
