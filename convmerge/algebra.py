@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import dataclass, replace
 from itertools import product
 from typing import Callable, Iterator, Optional, Sequence
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from .reasons import Outcome, Why
 from .rules import BiasCheck, Support, Verdict, decide, full_support
-from .spec import CONV_MODE_OF_PAD, Axis, ConvSpec, PoolSpec
+from .spec import CONV_MODE_OF_PAD, Axis, ConvSpec, PoolSpec, macs
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
@@ -104,8 +105,40 @@ class Counterexample:
         }
 
 
+class _Memo:
+    table: Optional[dict] = None
+
+
+@contextmanager
+def memo() -> Iterator[None]:
+    """Within, `analyze` and `fold_bn` answer again for the same tensor objects without recomputing them:
+    planning meets each adjacent pair once in its region's reduction and once more as the pair."""
+    saved = _Memo.table
+    _Memo.table = {}
+    try:
+        yield
+    finally:
+        _Memo.table = saved
+
+
+def _remembered(objects: tuple, extra: tuple, compute: Callable[[], object]) -> object:
+    table = _Memo.table
+    if table is None:
+        return compute()
+    key = (tuple(id(o) for o in objects), extra)
+    hit = table.get(key)
+    if hit is None:
+        hit = table[key] = (objects, compute())  # the objects are held, so their ids stay theirs
+    return hit[1]
+
+
 def fold_bn(conv: Conv, bn: BatchNorm) -> Conv:
     """conv followed by batch norm is one conv: scale the output channels, shift the bias (float64)."""
+    return _remembered((conv.weight, conv.bias, bn.mean, bn.var, bn.weight, bn.bias), (conv.spec, bn.eps),
+                       lambda: _fold_bn(conv, bn))  # type: ignore[return-value]
+
+
+def _fold_bn(conv: Conv, bn: BatchNorm) -> Conv:
     scale, shift = bn.scale_shift()
     if scale.numel() != conv.spec.out_channels:
         raise ValueError(f"batch norm has {scale.numel()} channels, the conv outputs {conv.spec.out_channels}")
@@ -123,6 +156,57 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+PARALLEL_MACS = 1 << 30
+"""Multiply-adds from which one float64 kernel runs on the caller's threads inside `single_threaded`.
+
+On a busy machine every parallel region waits for its second thread to be scheduled (10-60 ms per
+op measured at load 4 on 2 cores), so below this (about 50 ms on one core) one thread is never
+slower; above it two threads halve a quiet machine's time and cost at most ~15% under load
+(benchmarks/README.md, goal 2)."""
+
+
+class _Threads:
+    depth = 0
+    wide = 1  # the thread count `parallel` opens: the caller's, when the run began
+
+
+@contextmanager
+def single_threaded(wide: Optional[int] = None) -> Iterator[None]:
+    """A whole run on one thread, set once; `parallel` reopens `wide` threads (default: the caller's
+    count) around kernels large enough to gain from them. Nests; restores the caller's count."""
+    before = torch.get_num_threads()
+    saved = _Threads.wide
+    if _Threads.depth == 0 or wide is not None:
+        _Threads.wide = wide if wide is not None else before
+    _Threads.depth += 1
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        _Threads.depth -= 1
+        _Threads.wide = saved
+        torch.set_num_threads(before)
+
+
+def run_threads() -> int:
+    """The thread count `parallel` opens in the current run (recomputations must use the same: results
+    of a threaded GEMM may depend on it)."""
+    return _Threads.wide if _Threads.depth else torch.get_num_threads()
+
+
+@contextmanager
+def parallel(work: int) -> Iterator[None]:
+    """Inside `single_threaded`, the run's threads for a kernel of `work` multiply-adds if that is large."""
+    if _Threads.depth == 0 or work < PARALLEL_MACS or _Threads.wide <= 1:
+        yield
+        return
+    torch.set_num_threads(_Threads.wide)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
 
 
 def support(weight: torch.Tensor) -> Support:
@@ -143,6 +227,11 @@ def analyze(conv1: Conv, conv2: Conv, weight_dependence: bool = True) -> Verdict
     batch-norm shift, zero border taps, a cancelling bias) says so: a CI gate that passes on a fresh
     checkpoint must not fail silently after training.
     """
+    return _remembered((conv1.weight, conv1.bias, conv2.weight, conv2.bias), (conv1.spec, conv2.spec, weight_dependence),
+                       lambda: _analyze(conv1, conv2, weight_dependence))  # type: ignore[return-value]
+
+
+def _analyze(conv1: Conv, conv2: Conv, weight_dependence: bool) -> Verdict:
     with one_thread():
         sup1, sup2 = support(conv1.weight), support(conv2.weight)
         v = decide(conv1.spec, conv2.spec, sup1, sup2, bias_check(conv1, conv2))
@@ -213,22 +302,24 @@ def compose_kernels(conv1: Conv, conv2: Conv, groups: int) -> torch.Tensor:
     k1, k2 = math.prod(s1.kernel_size), math.prod(s2.kernel_size)
     left = w2.reshape(g, c2 // g, c1 // g, k2).permute(0, 1, 3, 2).reshape(g, (c2 // g) * k2, c1 // g)
     right = w1.reshape(g, c1 // g, (c0 // g) * k1)
-    products = torch.bmm(left, right).view(g, c2 // g, k2, c0 // g, k1)  # [g, o, b, i, a]
+    with parallel(g * left.shape[1] * left.shape[2] * right.shape[2]):
+        products = torch.bmm(left, right).view(g, c2 // g, k2, c0 // g, k1)  # [g, o, b, i, a]
     extent = [a1.extent + a1.stride * (a2.extent - 1) for a1, a2 in zip(s1.axes, s2.axes)]
-    index = _tap_index(s1, s2, extent)
+    index = _tap_index(s1.axes, s2.axes, tuple(extent))
     kernel = torch.zeros(g, c2 // g, c0 // g, math.prod(extent), dtype=torch.float64)
     kernel.index_add_(3, index, products.permute(0, 1, 3, 2, 4).reshape(g, c2 // g, c0 // g, k2 * k1))
     return kernel.reshape(c2, c0 // g, *extent)
 
 
-def _tap_index(s1: ConvSpec, s2: ConvSpec, extent: Sequence[int]) -> torch.Tensor:
-    """For each (b, a) in row-major order of (conv2 taps, conv1 taps): the merged tap, flattened."""
-    nd = s1.ndim
-    grids_b = torch.meshgrid(*[torch.arange(a.kernel) for a in s2.axes], indexing="ij")
-    grids_a = torch.meshgrid(*[torch.arange(a.kernel) for a in s1.axes], indexing="ij")
-    index = torch.zeros(math.prod(s2.kernel_size), math.prod(s1.kernel_size), dtype=torch.long)
-    for k in range(nd):
-        a1, a2 = s1.axes[k], s2.axes[k]
+@lru_cache(maxsize=256)
+def _tap_index(axes1: tuple[Axis, ...], axes2: tuple[Axis, ...], extent: tuple[int, ...]) -> torch.Tensor:
+    """For each (b, a) in row-major order of (conv2 taps, conv1 taps): the merged tap, flattened (cached:
+    networks repeat their shapes; only ever read)."""
+    grids_b = torch.meshgrid(*[torch.arange(a.kernel) for a in axes2], indexing="ij")
+    grids_a = torch.meshgrid(*[torch.arange(a.kernel) for a in axes1], indexing="ij")
+    index = torch.zeros(math.prod(a.kernel for a in axes2), math.prod(a.kernel for a in axes1), dtype=torch.long)
+    for k in range(len(axes1)):
+        a1, a2 = axes1[k], axes2[k]
         pos = (grids_b[k].reshape(-1, 1) * (a1.stride * a2.dilation) + grids_a[k].reshape(1, -1) * a1.dilation)
         index = index * extent[k] + pos
     return index.reshape(-1)
@@ -282,16 +373,24 @@ def max_errors(reference: Reference, merged: Sequence[Conv], sizes: Sequence[Seq
     with one_thread():
         for size in sizes:
             x = torch.randn(1, in_channels, *size, generator=gen, dtype=torch.float64)
-            want = reference(x)
-            top = float(want.abs().max()) if want.numel() else 0.0
-            scale = top if top > 0 else 1.0  # the output's own scale: max(top, 1) would hide tiny outputs
-            for k, m in enumerate(merged):
-                got = apply(_as_double(m), x)
-                if want.shape != got.shape:
-                    worst[k] = math.inf
-                elif want.numel():
-                    err = float((want - got).abs().max()) / scale
-                    worst[k] = max(worst[k], err if err == err else math.inf)  # NaN (inf weights) counts as inf
+            with parallel(2 * len(merged) * macs(merged[0].spec, size)):  # the layers cost about what the merge does
+                worst = _errors(reference, merged, x, worst)
+    return worst
+
+
+def _errors(reference: Reference, merged: Sequence[Conv], x: torch.Tensor, worst: list[float]) -> list[float]:
+    """`worst` updated with one input's relative errors."""
+    worst = list(worst)
+    want = reference(x)
+    top = float(want.abs().max()) if want.numel() else 0.0
+    scale = top if top > 0 else 1.0  # the output's own scale: max(top, 1) would hide tiny outputs
+    for k, m in enumerate(merged):
+        got = apply(_as_double(m), x)
+        if want.shape != got.shape:
+            worst[k] = math.inf
+        elif want.numel():
+            err = float((want - got).abs().max()) / scale
+            worst[k] = max(worst[k], err if err == err else math.inf)  # NaN (inf weights) counts as inf
     return worst
 
 

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Optional
@@ -143,14 +143,16 @@ def check(
         with clock("import"):
             from . import io
             from . import model as m
+            from .algebra import single_threaded
 
-        with clock("judge"), _progress(json_out, quiet) as tick:
-            rep = m.check_file(str(model), graph_file=_s(graph), arch=arch, input_size=size,
-                               policy=policy.value, leaves=leaf or (), on_region=tick)
-        if counterexamples is not None:
-            with clock("counterexamples"):
-                io.write_counterexamples(counterexamples, rep.pairs)
-        return _finish(rep.to_dict(), json_out, quiet, verbose, fail_on, clock)
+        with single_threaded():  # the whole run on one thread; large kernels open more (algebra.parallel)
+            with clock("judge"), _progress(json_out, quiet) as tick:
+                rep = m.check_file(str(model), graph_file=_s(graph), arch=arch, input_size=size,
+                                   policy=policy.value, leaves=leaf or (), on_region=tick)
+            if counterexamples is not None:
+                with clock("counterexamples"):
+                    io.write_counterexamples(counterexamples, rep.pairs)
+            return _finish(rep, json_out, quiet, verbose, fail_on, clock)
 
     _run(work, debug)
 
@@ -195,39 +197,41 @@ def fuse(
         with clock("import"):
             from . import io
             from . import model as m
+            from .algebra import single_threaded
 
         out = output or m.default_output(str(model))
-        io.check_outputs([p for p in (out, report, export) if p is not None], [model], force)
-        pending: list[tuple[str, str]] = []  # (written temp, final path): published once the model is
+        with single_threaded():  # the whole run on one thread; large kernels open more (algebra.parallel)
+            io.check_outputs([p for p in (out, report, export) if p is not None], [model], force)
+            pending: list[tuple[str, str]] = []  # (written temp, final path): published once the model is
 
-        def companions(rep: Any, doc: dict) -> None:
-            if report is not None or export is not None:
-                clock.start("companions")
-            if report is not None:
-                data = dict(rep.to_dict(), description_used=doc)
-                pending.append(_stage(report, (json.dumps(data, indent=2) + "\n").encode()))
-            if export is not None:
-                from . import api
+            def companions(rep: Any, doc: dict) -> None:
+                if report is not None or export is not None:
+                    clock.start("companions")
+                if report is not None:
+                    data = dict(rep.to_dict(), description_used=doc)
+                    pending.append(_stage(report, (json.dumps(data, indent=2) + "\n").encode()))
+                if export is not None:
+                    from . import api
 
-                fused = api.fuse(api.load_module(arch, str(model)), input_size=size, policy=policy.value)  # type: ignore[arg-type]
-                pending.append(_stage(export, api.export_bytes(fused, shape)))  # type: ignore[arg-type]
-            clock.start("write")
+                    fused = api.fuse(api.load_module(arch, str(model)), input_size=size, policy=policy.value)  # type: ignore[arg-type]
+                    pending.append(_stage(export, api.export_bytes(fused, shape)))  # type: ignore[arg-type]
+                clock.start("write")
 
-        clock.start("plan")
+            clock.start("plan")
 
-        try:
-            with _progress(json_out, quiet) as tick:
-                rep = m.fuse_file(str(model), out, graph_file=_s(graph), arch=arch, input_size=size,
-                                  policy=policy.value, force=force, leaves=leaf or (), on_region=tick,
-                                  before_write=companions)
-            clock.stop()
-            for tmp, final in pending:
-                os.replace(tmp, final)
-        finally:
-            for tmp, _ in pending:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        return _finish(rep.to_dict(), json_out, quiet, verbose, fail_on, clock)
+            try:
+                with _progress(json_out, quiet) as tick:
+                    rep = m.fuse_file(str(model), out, graph_file=_s(graph), arch=arch, input_size=size,
+                                      policy=policy.value, force=force, leaves=leaf or (), on_region=tick,
+                                      before_write=companions)
+                clock.stop()
+                for tmp, final in pending:
+                    os.replace(tmp, final)
+            finally:
+                for tmp, _ in pending:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            return _finish(rep, json_out, quiet, verbose, fail_on, clock)
 
     _run(work, debug)
 
@@ -377,14 +381,18 @@ def _emit(data: dict[str, Any], json_out: bool, view: str) -> int:
     return EXIT_OK
 
 
-def _finish(rep: dict[str, Any], json_out: bool, quiet: bool, verbose: bool, fail_on: Optional[FailOn],
+def _finish(report: Any, json_out: bool, quiet: bool, verbose: bool, fail_on: Optional[FailOn],
             clock: _Clock) -> int:
     """Print the report and apply the CI gate.
 
     With --json, stderr gets one summary line (as linters' JSON modes do), then warnings and errors.
+    Counterexamples are searched only for what shows them: the JSON and the table with -v.
     """
     from . import render
 
+    search = json_out or (verbose and not quiet)
+    with clock("counterexamples") if search else nullcontext():
+        rep = report.to_dict(search)
     timings = clock.line() if verbose else ""
     if json_out:
         sys.stdout.write(json.dumps(rep, indent=2) + "\n")

@@ -41,8 +41,8 @@ class OnnxReport(Report):
 
     onnxruntime: Optional[dict[str, Any]] = field(default=None)
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
+    def to_dict(self, search: bool = True) -> dict[str, Any]:
+        out = super().to_dict(search)
         out["onnxruntime"] = self.onnxruntime
         return out
 

@@ -65,11 +65,12 @@ def _conv_nodes(unit: Unit, model: OnnxGraph, names: "_Names") -> tuple[list[onn
     spec = unit.spec
     nd = spec.ndim
     source, target = model.values[unit.input], model.values[unit.output]
-    weight = _tensor(names.value(f"{unit.name}.weight"), unit.stored.weight)
+    stored = unit.stored  # read once: a dropped weight is computed again on each read (plan.KEEP_BYTES)
+    weight = _tensor(names.value(f"{unit.name}.weight"), stored.weight)
     inits = [weight]
     inputs = [source, weight.name]
-    if unit.stored.bias is not None:
-        bias = _tensor(names.value(f"{unit.name}.bias"), unit.stored.bias)
+    if stored.bias is not None:
+        bias = _tensor(names.value(f"{unit.name}.bias"), stored.bias)
         inits.append(bias)
         inputs.append(bias.name)
     lo, hi = [a.pad[0] for a in spec.axes], [a.pad[1] for a in spec.axes]

@@ -13,12 +13,14 @@ take exactly those tensors (`Unit.stored`).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
+import numpy
 import torch
 
 from . import algebra, reference
@@ -39,6 +41,15 @@ VERIFY_TOLERANCE = 1e-9
 ROUNDING_ULPS = 64
 """How far (in units of the dtype's epsilon, relative to the output) stored merged weights may stray."""
 MAX_VERIFY_LENGTH = 512
+KEEP_BYTES = 64 << 20
+"""Merged weights kept in memory from verification to writing, in all; a plan's later (larger) ones are
+dropped and recomputed from the same recipe when the writer reaches them, checked against a digest
+of the bytes verified, so peak memory stays flat whatever the number of merges."""
+NARROW_IN, NARROW_OUT = 4, 8
+FULL_VERIFY_MACS = 1 << 22
+"""A merge is verified on every channel at sizes where the merged conv costs at most this many
+multiply-adds, and where it costs more (the size past the borders, at wide convs: seconds in float64)
+on NARROW_IN random input and NARROW_OUT output channels where its ends are dense convs."""
 
 
 class VerificationError(RuntimeError):
@@ -59,6 +70,7 @@ class Loader:
     def __init__(self, graph: Graph, tensors: Tensors) -> None:
         self.graph, self.tensors = graph, tensors
         self._cache: dict[str, Any] = {}
+        self._finite: dict[str, bool] = {}  # kept by clear(): planning asks again for every segment
 
     def _get(self, key: str) -> Optional[torch.Tensor]:
         if key not in self.tensors.info:
@@ -87,10 +99,12 @@ class Loader:
 
     def finite(self, name: str) -> bool:
         """No NaN or Inf in a layer's tensors (such a layer is never merged)."""
-        op = self.graph.layers[name].op
-        keys = (("weight", "bias") if op in CONV_OPS else BN_TENSORS[:4] if op == "batch_norm"
-                else ("value",) if op == "pad" else ())
-        return all(t is None or bool(torch.isfinite(t).all()) for t in (self._get(f"{name}.{k}") for k in keys))
+        if name not in self._finite:
+            op = self.graph.layers[name].op
+            keys = (("weight", "bias") if op in CONV_OPS else BN_TENSORS[:4] if op == "batch_norm"
+                    else ("value",) if op == "pad" else ())
+            self._finite[name] = all(t is None or _all_finite(t) for t in (self._get(f"{name}.{k}") for k in keys))
+        return self._finite[name]
 
     def clear(self) -> None:
         self._cache.clear()
@@ -104,7 +118,7 @@ class Unit:
     input: str  # the value it reads
     output: str  # the value it computes (consumers of this value read the merged conv)
     layers: tuple[str, ...]
-    stored: Conv  # exactly what is written, in the storage dtype, verified
+    kept: Conv  # what `stored` returns; a weight on the meta device: dropped, recomputed on demand
     dtype: torch.dtype
     error: float  # verified max |layers - merged| relative to the output, float64
     rounding: float  # the same with the stored weights
@@ -115,8 +129,25 @@ class Unit:
     refused: Optional[str] = None  # exact, but its stored weights would be off: not applied
 
     @property
+    def stored(self) -> Conv:
+        """Exactly what is written, in the storage dtype, verified: kept since verification, or recomputed
+        by the same steps and checked byte for byte against what was verified."""
+        if not self.kept.weight.is_meta:
+            return self.kept
+        conv = self.recipe()  # type: ignore[misc]
+        if _digest(conv) != self.digest:
+            raise VerificationError(f"{self.name}: the merged weights computed again for writing differ from "
+                                    "those verified; nothing was written")
+        return conv
+
+    @property
+    def dropped(self) -> bool:
+        """Its weight is recomputed when read (see KEEP_BYTES)."""
+        return self.kept.weight.is_meta
+
+    @property
     def spec(self) -> ConvSpec:
-        return self.stored.spec
+        return self.kept.spec
 
     @property
     def bn_fold(self) -> bool:
@@ -124,6 +155,8 @@ class Unit:
         return len(self.layers) == 2 and self.kinds == ("conv", "batch_norm")
 
     kinds: tuple[str, ...] = ()
+    recipe: Optional[Callable[[], Conv]] = field(default=None, repr=False, compare=False)
+    digest: str = ""  # of the verified stored bytes (where the weight is dropped)
 
 
 @dataclass
@@ -138,6 +171,7 @@ class Plan:
     regions: list[RegionEntry] = field(default_factory=list)
     units: list[Unit] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    kept_bytes: int = field(default=0, repr=False)  # merged weights held in memory (KEEP_BYTES)
 
     @property
     def applied(self) -> list[Unit]:
@@ -181,6 +215,12 @@ def build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]] = 
     """Judge every region and pair, choose and verify the merges (FORMAT.md, section 3)."""
     if policy not in POLICIES:
         raise ValueError(f"policy: {policy!r} is not one of {', '.join(POLICIES)}")
+    with algebra.single_threaded():
+        return _build(graph, tensors, input_size, policy, on_region)
+
+
+def _build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]], policy: str,
+           on_region: Optional[Callable[[], None]]) -> Plan:
     if input_size is not None:
         dims = sorted({spec.ndim for spec in graph.specs.values()}) or [len(input_size)]
         input_size = fit_size(input_size, dims[0])
@@ -191,14 +231,27 @@ def build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]] = 
     plan = Plan(graph, policy, tuple(input_size) if input_size else None, nominal)
     plan.notes += graph.notes
     loader = Loader(graph, tensors)
-    in_region: dict[str, Region] = {}
+    pairs = graph.pairs()
+    by_first: dict[str, list[int]] = {}
+    for k, pair in enumerate(pairs):
+        by_first.setdefault(pair.first, []).append(k)
+    entries: dict[int, PairEntry] = {}
     for region in find_regions(graph):
-        _Planner(plan, loader, region, size_at, cost_at, tensors).run()
-        in_region.update({n: region for n in region.layers})
+        inside = set(region.layers)
+        with algebra.memo():  # a pair is judged while its region's tensors and analyses are at hand
+            _Planner(plan, loader, region, size_at, cost_at, tensors).run()
+            for k in (k for name in region.layers for k in by_first.get(name, ())):
+                if pairs[k].second in inside:
+                    entries[k] = _judge_pair(graph, loader, pairs[k], size_at, cost_at)
         loader.clear()
         if on_region:
             on_region()
-    _judge_pairs(plan, loader, size_at, cost_at, in_region)
+    for k, pair in enumerate(pairs):
+        if k not in entries:
+            entries[k] = _judge_pair(graph, loader, pair, size_at, cost_at)
+            loader.clear()
+    plan.pairs += [entries[k] for k in range(len(pairs))]
+    _mark_applied(plan)
     _size_notes(plan, size_at, input_size)
     _nothing_note(plan)
     return plan
@@ -228,7 +281,8 @@ class _Planner:
     def run(self) -> None:
         region, graph = self.region, self.graph
         problem = self._problem()
-        whole = None if problem else self._reduce(region.input, region.layers, region.output)
+        self._whole: Optional[Reducer] = None if problem else self._reducer(region.input, region.layers)
+        whole = None if self._whole is None else self._whole.result(region.output)
         units: list[tuple[str, tuple[str, ...], str, Reduction]] = []
         if whole is not None and region.items is not None:
             units = self._sequence(region.items, region.input).units
@@ -260,11 +314,11 @@ class _Planner:
     def _channels(self, value: str) -> Optional[int]:
         return value_channels(self.graph, self.tensors, value, set(self.region.layers))
 
-    def _reduce(self, start: str, layers: Sequence[str], end: str) -> Reduction:
+    def _reducer(self, start: str, layers: Sequence[str]) -> Reducer:
         reducer = Reducer(self.graph, self.loader, start, self._channels(start), self.ndim)  # type: ignore[arg-type]
         for name in layers:
             reducer.add(name)
-        return reducer.result(end)
+        return reducer
 
     def _exact(self, red: Reduction, start: str) -> bool:
         """Exact at every size, or at the given size where it is known (and finite: a batch norm with a
@@ -288,17 +342,19 @@ class _Planner:
                 continue
             kept = self._kept(items[i], ends[i])
             self._offer(best, i + 1, prev, kept)
-            reducer = Reducer(self.graph, self.loader, ends[i], self._channels(ends[i]), self.ndim)  # type: ignore[arg-type]
+            # From the region's input, the whole region's reduction already holds every part (the same steps).
+            whole = ends[i] == self.region.input and self._whole is not None
+            reducer = self._whole if whole else self._reducer(ends[i], ())
             layers: list[str] = []
             for j in range(i, len(items)):
                 mine = set(layers_of((items[j],)))
                 new = [n for n in self.region.layers if n in mine]
                 if not all(self.loader.finite(n) for n in new):
                     break
-                for name in new:
-                    reducer.add(name)
+                for name in new if not whole else ():
+                    reducer.add(name)  # type: ignore[union-attr]
                 layers += new
-                red = reducer.result(ends[j + 1])
+                red = reducer.result(ends[j + 1])  # type: ignore[union-attr]
                 if not self._exact(red, ends[i]):
                     break  # a segment that is not one conv does not become one by growing (DESIGN: chains)
                 if len(layers) >= 2:
@@ -350,23 +406,62 @@ class _Planner:
         dtype = _storage_dtype(self.tensors, convs, layers)
         merged = red.conv
         assert merged is not None
-        run = lambda x: reference.run(graph, self.loader, start, layers, end, x)  # noqa: E731
         here = self.size_at.get(start)
         exact_everywhere = red.summary.verdict is Outcome.MERGEABLE
         sizes = _verification_sizes(graph, layers, start, merged.spec, None if exact_everywhere else here)
         if not sizes:
             raise VerificationError(f"{end}: no input size where both the layers and the merged conv run")
         stored = algebra.cast(merged, dtype)
-        errors = algebra.max_errors(run, [merged, stored], sizes, merged.spec.in_channels)
+        errors = self._verify(start, layers, end, [merged, stored], sizes)
         if not errors[0] <= max([VERIFY_TOLERANCE] + [c.tolerance for c in red.checks]):
             raise VerificationError(f"{end}: the merged conv differs from its layers by {errors[0]:.3g} (relative) "
                                     f"at sizes {sizes}")
         at = self._cost_size(start)
         before_macs = sum(macs(graph.specs[n], self._cost_size(graph.layers[n].inputs[0])) for n in convs)
-        return Unit(unit_name(graph, set(layers), end), start, end, layers, stored, dtype, errors[0], errors[1],
+        unit = Unit(unit_name(graph, set(layers), end), start, end, layers, stored, dtype, errors[0], errors[1],
                     before_macs, macs(merged.spec, at), sum(params(graph.specs[n]) for n in convs),
                     params(merged.spec), _storage_problem(errors[1], dtype),
                     tuple("conv" if graph.layers[n].op in CONV_OPS else graph.layers[n].op for n in layers))
+        self._keep_or_drop(unit, start, end)
+        return unit
+
+    def _verify(self, start: str, layers: Sequence[str], end: str, merged: list[Conv],
+                sizes: Sequence[tuple[int, ...]]) -> list[float]:
+        """Relative errors of each version of the merge against the layers: every channel at the small sizes
+        (the borders), a few random ones (`_narrowed`) at sizes where all of them would take long."""
+        graph = self.graph
+        small = [s for s in sizes if algebra.macs(merged[0].spec, s) <= FULL_VERIFY_MACS]
+        large = [s for s in sizes if s not in small]
+        errors = [0.0] * len(merged)
+        for part, narrow in ((small, False), (large, True)):
+            if not part:
+                continue
+            oracle, convs = (_narrowed(graph, self.loader, start, layers, end, merged) if narrow
+                             else (self.loader, merged))
+            run = lambda x: reference.run(graph, oracle, start, layers, end, x)  # noqa: E731
+            got = algebra.max_errors(run, convs, part, convs[0].spec.in_channels)
+            errors = [max(a, b) for a, b in zip(errors, got)]
+        return errors
+
+    def _keep_or_drop(self, unit: Unit, start: str, end: str) -> None:
+        """Hold the verified weight while the plan's budget lasts; past it keep a recipe and a digest."""
+        weight = unit.kept.weight
+        size = weight.numel() * weight.element_size()
+        if unit.refused is not None or self.plan.kept_bytes + size <= KEEP_BYTES:
+            self.plan.kept_bytes += size if unit.refused is None else 0
+            return
+        graph, tensors, layers, dtype = self.graph, self.tensors, unit.layers, unit.dtype
+        channels, ndim, threads = self._channels(start), self.ndim, algebra.run_threads()
+
+        def recipe() -> Conv:
+            with algebra.single_threaded(threads):  # the same thread count: a threaded GEMM's sums may depend on it
+                reducer = Reducer(graph, Loader(graph, tensors), start, channels, ndim)  # type: ignore[arg-type]
+                for name in layers:
+                    reducer.add(name)
+                return algebra.cast(reducer.result(end).conv, dtype)  # type: ignore[arg-type]
+
+        unit.digest, unit.recipe = _digest(unit.kept), recipe
+        unit.kept = Conv(unit.kept.spec, torch.empty(weight.shape, dtype=weight.dtype, device="meta"), unit.kept.bias)
 
     def _entry(self, whole: Optional[Reduction], problem: Optional[str], applied: bool) -> RegionEntry:
         region, graph = self.region, self.graph
@@ -395,12 +490,94 @@ class _Planner:
         entry.candidate = padding_fields(whole.conv.spec)
         entry.macs_after = macs(whole.conv.spec, self._cost_size(region.input)) if exact else None
         if s.verdict in (Outcome.UNMERGEABLE, Outcome.SIZE_DEPENDENT) and not exact:
-            loader, layers, start, end = self.loader, region.layers, region.input, region.output
-            graph_ = graph
-            conv, checks, fail_at = whole.conv, whole.checks, here if exact_here is False else None
-            entry.find_counterexample = lambda: _counterexample(graph_, loader, start, layers, end, conv, checks,
-                                                                 fail_at)
+            entry.find_counterexample = self._finder(whole.checks, here if exact_here is False else None)
         return entry
+
+    def _finder(self, checks: Sequence[Any], fail_at: Optional[Sequence[int]]) -> Callable[[], Found]:
+        """The region's counterexample search, run when something reads it; it holds no tensors meanwhile
+        (the candidate is computed again from the layers, read again)."""
+        graph, tensors, region = self.graph, self.tensors, self.region
+        start, layers, end = region.input, region.layers, region.output
+        channels, ndim = self._channels(start), self.ndim
+
+        def find() -> Found:
+            with algebra.single_threaded():
+                loader = Loader(graph, tensors)
+                reducer = Reducer(graph, loader, start, channels, ndim)  # type: ignore[arg-type]
+                for name in layers:
+                    reducer.add(name)
+                conv = reducer.result(end).conv
+                return _counterexample(graph, loader, start, layers, end, conv,  # type: ignore[arg-type]
+                                       checks, fail_at)
+        return find
+
+
+class _Narrow:
+    """The layers' tensors with the part's input and output channels cut to a random few (reference.Params)."""
+
+    def __init__(self, loader: Loader, readers: set[str], keep_in: Optional[torch.Tensor], last: Optional[str],
+                 tail: set[str], keep_out: Optional[torch.Tensor]) -> None:
+        self.loader, self.readers, self.keep_in, self.last, self.tail, self.keep_out = \
+            loader, readers, keep_in, last, tail, keep_out
+
+    def conv(self, name: str) -> Conv:
+        c = self.loader.conv(name)
+        spec, w, b = c.spec, c.weight, c.bias
+        if self.keep_in is not None and name in self.readers:
+            spec, w = replace(spec, in_channels=len(self.keep_in)), w[:, self.keep_in]
+        if self.keep_out is not None and name == self.last:
+            spec, w = replace(spec, out_channels=len(self.keep_out)), w[self.keep_out]
+            b = None if b is None else b[self.keep_out]
+        return Conv(spec, w, b)
+
+    def bn(self, name: str) -> BatchNorm:
+        bn = self.loader.bn(name)
+        if self.keep_out is None or name not in self.tail:
+            return bn
+        pick = lambda t: None if t is None else t[self.keep_out]  # noqa: E731
+        return BatchNorm(pick(bn.mean), pick(bn.var), bn.eps, pick(bn.weight), pick(bn.bias))
+
+    def pad_value(self, name: str) -> Optional[torch.Tensor]:
+        return self.loader.pad_value(name)
+
+    def pad_value_dtype(self, name: str) -> torch.dtype:
+        return self.loader.pad_value_dtype(name)
+
+
+def _narrowed(graph: Graph, loader: Loader, start: str, layers: Sequence[str], end: str,
+              merged: list[Conv]) -> tuple[Any, list[Conv]]:
+    """Where the part starts with dense convs only and ends in one (then batch norms), its verification runs
+    on NARROW_IN random input and NARROW_OUT output channels: slicing a weight is exact, and wide layers
+    in float64 take seconds where a few channels take milliseconds."""
+    if any(m.spec.groups != 1 for m in merged):
+        return loader, merged
+    inside = set(layers)
+    gen = torch.Generator().manual_seed(0)
+    readers = {n for n in layers if start in graph.layers[n].inputs}
+    keep_in = None
+    cin, cout = merged[0].spec.in_channels, merged[0].spec.out_channels
+    if cin > NARROW_IN and readers and all(graph.layers[n].op in CONV_OPS and graph.specs[n].groups == 1
+                                           for n in readers):
+        keep_in = torch.randperm(cin, generator=gen)[:NARROW_IN]
+    path, cur = [], end
+    while cur in inside and graph.layers[cur].op in ("batch_norm", "identity", "dropout"):
+        path.append(cur)
+        cur = graph.layers[cur].inputs[0]
+    last = cur if cur in inside and graph.layers[cur].op in CONV_OPS and graph.specs[cur].groups == 1 else None
+    chain = [last, *reversed(path)]
+    alone = all([c for c in graph.consumers.get(v, []) if c in inside] == [nxt] for v, nxt in zip(chain, chain[1:]))
+    keep_out = torch.randperm(cout, generator=gen)[:NARROW_OUT] if last and alone and cout > NARROW_OUT else None
+    if keep_in is None and keep_out is None:
+        return loader, merged
+    out = []
+    for m in merged:
+        spec, w, b = m.spec, m.weight, m.bias
+        if keep_in is not None:
+            spec, w = replace(spec, in_channels=len(keep_in)), w[:, keep_in]
+        if keep_out is not None:
+            spec, w, b = replace(spec, out_channels=len(keep_out)), w[keep_out], None if b is None else b[keep_out]
+        out.append(Conv(spec, w, b))
+    return _Narrow(loader, readers, keep_in, last, set(path), keep_out), out
 
 
 Found = tuple[Optional[Counterexample], bool]
@@ -452,50 +629,63 @@ def _congruent(n: int, start: int, period: int) -> int:
 # --- pairs ---------------------------------------------------------------------------------------
 
 
-def _judge_pairs(plan: Plan, loader: Loader, size_at: Mapping[str, Any], cost_at: Mapping[str, Any],
-                 in_region: Mapping[str, Region]) -> None:
-    """Each adjacent conv pair (conv, batch norms/identity, conv) with its own verdict (FORMAT.md section 3)."""
-    graph = plan.graph
-    together = {}
-    for u in plan.applied:
-        for n in u.layers:
-            together[n] = u.name
-    for pair in graph.pairs():
-        if pair.blocked is not None:
-            plan.pairs.append(PairEntry(pair.first, pair.second, list(pair.via), "skipped", f"not merged: {pair.blocked}"))
-            continue
-        names = [pair.first, *pair.via, pair.second]
-        a = loader.conv(pair.first)
-        for v in pair.via:
-            if graph.layers[v].op == "batch_norm":
-                a = algebra.fold_bn(a, loader.bn(v))
-        b = loader.conv(pair.second)
-        bad = next((n for n in names if not loader.finite(n)), None) or (None if _finite(a) else pair.via[-1])
-        if bad is not None:
-            plan.pairs.append(PairEntry(pair.first, pair.second, list(pair.via), "skipped",
-                                        f"{bad} has NaN or Inf in its tensors (or once its batch norm is folded), "
-                                        f"so {pair.first} -> {pair.second} is not merged"))
-            loader.clear()
-            continue
-        v = algebra.analyze(a, b)
-        src = graph.layers[pair.first].inputs[0]
-        here = size_at.get(src)
-        at = cost_at.get(src) or (DEFAULT_COST_SIZE,) * a.spec.ndim
-        mid = a.spec.out_size(at)
-        exact_here = None if here is None or v.verdict is Outcome.UNDECIDED else v.exact_at(here)
-        exact = v.verdict is Outcome.MERGEABLE or exact_here is True
-        entry = PairEntry(
-            first=pair.first, second=pair.second, via=list(pair.via),
-            verdict="skipped" if v.verdict is Outcome.UNDECIDED else v.verdict.value, reason=v.reason, sizes=v.sizes,
-            merged=padding_fields(v.candidate) if exact else None, exact_here=exact_here,
-            macs_before=macs(a.spec, at) + macs(b.spec, mid), macs_after=macs(v.candidate, at) if exact else None,
-            applied=together.get(pair.first) is not None and together.get(pair.first) == together.get(pair.second),
-            params_before=params(a.spec) + params(b.spec), params_after=params(v.candidate) if exact else None,
-            weight_dependent=v.weight_dependent)
-        if v.verdict is Outcome.UNMERGEABLE or (v.verdict is Outcome.SIZE_DEPENDENT and exact_here is False):
-            entry.find_counterexample = pair_counterexample(a, b, v, here if exact_here is False else None)
-        plan.pairs.append(entry)
-        loader.clear()
+def _judge_pair(graph: Graph, loader: Loader, pair: Any, size_at: Mapping[str, Any],
+                cost_at: Mapping[str, Any]) -> PairEntry:
+    """An adjacent conv pair (conv, batch norms/identity, conv) with its own verdict (FORMAT.md section 3)."""
+    if pair.blocked is not None:
+        return PairEntry(pair.first, pair.second, list(pair.via), "skipped", f"not merged: {pair.blocked}")
+    names = [pair.first, *pair.via, pair.second]
+    a = loader.conv(pair.first)
+    for v in pair.via:
+        if graph.layers[v].op == "batch_norm":
+            a = algebra.fold_bn(a, loader.bn(v))
+    b = loader.conv(pair.second)
+    bad = next((n for n in names if not loader.finite(n)), None) or (None if _finite(a) else pair.via[-1])
+    if bad is not None:
+        return PairEntry(pair.first, pair.second, list(pair.via), "skipped",
+                         f"{bad} has NaN or Inf in its tensors (or once its batch norm is folded), "
+                         f"so {pair.first} -> {pair.second} is not merged")
+    v = algebra.analyze(a, b)
+    src = graph.layers[pair.first].inputs[0]
+    here = size_at.get(src)
+    at = cost_at.get(src) or (DEFAULT_COST_SIZE,) * a.spec.ndim
+    mid = a.spec.out_size(at)
+    exact_here = None if here is None or v.verdict is Outcome.UNDECIDED else v.exact_at(here)
+    exact = v.verdict is Outcome.MERGEABLE or exact_here is True
+    entry = PairEntry(
+        first=pair.first, second=pair.second, via=list(pair.via),
+        verdict="skipped" if v.verdict is Outcome.UNDECIDED else v.verdict.value, reason=v.reason, sizes=v.sizes,
+        merged=padding_fields(v.candidate) if exact else None, exact_here=exact_here,
+        macs_before=macs(a.spec, at) + macs(b.spec, mid), macs_after=macs(v.candidate, at) if exact else None,
+        params_before=params(a.spec) + params(b.spec), params_after=params(v.candidate) if exact else None,
+        weight_dependent=v.weight_dependent)
+    if v.verdict is Outcome.UNMERGEABLE or (v.verdict is Outcome.SIZE_DEPENDENT and exact_here is False):
+        entry.find_counterexample = _pair_finder(graph, loader.tensors, pair, v, here if exact_here is False else None)
+    return entry
+
+
+def _mark_applied(plan: Plan) -> None:
+    """A judged pair is applied where one applied merge holds both its convs (a pair skipped unjudged,
+    blocked or not finite, has no MACs and is never applied)."""
+    together = {n: u.name for u in plan.applied for n in u.layers}
+    for entry in plan.pairs:
+        if entry.macs_before is not None:
+            first = together.get(entry.first)
+            entry.applied = first is not None and first == together.get(entry.second)
+
+
+def _pair_finder(graph: Graph, tensors: Tensors, pair: Any, v: Any,
+                 size: Optional[Sequence[int]]) -> Callable[[], Found]:
+    """A pair's search, run when something reads it; it holds no tensors meanwhile (read again then)."""
+    def find() -> Found:
+        with algebra.single_threaded():
+            loader = Loader(graph, tensors)
+            a = loader.conv(pair.first)
+            for name in pair.via:
+                if graph.layers[name].op == "batch_norm":
+                    a = algebra.fold_bn(a, loader.bn(name))
+            return pair_counterexample(a, loader.conv(pair.second), v, size)()
+    return find
 
 
 def pair_counterexample(a: Conv, b: Conv, v: Any, size: Optional[Sequence[int]]) -> Callable[[], Found]:
@@ -631,18 +821,38 @@ def _first(ok: Callable[[int], bool], limit: int = 1 << 20) -> Optional[int]:
 
 
 def _finite(conv: Conv) -> bool:
-    return bool(torch.isfinite(conv.weight).all()) and (conv.bias is None or bool(torch.isfinite(conv.bias).all()))
+    return _all_finite(conv.weight) and (conv.bias is None or _all_finite(conv.bias))
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in a float64 CPU tensor (numpy: a fifth of torch's cost per call on the small ones)."""
+    return bool(numpy.isfinite(t.numpy()).all())
 
 
 def _end(item: Item) -> str:
     return item.layer if isinstance(item, Step) else item.join
 
 
-def _unit_tensors(unit: Unit) -> list[tuple[str, torch.Tensor]]:
-    out = [(f"{unit.name}.weight", unit.stored.weight.contiguous())]
-    if unit.stored.bias is not None:
-        out.append((f"{unit.name}.bias", unit.stored.bias.contiguous()))
+def _unit_tensors(unit: Unit) -> list[tuple[str, Any]]:
+    kept = unit.kept
+    weight: Any = kept.weight.contiguous()
+    if unit.dropped:
+        from .io import LazyTensor, dtype_name
+
+        weight = LazyTensor(dtype_name(kept.weight.dtype), tuple(kept.weight.shape),
+                            lambda: unit.stored.weight.contiguous())
+    out = [(f"{unit.name}.weight", weight)]
+    if kept.bias is not None:
+        out.append((f"{unit.name}.bias", kept.bias.contiguous()))
     return out
+
+
+def _digest(conv: Conv) -> str:
+    h = hashlib.sha256()
+    for t in (conv.weight, conv.bias):
+        if t is not None:
+            h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def _merge_entry(u: Unit) -> MergeEntry:

@@ -57,9 +57,20 @@ class _LazyCounterexample:
         if self.weight_dependent:
             out["weight_dependent"] = True
 
-    def _counterexample_dict(self) -> Optional[dict[str, Any]]:
+    @property
+    def searched(self) -> bool:
+        """Whether the search has run (or there is none to run)."""
+        return self.find_counterexample is None or self._found is not _UNSEARCHED
+
+    def _counterexample_dict(self, search: bool = True) -> Optional[dict[str, Any]]:
+        if not (search or self.searched):
+            return None
         ce = self.counterexample
         return None if ce is None else ce.as_dict()
+
+    def _reason_text(self, search: bool = True) -> str:
+        """The reason; without `search`, what is known without running one (a table without -v)."""
+        return self.reason if search or self.searched else self._reason
 
 
 @dataclass
@@ -84,15 +95,17 @@ class PairEntry(_LazyCounterexample):
                                                                                               repr=False)
     _found: Any = field(default=_UNSEARCHED, repr=False)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, search: bool = True) -> dict[str, Any]:
+        """Without `search`, the counterexample is left out unless already found (and the reason says
+        nothing of it)."""
         out: dict[str, Any] = {
             "first": self.first,
             "second": self.second,
             "via": self.via,
             "verdict": self.verdict,
-            "reason": self.reason,
+            "reason": self._reason_text(search),
             "merged": self.merged,
-            "counterexample": self._counterexample_dict(),
+            "counterexample": self._counterexample_dict(search),
             "applied": self.applied,
         }
         self._size_fields(out)
@@ -125,16 +138,17 @@ class RegionEntry(_LazyCounterexample):
                                                                                               repr=False)
     _found: Any = field(default=_UNSEARCHED, repr=False)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, search: bool = True) -> dict[str, Any]:
+        """As PairEntry.to_dict."""
         out: dict[str, Any] = {
             "input": self.input,
             "output": self.output,
             "layers": self.layers,
             "kind": "branches" if self.branches else "chain",
             "verdict": self.verdict,
-            "reason": self.reason,
+            "reason": self._reason_text(search),
             "merged": self.merged,
-            "counterexample": self._counterexample_dict(),
+            "counterexample": self._counterexample_dict(search),
             "applied": self.applied,
             "macs": {"before": self.macs_before, "after": self.macs_after},
         }
@@ -214,10 +228,12 @@ class Report:
             "convs_after": self.convs - convs_removed,
         }
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, search: bool = True) -> dict[str, Any]:
+        """The JSON report (FORMAT.md, section 3). `search=False` runs no counterexample search: for a view
+        that shows no counterexample (the table without -v, the --fail-on gate)."""
         return {
-            "pairs": [p.to_dict() for p in self.pairs],
-            "regions": [r.to_dict() for r in self.regions],
+            "pairs": [p.to_dict(search) for p in self.pairs],
+            "regions": [r.to_dict(search) for r in self.regions],
             "summary": self.summary(),
             "merges": [m.to_dict() for m in self.merges],
             "policy": self.policy,
