@@ -4,16 +4,18 @@ Times, as medians of several runs in one process (2 torch threads unless --threa
   * convmerge.algebra.analyze (the verdict: supports, rules, bias check)
   * convmerge.algebra.merge (the kernel: one batched float64 GEMM + index_add tap scatter,
     algebra.compose_kernels) and its GFLOP/s
-  * convmerge.algebra.max_errors / convmerge.chain.verify (the numeric check; with a dtype the
-    rounding error of the stored weights comes from the same chain run)
-  * convmerge.chain.plan with policy 'all' (merges) and 'cheaper' (the 5x5 costs more under
-    spec.cost: no merge, and since planning is lazy no merged weight is built)
+  * convmerge.algebra.chain_errors (the numeric check at three border sizes)
+  * convmerge.api.fuse on the two convs as an nn.Sequential (float32) with policy 'all' (trace,
+    analyze, merge, verify in float64 with the rounding of the stored float32 weights, rebuild),
+    and convmerge.api.check with policy 'cheaper' (the 5x5 costs more under spec.cost: no merge,
+    and since planning is lazy no merged weight is built)
 and, as references, the bare float64 GEMM of the contraction alone ([O*9, M] @ [M, I*9]: the
 floor for an exact float64 merge on this machine), the same kernel as one GEMM plus 81 shifted
 tap additions (the earlier proposal), and as 81 per-tap GEMMs, checked against the library's
 kernel.
 
     python benchmarks/merge_speed.py [--channels 512] [--reps 3] [--per-tap]
+    python benchmarks/merge_speed.py --quick          # 256 channels, 2 reps
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load, median, table, write_json  # noqa: E402
 
-from convmerge import algebra, chain  # noqa: E402
+import convmerge.api as api  # noqa: E402
+from convmerge import algebra  # noqa: E402
 from convmerge.algebra import Conv  # noqa: E402
 from convmerge.spec import conv_spec  # noqa: E402
 
@@ -78,7 +81,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--per-tap", action="store_true", help="also time the 81-GEMM reference (slow)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="256 channels, 2 repetitions")
     args = ap.parse_args()
+    if args.quick:
+        args.channels, args.reps = 256, 2
     torch.set_num_threads(args.threads)
     load_before = load()
     c = args.channels
@@ -87,7 +93,12 @@ def main() -> None:
     cand = v.candidate
     merged = algebra.merge(c1, c2, cand)
     flops = 2 * c**3 * 81  # multiply-adds of the channel contraction, counted as 2 flops
-    sizes = chain.verification_sizes([c1, c2], merged.spec, None)
+    sizes = [(5, 5), (6, 6), (12, 12)]  # the borders of the 5x5 and one size past them
+    net = torch.nn.Sequential(torch.nn.Conv2d(c, c, 3, padding=2, bias=False), torch.nn.Conv2d(c, c, 3, padding=1))
+    with torch.no_grad():
+        net[0].weight.copy_(c1.weight)
+        net[1].weight.copy_(c2.weight)
+        net[1].bias.copy_(c2.bias)
 
     # correctness of the references (same float64 kernel up to summation order)
     ref = gemm_kernel(c1, c2)
@@ -105,13 +116,10 @@ def main() -> None:
         ("reference: float32 conv_transpose (not exact)", lambda: torch.nn.functional.conv_transpose2d(
             c1.weight.float().transpose(0, 1), c2.weight.float().transpose(0, 1)).transpose(0, 1), flops),
         (f"algebra.chain_errors ({len(sizes)} sizes, narrowed)", lambda: algebra.chain_errors([c1, c2], [merged], sizes), None),
-        ("chain.verify (float64 only)", lambda: chain.verify([c1, c2], merged, None), None),
-        ("chain.verify, dtype=float32 (+ rounding error)", lambda: chain.verify([c1, c2], merged, None, torch.float32),
+        ("api.fuse policy=all, float32 (trace+analyze+merge+verify+rebuild)",
+         lambda: api.fuse(net, policy="all"), None),
+        ("api.check policy=cheaper (trace+analyze: lazy, no merge built)", lambda: api.check(net, policy="cheaper"),
          None),
-        ("chain.plan policy=all, dtype=float32 (analyze+merge+verify)",
-         lambda: chain.plan([c1, c2], None, "all", dtype=torch.float32), None),
-        ("chain.plan policy=cheaper (analyze only: lazy, no merge built)",
-         lambda: chain.plan([c1, c2], None, "cheaper", dtype=torch.float32), None),
     ]
     if args.per_tap:
         cases.insert(3, ("reference: 81 float64 per-tap GEMMs", lambda: tap_kernel(c1, c2), flops))
@@ -131,19 +139,19 @@ def main() -> None:
         rows.append([name, med * 1e3, min(times[name]) * 1e3, f"{gfs:.1f}" if gfs else ""])
         results.append({"case": name, "median_s": med, "min_s": min(times[name]), "times_s": times[name],
                         "gflops": gfs})
-    segs = chain.plan([c1, c2], None, "cheaper")
+    kept = api.check(net, policy="cheaper")["summary"]["merged"]
     print(f"## merge_speed: {c}->{c} 3x3 pad 2 then {c}->{c} 3x3 pad 1 (float64, {args.threads} threads, "
           f"median of {args.reps}; load average before {load_before}, after {load()})\n")
     print(f"verdict: {v.verdict}; merged: {list(merged.spec.kernel_size)} kernel, padding {merged.spec.padding}; "
           f"contraction {c}^3*81 = {c**3 * 81 / 1e9:.2f} G MACs = {flops / 1e9:.1f} GFLOP; "
-          f"verification sizes {sizes}; policy 'cheaper' keeps {sum(s.merged for s in segs)} merge(s)\n")
+          f"verification sizes {sizes}; policy 'cheaper' keeps {kept} merge(s)\n")
     print(table(["step", "median ms", "min ms", "GFLOP/s"], rows))
     print(f"\nreference kernels vs algebra.merge: max relative difference one-GEMM {diff_gemm:.2g}, "
           f"per-tap {diff_tap if diff_tap is None else f'{diff_tap:.2g}'}")
     path = write_json(f"merge_speed_t{args.threads}.json", {"channels": c, "threads": args.threads, "reps": args.reps,
                                            "flop": flops, "verification_sizes": sizes, "results": results,
                                            "ref_diff_gemm": diff_gemm, "ref_diff_tap": diff_tap})
-    print(f"\nwrote {path}")
+    print(f"\nwrote {path}\nreproduce: python benchmarks/merge_speed.py {' '.join(sys.argv[1:])}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ channels each net takes at the resolution of a ResNet's first stage), times CPU 
 
   original | convmerge.fuse(net, input_size=(56, 56), policy='cheaper') | ... policy='all'
   (and, for the CP net, 'dw pair only': only the two depthwise convs merged, by fusing that slice;
-  and 'cheaper before (MAC score)': policy 'cheaper' with chain.cost replaced by the plain MAC
-  count, which is what the policy scored before spec.cost; timed only where it picks differently)
+  with --channels-last, also the original and 'cheaper' run in channels-last memory format, module
+  and input, in the same interleaved run)
 
 interleaved (every repetition runs every variant once, in a rotating order; a sample is the mean
 over enough calls to last ~30 ms); the speedup is the median over repetitions of the ratio of
@@ -19,7 +19,9 @@ model (spec.cost, the sum over the variant's convs, per image). Finally it times
 isolation and fits  t = t0 + MACs / R_kind + bytes / BW  (kind: dense kxk, pointwise 1x1,
 depthwise; bytes: input + output activations + weights, float32) to propose a cost model.
 
-    python benchmarks/model_speed.py [--reps 11] [--batches 1,16] [--nets expandnet,tucker,cp,vgg_bn,dwsep]
+    python benchmarks/model_speed.py [--reps 11] [--batches 1,16] [--channels-last]
+                                     [--nets expandnet,tucker,cp,vgg_bn,dwsep,repvgg]
+    python benchmarks/model_speed.py --quick        # expandnet and repvgg, batch 16, 3 repetitions
 """
 
 from __future__ import annotations
@@ -29,9 +31,8 @@ import copy
 import math
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -39,10 +40,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load, median, table, write_json  # noqa: E402
 
-import convmerge  # noqa: E402
-from convmerge import chain as cm_chain  # noqa: E402
+import convmerge.api as convmerge  # noqa: E402
 from convmerge.modules import spec_of  # noqa: E402
-from convmerge.spec import cost as spec_cost, macs as spec_macs  # noqa: E402
+from convmerge.spec import cost as spec_cost  # noqa: E402
 
 SIZE = 56
 
@@ -108,12 +108,32 @@ def dwsep(c: int = 64, blocks: int = 3) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+class RepVGGBlock(nn.Module):
+    """A RepVGG training-time block: 3x3 conv + BN, 1x1 conv + BN and a BN identity, summed, then ReLU
+    (a region with parallel branches: one 3x3 conv once merged)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dense = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.point = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.ident = nn.BatchNorm2d(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x) + self.point(x) + self.ident(x))
+
+
+def repvgg(c: int = 64, blocks: int = 3) -> nn.Module:
+    return nn.Sequential(*[RepVGGBlock(c) for _ in range(blocks)])
+
+
 NETS: dict[str, tuple[Callable[[], nn.Module], int, str]] = {
     "expandnet": (expandnet, 32, "1x1 32->128, 3x3 128->128, 1x1 128->32; x2"),
     "tucker": (tucker, 128, "1x1 128->32, 3x3 32->32, 1x1 32->128; x3"),
     "cp": (cp, 64, "1x1 64->32, 3x1 dw, 1x3 dw, 1x1 32->64; x3"),
     "vgg_bn": (vgg, 64, "3x3 p1 64->64, BN, 3x3 p0 64->64, BN; x3"),
     "dwsep": (dwsep, 64, "dw 3x3 64, 1x1 64->64; x3"),
+    "repvgg": (repvgg, 64, "RepVGG block: 3x3+BN | 1x1+BN | BN, summed, ReLU; 64 channels; x3"),
 }
 
 
@@ -139,17 +159,6 @@ def fuse_slices(net: nn.Module, path: str, start: int, stop: int) -> nn.Module:
             for j, i in enumerate(range(start, stop)):
                 m[i] = fused[j]
     return out.eval()
-
-
-@contextmanager
-def mac_score() -> Iterator[None]:
-    """'cheaper' as it was before spec.cost: chain.plan scored a segment by its MAC count alone."""
-    orig = cm_chain.cost
-    cm_chain.cost = lambda spec, size, itemsize=4: float(spec_macs(spec, size))
-    try:
-        yield
-    finally:
-        cm_chain.cost = orig
 
 
 def picks(report: dict[str, Any], nconv: int, nconv_orig: int) -> str:
@@ -232,7 +241,11 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--nets", default=",".join(NETS))
+    ap.add_argument("--channels-last", action="store_true", help="also run original and 'cheaper' channels-last")
+    ap.add_argument("--quick", action="store_true", help="--nets expandnet,repvgg --batches 16 --reps 3")
     args = ap.parse_args()
+    if args.quick:
+        args.nets, args.batches, args.reps = "expandnet,repvgg", "16", 3
     torch.set_num_threads(args.threads)
     load_before = load()
     batches = [int(b) for b in args.batches.split(",")]
@@ -250,27 +263,22 @@ def main() -> None:
             variants[policy] = convmerge.fuse(net, input_size=(SIZE, SIZE), policy=policy).eval()
         if name == "cp":
             variants["dw pair only"] = fuse_slices(net, "", 1, 3)
-        with mac_score():
-            before = convmerge.fuse(net, input_size=(SIZE, SIZE), policy="cheaper").eval()
-            rep_before = convmerge.check(net, input_size=(SIZE, SIZE), policy="cheaper")
+        if args.channels_last:
+            for k in ("original", "cheaper"):
+                variants[f"{k}, channels-last"] = copy.deepcopy(variants[k]).to(memory_format=torch.channels_last)
         fuse_s = time.perf_counter() - t
         rep = convmerge.check(net, input_size=(SIZE, SIZE), policy="cheaper")
         merges_cheaper = rep["summary"]["merged"]
         merges_all = convmerge.check(net, input_size=(SIZE, SIZE), policy="all")["summary"]["merged"]
         x1 = torch.randn(1, ch, SIZE, SIZE)
-        shape = {k: (len(conv_layers(v, x1)), sum(c["macs"] for c in conv_layers(v, x1)))
-                 for k, v in dict(variants, before=before).items()}
-        before_same = shape["before"] == shape["cheaper"]
-        if not before_same:
-            variants["cheaper before (MAC score)"] = before
-        choices.append({"net": name, "before": picks(rep_before, shape["before"][0], shape["original"][0]),
-                        "now": picks(rep, shape["cheaper"][0], shape["original"][0]), "same": before_same})
+        shape = {k: (len(conv_layers(v, x1)), sum(c["macs"] for c in conv_layers(v, x1))) for k, v in variants.items()}
+        choices.append({"net": name, "now": picks(rep, shape["cheaper"][0], shape["original"][0])})
         for b in batches:
             x = torch.randn(b, ch, SIZE, SIZE)
             with torch.no_grad():
                 ref = net(x)
                 for k, v in variants.items():
-                    err = float((v(x) - ref).abs().max() / ref.abs().max())
+                    err = float((v(_layout(k, x)) - ref).abs().max() / ref.abs().max())
                     assert err < 1e-4, f"{name}/{k}: fused output differs by {err}"
             macs = {k: sum(c["macs"] for c in conv_layers(v, x[:1])) for k, v in variants.items()}
             lib_cost = {k: sum(c["cost"] for c in conv_layers(v, x[:1])) for k, v in variants.items()}
@@ -279,13 +287,13 @@ def main() -> None:
                          for c in conv_layers(v, x)] for k, v in variants.items()}
             nconv = {k: len(conv_layers(v, x[:1])) for k, v in variants.items()}
 
-            def runner(m: nn.Module) -> Callable[[], Any]:
+            def runner(m: nn.Module, xk: torch.Tensor) -> Callable[[], Any]:
                 def run() -> Any:
                     with torch.no_grad():
-                        return m(x)
+                        return m(xk)
                 return run
 
-            times = interleaved({k: runner(v) for k, v in variants.items()}, args.reps, target=0.03)
+            times = interleaved({k: runner(v, _layout(k, x)) for k, v in variants.items()}, args.reps, target=0.03)
             med = {k: median(v) for k, v in times.items()}
             # paired: each repetition's original and variant samples ran back to back, under the same load
             paired = {k: median([o / t for o, t in zip(times["original"], times[k])]) for k in variants}
@@ -329,8 +337,8 @@ def main() -> None:
     print(f"## model_speed: CPU inference, {args.threads} threads, float32, input [B, C, {SIZE}, {SIZE}], "
           f"{args.reps} interleaved repetitions; load average before {load_before}, after {load()}\n")
     print("speedup = median over repetitions of (original time / variant time) of the same repetition "
-          "(>1: faster; the two ran back to back, so a burst of load from other processes hits both); MAC ratio = original MACs / variant MACs "
-          "(what 'cheaper' scored before spec.cost); spec.cost ratio = the same under the library's cost model "
+          "(>1: faster; the two ran back to back, so a burst of load from other processes hits both); MAC ratio = original MACs / variant MACs; "
+          "spec.cost ratio = the same under the library's cost model "
           "(spec.cost per image, what 'cheaper' scores now); fitted-model ratio = the same ratio under the per-layer time "
           "model fitted below (t0 + MACs/R_kind + bytes/BW, summed over the variant's convs); speedup (min) uses the fastest sample of each variant instead of "
           "the median. **bold**: the policy's choice runs >5% slower than the original, or another variant is "
@@ -351,8 +359,8 @@ def main() -> None:
                               / sum(fit["predict"](f) for f in r["layer_features"]))
     for r in results:
         best = max(eff(s) for s in results if s["net"] == r["net"] and s["batch"] == r["batch"]
-                   and (s is r or not equivalent(s, r)))
-        flag = r["variant"] in ("cheaper", "all", "cheaper before (MAC score)") and (eff(r) < 0.95 or best > 1.05 * eff(r))
+                   and (s is r or not equivalent(s, r)) and "channels-last" not in s["variant"])
+        flag = r["variant"] in ("cheaper", "all") and (eff(r) < 0.95 or best > 1.05 * eff(r))
         r["flagged"] = flag
         sp = f"{r['speedup']:.2f}"
         variant = r["variant"] + (" (nothing merged: noise control)" if r["same_as_original"] else "")
@@ -361,16 +369,19 @@ def main() -> None:
                      f"{r['cost_ratio']:.2f}", f"{r['model_speedup']:.2f}", f"{r['macs_per_image'] / 1e6:.0f}"])
     print(table(["net", "batch", "variant", "convs", "median ms", "speedup", "speedup (min)", "MAC ratio",
                  "spec.cost ratio", "fitted-model ratio", "MMACs/image"], rows))
-    print("\n### what 'cheaper' picks: before (MAC score) and now (spec.cost)\n")
+    print("\n### what 'cheaper' picks, and whether it chose right (goal 5)\n")
     rows = []
     for c in choices:
         for b in batches:
             got = {r["variant"]: eff(r) for r in results if r["net"] == c["net"] and r["batch"] == b}
-            now = got["cheaper"]
-            then = now if c["same"] else got["cheaper before (MAC score)"]
-            rows.append([c["net"], b, c["before"], c["now"] if not c["same"] else "same", f"{then:.2f}", f"{now:.2f}"])
-    print(table(["net", "batch", "before: MAC score picks", "now: spec.cost picks", "speedup before", "speedup now"],
-                rows))
+            plain = {k: v for k, v in got.items() if "channels-last" not in k}
+            best = max(plain, key=plain.__getitem__)
+            right = plain["cheaper"] >= 0.95 * plain[best]
+            cl = (f"{got['cheaper, channels-last'] / got['cheaper']:.2f}" if "cheaper, channels-last" in got else "")
+            rows.append([c["net"], b, c["now"], f"{got['cheaper']:.2f}", f"{best} ({plain[best]:.2f})",
+                         "yes" if right else "**no**", cl])
+    print(table(["net", "batch", "cheaper picks", "speedup", "fastest variant", "cheaper within 5% of it",
+                 "channels-last / contiguous (cheaper)"], rows))
     print("\nnets: " + "; ".join(f"{k}: {v[2]}" for k, v in NETS.items() if k in args.nets))
     for line in verdict_lines:
         print(line)
@@ -391,7 +402,12 @@ def main() -> None:
                                                        for r in results], "layers": layer_samples,
                                            "fit": {k: v for k, v in fit.items() if k != "predict"},
                                            "verdicts": verdict_lines, "choices": choices})
-    print(f"\nwrote {path}")
+    print(f"\nwrote {path}\nreproduce: python benchmarks/model_speed.py {' '.join(sys.argv[1:])}")
+
+
+def _layout(variant: str, x: torch.Tensor) -> torch.Tensor:
+    """The input in the variant's memory format."""
+    return x.contiguous(memory_format=torch.channels_last) if "channels-last" in variant else x
 
 
 def fit_cost_model(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -44,8 +44,9 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -56,13 +57,15 @@ from convmerge import io as cio  # noqa: E402
 
 TIME = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
 CONVMERGE = shutil.which("convmerge") or "convmerge"
+FLOOR = "python -c 'import torch'; cp; sync"
+"""The floor for a tool that imports torch and writes a durable copy (goal 1 of issue 13)."""
 
 
 # --- the model ---------------------------------------------------------------------------------
 
 
 def generate(path: Path, gb: float, cycles: int, width: int, expand: int, trunk_share: float = 0.4,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, trunk: str = "single") -> dict[str, Any]:
     """Write the model; return counts. Tensors are made one at a time (LazyTensor)."""
     total = int(gb * 2**30)
     c, e = width, width * expand
@@ -106,12 +109,16 @@ def generate(path: Path, gb: float, cycles: int, width: int, expand: int, trunk_
             kinds[k] += 1
     used = sum(4 * math.prod(s.shape) for _, s in tensors)
     # trunk: wide 3x3 convs separated by ReLUs (no pairs), filling `trunk_share` of the file
+    # ('pairs': each a 3x3 then a 1x1, which 'cheaper' merges into one 3x3: many large merges)
     tw = 512
-    per_trunk = 4 * (tw * tw * 9 + tw)
+    per_trunk = 4 * (tw * tw * 9 + tw) + (4 * (tw * tw + tw) if trunk == "pairs" else 0)
     n_trunk = max(0, int((trunk_share * total) // per_trunk))
     x = conv("trunk.in", x, c, tw, 1, 0, True)
     for i in range(n_trunk):
-        x = relu(f"trunk.{i}.relu", conv(f"trunk.{i}", x, tw, tw, 3, 1, True))
+        x = conv(f"trunk.{i}", x, tw, tw, 3, 1, True)
+        if trunk == "pairs":
+            x = conv(f"trunk.{i}.p", x, tw, tw, 1, 0, True)
+        x = relu(f"trunk.{i}.relu", x)
     used = sum(4 * math.prod(s.shape) for _, s in tensors)
     emb_dim = 1024
     emb_rows = max(1, int(max(0, 0.6 * (total - used)) / 4 / emb_dim))
@@ -127,7 +134,7 @@ def generate(path: Path, gb: float, cycles: int, width: int, expand: int, trunk_
     convs = sum(1 for layer in layers if layer["op"] == "conv2d")
     conv_bytes = sum(4 * math.prod(t.shape) for n, t in tensors if n.split(".")[0] in ("blocks", "trunk"))
     return {"bytes": path.stat().st_size, "conv_bytes": conv_bytes, "layers": len(layers), "convs": convs,
-            "trunk_convs": n_trunk, "tensors": len(tensors), "blocks": dict(kinds), "width": c, "expand": expand}
+            "trunk_convs": n_trunk, "trunk": trunk, "tensors": len(tensors), "blocks": dict(kinds), "width": c, "expand": expand}
 
 
 # --- timing ------------------------------------------------------------------------------------
@@ -160,132 +167,143 @@ def bench_size(gb: float, args: argparse.Namespace) -> dict[str, Any]:
     od = out_dir()
     src, dst = od / f"throughput_{gb:g}gb.safetensors", od / f"throughput_{gb:g}gb.out.safetensors"
     t = time.perf_counter()
-    info = generate(src, gb, args.cycles, args.width, args.expand, args.trunk_share)
+    info = generate(src, gb, args.cycles, args.width, args.expand, args.trunk_share, trunk=args.trunk)
     info["generate_s"] = time.perf_counter() - t
     print(f"generated {src.name}: {info['bytes'] / 2**30:.3f} GiB, {info['layers']} layers, {info['convs']} convs, "
           f"blocks {info['blocks']} in {info['generate_s']:.1f}s", file=sys.stderr)
-    load_before = load()
     subprocess.run(["cat", str(src)], stdout=subprocess.DEVNULL, check=True)  # SRC is in the page cache from here on
     fuse_cmd = [CONVMERGE, "fuse", str(src), "-o", str(dst), "--force", "-q", "--policy", args.policy]
     cases = {
         "cp": lambda: run_timed(["cp", str(src), str(dst)]),
         "cp + sync": lambda: run_timed(f"cp '{src}' '{dst}' && sync '{dst}'", shell=True),
+        FLOOR: lambda: run_timed(f"'{sys.executable}' -c 'import torch' && cp '{src}' '{dst}' && sync '{dst}'",
+                                 shell=True),
         "convmerge fuse": lambda: run_timed(fuse_cmd),
-        "convmerge fuse, 1 thread": lambda: run_timed(["env", "OMP_NUM_THREADS=1"] + fuse_cmd),
     }
+    if args.one_thread:
+        cases["convmerge fuse, OMP_NUM_THREADS=1"] = lambda: run_timed(["env", "OMP_NUM_THREADS=1"] + fuse_cmd)
+    if args.load:
+        busy = 2 * (os.cpu_count() or 1)
+        check_cmd = [CONVMERGE, "check", str(src), "-q", "--policy", args.policy]
+        cases["convmerge check"] = lambda: run_timed(check_cmd)
+        cases[f"convmerge check, {busy} busy"] = lambda: loaded(busy, lambda: run_timed(check_cmd))
+        cases[f"convmerge fuse, {busy} busy"] = lambda: loaded(busy, lambda: run_timed(fuse_cmd))
     times: dict[str, list[float]] = {k: [] for k in cases}
     rss: dict[str, list[int]] = {k: [] for k in cases}
-    for rep in range(args.reps):
-        for name, fn in cases.items():
-            wall, peak = fn()
-            times[name].append(wall)
-            rss[name].append(peak or 0)
-            if name == "convmerge fuse" and rep == 0:
-                fused_bytes = dst.stat().st_size
-                fused_layers = len(json.loads(cio.read_header(dst).metadata["convmerge.graph"])["layers"])
-            dst.unlink()
-            print(f"  rep {rep + 1}/{args.reps} {name}: {wall:.2f}s", file=sys.stderr)
+    load_before = load()
+    with hogs(args.hog):
+        for rep in range(args.reps):
+            for name, fn in cases.items():
+                wall, peak = fn()
+                times[name].append(wall)
+                rss[name].append(peak or 0)
+                if name == "convmerge fuse" and rep == 0:
+                    fused_bytes = dst.stat().st_size
+                    fused_layers = len(json.loads(cio.read_header(dst).metadata["convmerge.graph"])["layers"])
+                if dst.exists():
+                    dst.unlink()
+                print(f"  rep {rep + 1}/{args.reps} {name}: {wall:.2f}s", file=sys.stderr)
+        load_after = load()
     imports = [run_timed([sys.executable, "-c", "import torch, convmerge.model, convmerge.cli"]) for _ in range(3)]
     baseline_rss = max(r for _, r in imports if r)
     import_s = median([w for w, _ in imports])
-    breakdown = profile_in_process(src, dst, args.policy)
+    breakdown = profile_in_process(src, dst, args.policy) if args.profile else None
     if dst.exists():
         dst.unlink()
     if not args.keep:
         src.unlink()
     med = {k: median(v) for k, v in times.items()}
     return {
-        "gb": gb, "model": info, "fused_bytes": fused_bytes, "fused_layers": fused_layers,
+        "gb": gb, "model": info, "fused_bytes": fused_bytes, "fused_layers": fused_layers, "hog": args.hog,
         "times_s": times, "median_s": med, "peak_rss_kib": rss, "baseline_rss_kib": baseline_rss,
         "import_s": import_s,
         "ratio_fuse_cp": med["convmerge fuse"] / med["cp"], "ratio_fuse_cp_sync": med["convmerge fuse"] / med["cp + sync"],
-        "load_before": load_before, "load_after": load(),
+        "ratio_fuse_floor": med["convmerge fuse"] / med[FLOOR],
+        "load_before": load_before, "load_after": load_after,
         "breakdown": breakdown,
     }
+
+
+def loaded(n: int, fn: Any) -> Any:
+    """fn() while n busy processes run (goal 2 of issue 13: fuse and check under a load of 2x the cores)."""
+    with hogs(n):
+        return fn()
+
+
+@contextmanager
+def hogs(n: int) -> Iterator[None]:
+    """n busy Python processes for the duration (simulated load), stopped by their pid afterwards."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        if procs:
+            time.sleep(2)
+        yield
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait()
 
 
 # --- where fuse spends its time (in process) ------------------------------------------------------
 
 
 def profile_in_process(src: Path, dst: Path, policy: str) -> dict[str, Any]:
-    """fuse_file once, with timing wrappers around the library's steps (phase = plan or write)."""
-    from convmerge import algebra, chain, graph, model
+    """`convmerge fuse -q` once in this process, with timing wrappers around the library's steps."""
+    from convmerge import algebra, cli, graph, model, plan
 
     acc: dict[str, float] = defaultdict(float)
     cnt: dict[str, int] = defaultdict(int)
-    state = {"phase": "other", "in_verify": False}
+    state = {"phase": "other"}
     saved: list[tuple[Any, str, Any]] = []
 
-    def wrap(obj: Any, attr: str, label: Any) -> None:
+    def wrap(obj: Any, attr: str, label: Any, phase: str = "") -> None:
         orig = getattr(obj, attr)
         saved.append((obj, attr, orig))
 
         def wrapper(*a: Any, **k: Any) -> Any:
             name = label() if callable(label) else label
+            before = state["phase"]
+            if phase:
+                state["phase"] = phase
             t = time.perf_counter()
             try:
                 return orig(*a, **k)
             finally:
                 acc[name] += time.perf_counter() - t
                 cnt[name] += 1
+                state["phase"] = before
         setattr(obj, attr, wrapper)
 
-    def phased(obj: Any, attr: str, phase: str) -> None:
-        orig = getattr(obj, attr)
-        saved.append((obj, attr, orig))
-
-        def wrapper(*a: Any, **k: Any) -> Any:
-            state["phase"] = phase
-            t = time.perf_counter()
-            try:
-                return orig(*a, **k)
-            finally:
-                acc[f"phase: {phase}"] += time.perf_counter() - t
-                state["phase"] = "other"
-        setattr(obj, attr, wrapper)
-
-    def verify_flag(obj: Any, attr: str) -> None:
-        orig = getattr(obj, attr)
-        saved.append((obj, attr, orig))
-
-        def wrapper(*a: Any, **k: Any) -> Any:
-            state["in_verify"] = True
-            t = time.perf_counter()
-            try:
-                return orig(*a, **k)
-            finally:
-                state["in_verify"] = False
-                acc["chain.verify"] += time.perf_counter() - t
-                cnt["chain.verify"] += 1
-        setattr(obj, attr, wrapper)
-
-    phased(model, "analyze", "plan (model.analyze)")
-    phased(cio, "write_model", "write (io.write_model)")
-    verify_flag(chain, "verify")
-    wrap(algebra, "merge", lambda: f"algebra.merge (batched GEMM) during {state['phase'].split(' ')[0]}")
-    wrap(algebra, "max_errors", lambda: "algebra.max_errors (float64 + stored dtype, one chain run) inside chain.verify"
-         if state["in_verify"] else "algebra.max_errors outside chain.verify")
-    wrap(algebra, "analyze", lambda: f"algebra.analyze (verdicts) during {state['phase'].split(' ')[0]}")
-    wrap(chain, "judge_pairs", "chain.judge_pairs (verdicts + counterexamples)")
-    wrap(chain, "find_counterexample", "chain.find_counterexample")
-    wrap(chain, "plan", "chain.plan (lazy merges + verify)")
+    during = lambda what: lambda: f"{what} during {state['phase']}"  # noqa: E731
+    wrap(model, "analyze", "phase: plan (model.analyze -> plan.build)", "plan")
+    wrap(cio, "write_model", "phase: write (io.write_model)", "write")
+    wrap(plan._Planner, "run", "plan: regions (reduce, choose, verify)")
+    wrap(plan._Planner, "_unit", "plan: verification of each chosen merge (plan._Planner._unit)")
+    wrap(algebra, "max_errors", "algebra.max_errors (float64 + stored dtype, one run of the layers)")
+    wrap(plan, "_judge_pair", "plan: pair verdicts (plan._judge_pair)")
+    wrap(plan, "_search", "counterexample searches (plan._search)")
+    wrap(algebra, "compose_kernels", during("algebra.compose_kernels (batched GEMM)"))
+    wrap(algebra, "analyze", during("algebra.analyze (pair rules)"))
+    wrap(plan.Loader, "finite", "plan.Loader.finite (NaN/Inf checks)")
     if hasattr(cio, "_copy_in_kernel"):
         wrap(cio, "_copy_in_kernel", "io._copy_in_kernel (os.copy_file_range of untouched tensors)")
-    wrap(cio, "read_tensor", lambda: f"io.read_tensor during {state['phase'].split(' ')[0]}")
+    wrap(cio, "read_tensor", during("io.read_tensor"))
     wrap(cio, "read_header", "io.read_header")
     wrap(model, "parse", "graph.parse")
     wrap(graph.Graph, "pairs", "Graph.pairs")
-    wrap(graph.Graph, "chains", "Graph.chains")
     wrap(os, "fsync", "os.fsync")
+    argv = ["fuse", str(src), "-o", str(dst), "--force", "-q", "--policy", policy]
     try:
         t = time.perf_counter()
-        model.fuse_file(str(src), str(dst), input_size=None, policy=policy, force=True)
+        code = cli.app(argv, standalone_mode=False)  # the command itself, in this process (imports paid)
         total = time.perf_counter() - t
+        if code:
+            raise RuntimeError(f"convmerge {' '.join(argv)} exited {code}")
     finally:
         for obj, attr, orig in reversed(saved):
             setattr(obj, attr, orig)
     steps = {k: {"s": v, "calls": cnt.get(k, 0), "share": v / total} for k, v in sorted(acc.items())}
-    return {"total_s": total, "steps": steps}
+    return {"total_s": total, "steps": steps, "argv": argv}
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -297,30 +315,43 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--cycles", type=int, default=6, help="repetitions of the A B C D blocks (merge work)")
     ap.add_argument("--width", type=int, default=64, help="block width c")
-    ap.add_argument("--trunk-share", type=float, default=0.4, help="share of the file in wide unpaired 3x3 convs")
+    ap.add_argument("--trunk-share", type=float, default=0.4, help="share of the file in wide 3x3 convs")
+    ap.add_argument("--trunk", default="single", choices=["single", "pairs"],
+                    help="single: unpaired 3x3 convs; pairs: each 3x3 followed by a 1x1 (merged: many large merges)")
     ap.add_argument("--expand", type=int, default=4, help="expansion E = expand * c")
     ap.add_argument("--policy", default="cheaper", choices=["cheaper", "all"])
+    ap.add_argument("--hog", type=int, default=0, help="busy processes during the timed runs (simulated load)")
+    ap.add_argument("--one-thread", action="store_true", help="also time fuse with OMP_NUM_THREADS=1")
+    ap.add_argument("--load", action="store_true",
+                    help="also time check, and check and fuse each under 2x nproc busy processes (started per run)")
+    ap.add_argument("--quick", action="store_true", help="--gb 0.25 --reps 2")
+    ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the in-process breakdown")
     ap.add_argument("--keep", action="store_true", help="keep the generated model in benchmarks/out/")
     args = ap.parse_args()
+    if args.quick:
+        args.gb, args.reps = "0.25", 2
     sizes = [float(s) for s in args.gb.split(",")]
     if TIME is None:
         print("note: /usr/bin/time not found (apt-get install time); peak RSS from getrusage", file=sys.stderr)
     results = [bench_size(gb, args) for gb in sizes]
 
-    print(f"## throughput: cp vs convmerge fuse (median of {args.reps} interleaved runs, policy {args.policy})\n")
+    cmd = " ".join(["python benchmarks/throughput.py"] + sys.argv[1:])
+    print(f"## throughput: `{cmd}` (median of {args.reps} interleaved runs, policy {args.policy}, trunk "
+          f"{args.trunk}{f', {args.hog} busy processes' if args.hog else ''})\n")
     print("SRC is read once with `cat` before timing, so every run reads it from the page cache; cp alone "
-          "leaves its output in the page cache (no fsync) while fuse fsyncs it, hence the `cp + sync` column.\n")
+          "leaves its output in the page cache (no fsync) while fuse fsyncs it, hence the `cp + sync` column; "
+          f"the floor `{FLOOR}` adds what any tool that imports torch pays.\n")
     rows = []
+    extra = [k for k in results[0]["median_s"] if "OMP" in k]
     for r in results:
         m, info = r["median_s"], r["model"]
-        rows.append([f"{info['bytes'] / 2**30:.3f}", info["layers"], info["convs"], r["fused_layers"],
-                     m["cp"], m["cp + sync"], m["convmerge fuse"], m["convmerge fuse, 1 thread"],
-                     r["ratio_fuse_cp"], r["ratio_fuse_cp_sync"],
+        rows.append([f"{info['bytes'] / 2**30:.3f}", info["convs"], r["fused_layers"],
+                     m["cp"], m["cp + sync"], m[FLOOR], m["convmerge fuse"], *[m[k] for k in extra],
+                     f"**{r['ratio_fuse_floor']:.2f}**", r["ratio_fuse_cp_sync"],
                      f"{max(r['peak_rss_kib']['convmerge fuse']) / 1024:.0f}", f"{r['baseline_rss_kib'] / 1024:.0f}",
-                     r["import_s"],
-                     f"{r['load_before']} / {r['load_after']}"])
-    print(table(["GiB", "layers", "convs", "layers after", "cp s", "cp+sync s", "fuse s", "fuse 1-thread s",
-                 "fuse/cp", "fuse/(cp+sync)", "fuse peak RSS MiB", "import-only RSS MiB", "import-only s",
+                     r["import_s"], f"{r['load_before']} / {r['load_after']}"])
+    print(table(["GiB", "convs", "layers after", "cp s", "cp+sync s", "floor s", "fuse s", *extra,
+                 "fuse/floor", "fuse/(cp+sync)", "fuse peak RSS MiB", "import-only RSS MiB", "import-only s",
                  "load avg before / after"], rows))
     print("\nspread over the runs (min-max seconds):\n")
     print(table(["GiB"] + list(results[0]["times_s"]),
@@ -328,12 +359,30 @@ def main() -> None:
                  for r in results]))
     for r in results:
         b = r["breakdown"]
-        print(f"\n### where fuse spends its time, in process, {r['model']['bytes'] / 2**30:.3f} GiB "
-              f"(total {b['total_s']:.2f}s; nested rows overlap)\n")
+        if b is None:
+            continue
+        print(f"\n### where `convmerge {' '.join(b['argv'][:1])} ... -q` spends its time, in process, "
+              f"{r['model']['bytes'] / 2**30:.3f} GiB (total {b['total_s']:.2f}s after the imports; nested rows "
+              "overlap)\n")
         print(table(["step", "calls", "seconds", "share of total"],
                     [[k, v["calls"] or "", v["s"], f"{100 * v['share']:.1f}%"] for k, v in b["steps"].items()]))
-    path = write_json(f"throughput_{args.gb.replace(',', '_')}gb_c{args.cycles}.json", {"policy": args.policy, "reps": args.reps, "results": results})
-    print(f"\nwrote {path}")
+    name = f"throughput_{args.gb.replace(',', '_')}gb_{args.trunk}{f'_hog{args.hog}' if args.hog else ''}.json"
+    path = write_json(name, {"policy": args.policy, "reps": args.reps, "argv": sys.argv[1:], "results": results})
+    busy_rows = []
+    for r in results:
+        m = r["median_s"]
+        busy = {k.split(", ")[0]: k for k in m if k.endswith(" busy")}
+        if busy:
+            busy_rows.append([f"{r['model']['bytes'] / 2**30:.3f}", busy["convmerge check"].split(", ")[1],
+                              m["convmerge check"], m[busy["convmerge check"]],
+                              f"**{m[busy['convmerge check']] / m['convmerge check']:.2f}**",
+                              m["convmerge fuse"], m[busy["convmerge fuse"]],
+                              f"**{m[busy['convmerge fuse']] / m['convmerge fuse']:.2f}**"])
+    if busy_rows:
+        print("\n### under load (goal 2: at most 1.2x slower than quiet), same run, interleaved\n")
+        print(table(["GiB", "load", "check quiet s", "check busy s", "check busy/quiet", "fuse quiet s", "fuse busy s",
+                     "fuse busy/quiet"], busy_rows))
+    print(f"\nwrote {path}\nreproduce: {cmd}")
 
 
 if __name__ == "__main__":
