@@ -185,8 +185,13 @@ def bench_size(gb: float, args: argparse.Namespace) -> dict[str, Any]:
     if args.load:
         busy = 2 * (os.cpu_count() or 1)
         check_cmd = [CONVMERGE, "check", str(src), "-q", "--policy", args.policy]
+        torch_cmd = [sys.executable, "-c", "import torch"]
+        cases["import torch"] = lambda: run_timed(torch_cmd)
+        cases[f"import torch, {busy} busy"] = lambda: loaded(busy, lambda: run_timed(torch_cmd))
         cases["convmerge check"] = lambda: run_timed(check_cmd)
         cases[f"convmerge check, {busy} busy"] = lambda: loaded(busy, lambda: run_timed(check_cmd))
+        cases[f"convmerge check OMP_NUM_THREADS=1, {busy} busy"] = lambda: loaded(
+            busy, lambda: run_timed(["env", "OMP_NUM_THREADS=1"] + check_cmd))
         cases[f"convmerge fuse, {busy} busy"] = lambda: loaded(busy, lambda: run_timed(fuse_cmd))
     times: dict[str, list[float]] = {k: [] for k in cases}
     rss: dict[str, list[int]] = {k: [] for k in cases}
@@ -342,7 +347,7 @@ def main() -> None:
           "leaves its output in the page cache (no fsync) while fuse fsyncs it, hence the `cp + sync` column; "
           f"the floor `{FLOOR}` adds what any tool that imports torch pays.\n")
     rows = []
-    extra = [k for k in results[0]["median_s"] if "OMP" in k]
+    extra = [k for k in results[0]["median_s"] if "OMP" in k and not k.endswith(" busy")]
     for r in results:
         m, info = r["median_s"], r["model"]
         rows.append([f"{info['bytes'] / 2**30:.3f}", info["convs"], r["fused_layers"],
@@ -371,17 +376,19 @@ def main() -> None:
     busy_rows = []
     for r in results:
         m = r["median_s"]
-        busy = {k.split(", ")[0]: k for k in m if k.endswith(" busy")}
-        if busy:
-            busy_rows.append([f"{r['model']['bytes'] / 2**30:.3f}", busy["convmerge check"].split(", ")[1],
-                              m["convmerge check"], m[busy["convmerge check"]],
-                              f"**{m[busy['convmerge check']] / m['convmerge check']:.2f}**",
-                              m["convmerge fuse"], m[busy["convmerge fuse"]],
-                              f"**{m[busy['convmerge fuse']] / m['convmerge fuse']:.2f}**"])
+        tag = next((k.rsplit(", ", 1)[1] for k in m if k.endswith(" busy")), None)
+        if tag:
+            ratio = lambda what: m[f"{what}, {tag}"] / m[what]  # noqa: E731
+            busy_rows.append([f"{r['model']['bytes'] / 2**30:.3f}", tag, f"{ratio('import torch'):.2f}",
+                              m["convmerge check"], m[f"convmerge check, {tag}"], f"**{ratio('convmerge check'):.2f}**",
+                              f"{m[f'convmerge check, {tag}'] / m[f'convmerge check OMP_NUM_THREADS=1, {tag}']:.2f}",
+                              m["convmerge fuse"], m[f"convmerge fuse, {tag}"], f"**{ratio('convmerge fuse'):.2f}**"])
     if busy_rows:
         print("\n### under load (goal 2: at most 1.2x slower than quiet), same run, interleaved\n")
-        print(table(["GiB", "load", "check quiet s", "check busy s", "check busy/quiet", "fuse quiet s", "fuse busy s",
-                     "fuse busy/quiet"], busy_rows))
+        print("A CPU-bound process sharing the cores fairly slows down by about (busy + 1) / cores whatever it "
+              "does; `import torch` busy/quiet shows that floor on this run.\n")
+        print(table(["GiB", "load", "import torch busy/quiet", "check quiet s", "check busy s", "check busy/quiet",
+                     "check busy / check OMP=1 busy", "fuse quiet s", "fuse busy s", "fuse busy/quiet"], busy_rows))
     print(f"\nwrote {path}\nreproduce: {cmd}")
 
 
