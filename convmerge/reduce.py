@@ -131,12 +131,14 @@ def _step(graph: Graph, params: Params, name: str, before: str, m: Optional[Conv
         return _compose(m, delta, before, name, channels, ndim)
     # pad(y, v) = zero-pad(y - v) + v: exact where what comes before gives v on a zero input.  A value
     # stored in a dtype (DBB computes it from the batch norm, in float32) equals that response up to
-    # its rounding: such a merge is exact to that rounding, and verified to it.
+    # its rounding: such a merge is exact to that rounding, and verified to it.  The rounding is that of
+    # the terms (`bias - mean * weight / sqrt(var + eps)` may nearly cancel), so it is measured against
+    # the largest of them in the layer, not against each channel's result.
     before_conv = m if m is not None else algebra.identity(c, ndim)
     bias = before_conv.bias.double() if before_conv.bias is not None else torch.zeros(c, dtype=torch.float64)
     eps = torch.finfo(params.pad_value_dtype(name)).eps
     diff = bias - value
-    close = diff.abs() <= 16 * eps * torch.maximum(bias.abs(), value.abs().expand_as(bias))
+    close = diff.abs() <= 16 * eps * max(float(bias.abs().max()), float(value.abs().max()))
     shifted = algebra.shift_bias(before_conv, -value)
     if bool(torch.any(close & (diff != 0))):
         shifted = Conv(shifted.spec, shifted.weight, torch.where(close, torch.zeros_like(diff), diff))

@@ -309,6 +309,24 @@ def test_dbb_branch_with_bn_and_pad_becomes_one_conv(tmp_path):
     del b
 
 
+def test_bn_and_pad_value_rounded_where_the_response_nearly_cancels(tmp_path):
+    """DBB computes the pad value as `bias - mean * weight / sqrt(var + eps)`; where that nearly cancels, its
+    rounding is small next to the terms but not next to the result (DBB ResNet-18 kept 14 such blocks)."""
+    net = nets.randomize_bn(nets.DBBLike(4, bn_pad=True)).double().eval()
+    bn = net.kxk_first[1]
+    with torch.no_grad():
+        bn.running_mean[0], bn.weight[0], bn.running_var[0] = 0.7, 1.3, 0.9
+        bn.bias[0] = 0.7 * 1.3 / (0.9 + bn.eps) ** 0.5 + 0.0023
+    doc, tensors = nets.dbb_description(net)
+    value = tensors["kxk_pad.value"].double()
+    assert abs(float(value[0])) < 0.01 < float(bn.bias[0])
+    tensors["kxk_pad.value"] = value + torch.tensor([4.4e-16, 0, 0, 0], dtype=torch.float64)  # DBB's rounding
+    path = models.save(tmp_path / "dbb.safetensors", tensors, doc)
+    rep = model.fuse_file(str(path), str(tmp_path / "o.safetensors"), policy="all")
+    (region,) = rep.regions
+    assert region.verdict == "mergeable" and region.applied, region.reason
+
+
 def test_average_pooling_branch_counts_padding_or_is_not_a_conv():
     fused, rep = _check(nets.PoolBranch(4, count_include_pad=True), 4)
     assert len(_convs(fused)) == 1 and rep["regions"][0]["verdict"] == "mergeable"
