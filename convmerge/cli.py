@@ -5,6 +5,7 @@ torch is imported only inside the commands that need it, so `convmerge --help` s
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import sys
@@ -326,7 +327,19 @@ def explain(
 
 def main() -> None:
     """Console-script entry point."""
+    _return_large_frees()
     app()
+
+
+def _return_large_frees() -> None:
+    """The CLI owns its process: blocks of 1 MiB and more (merged float64 kernels and their temporaries) are
+    mapped and given back to the system when freed.  glibc's default threshold grows to 32 MiB and keeps such
+    blocks in its heap, so peak memory grew with the number of large merges (benchmarks/README.md, goal 1)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            pass
 
 
 # --- helpers ---------------------------------------------------------------------------------
