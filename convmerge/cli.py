@@ -274,7 +274,7 @@ def annotate(
 
 @app.command(epilog="Example: convmerge inspect examples/example.safetensors")
 def inspect(
-    model: ModelArg,
+    model: AnyModelArg,
     graph: GraphOpt = None,
     arch: ArchOpt = None,
     json_out: JsonOpt = False,
@@ -292,7 +292,7 @@ def inspect(
 
 @app.command(epilog="Example: convmerge explain examples/example.safetensors 11 12 --input-size 9x9")
 def explain(
-    model: ModelArg,
+    model: AnyModelArg,
     first: Annotated[str, typer.Argument(help="The first conv of a pair, or the output layer of a region.",
                                          show_default=False)],
     second: Annotated[Optional[str], typer.Argument(help="The second conv of the pair (omit it for a region).",
@@ -312,10 +312,9 @@ def explain(
 
     def work() -> int:
         from .explain import explain_pair, explain_region
-        from .model import describe_file
+        from .model import read_graph
 
-        described = describe_file(str(model), _s(graph), arch, leaf or ())
-        g, tensors = described.graph, described.tensors
+        g, tensors = read_graph(str(model), _s(graph), arch, leaf or ())
         if second is None:
             data = explain_region(g, tensors, first, size)
         else:

@@ -194,10 +194,20 @@ def is_onnx(path: str) -> bool:
 
 
 def _safetensors_only(path: str) -> None:
-    """inspect, explain and annotate read safetensors; an ONNX file gets a sentence, not a header error."""
+    """annotate writes safetensors; an ONNX file gets a sentence, not a header error."""
     if is_onnx(path):
-        raise io.ModelFileError(f"{path}: an ONNX model; this command reads safetensors files "
-                                f"(`convmerge check {path}` judges an ONNX model)")
+        raise io.ModelFileError(f"{path}: an ONNX model carries its own graph; this command is for safetensors files")
+
+
+def read_graph(path: str, graph_file: Optional[str] = None, arch: Optional[str] = None,
+               leaves: Sequence[str] = ()) -> tuple[Graph, Tensors]:
+    """The validated description and its tensors, from a safetensors file or an ONNX model (`explain`)."""
+    onnx_model = _onnx_reader(path, graph_file, arch)
+    if onnx_model is not None:
+        model = onnx_model.read_model(path)
+        return model.graph, model.tensors
+    described = describe_file(path, graph_file, arch, leaves)
+    return described.graph, described.tensors
 
 
 def _onnx_reader(path: str, graph_file: Optional[str], arch: Optional[str]) -> Any:
@@ -219,26 +229,32 @@ def _onnx_reader(path: str, graph_file: Optional[str], arch: Optional[str]) -> A
 def inspect_file(path: str, graph_file: Optional[str] = None, arch: Optional[str] = None) -> dict[str, Any]:
     """What `convmerge inspect` shows, as data: the conv-shaped tensors (in natural order: 2 before 10)
     and, when a description is found (FORMAT.md, section 1), the layer count and the conv pairs."""
-    _safetensors_only(path)
+    onnx_model = _onnx_reader(path, graph_file, arch)
+    if onnx_model is not None:
+        model = onnx_model.read_model(path)
+        return dict(_tensor_listing(path, model.tensors.info, []), description=model.where,
+                    layer_count=len(model.graph.layers), pairs=_pairs(model.graph))
     header = io.read_header(path)
-    convs = sorted((n for n, t in header.tensors.items() if n.endswith(".weight") and 3 <= len(t.shape) <= 5),
-                   key=_natural)
-    info: dict[str, Any] = {
-        "file": os.fspath(path), "tensor_count": len(header.tensors), "metadata_keys": sorted(header.metadata),
-        "conv_tensors": [{"name": n, "dtype": header.tensors[n].dtype, "shape": list(header.tensors[n].shape)}
-                         for n in convs],
-        "description": None,
-    }
+    info = _tensor_listing(path, header.tensors, sorted(header.metadata))
     if not (graph_file or arch or GRAPH_KEY in header.metadata):
         info["missing"] = ("pass --graph FILE or --arch MODULE:CALLABLE, or store one with `convmerge annotate "
                            "MODEL --arch MODULE:CALLABLE -o OUT`; `check`/`fuse` refuse to guess how layers connect")
         return info
     doc, where = find_description(header, graph_file, arch)
     g = parse(doc, header.tensors, where)
-    info.update(description=where, layer_count=len(g.layers),
-                pairs=[{"first": p.first, "second": p.second, "via": list(p.via), "blocked": p.blocked}
-                       for p in g.pairs()])
+    info.update(description=where, layer_count=len(g.layers), pairs=_pairs(g))
     return info
+
+
+def _tensor_listing(path: str, tensors: Mapping[str, Any], metadata_keys: list[str]) -> dict[str, Any]:
+    convs = sorted((n for n, t in tensors.items() if n.endswith(".weight") and 3 <= len(t.shape) <= 5), key=_natural)
+    return {"file": os.fspath(path), "tensor_count": len(tensors), "metadata_keys": metadata_keys,
+            "conv_tensors": [{"name": n, "dtype": tensors[n].dtype, "shape": list(tensors[n].shape)} for n in convs],
+            "description": None}
+
+
+def _pairs(g: Graph) -> list[dict[str, Any]]:
+    return [{"first": p.first, "second": p.second, "via": list(p.via), "blocked": p.blocked} for p in g.pairs()]
 
 
 def _natural(name: str) -> tuple:

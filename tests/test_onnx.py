@@ -520,9 +520,23 @@ def test_cli_fuse_and_check(repvgg: Path) -> None:
 def test_cli_refuses_description_options(repvgg: Path) -> None:
     result = cli("check", repvgg, "--graph", repvgg)
     assert result.exit_code == 2 and "carries its own graph" in result.stderr
-    for command in (["inspect", repvgg], ["explain", repvgg, "/blocks/blocks.0/Add"]):
+    for command in (["inspect", repvgg, "--graph", repvgg], ["explain", repvgg, "/blocks/blocks.0/Add", "--graph", repvgg],
+                    ["annotate", repvgg, "--arch", "x:y", "-o", repvgg.with_name("x.safetensors")]):
         result = cli(*command)
-        assert result.exit_code == 2 and "reads safetensors files" in result.stderr, result.stderr
+        assert result.exit_code == 2 and "carries its own graph" in result.stderr, result.stderr
+
+
+def test_inspect_and_explain_read_the_onnx_graph(repvgg: Path) -> None:
+    listed = cli("inspect", repvgg)
+    assert listed.exit_code == 0, listed.stderr
+    assert "ONNX" in listed.stdout and "conv-shaped" in listed.stdout
+    info = cm_model.inspect_file(str(repvgg))
+    assert info["description"].endswith("ONNX graph (opset 17)") and info["layer_count"] == 28
+    assert len(info["conv_tensors"]) == 8
+    region = cli("explain", repvgg, "/blocks/blocks.0/Add", "--json")
+    assert region.exit_code == 0, region.stderr
+    data = json.loads(region.stdout)
+    assert data["kind"] == "region" and data["output"] == "/blocks/blocks.0/Add" and data["verdict"] == "mergeable"
 
 
 def test_verification_failure_writes_nothing(repvgg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
