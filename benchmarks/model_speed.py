@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load, median, table, write_json  # noqa: E402
@@ -175,20 +176,34 @@ def picks(report: dict[str, Any], nconv: int, nconv_orig: int) -> str:
 
 
 def conv_layers(net: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
-    """Each conv run by net(x), with its module, input shape and MACs per image."""
-    found: list[dict[str, Any]] = []
+    """Each conv run by net(x), as an nn.Conv2d with its weights, input shape and MACs per image.
 
-    def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        k = math.prod(mod.kernel_size)
-        macs = out[0].numel() * (mod.in_channels // mod.groups) * k
-        found.append({"module": mod, "in_shape": tuple(inp[0].shape), "out_shape": tuple(out.shape), "macs": macs,
-                      "cost": spec_cost(spec_of(mod), tuple(inp[0].shape[2:]), 4)})
+    Convs are seen where they run (`aten.convolution`), not as modules: in a fused GraphModule the convs
+    left alone are calls of the exported graph, and only the merged ones are modules."""
+    calls: list[tuple[Any, ...]] = []
 
-    hooks = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.convolution.default and args[1].dim() == 4 and not args[6]:
+                inp, w, b, stride, padding, dilation, _, _, groups = args
+                calls.append((tuple(inp.shape), tuple(out.shape), w.detach().clone(),
+                              None if b is None else b.detach().clone(), stride, padding, dilation, groups))
+            return out
+
+    with torch.no_grad(), Seen():
         net(x)
-    for h in hooks:
-        h.remove()
+    found: list[dict[str, Any]] = []
+    for in_shape, out_shape, w, b, stride, padding, dilation, groups in calls:
+        mod = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=tuple(stride),
+                        padding=tuple(padding), dilation=tuple(dilation), groups=groups, bias=b is not None)
+        with torch.no_grad():
+            mod.weight.copy_(w)
+            if b is not None:
+                mod.bias.copy_(b)
+        macs = math.prod(out_shape[1:]) * (mod.in_channels // groups) * math.prod(mod.kernel_size)
+        found.append({"module": mod, "in_shape": in_shape, "out_shape": out_shape, "macs": macs,
+                      "cost": spec_cost(spec_of(mod), in_shape[2:], 4)})
     return found
 
 
