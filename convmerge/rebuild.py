@@ -11,6 +11,8 @@ It computes the inference form (batch norms folded with their running statistics
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -62,6 +64,23 @@ def fused_module(module: nn.Module, plan: Plan, traced: Traced) -> fx.GraphModul
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
+    return _inference_only(gm)
+
+
+def _inference_only(gm: fx.GraphModule) -> fx.GraphModule:
+    """`eval()` works (on it, and on a model holding it), as every user calls it; `train()` says why not.
+
+    An exported graph module raises NotImplementedError on both, and the merges assume inference anyway
+    (batch norms folded with their running statistics, dropout gone)."""
+
+    def train(self: fx.GraphModule, mode: bool = True) -> fx.GraphModule:
+        if mode:
+            raise RuntimeError("a fused module computes the inference form (batch norms folded with their running "
+                               "statistics, dropout removed); it cannot be put in training mode: train the original")
+        return self
+
+    gm.train = types.MethodType(train, gm)  # type: ignore[method-assign]
+    gm.eval = types.MethodType(lambda self: self, gm)  # type: ignore[method-assign]
     return gm
 
 

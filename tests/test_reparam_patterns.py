@@ -149,3 +149,12 @@ class BorderThenHead(nn.Module):
 
 def test_a_merge_reading_a_written_border_runs_at_any_batch_and_size() -> None:
     assert convs(fused_and_checked(BorderThenHead(4), 3)) == 1  # the fold; the stem stays a call in the graph
+
+
+def test_a_fused_module_takes_eval_but_not_train() -> None:
+    fused = fused_and_checked(InputNamedInput(4), 4)
+    assert fused.eval() is fused
+    holder = nn.Sequential(fused, nn.ReLU())
+    assert holder.eval() is holder  # a model holding a fused part is put in eval mode as usual
+    with pytest.raises(RuntimeError, match="inference form"):
+        fused.train()
