@@ -155,6 +155,7 @@ class Unit:
         return len(self.layers) == 2 and self.kinds == ("conv", "batch_norm")
 
     kinds: tuple[str, ...] = ()
+    every_size: bool = True  # exact at every input size (else only at the plan's input size, which chose it)
     recipe: Optional[Callable[[], Conv]] = field(default=None, repr=False, compare=False)
     digest: str = ""  # of the verified stored bytes (where the weight is dropped)
 
@@ -421,7 +422,8 @@ class _Planner:
         unit = Unit(unit_name(graph, set(layers), end), start, end, layers, stored, dtype, errors[0], errors[1],
                     before_macs, macs(merged.spec, at), sum(params(graph.specs[n]) for n in convs),
                     params(merged.spec), _storage_problem(errors[1], dtype),
-                    tuple("conv" if graph.layers[n].op in CONV_OPS else graph.layers[n].op for n in layers))
+                    tuple("conv" if graph.layers[n].op in CONV_OPS else graph.layers[n].op for n in layers),
+                    exact_everywhere)
         self._keep_or_drop(unit, start, end)
         return unit
 

@@ -12,6 +12,7 @@ It computes the inference form (batch norms folded with their running statistics
 from __future__ import annotations
 
 import types
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,26 @@ def fused_module(module: nn.Module, plan: Plan, traced: Traced) -> fx.GraphModul
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
+    sized = [u.name for u in plan.applied if not u.every_size]
+    if sized and plan.input_size:
+        gm.register_forward_pre_hook(_only_at(tuple(plan.input_size), sized))
     return _inference_only(gm)
+
+
+def _only_at(size: tuple[int, ...], merges: list[str]) -> Any:
+    """A module holding merges exact only at the input size they were chosen for runs only at that size:
+    elsewhere it would compute something else, silently."""
+
+    def check(module: nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and tuple(x.shape[2:]) != size:
+            shown = "x".join(map(str, size))
+            raise ValueError(f"this fused module holds merges exact only at input size {shown} "
+                             f"({', '.join(merges[:3])}{', ...' if len(merges) > 3 else ''}); it got "
+                             f"{'x'.join(map(str, x.shape[2:]))}: fuse again at that size, or without input_size "
+                             "for merges exact at every size")
+
+    return check
 
 
 def _inference_only(gm: fx.GraphModule) -> fx.GraphModule:

@@ -291,3 +291,18 @@ def test_a_model_with_nothing_to_merge_says_what_was_found(tmp_path):
     report = model.fuse_file(str(src), str(tmp_path / "o.safetensors")).to_dict()
     assert (tmp_path / "o.safetensors").exists()
     assert render.summary_line(report).endswith("(an unchanged copy: nothing merged)")
+
+
+def test_a_fused_module_with_size_dependent_merges_runs_only_at_that_size() -> None:
+    """3x3 s2 p1 -> 3x3 p1 is exact only at odd sizes: merged for 33x33, the module refuses 32x32 rather
+    than compute something else there."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1, bias=False), torch.nn.Conv2d(8, 8, 3, 1, 1)).double().eval()
+    fused = convmerge.fuse(net, input_size=(33, 33), policy="all")
+    x = torch.randn(2, 3, 33, 33, dtype=torch.float64)
+    assert torch.allclose(fused(x), net(x), atol=1e-12)
+    with pytest.raises(ValueError, match="exact only at input size 33x33"):
+        fused(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    anywhere = convmerge.fuse(net, policy="all")  # without a size: only merges exact everywhere (none here)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    assert torch.allclose(anywhere(x), net(x), atol=1e-12)
