@@ -77,7 +77,8 @@ def fuse_file(path: str, out: str, *, input_size: Optional[Sequence[int]] = None
             with open(_data_path(staged), "wb") as f:
                 f.write(external)
         report.notes += _checked(staged, path, bool(plan.applied))
-        report.onnxruntime = _compare(path, staged, report.notes) if plan.applied else None
+        only = model.input_size if any(not u.every_size for u in plan.applied) else None
+        report.onnxruntime = _compare(path, staged, report.notes, only) if plan.applied else None
     if before_write is not None:
         before_write(report, plan.description())
     _write(out, data, external, force)
@@ -127,9 +128,11 @@ def _checked(staged: str, original: str, changed: bool) -> list[str]:
 # --- onnxruntime ---------------------------------------------------------------------------------------
 
 
-def _compare(original: str, fused: str, notes: list[str]) -> Optional[dict[str, Any]]:
+def _compare(original: str, fused: str, notes: list[str], only: Optional[Sequence[int]] = None) -> Optional[dict[str, Any]]:
     """Run both models on the same random inputs; the largest difference of any output, or None if
-    onnxruntime is missing or cannot run the original (then the float64 check of each merge stands alone)."""
+    onnxruntime is missing or cannot run the original (then the float64 check of each merge stands alone).
+    `only`: the input size that size-dependent merges were chosen for, the one size where the fused model
+    must agree."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -151,7 +154,7 @@ def _compare(original: str, fused: str, notes: list[str]) -> Optional[dict[str, 
     worst = absolute = tolerance = 0.0
     shapes: list[str] = []
     failures: list[str] = []
-    for size in _sizes(before):
+    for size in _sizes(before, only):
         if len(shapes) == 2:
             break
         feeds = _inputs(before, size)
@@ -191,13 +194,16 @@ def _compare(original: str, fused: str, notes: list[str]) -> Optional[dict[str, 
     return {"max_difference": absolute, "relative_difference": worst, "tolerance": tolerance, "inputs": shapes}
 
 
-def _sizes(session: Any) -> list[Optional[int]]:
-    """One run where every spatial axis is static; else the dynamic sizes, of which the first two that run count."""
+def _sizes(session: Any, only: Optional[Sequence[int]] = None) -> list[Optional[Sequence[int]]]:
+    """One run where every spatial axis is static or the size is given; else the dynamic sizes, of which the
+    first two that run count."""
     symbolic = any(not isinstance(d, int) for i in session.get_inputs() for d in list(i.shape)[2:])
-    return list(DYNAMIC_SIZES) if symbolic else [None]
+    if not symbolic:
+        return [None]
+    return [tuple(only)] if only else [(n,) for n in DYNAMIC_SIZES]
 
 
-def _inputs(session: Any, size: Optional[int]) -> dict[str, np.ndarray]:
+def _inputs(session: Any, size: Optional[Sequence[int]]) -> dict[str, np.ndarray]:
     """Random normal floats (zeros for other types); a symbolic axis is 1 for batch and channels, else `size`,
     and one symbol gets one value."""
     rng = np.random.default_rng(0)
@@ -211,7 +217,7 @@ def _inputs(session: Any, size: Optional[int]) -> dict[str, np.ndarray]:
             elif isinstance(d, str) and d in chosen:
                 shape.append(chosen[d])
             else:
-                n = 1 if k < 2 or size is None else size
+                n = 1 if k < 2 or size is None else size[min(k - 2, len(size) - 1)]
                 if isinstance(d, str):
                     chosen[d] = n
                 shape.append(n)

@@ -181,6 +181,16 @@ def test_static_size_acts_as_input_size(tmp_path: Path) -> None:
         cm_model.check_file(str(static), input_size=(12, 12))
 
 
+def test_a_dynamic_model_fused_at_a_given_size_is_compared_at_that_size(tmp_path: Path) -> None:
+    """OddEven merges at 10x10 only: onnxruntime compares there, not at its trial sizes (57 would differ)."""
+    torch.manual_seed(0)
+    module = nets.OddEven(4).eval()
+    dynamic = export(module, (1, 4, 10, 10), tmp_path / "dynamic.onnx", dynamic=True)
+    out, report = fuse(dynamic, input_size=(10, 12))
+    assert report["regions"][0]["applied"] is True and report["onnxruntime"]["inputs"] == ["1x4x10x12"]
+    assert_round_trip(dynamic, out, (2, 4, 10, 12), module)
+
+
 def test_static_sizes_carry_past_opaque_nodes(tmp_path: Path) -> None:
     """3x3 s2 p1 then 3x3 p1 is exact only at odd sizes: behind a MaxPool (opaque), the size shape inference
     gives for the static input decides; a symbolic input leaves it unmerged."""
