@@ -162,7 +162,7 @@ def check(
                     "--input-size 65x65")
 def fuse(
     model: AnyModelArg,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="PATH", help="Output file [default: "
+    output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="PATH", help="Output file \\[default: "
                                                   "<stem>.fused.safetensors, or <stem>.fused.onnx, beside the "
                                                   "input].", rich_help_panel=OUT, show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing output files.",
@@ -301,7 +301,7 @@ def explain(
     arch: ArchOpt = None,
     leaf: LeafOpt = None,
     input_size: Annotated[Optional[str], typer.Option(
-        "--input-size", "-s", metavar="HxW", help="Size at FIRST's input [default: a small size, one that fails "
+        "--input-size", "-s", metavar="HxW", help="Size at FIRST's input \\[default: a small size, one that fails "
                                                    "if any does].", rich_help_panel=SIZE)] = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,

@@ -1187,6 +1187,13 @@ def test_policy_help_names_the_cost_model() -> None:
     assert "cost" in out and "memory" in out
 
 
+@pytest.mark.parametrize("command, words", [("fuse", "[default: <stem>.fused.safetensors"),
+                                             ("explain", "[default: a small size")])
+def test_help_keeps_bracketed_defaults(command: str, words: str) -> None:
+    """Rich reads `[default: ...]` as a markup tag and drops it unless escaped."""
+    assert words in " ".join(cli(command, "--help").stdout.split())
+
+
 def test_verbose_prints_timings(stack: Path) -> None:
     result = cli("check", stack, "-v", *FAST)
     assert result.exit_code == 0
