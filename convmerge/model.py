@@ -138,6 +138,7 @@ def fuse_file(
     An ONNX file goes to onnx_model, which writes ONNX.
     """
     onnx_model = _onnx_reader(path, graph_file, arch)
+    _same_format(path, os.fspath(out), onnx_model is not None)
     if onnx_model is not None:
         return onnx_model.fuse_file(path, out, input_size=input_size, policy=policy, force=force, on_region=on_region,
                                     before_write=before_write)
@@ -169,6 +170,13 @@ def check_file(path: str, *, graph_file: Optional[str] = None, arch: Optional[st
     report = analyze(model.graph, model.tensors, input_size, policy, on_region).report()
     report.source, report.description = os.fspath(path), model.where
     return report
+
+
+def _same_format(path: str, out: str, onnx: bool) -> None:
+    """The output is written in the input's format; an output named for the other one could not be read back."""
+    written, other = (".onnx", ".safetensors") if onnx else (".safetensors", ".onnx")
+    if out.lower().endswith(other):
+        raise io.ModelFileError(f"{out}: {path} is written as {written[1:]}, so name the output *{written}")
 
 
 def default_output(path: str) -> str:

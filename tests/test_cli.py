@@ -1164,6 +1164,12 @@ def test_output_naming_a_missing_folder_is_refused(stack: Path, tmp_path: Path, 
     assert listing(tmp_path) == before
 
 
+def test_a_safetensors_model_is_not_written_under_an_onnx_name(stack: Path, tmp_path: Path) -> None:
+    result = cli("fuse", stack, "-o", tmp_path / "out.onnx", *FAST)
+    assert result.exit_code == 2 and "name the output *.safetensors" in result.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_output_into_an_existing_folder_is_refused(stack: Path, tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     before = listing(tmp_path)

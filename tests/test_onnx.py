@@ -536,6 +536,12 @@ def test_cli_refuses_description_options(repvgg: Path) -> None:
         assert result.exit_code == 2 and "carries its own graph" in result.stderr, result.stderr
 
 
+def test_the_output_is_named_for_the_format_written(repvgg: Path, tmp_path: Path) -> None:
+    result = cli("fuse", repvgg, "-o", tmp_path / "out.safetensors")
+    assert result.exit_code == 2 and "name the output *.onnx" in result.stderr
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_inspect_and_explain_read_the_onnx_graph(repvgg: Path) -> None:
     listed = cli("inspect", repvgg)
     assert listed.exit_code == 0, listed.stderr
