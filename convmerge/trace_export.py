@@ -181,7 +181,7 @@ def runnable(module: nn.Module, example: torch.Tensor, program: torch.export.Exp
             try:
                 with _quiet(), _eval(module):
                     again = torch.export.export(module, (batch,), dynamic_shapes=(dims,), strict=False)
-                again = again.run_decompositions({})
+                    again = again.run_decompositions({})  # torch warns about its own pytree code here
                 names = _pair_nodes(program.graph, again.graph)
                 if names is not None:
                     with _quiet():

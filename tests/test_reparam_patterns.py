@@ -158,3 +158,13 @@ def test_a_fused_module_takes_eval_but_not_train() -> None:
     assert holder.eval() is holder  # a model holding a fused part is put in eval mode as usual
     with pytest.raises(RuntimeError, match="inference form"):
         fused.train()
+
+
+def test_fusing_prints_no_warnings_of_torch() -> None:
+    """torch.export's own deprecation warnings are not the user's business (every fuse printed one)."""
+    import warnings
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=2), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convmerge.fuse(net)
