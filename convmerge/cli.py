@@ -314,7 +314,7 @@ def explain(
         from .explain import explain_pair, explain_region
         from .model import read_graph
 
-        g, tensors = read_graph(str(model), _s(graph), arch, leaf or ())
+        g, tensors, _ = read_graph(str(model), _s(graph), arch, leaf or ())
         if second is None:
             data = explain_region(g, tensors, first, size)
         else:

@@ -208,14 +208,15 @@ def _safetensors_only(path: str) -> None:
 
 
 def read_graph(path: str, graph_file: Optional[str] = None, arch: Optional[str] = None,
-               leaves: Sequence[str] = ()) -> tuple[Graph, Tensors]:
-    """The validated description and its tensors, from a safetensors file or an ONNX model (`explain`)."""
+               leaves: Sequence[str] = ()) -> tuple[Graph, Tensors, str]:
+    """The validated description, its tensors and where it came from, from a safetensors file or an ONNX
+    model (`explain`, `inspect`)."""
     onnx_model = _onnx_reader(path, graph_file, arch)
     if onnx_model is not None:
         model = onnx_model.read_model(path)
-        return model.graph, model.tensors
+        return model.graph, model.tensors, model.where
     described = describe_file(path, graph_file, arch, leaves)
-    return described.graph, described.tensors
+    return described.graph, described.tensors, described.where
 
 
 def _onnx_reader(path: str, graph_file: Optional[str], arch: Optional[str]) -> Any:
@@ -237,11 +238,10 @@ def _onnx_reader(path: str, graph_file: Optional[str], arch: Optional[str]) -> A
 def inspect_file(path: str, graph_file: Optional[str] = None, arch: Optional[str] = None) -> dict[str, Any]:
     """What `convmerge inspect` shows, as data: the conv-shaped tensors (in natural order: 2 before 10)
     and, when a description is found (FORMAT.md, section 1), the layer count and the conv pairs."""
-    onnx_model = _onnx_reader(path, graph_file, arch)
-    if onnx_model is not None:
-        model = onnx_model.read_model(path)
-        return dict(_tensor_listing(path, model.tensors.info, []), description=model.where,
-                    layer_count=len(model.graph.layers), pairs=_pairs(model.graph))
+    if is_onnx(path):
+        g, tensors, where = read_graph(path, graph_file, arch)
+        return dict(_tensor_listing(path, tensors.info, []), description=where, layer_count=len(g.layers),
+                    pairs=_pairs(g))
     header = io.read_header(path)
     info = _tensor_listing(path, header.tensors, sorted(header.metadata))
     if not (graph_file or arch or GRAPH_KEY in header.metadata):

@@ -224,9 +224,9 @@ def _pair_nodes(traced: fx.Graph, again: fx.Graph) -> Optional[dict[str, str]]:
     for node in traced.nodes:
         for user in node.users if node.name not in names else ():
             partner = by_name.get(names.get(user.name, ""))
-            mine = _flat_args(user)
-            if partner is not None and node in mine and len(_flat_args(partner)) == len(mine):
-                read = _flat_args(partner)[mine.index(node)]
+            mine, theirs = _flat_args(user), _flat_args(partner) if partner is not None else []
+            if node in mine and len(theirs) == len(mine):
+                read = theirs[mine.index(node)]
                 if isinstance(read, fx.Node):
                     names[node.name] = read.name
                     break
