@@ -213,6 +213,7 @@ def bench_size(gb: float, args: argparse.Namespace) -> dict[str, Any]:
     baseline_rss = max(r for _, r in imports if r)
     import_s = median([w for w, _ in imports])
     breakdown = profile_in_process(src, dst, args.policy) if args.profile else None
+    overlap = overlap_in_process(src, dst, args.policy, max(3, args.reps)) if args.profile else None
     if dst.exists():
         dst.unlink()
     if not args.keep:
@@ -225,7 +226,7 @@ def bench_size(gb: float, args: argparse.Namespace) -> dict[str, Any]:
         "ratio_fuse_cp": med["convmerge fuse"] / med["cp"], "ratio_fuse_cp_sync": med["convmerge fuse"] / med["cp + sync"],
         "ratio_fuse_floor": med["convmerge fuse"] / med[FLOOR],
         "load_before": load_before, "load_after": load_after,
-        "breakdown": breakdown,
+        "breakdown": breakdown, "overlap": overlap,
     }
 
 
@@ -250,6 +251,29 @@ def hogs(n: int) -> Iterator[None]:
 
 
 # --- where fuse spends its time (in process) ------------------------------------------------------
+
+
+def overlap_in_process(src: Path, dst: Path, policy: str, reps: int) -> dict[str, Any]:
+    """`model.fuse_file` in this process (imports paid), interleaved: as shipped (merges verified while the
+    untouched tensors are copied) against every merge verified while planning, before the write starts."""
+    from convmerge import model, plan
+
+    shipped = plan.build
+    before = lambda *a, **k: shipped(*a[:5], **dict(k, verify_later=False))  # noqa: E731
+    times: dict[str, list[float]] = {"verified beside the copy": [], "verified before the write": []}
+    for _ in range(reps):
+        for name, build in (("verified beside the copy", shipped), ("verified before the write", before)):
+            plan.build = build
+            try:
+                t = time.perf_counter()
+                model.fuse_file(str(src), str(dst), policy=policy, force=True)
+                times[name].append(time.perf_counter() - t)
+            finally:
+                plan.build = shipped
+            dst.unlink()
+    med = {k: median(v) for k, v in times.items()}
+    return {"times_s": times, "median_s": med,
+            "ratio": med["verified beside the copy"] / med["verified before the write"]}
 
 
 def profile_in_process(src: Path, dst: Path, policy: str) -> dict[str, Any]:
@@ -283,7 +307,8 @@ def profile_in_process(src: Path, dst: Path, policy: str) -> dict[str, Any]:
     wrap(model, "analyze", "phase: plan (model.analyze -> plan.build)", "plan")
     wrap(cio, "write_model", "phase: write (io.write_model)", "write")
     wrap(plan._Planner, "run", "plan: regions (reduce, choose, verify)")
-    wrap(plan._Planner, "_unit", "plan: verification of each chosen merge (plan._Planner._unit)")
+    wrap(plan._Planner, "_unit", "plan: each chosen merge built (plan._Planner._unit; verified there past LATER_BYTES)")
+    wrap(plan.Plan, "verify", "write: verification beside the copy (plan.Plan.verify)")
     wrap(algebra, "max_errors", "algebra.max_errors (float64 + stored dtype, one run of the layers)")
     wrap(plan, "_judge_pair", "plan: pair verdicts (plan._judge_pair)")
     wrap(plan, "_search", "counterexample searches (plan._search)")
@@ -371,6 +396,13 @@ def main() -> None:
               "overlap)\n")
         print(table(["step", "calls", "seconds", "share of total"],
                     [[k, v["calls"] or "", v["s"], f"{100 * v['share']:.1f}%"] for k, v in b["steps"].items()]))
+    overlaps = [r for r in results if r.get("overlap")]
+    if overlaps:
+        print("\n### goal 3: verification beside the copy, in process (`model.fuse_file`, imports paid), interleaved\n")
+        print(table(["GiB", "verified beside the copy s", "verified before the write s", "ratio", "runs"],
+                    [[f"{r['model']['bytes'] / 2**30:.3f}", r["overlap"]["median_s"]["verified beside the copy"],
+                      r["overlap"]["median_s"]["verified before the write"], f"**{r['overlap']['ratio']:.2f}**",
+                      len(r["overlap"]["times_s"]["verified beside the copy"])] for r in overlaps]))
     name = f"throughput_{args.gb.replace(',', '_')}gb_{args.trunk}{f'_hog{args.hog}' if args.hog else ''}.json"
     path = write_json(name, {"policy": args.policy, "reps": args.reps, "argv": sys.argv[1:], "results": results})
     busy_rows = []

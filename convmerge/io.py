@@ -196,20 +196,23 @@ def write_model(
     *,
     src: Header | None = None,
     force: bool = False,
+    alongside: Callable[[], None] | None = None,
 ) -> None:
     """Write a safetensors file atomically: ``out`` is either untouched or complete, never partial.
 
     Tensors are laid out in the given order.  A ``TensorInfo`` source is copied
-    byte for byte from ``src.path`` in chunks, so huge unchanged tensors never
-    sit in memory.  ``out`` may not be the input file, and an existing ``out``
-    is only replaced with ``force``.
+    byte for byte from ``src.path`` (in the kernel where it can), so huge unchanged
+    tensors never sit in memory; a second thread copies them while this one runs
+    ``alongside()`` and then makes and writes the other tensors, so what they cost
+    overlaps the copy.  What ``alongside`` raises abandons the write.  ``out`` may
+    not be the input file, and an existing ``out`` is only replaced with ``force``.
     """
     out_path = os.fsdecode(out)
     shown = _show(out_path)
     plan = _plan(tensors, src)
     head = _encode_header(plan, metadata)
     _check_target(out_path, shown, src, force)
-    _write_atomic(out_path, shown, force, lambda fd: _stream(fd, head, plan, src))
+    _write_atomic(out_path, shown, force, lambda fd: _stream(fd, head, plan, src, alongside))
 
 
 def write_bytes(out: str | os.PathLike[str], data: bytes, *, force: bool = False) -> None:
@@ -217,7 +220,7 @@ def write_bytes(out: str | os.PathLike[str], data: bytes, *, force: bool = False
     out_path = os.fsdecode(out)
     shown = _show(out_path)
     _check_target(out_path, shown, None, force)
-    _write_atomic(out_path, shown, force, lambda fd: _write_all(fd, memoryview(data)))
+    _write_atomic(out_path, shown, force, lambda fd: _write_at(fd, memoryview(data), 0))
 
 
 def write_in_folder(
@@ -552,50 +555,103 @@ def _check_target(out: str, shown: str, src: Header | None, force: bool) -> None
         raise OutputExists(shown)
 
 
-def _stream(fd: int, head: bytes, plan: _Plan, src: Header | None) -> None:
-    """Write header then data through one bounded staging buffer, whatever the model's size."""
-    _write_all(fd, memoryview(head))
-    biggest = max((nbytes for *_, nbytes, _ in plan), default=0)
+def _stream(fd: int, head: bytes, plan: _Plan, src: Header | None,
+            alongside: Callable[[], None] | None) -> None:
+    """Header, then each tensor at its own offset: the copied ones from a second thread (`_Copier`), the
+    others from this one once `alongside` has run, through one bounded staging buffer."""
+    _write_at(fd, memoryview(head), 0)
+    at, copies, made = len(head), [], []
+    for name, dtype, shape, nbytes, source in plan:
+        (copies if isinstance(source, TensorInfo) else made).append((name, dtype, shape, nbytes, source, at))
+        at += nbytes
+    with _open_source(src.path) if copies and src is not None else nullcontext() as f:
+        copier = _Copier(f, fd, copies)
+        copier.start()
+        try:
+            if alongside is not None:
+                alongside()
+            _write_made(fd, made)
+        except BaseException:
+            copier.stop.set()
+            copier.join()
+            raise
+        copier.join()
+        if copier.error is not None:
+            raise copier.error
+
+
+def _write_made(fd: int, made: list[tuple[str, str, tuple[int, ...], int, Source, int]]) -> None:
+    """Tensors given as values or computed now (LazyTensor), each written at its offset."""
+    biggest = max((nbytes for *_, nbytes, _, _ in made), default=0)
     buf = bytearray(max(1, min(_CHUNK, biggest)))
     view = memoryview(buf)
     staging = torch.frombuffer(buf, dtype=torch.uint8)
-    needs_file = any(isinstance(source, TensorInfo) for *_, source in plan)
-    in_kernel = hasattr(os, "copy_file_range")
-    with _open_source(src.path) if needs_file and src is not None else nullcontext() as f:
-        for name, dtype, shape, nbytes, source in plan:
-            if isinstance(source, TensorInfo) and in_kernel:
-                in_kernel = _copy_in_kernel(f, fd, source.start, nbytes, name)
+    for name, dtype, shape, nbytes, source, at in made:
+        if isinstance(source, LazyTensor):
+            source = source.make()
+            if dtype_name(source.dtype) != dtype or tuple(source.shape) != shape:
+                raise ValueError(f"tensor {_quote(name)}: computed {list(source.shape)} {source.dtype}, "
+                                 f"announced {list(shape)} {dtype}")
+        if not nbytes:
+            continue
+        flat = source.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+        for lo in range(0, nbytes, len(buf)):
+            chunk = view[: min(len(buf), nbytes - lo)]
+            staging[: len(chunk)].copy_(flat[lo : lo + len(chunk)])
+            _write_at(fd, chunk, at + lo)
+
+
+class _Copier(threading.Thread):
+    """Copies untouched tensors from the source file to their offsets in the output, beside the caller's
+    work; it stops between steps once `stop` is set, and keeps what it raised for the caller."""
+
+    def __init__(self, f: BinaryIO | None, fd: int, copies: list[tuple[str, str, tuple[int, ...], int, Source, int]]) -> None:
+        super().__init__(name="convmerge-copy", daemon=True)
+        self.f, self.fd, self.copies = f, fd, copies
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._copy()
+        except BaseException as e:  # raised again in the caller's thread
+            self.error = e
+
+    def _copy(self) -> None:
+        in_kernel, view = hasattr(os, "copy_file_range"), None
+        for name, _, _, nbytes, info, at in self.copies:
+            assert self.f is not None and isinstance(info, TensorInfo)
+            if in_kernel:
+                in_kernel = _copy_in_kernel(self.f, self.fd, info.start, at, nbytes, name, self.stop)
                 if in_kernel:
                     continue
-            if isinstance(source, LazyTensor):
-                source = source.make()
-                if dtype_name(source.dtype) != dtype or tuple(source.shape) != shape:
-                    raise ValueError(f"tensor {_quote(name)}: computed {list(source.shape)} {source.dtype}, "
-                                     f"announced {list(shape)} {dtype}")
-            if isinstance(source, torch.Tensor) and nbytes:
-                flat = source.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
-            for lo in range(0, nbytes, len(buf)):
-                chunk = view[: min(len(buf), nbytes - lo)]
-                if isinstance(source, TensorInfo):
-                    _read_tensor_bytes(f, chunk, source.start + lo, name)
-                else:
-                    staging[: len(chunk)].copy_(flat[lo : lo + len(chunk)])
-                _write_all(fd, chunk)
+            if view is None:
+                view = memoryview(bytearray(max(1, min(_CHUNK, max(c[3] for c in self.copies)))))
+            for lo in range(0, nbytes, len(view)):
+                if self.stop.is_set():
+                    return
+                chunk = view[: min(len(view), nbytes - lo)]
+                _read_tensor_bytes(self.f, chunk, info.start + lo, name)
+                _write_at(self.fd, chunk, at + lo)
 
 
 _NO_KERNEL_COPY = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EPERM}
+_KERNEL_STEP = 64 << 20
+"""Bytes per copy_file_range call: a stop request waits for one step at most."""
 
 
-def _copy_in_kernel(f: BinaryIO, fd: int, offset: int, nbytes: int, name: str) -> bool:
-    """Copy an untouched tensor file-to-file in the kernel (3x faster than through a buffer).
+def _copy_in_kernel(f: BinaryIO, fd: int, offset: int, at: int, nbytes: int, name: str,
+                    stop: threading.Event) -> bool:
+    """Copy an untouched tensor file-to-file in the kernel (3x faster than through a buffer), to offset
+    ``at`` of ``fd`` (its file position is left alone).
 
     False, having copied nothing, where the filesystem cannot: the caller falls back to reading
     and writing. A source that ends early is the same truncation error as on the slow path.
     """
     done = 0
-    while done < nbytes:
+    while done < nbytes and not stop.is_set():
         try:
-            n = os.copy_file_range(f.fileno(), fd, nbytes - done, offset + done)
+            n = os.copy_file_range(f.fileno(), fd, min(_KERNEL_STEP, nbytes - done), offset + done, at + done)
         except OSError as e:
             if done == 0 and e.errno in _NO_KERNEL_COPY:
                 return False
@@ -624,12 +680,13 @@ def _read_tensor_bytes(f: BinaryIO, view: memoryview, offset: int, name: str) ->
         raise ModelFileError(f"{shown}: file changed or truncated while reading tensor {_quote(name)}")
 
 
-def _write_all(fd: int, view: memoryview) -> None:
+def _write_at(fd: int, view: memoryview, offset: int) -> None:
+    """All of ``view`` at ``offset`` (positional: the two writer threads share no file position)."""
     while view:
-        n = os.write(fd, view)
+        n = os.pwrite(fd, view, offset)
         if n <= 0:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
-        view = view[n:]
+        view, offset = view[n:], offset + n
 
 
 def _publish(tmp: str, out: str, shown: str, force: bool) -> None:

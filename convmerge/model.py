@@ -113,9 +113,10 @@ def _read_sidecar(path: str) -> str:
 
 
 def analyze(graph: Any, tensors: Tensors, input_size: Optional[Sequence[int]] = None, policy: str = "cheaper",
-            on_region: Optional[Callable[[], None]] = None) -> Plan:
-    """The plan for a parsed description and its tensors (every merge verified in float64)."""
-    return planning.build(graph, tensors, input_size, policy, on_region)
+            on_region: Optional[Callable[[], None]] = None, verify_later: bool = False) -> Plan:
+    """The plan for a parsed description and its tensors (every merge verified in float64, or by
+    `Plan.verify` with `verify_later`)."""
+    return planning.build(graph, tensors, input_size, policy, on_region, verify_later)
 
 
 def fuse_file(
@@ -133,8 +134,8 @@ def fuse_file(
 ) -> Report:
     """Read, plan, verify and write `<out>` atomically; the input is never modified.
 
-    `before_write(report, description)` runs once everything is decided and before the model is
-    written, so companions (a report file, an export) can fail without leaving a fused model.
+    `before_write(report, description)` runs once everything is decided and verified, before the
+    model is published, so companions (a report file, an export) can fail without leaving a fused model.
     An ONNX file goes to onnx_model, which writes ONNX.
     """
     onnx_model = _onnx_reader(path, graph_file, arch)
@@ -143,20 +144,42 @@ def fuse_file(
         return onnx_model.fuse_file(path, out, input_size=input_size, policy=policy, force=force, on_region=on_region,
                                     before_write=before_write)
     model = describe_file(path, graph_file, arch, leaves)
+    try:
+        plan = analyze(model.graph, model.tensors, input_size, policy, on_region, verify_later=True)
+        return _write_fused(model, plan, path, out, force, before_write)
+    except _Refused:  # a merge verified beside the copy was refused for its dtype: the layout written was wrong
+        plan = analyze(model.graph, model.tensors, input_size, policy)
+        return _write_fused(model, plan, path, out, force, before_write)
+
+
+class _Refused(Exception):
+    pass
+
+
+def _write_fused(model: Described, plan: Plan, path: str, out: str, force: bool,
+                 before_write: Optional[Callable[[Report, dict], None]]) -> Report:
+    """The output's layout comes from the plan's decisions; the merges left unverified are verified while
+    the untouched tensors are copied, before any merged weight is written or the file published."""
     header, extra = model.header, model.extra
-    plan = analyze(model.graph, model.tensors, input_size, policy, on_region)
-    report = plan.report()
     new_doc = plan.description()
     metadata = dict(header.metadata)
     metadata[GRAPH_KEY] = json.dumps(new_doc)
     metadata["format"] = "pt"
-    report.source, report.description, report.output = os.fspath(path), model.where, os.fspath(out)
-    if before_write is not None:
-        before_write(report, new_doc)
+    reports: list[Report] = []
+
+    def verify() -> None:
+        if not plan.verify():
+            raise _Refused
+        report = plan.report()
+        report.source, report.description, report.output = os.fspath(path), model.where, os.fspath(out)
+        if before_write is not None:
+            before_write(report, new_doc)
+        reports.append(report)
+
     listing = plan.listing(list(header.tensors) + list(extra),
                            lambda n: extra[n].detach().cpu().contiguous() if n in extra else header.tensors[n])
-    io.write_model(out, listing, metadata, src=header, force=force)
-    return report
+    io.write_model(out, listing, metadata, src=header, force=force, alongside=verify)
+    return reports[0]
 
 
 def check_file(path: str, *, graph_file: Optional[str] = None, arch: Optional[str] = None,

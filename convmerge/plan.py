@@ -45,6 +45,9 @@ KEEP_BYTES = 64 << 20
 """Merged weights kept in memory from verification to writing, in all; a plan's later (larger) ones are
 dropped and recomputed from the same recipe when the writer reaches them, checked against a digest
 of the bytes verified, so peak memory stays flat whatever the number of merges."""
+LATER_BYTES = 16 << 20
+"""Merged weights (float64 and stored) held for verifications left to `Plan.verify`, in all; a merge past
+it is verified at once, so what verifying alongside the copy holds stays small."""
 NARROW_IN, NARROW_OUT = 4, 8
 FULL_VERIFY_MACS = 1 << 22
 """A merge is verified on every channel at sizes where the merged conv costs at most this many
@@ -173,10 +176,23 @@ class Plan:
     units: list[Unit] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     kept_bytes: int = field(default=0, repr=False)  # merged weights held in memory (KEEP_BYTES)
+    pending: list[Callable[[], bool]] = field(default_factory=list, repr=False)  # verifications left for `verify`
+    pending_bytes: int = field(default=0, repr=False)  # merged weights those hold (LATER_BYTES)
 
     @property
     def applied(self) -> list[Unit]:
         return [u for u in self.units if u.refused is None]
+
+    def verify(self) -> bool:
+        """Run the verifications `build(..., verify_later=True)` left (a VerificationError where a merge is
+        wrong).  False where one refused its merge for its storage dtype: the decisions read from the
+        plan before (which tensors the output holds) no longer hold, so build it again, verifying inline."""
+        refused = False
+        with algebra.single_threaded():
+            while self.pending:
+                refused = self.pending.pop(0)() or refused
+        self.pending_bytes = 0
+        return not refused
 
     def report(self) -> Report:
         rep = Report(policy=self.policy, input_size=list(self.input_size) if self.input_size else None,
@@ -212,16 +228,20 @@ class Plan:
 
 
 def build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]] = None, policy: str = "cheaper",
-          on_region: Optional[Callable[[], None]] = None) -> Plan:
-    """Judge every region and pair, choose and verify the merges (FORMAT.md, section 3)."""
+          on_region: Optional[Callable[[], None]] = None, verify_later: bool = False) -> Plan:
+    """Judge every region and pair, choose and verify the merges (FORMAT.md, section 3).
+
+    `verify_later` leaves the verification of merges whose weights fit LATER_BYTES to
+    `Plan.verify`, which the writer runs while it copies the untouched tensors; the merges, their
+    stored weights and the output's layout are all decided without it."""
     if policy not in POLICIES:
         raise ValueError(f"policy: {policy!r} is not one of {', '.join(POLICIES)}")
     with algebra.single_threaded():
-        return _build(graph, tensors, input_size, policy, on_region)
+        return _build(graph, tensors, input_size, policy, on_region, verify_later)
 
 
 def _build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]], policy: str,
-           on_region: Optional[Callable[[], None]]) -> Plan:
+           on_region: Optional[Callable[[], None]], verify_later: bool) -> Plan:
     if input_size is not None:
         dims = sorted({spec.ndim for spec in graph.specs.values()}) or [len(input_size)]
         input_size = fit_size(input_size, dims[0])
@@ -240,7 +260,7 @@ def _build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]], 
     for region in find_regions(graph):
         inside = set(region.layers)
         with algebra.memo():  # a pair is judged while its region's tensors and analyses are at hand
-            _Planner(plan, loader, region, size_at, cost_at, tensors).run()
+            _Planner(plan, loader, region, size_at, cost_at, tensors, verify_later).run()
             for k in (k for name in region.layers for k in by_first.get(name, ())):
                 if pairs[k].second in inside:
                     entries[k] = _judge_pair(graph, loader, pairs[k], size_at, cost_at)
@@ -271,8 +291,8 @@ class _Option:
 
 class _Planner:
     def __init__(self, plan: Plan, loader: Loader, region: Region, size_at: Mapping[str, Any],
-                 cost_at: Mapping[str, Any], tensors: Tensors) -> None:
-        self.plan, self.loader, self.region = plan, loader, region
+                 cost_at: Mapping[str, Any], tensors: Tensors, verify_later: bool = False) -> None:
+        self.plan, self.loader, self.region, self.verify_later = plan, loader, region, verify_later
         self.graph = plan.graph
         self.size_at, self.cost_at, self.tensors = size_at, cost_at, tensors
         convs = [n for n in region.layers if self.graph.layers[n].op in CONV_OPS]
@@ -413,17 +433,31 @@ class _Planner:
         if not sizes:
             raise VerificationError(f"{end}: no input size where both the layers and the merged conv run")
         stored = algebra.cast(merged, dtype)
-        errors = self._verify(start, layers, end, [merged, stored], sizes)
-        if not errors[0] <= max([VERIFY_TOLERANCE] + [c.tolerance for c in red.checks]):
-            raise VerificationError(f"{end}: the merged conv differs from its layers by {errors[0]:.3g} (relative) "
-                                    f"at sizes {sizes}")
+        tolerance = max([VERIFY_TOLERANCE] + [c.tolerance for c in red.checks])
         at = self._cost_size(start)
         before_macs = sum(macs(graph.specs[n], self._cost_size(graph.layers[n].inputs[0])) for n in convs)
-        unit = Unit(unit_name(graph, set(layers), end), start, end, layers, stored, dtype, errors[0], errors[1],
+        unit = Unit(unit_name(graph, set(layers), end), start, end, layers, stored, dtype, math.nan, math.nan,
                     before_macs, macs(merged.spec, at), sum(params(graph.specs[n]) for n in convs),
-                    params(merged.spec), _storage_problem(errors[1], dtype),
+                    params(merged.spec), None,
                     tuple("conv" if graph.layers[n].op in CONV_OPS else graph.layers[n].op for n in layers),
                     exact_everywhere)
+
+        def check() -> bool:
+            """Verify, record the errors, and say whether the stored weights refuse the merge."""
+            errors = self._verify(start, layers, end, [merged, stored], sizes)
+            if not errors[0] <= tolerance:
+                raise VerificationError(f"{end}: the merged conv differs from its layers by {errors[0]:.3g} "
+                                        f"(relative) at sizes {sizes}")
+            unit.error, unit.rounding = errors
+            unit.refused = _storage_problem(errors[1], dtype)
+            return unit.refused is not None
+
+        held = _nbytes(merged) + _nbytes(stored)
+        if self.verify_later and self.plan.pending_bytes + held <= LATER_BYTES:
+            self.plan.pending_bytes += held
+            self.plan.pending.append(_then_clear(check, self.loader))
+        else:
+            check()
         self._keep_or_drop(unit, start, end)
         return unit
 
@@ -847,6 +881,20 @@ def _unit_tensors(unit: Unit) -> list[tuple[str, Any]]:
     if kept.bias is not None:
         out.append((f"{unit.name}.bias", kept.bias.contiguous()))
     return out
+
+
+def _nbytes(conv: Conv) -> int:
+    return sum(t.numel() * t.element_size() for t in (conv.weight, conv.bias) if t is not None)
+
+
+def _then_clear(check: Callable[[], bool], loader: Loader) -> Callable[[], bool]:
+    """A verification run after its region: the layers' float64 copies it loads are let go after it."""
+    def run() -> bool:
+        try:
+            return check()
+        finally:
+            loader.clear()
+    return run
 
 
 def _digest(conv: Conv) -> str:

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from convmerge.io import (
     Header,
+    LazyTensor,
     ModelFileError,
     OutputExists,
     TensorInfo,
@@ -592,21 +593,22 @@ def test_write_fault_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.M
     src = read_header(small_model(tmp_path / "model.safetensors"))
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"old output")
-    real_write = os.write
+    real_pwrite = os.pwrite
     written = 0
 
-    def failing_write(fd: int, data: Any) -> int:
+    def failing_write(fd: int, data: Any, offset: int) -> int:
         nonlocal written
         if written >= fail_after:
             if fault == "enospc":
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             raise KeyboardInterrupt
-        n = real_write(fd, bytes(data[:7]))  # short writes exercise the retry loop too
+        n = real_pwrite(fd, bytes(data[:7]), offset)  # short writes exercise the retry loop too
         written += n
         return n
 
     items = [("big", torch.arange(1000, dtype=torch.float32))] + list(src.tensors.items())
-    monkeypatch.setattr(os, "write", failing_write)
+    monkeypatch.setattr(os, "pwrite", failing_write)
+    monkeypatch.delattr(os, "copy_file_range", raising=False)  # the copied tensors through os.pwrite too
     if fault == "enospc":
         with pytest.raises(ModelFileError) as info:
             write_model(out, items, {}, src=src, force=True)
@@ -636,8 +638,8 @@ def test_late_fault_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_short_writes_still_produce_a_complete_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_write = os.write
-    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data[:3])))
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real_pwrite(fd, bytes(data[:3]), offset))
     out = tmp_path / "out.safetensors"
     tensor = torch.randn(5, 7, dtype=torch.float64)
     write_model(out, [("t", tensor)], {"k": "v"})
@@ -773,3 +775,51 @@ def test_kernel_copy_faults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fau
         loaded = load_file(str(out))
         for k, v in tensors.items():
             assert torch.equal(loaded[k], v)
+
+
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["copy_file_range", "buffered"])
+def test_alongside_runs_while_untouched_tensors_are_copied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           in_kernel: bool) -> None:
+    """`alongside` (fuse's verification) runs in the caller's thread while a second one copies the untouched
+    tensors; tensors the caller makes are made only after it returns, and the file holds every byte."""
+    if not in_kernel:
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    tensors = {f"t{i}": torch.randn(300 + i, 7) for i in range(5)}
+    save_file(tensors, str(tmp_path / "src.safetensors"))
+    src = read_header(tmp_path / "src.safetensors")
+    events: list[str] = []
+    made = torch.arange(12, dtype=torch.float64).reshape(3, 4)
+
+    def make() -> torch.Tensor:
+        events.append("made")
+        return made
+
+    def alongside() -> None:
+        events.append("alongside in " + threading.current_thread().name)
+
+    items: list[tuple[str, Any]] = [("new", LazyTensor("F64", (3, 4), make))]
+    items[1:1] = [(k, src.tensors[k]) for k in sorted(src.tensors)]
+    out = tmp_path / "out.safetensors"
+    write_model(out, items, {"k": "v"}, src=src, alongside=alongside)
+    assert events == ["alongside in " + threading.main_thread().name, "made"]
+    loaded = load_file(str(out))
+    assert torch.equal(loaded["new"], made) and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    starts = [read_header(out).tensors[name].start for name, _ in items]
+    assert starts == sorted(starts)  # laid out in the order given
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, ValueError])
+def test_what_alongside_raises_abandons_the_write(tmp_path: Path, fault: type) -> None:
+    """A verification that fails beside the copy stops it: the error as raised, no output, no temp file, the
+    copying thread gone."""
+    save_file({"big": torch.randn(1 << 20)}, str(tmp_path / "src.safetensors"))
+    src = read_header(tmp_path / "src.safetensors")
+    out = tmp_path / "out.safetensors"
+
+    def alongside() -> None:
+        raise fault("stop")
+
+    with pytest.raises(fault, match="stop"):
+        write_model(out, list(src.tensors.items()), {}, src=src, alongside=alongside)
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert not [t for t in threading.enumerate() if t.name == "convmerge-copy"]

@@ -207,6 +207,8 @@ def test_written_tensors_are_the_verified_tensors_with_batch_norms_anywhere(tmp_
     for u in again.applied:
         assert torch.equal(t1[f"{u.name}.weight"], u.stored.weight)
     assert len(rep.merges) == len(again.applied)
+    # fuse verified its merges beside the copy (Plan.verify): the same errors as verifying inline, bit for bit
+    assert [(m.max_error, m.rounding_error) for m in rep.merges] == [(u.error, u.rounding) for u in again.applied]
 
 
 @pytest.mark.parametrize("mode,padding,groups", [("zeros", 0, 1), ("zeros", 1, 1), ("reflect", 1, 2),
@@ -306,3 +308,56 @@ def test_a_fused_module_with_size_dependent_merges_runs_only_at_that_size() -> N
     anywhere = convmerge.fuse(net, policy="all")  # without a size: only merges exact everywhere (none here)
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     assert torch.allclose(anywhere(x), net(x), atol=1e-12)
+
+
+def _overflowing_f16_model(path) -> None:
+    """c0 -> c1 (1x1 weights of 300: the merged weight, 90,000, overflows float16) -> relu -> c2 -> c3."""
+    big = torch.full((2, 2, 1, 1), 300.0)
+    gen = torch.Generator().manual_seed(3)
+    small = [torch.randn(2, 2, 3, 3, generator=gen) for _ in range(2)]
+    conv = lambda name, src, pad: {"name": name, "op": "conv2d", "input": src, "padding": pad}  # noqa: E731
+    doc = models.describe([conv("c0", "x", 0), conv("c1", "c0", 0), {"name": "r", "op": "relu", "input": "c1"},
+                           conv("c2", "r", 2), conv("c3", "c2", 1)], ["c3"])
+    models.save(path, {"c0.weight": big.half(), "c1.weight": big.half(), "c2.weight": small[0].half(),
+                       "c3.weight": small[1].half()}, doc)
+
+
+def test_a_merge_refused_while_verifying_beside_the_copy_is_planned_again(tmp_path):
+    """fuse decides the output's layout before it verifies (the verification runs while the untouched tensors
+    are copied); a merge refused there for its dtype changes that layout, so the file is planned again with
+    inline verification: the refused layers stay, the other merge is written, and nothing of the first try."""
+    src, out = tmp_path / "m.safetensors", tmp_path / "o.safetensors"
+    _overflowing_f16_model(src)
+    header = io.read_header(src)
+    graph = parse(models.described(src)[0], header.tensors)
+    later = plan.build(graph, model.file_tensors(header), None, "all", verify_later=True)
+    assert len(later.pending) == 2 and {u.name for u in later.applied} == {"c1", "c3"}
+    assert later.verify() is False and [u.name for u in later.applied] == ["c3"]
+    assert "overflow" in later.units[0].refused
+    rep = model.fuse_file(str(src), str(out), policy="all")
+    assert [m.into for m in rep.merges] == ["c3"]
+    doc1, t1 = models.described(out)
+    assert {"c0.weight", "c1.weight", "c3.weight"} <= set(t1) and "c2.weight" not in t1
+    x = torch.randn(1, 2, 9, 9, dtype=torch.float64) / 100
+    doc0, t0 = models.described(src)
+    want = models.evaluate(doc0, t0, x)[0]
+    assert torch.allclose(models.evaluate(doc1, t1, x)[0], want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "o.safetensors"]
+
+
+def test_a_wrong_merge_found_beside_the_copy_leaves_no_file(tmp_path, monkeypatch):
+    """The verification that runs while the untouched tensors are copied stops the write: no output, no temp."""
+    convs = [mk((3, 3), 2, 2, 1, padding=2), mk((3, 3), 2, 2, 2, padding=1)]
+    doc, tensors = chain_of(convs)
+    src = tmp_path / "m.safetensors"
+    models.save(src, dict(tensors, untouched=torch.randn(1 << 16)), doc)
+    real = algebra.merge
+
+    def broken(a, b, cand):
+        m = real(a, b, cand)
+        return Conv(m.spec, m.weight.flip(-1), m.bias)
+
+    monkeypatch.setattr(algebra, "merge", broken)
+    with pytest.raises(plan.VerificationError):
+        model.fuse_file(str(src), str(tmp_path / "o.safetensors"), policy="all")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]

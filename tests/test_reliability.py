@@ -31,6 +31,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -1021,7 +1022,7 @@ def output_size(tmp_path_factory: pytest.TempPathFactory) -> int:
 @pytest.mark.parametrize("fail_at", DISK_FULL_POINTS)
 def test_disk_full_midway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output_size: int, fail_at: str,
                           old_output: bool) -> None:
-    """os.write in convmerge.io fails with ENOSPC after N bytes (short writes before that)."""
+    """os.pwrite in convmerge.io fails with ENOSPC after N bytes (short writes before that)."""
     fail_after = {"first byte": 0, "length field": 5, "in the header": 200, "in the data": output_size - 700,
                   "last byte": output_size - 1}[fail_at]
     model = write(tmp_path / "model.safetensors", BASE)
@@ -1029,21 +1030,21 @@ def test_disk_full_midway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outpu
     if old_output:
         out.write_bytes(b"the previous, complete output")
     before = snapshot(tmp_path)
-    real_write = os.write
+    real_pwrite = os.pwrite
     written = 0
+    lock = threading.Lock()  # the copied tensors are written from a second thread
 
-    def failing_write(fd: int, data: Any) -> int:
+    def failing_write(fd: int, data: Any, offset: int) -> int:
         nonlocal written
-        if fd <= 2:
-            return real_write(fd, data)
-        if written >= fail_after:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        n = real_write(fd, bytes(data[: max(1, min(len(data), fail_after - written, 997))]))
-        written += n
-        return n
+        with lock:
+            if written >= fail_after:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            n = real_pwrite(fd, bytes(data[: max(1, min(len(data), fail_after - written, 997))]), offset)
+            written += n
+            return n
 
-    monkeypatch.setattr(cmio.os, "write", failing_write)
-    monkeypatch.delattr(cmio.os, "copy_file_range", raising=False)  # every byte through os.write
+    monkeypatch.setattr(cmio.os, "pwrite", failing_write)
+    monkeypatch.delattr(cmio.os, "copy_file_range", raising=False)  # every byte through os.pwrite
     result = cli("fuse", model, "-o", out, *(["--force"] if old_output else []))
     monkeypatch.undo()
     line = assert_refused(result, tmp_path, before)
@@ -1056,11 +1057,11 @@ def test_disk_full_on_the_report_leaves_no_output(tmp_path: Path, monkeypatch: p
     real_write_bytes = cmio.write_bytes
 
     def full_disk(*args: Any, **kwargs: Any) -> None:
-        def no_space(fd: int, data: Any) -> int:
+        def no_space(fd: int, data: Any, offset: int) -> int:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         with monkeypatch.context() as m:
-            m.setattr(cmio.os, "write", no_space)
+            m.setattr(cmio.os, "pwrite", no_space)
             real_write_bytes(*args, **kwargs)
 
     monkeypatch.setattr(cmio, "write_bytes", full_disk)
