@@ -19,6 +19,20 @@ def out_dir() -> Path:
     return OUT
 
 
+def as_installed() -> bool:
+    """Time convmerge as `pip install` leaves it: its modules compiled to bytecode (pip compiles a package's
+    .py files when it installs them, torch's included). Where PYTHONDONTWRITEBYTECODE is set, every
+    subprocess would compile convmerge's sources again (~0.1 s) while torch loads its compiled files.
+    Returns whether the variable was set (it is cleared for this process and its subprocesses)."""
+    import compileall
+
+    import convmerge
+
+    was_set = os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None
+    compileall.compile_dir(str(Path(convmerge.__file__).parent), quiet=1)
+    return was_set
+
+
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 

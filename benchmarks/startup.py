@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load, median, out_dir, table, write_json  # noqa: E402
+from _common import as_installed, load, median, out_dir, table, write_json  # noqa: E402
 
 from convmerge import io as cio  # noqa: E402
 
@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=500)
     ap.add_argument("--quick", action="store_true", help="3 repetitions")
     args = ap.parse_args()
+    if as_installed():
+        print("note: PYTHONDONTWRITEBYTECODE cleared; convmerge's modules compiled, as pip installs them", file=sys.stderr)
     if args.quick:
         args.reps = 3
     small, large = out_dir() / "startup_small.safetensors", out_dir() / f"startup_{2 * args.pairs}.safetensors"

@@ -51,7 +51,7 @@ from typing import Any, Iterator
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load, median, out_dir, table, write_json  # noqa: E402
+from _common import as_installed, load, median, out_dir, table, write_json  # noqa: E402
 
 from convmerge import io as cio  # noqa: E402
 
@@ -358,6 +358,8 @@ def main() -> None:
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the in-process breakdown")
     ap.add_argument("--keep", action="store_true", help="keep the generated model in benchmarks/out/")
     args = ap.parse_args()
+    if as_installed():
+        print("note: PYTHONDONTWRITEBYTECODE cleared; convmerge's modules compiled, as pip installs them", file=sys.stderr)
     if args.quick:
         args.gb, args.reps = "0.25", 2
     sizes = [float(s) for s in args.gb.split(",")]

@@ -20,6 +20,7 @@ import signal
 import secrets
 import stat
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
@@ -580,6 +581,30 @@ def _stream(fd: int, head: bytes, plan: _Plan, src: Header | None,
             raise copier.error
 
 
+def _start_writeback() -> Callable[[int, int, int], None]:
+    """`sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)` where libc has it (Linux): the disk writes
+    the bytes just copied while the next are copied, so the final fsync waits for little (1 GiB: copy and
+    fsync 0.69 s -> 0.41-0.57 s, benchmarks/README.md). A hint only: fsync still makes the file durable,
+    and a filesystem that refuses it changes nothing."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            call = ctypes.CDLL(None, use_errno=True).sync_file_range
+            call.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+        except (OSError, AttributeError):
+            return lambda fd, offset, nbytes: None
+
+        def writeback(fd: int, offset: int, nbytes: int) -> None:
+            call(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE; the result is not needed
+
+        return writeback
+    return lambda fd, offset, nbytes: None
+
+
+_writeback = _start_writeback()
+
+
 def _write_made(fd: int, made: list[tuple[str, str, tuple[int, ...], int, Source, int]]) -> None:
     """Tensors given as values or computed now (LazyTensor), each written at its offset."""
     biggest = max((nbytes for *_, nbytes, _, _ in made), default=0)
@@ -599,6 +624,7 @@ def _write_made(fd: int, made: list[tuple[str, str, tuple[int, ...], int, Source
             chunk = view[: min(len(buf), nbytes - lo)]
             staging[: len(chunk)].copy_(flat[lo : lo + len(chunk)])
             _write_at(fd, chunk, at + lo)
+        _writeback(fd, at, nbytes)
 
 
 class _Copier(threading.Thread):
@@ -633,6 +659,7 @@ class _Copier(threading.Thread):
                 chunk = view[: min(len(view), nbytes - lo)]
                 _read_tensor_bytes(self.f, chunk, info.start + lo, name)
                 _write_at(self.fd, chunk, at + lo)
+                _writeback(self.fd, at + lo, len(chunk))
 
 
 _NO_KERNEL_COPY = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EPERM}
@@ -658,6 +685,7 @@ def _copy_in_kernel(f: BinaryIO, fd: int, offset: int, at: int, nbytes: int, nam
             raise
         if n == 0:
             raise ModelFileError(f"{_show(f.name)}: file changed or truncated while reading tensor {_quote(name)}")
+        _writeback(fd, at + done, n)
         done += n
     return True
 
