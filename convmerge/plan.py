@@ -42,12 +42,13 @@ ROUNDING_ULPS = 64
 """How far (in units of the dtype's epsilon, relative to the output) stored merged weights may stray."""
 MAX_VERIFY_LENGTH = 512
 KEEP_BYTES = 64 << 20
-"""Merged weights kept in memory from verification to writing, in all; a plan's later (larger) ones are
-dropped and recomputed from the same recipe when the writer reaches them, checked against a digest
-of the bytes verified, so peak memory stays flat whatever the number of merges."""
-LATER_BYTES = 16 << 20
-"""Merged weights (float64 and stored) held for verifications left to `Plan.verify`, in all; a merge past
-it is verified at once, so what verifying alongside the copy holds stays small."""
+"""Merged weights kept in memory from verification to writing, and float64 ones awaiting a verification
+left to `Plan.verify`, in all; past it a merge is verified at once and its stored weights are dropped
+and recomputed from the same recipe when the writer reaches them, checked against a digest of the
+bytes verified, so peak memory stays flat whatever the number of merges."""
+LATER_MAX = 4 << 20
+"""The largest merge (float64 bytes) whose verification waits for `Plan.verify`: a larger one is verified at
+once, so the verifications beside the copy never run wide layers while the memory budget is full."""
 NARROW_IN, NARROW_OUT = 4, 8
 FULL_VERIFY_MACS = 1 << 22
 """A merge is verified on every channel at sizes where the merged conv costs at most this many
@@ -177,7 +178,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     kept_bytes: int = field(default=0, repr=False)  # merged weights held in memory (KEEP_BYTES)
     pending: list[Callable[[], bool]] = field(default_factory=list, repr=False)  # verifications left for `verify`
-    pending_bytes: int = field(default=0, repr=False)  # merged weights those hold (LATER_BYTES)
+    pending_bytes: int = field(default=0, repr=False)  # float64 merged weights those hold (KEEP_BYTES)
 
     @property
     def applied(self) -> list[Unit]:
@@ -231,7 +232,7 @@ def build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]] = 
           on_region: Optional[Callable[[], None]] = None, verify_later: bool = False) -> Plan:
     """Judge every region and pair, choose and verify the merges (FORMAT.md, section 3).
 
-    `verify_later` leaves the verification of merges whose weights fit LATER_BYTES to
+    `verify_later` leaves the verification of merges whose weights fit KEEP_BYTES to
     `Plan.verify`, which the writer runs while it copies the untouched tensors; the merges, their
     stored weights and the output's layout are all decided without it."""
     if policy not in POLICIES:
@@ -442,48 +443,21 @@ class _Planner:
                     tuple("conv" if graph.layers[n].op in CONV_OPS else graph.layers[n].op for n in layers),
                     exact_everywhere)
 
-        def check() -> bool:
-            """Verify, record the errors, and say whether the stored weights refuse the merge."""
-            errors = self._verify(start, layers, end, [merged, stored], sizes)
-            if not errors[0] <= tolerance:
-                raise VerificationError(f"{end}: the merged conv differs from its layers by {errors[0]:.3g} "
-                                        f"(relative) at sizes {sizes}")
-            unit.error, unit.rounding = errors
-            unit.refused = _storage_problem(errors[1], dtype)
-            return unit.refused is not None
-
-        held = _nbytes(merged) + _nbytes(stored)
-        if self.verify_later and self.plan.pending_bytes + held <= LATER_BYTES:
-            self.plan.pending_bytes += held
+        check = _checker(graph, self.loader, unit, [merged, stored], sizes, tolerance)
+        room = KEEP_BYTES - self.plan.kept_bytes - self.plan.pending_bytes
+        if self.verify_later and _nbytes(merged) <= LATER_MAX and _nbytes(merged) + _nbytes(stored) <= room:
+            self.plan.pending_bytes += _nbytes(merged)
             self.plan.pending.append(_then_clear(check, self.loader))
         else:
             check()
         self._keep_or_drop(unit, start, end)
         return unit
 
-    def _verify(self, start: str, layers: Sequence[str], end: str, merged: list[Conv],
-                sizes: Sequence[tuple[int, ...]]) -> list[float]:
-        """Relative errors of each version of the merge against the layers: every channel at the small sizes
-        (the borders), a few random ones (`_narrowed`) at sizes where all of them would take long."""
-        graph = self.graph
-        small = [s for s in sizes if algebra.macs(merged[0].spec, s) <= FULL_VERIFY_MACS]
-        large = [s for s in sizes if s not in small]
-        errors = [0.0] * len(merged)
-        for part, narrow in ((small, False), (large, True)):
-            if not part:
-                continue
-            oracle, convs = (_narrowed(graph, self.loader, start, layers, end, merged) if narrow
-                             else (self.loader, merged))
-            run = lambda x: reference.run(graph, oracle, start, layers, end, x)  # noqa: E731
-            got = algebra.max_errors(run, convs, part, convs[0].spec.in_channels)
-            errors = [max(a, b) for a, b in zip(errors, got)]
-        return errors
-
     def _keep_or_drop(self, unit: Unit, start: str, end: str) -> None:
         """Hold the verified weight while the plan's budget lasts; past it keep a recipe and a digest."""
         weight = unit.kept.weight
         size = weight.numel() * weight.element_size()
-        if unit.refused is not None or self.plan.kept_bytes + size <= KEEP_BYTES:
+        if unit.refused is not None or self.plan.kept_bytes + self.plan.pending_bytes + size <= KEEP_BYTES:
             self.plan.kept_bytes += size if unit.refused is None else 0
             return
         graph, tensors, layers, dtype = self.graph, self.tensors, unit.layers, unit.dtype
@@ -881,6 +855,38 @@ def _unit_tensors(unit: Unit) -> list[tuple[str, Any]]:
     if kept.bias is not None:
         out.append((f"{unit.name}.bias", kept.bias.contiguous()))
     return out
+
+
+def _checker(graph: Graph, loader: Loader, unit: Unit, merged: list[Conv], sizes: Sequence[tuple[int, ...]],
+             tolerance: float) -> Callable[[], bool]:
+    """A merge's verification: it records the errors and says whether the stored weights refuse the merge.
+    It holds only what it needs (not the planner's reductions), since it may wait for `Plan.verify`."""
+    def check() -> bool:
+        errors = _verify(graph, loader, unit.input, unit.layers, unit.output, merged, sizes)
+        if not errors[0] <= tolerance:
+            raise VerificationError(f"{unit.output}: the merged conv differs from its layers by {errors[0]:.3g} "
+                                    f"(relative) at sizes {list(sizes)}")
+        unit.error, unit.rounding = errors
+        unit.refused = _storage_problem(errors[1], unit.dtype)
+        return unit.refused is not None
+    return check
+
+
+def _verify(graph: Graph, loader: Loader, start: str, layers: Sequence[str], end: str, merged: list[Conv],
+            sizes: Sequence[tuple[int, ...]]) -> list[float]:
+    """Relative errors of each version of the merge against the layers: every channel at the small sizes
+    (the borders), a few random ones (`_narrowed`) at sizes where all of them would take long."""
+    small = [s for s in sizes if algebra.macs(merged[0].spec, s) <= FULL_VERIFY_MACS]
+    large = [s for s in sizes if s not in small]
+    errors = [0.0] * len(merged)
+    for part, narrow in ((small, False), (large, True)):
+        if not part:
+            continue
+        oracle, convs = _narrowed(graph, loader, start, layers, end, merged) if narrow else (loader, merged)
+        run = lambda x: reference.run(graph, oracle, start, layers, end, x)  # noqa: E731
+        got = algebra.max_errors(run, convs, part, convs[0].spec.in_channels)
+        errors = [max(a, b) for a, b in zip(errors, got)]
+    return errors
 
 
 def _nbytes(conv: Conv) -> int:
