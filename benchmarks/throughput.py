@@ -307,7 +307,7 @@ def profile_in_process(src: Path, dst: Path, policy: str) -> dict[str, Any]:
     wrap(model, "analyze", "phase: plan (model.analyze -> plan.build)", "plan")
     wrap(cio, "write_model", "phase: write (io.write_model)", "write")
     wrap(plan._Planner, "run", "plan: regions (reduce, choose, verify)")
-    wrap(plan._Planner, "_unit", "plan: each chosen merge built (plan._Planner._unit; verified there past KEEP_BYTES)")
+    wrap(plan._Planner, "_unit", "plan: each chosen merge built (plan._Planner._unit; verified there unless left for the copy)")
     wrap(plan.Plan, "verify", "write: verification beside the copy (plan.Plan.verify)")
     wrap(algebra, "max_errors", "algebra.max_errors (float64 + stored dtype, one run of the layers)")
     wrap(plan, "_judge_pair", "plan: pair verdicts (plan._judge_pair)")
