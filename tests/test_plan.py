@@ -134,8 +134,8 @@ def test_batch_norm_between_convs_folds_exactly():
     assert v.verdict == "mergeable" and v.weight_dependent and "only because of these weights" in v.reason
 
 
-def test_verification_catches_a_wrong_merge(monkeypatch):
-    convs = [mk((3,), 2, 2, 1, padding=2), mk((3,), 2, 2, 2, padding=1)]
+def break_merges(monkeypatch) -> None:
+    """Every merged kernel comes out flipped: wrong unless symmetric, which random weights are not."""
     real = algebra.merge
 
     def broken(a, b, cand):
@@ -143,6 +143,11 @@ def test_verification_catches_a_wrong_merge(monkeypatch):
         return Conv(m.spec, m.weight.flip(-1), m.bias)
 
     monkeypatch.setattr(algebra, "merge", broken)
+
+
+def test_verification_catches_a_wrong_merge(monkeypatch):
+    convs = [mk((3,), 2, 2, 1, padding=2), mk((3,), 2, 2, 2, padding=1)]
+    break_merges(monkeypatch)
     with pytest.raises(plan.VerificationError):
         plan_of(convs, None, "all")
 
@@ -351,13 +356,7 @@ def test_a_wrong_merge_found_beside_the_copy_leaves_no_file(tmp_path, monkeypatc
     doc, tensors = chain_of(convs)
     src = tmp_path / "m.safetensors"
     models.save(src, dict(tensors, untouched=torch.randn(1 << 16)), doc)
-    real = algebra.merge
-
-    def broken(a, b, cand):
-        m = real(a, b, cand)
-        return Conv(m.spec, m.weight.flip(-1), m.bias)
-
-    monkeypatch.setattr(algebra, "merge", broken)
+    break_merges(monkeypatch)
     with pytest.raises(plan.VerificationError):
         model.fuse_file(str(src), str(tmp_path / "o.safetensors"), policy="all")
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
