@@ -466,6 +466,8 @@ def _read_exact(f: BinaryIO, view: memoryview, offset: int) -> bool:
 
 
 _Plan = list[tuple[str, str, tuple[int, ...], int, Source]]
+_Placed = tuple[str, str, tuple[int, ...], int, Source, int]
+"""A planned tensor and the offset in the output file where it goes."""
 
 
 def _plan(tensors: Sequence[tuple[str, Source]], src: Header | None) -> _Plan:
@@ -559,9 +561,11 @@ def _check_target(out: str, shown: str, src: Header | None, force: bool) -> None
 def _stream(fd: int, head: bytes, plan: _Plan, src: Header | None,
             alongside: Callable[[], None] | None) -> None:
     """Header, then each tensor at its own offset: the copied ones from a second thread (`_Copier`), the
-    others from this one once `alongside` has run, through one bounded staging buffer."""
+    others from this one once `alongside` has run; each thread stages through one bounded buffer."""
     _write_at(fd, memoryview(head), 0)
-    at, copies, made = len(head), [], []
+    copies: list[_Placed] = []
+    made: list[_Placed] = []
+    at = len(head)
     for name, dtype, shape, nbytes, source in plan:
         (copies if isinstance(source, TensorInfo) else made).append((name, dtype, shape, nbytes, source, at))
         at += nbytes
@@ -605,7 +609,7 @@ def _start_writeback() -> Callable[[int, int, int], None]:
 _writeback = _start_writeback()
 
 
-def _write_made(fd: int, made: list[tuple[str, str, tuple[int, ...], int, Source, int]]) -> None:
+def _write_made(fd: int, made: list[_Placed]) -> None:
     """Tensors given as values or computed now (LazyTensor), each written at its offset."""
     biggest = max((nbytes for *_, nbytes, _, _ in made), default=0)
     buf = bytearray(max(1, min(_CHUNK, biggest)))
@@ -631,7 +635,7 @@ class _Copier(threading.Thread):
     """Copies untouched tensors from the source file to their offsets in the output, beside the caller's
     work; it stops between steps once `stop` is set, and keeps what it raised for the caller."""
 
-    def __init__(self, f: BinaryIO | None, fd: int, copies: list[tuple[str, str, tuple[int, ...], int, Source, int]]) -> None:
+    def __init__(self, f: BinaryIO | None, fd: int, copies: list[_Placed]) -> None:
         super().__init__(name="convmerge-copy", daemon=True)
         self.f, self.fd, self.copies = f, fd, copies
         self.stop = threading.Event()

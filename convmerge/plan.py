@@ -232,7 +232,7 @@ def build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]] = 
           on_region: Optional[Callable[[], None]] = None, verify_later: bool = False) -> Plan:
     """Judge every region and pair, choose and verify the merges (FORMAT.md, section 3).
 
-    `verify_later` leaves the verification of merges whose weights fit KEEP_BYTES to
+    `verify_later` leaves the verification of small merges (LATER_MAX, within KEEP_BYTES) to
     `Plan.verify`, which the writer runs while it copies the untouched tensors; the merges, their
     stored weights and the output's layout are all decided without it."""
     if policy not in POLICIES:
