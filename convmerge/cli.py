@@ -301,8 +301,9 @@ def explain(
     arch: ArchOpt = None,
     leaf: LeafOpt = None,
     input_size: Annotated[Optional[str], typer.Option(
-        "--input-size", "-s", metavar="HxW", help="Size at FIRST's input \\[default: a small size, one that fails "
-                                                   "if any does].", rich_help_panel=SIZE)] = None,
+        "--input-size", "-s", metavar="HxW", help="Size at FIRST's input \\[default: the size there of a model "
+                                                   "fixed at one size (a static ONNX model), else a small size, one "
+                                                   "that fails if any does].", rich_help_panel=SIZE)] = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -314,11 +315,11 @@ def explain(
         from .explain import explain_pair, explain_region
         from .model import read_graph
 
-        g, tensors, _ = read_graph(str(model), _s(graph), arch, leaf or ())
+        g, tensors, _, fixed = read_graph(str(model), _s(graph), arch, leaf or ())
         if second is None:
-            data = explain_region(g, tensors, first, size)
+            data = explain_region(g, tensors, first, size, fixed)
         else:
-            data = explain_pair(g, tensors, first, second, size)
+            data = explain_pair(g, tensors, first, second, size, fixed)
         return _emit(data, json_out, "explain")
 
     _run(work, debug)

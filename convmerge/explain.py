@@ -22,8 +22,10 @@ DEFAULT_SIZE = 12
 
 
 def explain_pair(graph: Graph, tensors: Tensors, first: str, second: str,
-                 size: Optional[Sequence[int]] = None) -> dict[str, Any]:
-    """Everything `convmerge explain MODEL FIRST SECOND` shows, as data."""
+                 size: Optional[Sequence[int]] = None, model_size: Optional[Sequence[int]] = None) -> dict[str, Any]:
+    """Everything `convmerge explain MODEL FIRST SECOND` shows, as data.  `size` is the size at FIRST's
+    input; without it, a model fixed at `model_size` (a static ONNX model) is shown at the size it gives
+    there, any other at a small size (one where the merge fails, if any)."""
     pair = next((p for p in graph.pairs() if (p.first, p.second) == (first, second)), None)
     if pair is None:
         known = ", ".join(f"{p.first} -> {p.second}" for p in graph.pairs()) or "none"
@@ -39,6 +41,7 @@ def explain_pair(graph: Graph, tensors: Tensors, first: str, second: str,
     nd = a.spec.ndim
     cand = algebra.merge(a, b, v.candidate)
     runs = lambda s: all(planning.chain_runs([a, b], k, n) for k, n in enumerate(s))  # noqa: E731
+    size = size or _size_at_value(graph, model_size, graph.layers[first].inputs[0], nd)
     size = _default_size(nd, runs, v.exact_at) if size is None else fit_size(size, nd)
     exact = v.exact_at(size)
     ce = None if exact else planning.pair_counterexample(a, b, v, size)()[0]
@@ -60,9 +63,10 @@ def explain_pair(graph: Graph, tensors: Tensors, first: str, second: str,
     }
 
 
-def explain_region(graph: Graph, tensors: Tensors, output: str,
-                   size: Optional[Sequence[int]] = None) -> dict[str, Any]:
-    """Everything `convmerge explain MODEL OUTPUT` shows for the region computing OUTPUT, as data."""
+def explain_region(graph: Graph, tensors: Tensors, output: str, size: Optional[Sequence[int]] = None,
+                   model_size: Optional[Sequence[int]] = None) -> dict[str, Any]:
+    """Everything `convmerge explain MODEL OUTPUT` shows for the region computing OUTPUT, as data (`size`
+    and `model_size` as for `explain_pair`, at the region's input)."""
     regions = find_regions(graph)
     region = next((r for r in regions if r.output == output), None)
     if region is None:
@@ -80,6 +84,7 @@ def explain_region(graph: Graph, tensors: Tensors, output: str,
     cand = whole.conv
     runs = lambda sz: planning.layers_run(graph, region.layers, region.input, sz, None)  # noqa: E731
     exact_at = lambda sz: all(c.exact_at(sz) for c in whole.checks)  # noqa: E731
+    size = size or _size_at_value(graph, model_size, region.input, nd)
     size = _default_size(nd, runs, exact_at) if size is None else fit_size(size, nd)
     exact = cand is not None and exact_at(size)
     branches = []
@@ -146,6 +151,15 @@ def _before(graph: Graph, value: str, stop: str) -> set[str]:
 def _size_at(graph: Graph, region: Any, conv: str, size: Sequence[int]) -> tuple[int, ...]:
     sizes = planning.layer_sizes(graph, region.layers, region.input, size)
     return sizes.get(graph.layers[conv].inputs[0]) or tuple(size)
+
+
+def _size_at_value(graph: Graph, model_size: Optional[Sequence[int]], value: str,
+                   nd: int) -> Optional[tuple[int, ...]]:
+    """The size `value` has when the model's input is `model_size` (None where that is not known)."""
+    if model_size is None:
+        return None
+    here = graph.sizes(model_size).get(value)
+    return here if here is not None and len(here) == nd else None
 
 
 def _default_size(nd: int, runs: Callable[[tuple[int, ...]], bool],

@@ -11,7 +11,7 @@ import json
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -230,16 +230,25 @@ def _safetensors_only(path: str) -> None:
         raise io.ModelFileError(f"{path}: an ONNX model carries its own graph; this command is for safetensors files")
 
 
+class ReadGraph(NamedTuple):
+    """What `read_graph` finds: the validated description, its tensors, where it came from, and the size
+    the model's input is fixed at (a static ONNX model's; None where the model takes any size)."""
+
+    graph: Graph
+    tensors: Tensors
+    where: str
+    input_size: Optional[tuple[int, ...]] = None
+
+
 def read_graph(path: str, graph_file: Optional[str] = None, arch: Optional[str] = None,
-               leaves: Sequence[str] = ()) -> tuple[Graph, Tensors, str]:
-    """The validated description, its tensors and where it came from, from a safetensors file or an ONNX
-    model (`explain`, `inspect`)."""
+               leaves: Sequence[str] = ()) -> ReadGraph:
+    """A safetensors file's or an ONNX model's description and tensors (`explain`, `inspect`)."""
     onnx_model = _onnx_reader(path, graph_file, arch)
     if onnx_model is not None:
         model = onnx_model.read_model(path)
-        return model.graph, model.tensors, model.where
+        return ReadGraph(model.graph, model.tensors, model.where, model.input_size)
     described = describe_file(path, graph_file, arch, leaves)
-    return described.graph, described.tensors, described.where
+    return ReadGraph(described.graph, described.tensors, described.where)
 
 
 def _onnx_reader(path: str, graph_file: Optional[str], arch: Optional[str]) -> Any:
@@ -262,7 +271,7 @@ def inspect_file(path: str, graph_file: Optional[str] = None, arch: Optional[str
     """What `convmerge inspect` shows, as data: the conv-shaped tensors (in natural order: 2 before 10)
     and, when a description is found (FORMAT.md, section 1), the layer count and the conv pairs."""
     if is_onnx(path):
-        g, tensors, where = read_graph(path, graph_file, arch)
+        g, tensors, where, _ = read_graph(path, graph_file, arch)
         return dict(_tensor_listing(path, tensors.info, []), description=where, layer_count=len(g.layers),
                     pairs=_pairs(g))
     header = io.read_header(path)

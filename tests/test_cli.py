@@ -1194,7 +1194,7 @@ def test_policy_help_names_the_cost_model() -> None:
 
 
 @pytest.mark.parametrize("command, words", [("fuse", "[default: <stem>.fused.safetensors"),
-                                             ("explain", "[default: a small size")])
+                                             ("explain", "[default: the size there of a model")])
 def test_help_keeps_bracketed_defaults(command: str, words: str) -> None:
     """Rich reads `[default: ...]` as a markup tag and drops it unless escaped."""
     assert words in " ".join(re.sub("[│╭╮╰╯─]", " ", cli(command, "--help").stdout).split())

@@ -693,3 +693,21 @@ def test_without_onnx_the_core_imports_and_onnx_files_get_one_line(tmp_path: Pat
     assert proc.returncode == 0, proc.stderr
     code, line = proc.stdout.strip().splitlines()[:2]
     assert code == "2" and "pip install 'convmerge[onnx]'" in line
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_explain_shows_a_static_model_at_its_own_size(tmp_path: Path, dynamic: bool) -> None:
+    """A static ONNX model runs at one size: `explain` without --input-size shows the pair (and a region) at the
+    size its input has there, as `check` judges it; a dynamic one at the small default size."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=2),
+                        nn.Conv2d(4, 4, 3, padding=1))
+    path = export(net, (1, 3, 30, 30), tmp_path / "m.onnx", dynamic=dynamic)
+    (pair,) = cm_model.inspect_file(str(path))["pairs"]
+    shown = cli("explain", path, pair["first"], pair["second"], "--json")
+    assert shown.exit_code == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert data["size"] == ([12, 12] if dynamic else [15, 15])
+    region = json.loads(cli("explain", path, pair["second"], "--json").stdout)
+    assert region["kind"] == "region" and region["size"] == data["size"]
+    given = json.loads(cli("explain", path, pair["first"], pair["second"], "-s", "9x9", "--json").stdout)
+    assert given["size"] == [9, 9]
