@@ -62,6 +62,7 @@ def fused_module(module: nn.Module, plan: Plan, traced: Traced) -> fx.GraphModul
         output.replace_all_uses_with(new)
         current[unit.output] = new
     graph.eliminate_dead_code()
+    _activations_in_place(gm)
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -69,6 +70,28 @@ def fused_module(module: nn.Module, plan: Plan, traced: Traced) -> fx.GraphModul
     if sized and plan.input_size:
         gm.register_forward_pre_hook(_only_at(tuple(plan.input_size), sized))
     return _inference_only(gm)
+
+
+_aten = torch.ops.aten
+_IN_PLACE = {_aten.relu.default: _aten.relu_.default, _aten.hardtanh.default: _aten.hardtanh_.default,
+             _aten.leaky_relu.default: _aten.leaky_relu_.default, _aten.hardswish.default: _aten.hardswish_.default,
+             _aten.silu.default: _aten.silu_.default}
+"""Activations torchvision's own nets run in place, in training too (autograd supports them so)."""
+_FRESH = {_aten.convolution.default, _aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default,
+          _aten.add.Tensor}
+"""Ops whose result is a new tensor that aliases nothing."""
+
+
+def _activations_in_place(gm: fx.GraphModule) -> None:
+    """An exported graph runs `nn.ReLU6(inplace=True)` as an out-of-place hardtanh, which allocates and
+    writes a second tensor: MobileNetV2's 35 of them took 17 ms per 10 runs against 8 ms in place.  Where an
+    activation is the only reader of a conv's or an add's fresh result, it runs in place again."""
+    for node in gm.graph.nodes:
+        src = node.args[0] if node.op == "call_function" and node.target in _IN_PLACE and node.args else None
+        if isinstance(src, fx.Node) and len(src.users) == 1 and (
+                (src.op == "call_module" and isinstance(gm.get_submodule(src.target), nn.modules.conv._ConvNd))
+                or (src.op == "call_function" and src.target in _FRESH)):
+            node.target = _IN_PLACE[node.target]
 
 
 def _only_at(size: tuple[int, ...], merges: list[str]) -> Any:

@@ -7,8 +7,9 @@ RepVGG, ACNet, DBB and MobileOne blocks are regions with parallel branches.
 
 Regions are grown backwards from the last layers: a value joins the region of its consumers when
 it is linear, not a graph output, and every consumer is already inside.  A region that ends up
-reading two values (a residual add of a block's input and its body) is no region; its join is left
-as it is and its inputs start regions of their own.  When a region is series-parallel (every join's
+reading two values (a residual add of a block's input and its body) keeps only what follows the
+latest value every path into it passes through (the add, for a conv after it); the join and its
+inputs start regions of their own.  When a region is series-parallel (every join's
 branches meet at one value and share no layer) it is also returned as a sequence of `Step`s and
 `Par`s, which is what planning cuts into segments.
 """
@@ -76,9 +77,11 @@ def find_regions(graph: Graph) -> list[Region]:
         if name in taken or not linear(graph, name):
             continue
         members = _grow(graph, name, taken)
-        inputs = {src for m in members for src in graph.layers[m].inputs if src not in members}
+        if len(_inputs(graph, members)) != 1:  # reads two values (a residual add): keep what follows the add
+            members = _past_meeting(graph, members, name)
+        inputs = _inputs(graph, members)
         if len(inputs) != 1:
-            continue  # reads two values (a residual add): the join stays, its inputs start regions later
+            continue
         taken |= members
         order = sorted(members, key=position.__getitem__)
         if len(order) < 2 or not any(graph.layers[n].op in CONV_OPS for n in order):
@@ -104,6 +107,23 @@ def _grow(graph: Graph, output: str, taken: set[str]) -> set[str]:
                 members.add(src)
                 stack.append(src)
     return members
+
+
+def _inputs(graph: Graph, members: set[str]) -> set[str]:
+    return {src for m in members for src in graph.layers[m].inputs if src not in members}
+
+
+def _past_meeting(graph: Graph, members: set[str], output: str) -> set[str]:
+    """The layers after the earliest value that every path into `output` passes through: for a conv -> batch
+    norm after a residual add (an inverted-residual net), the conv and the batch norm.  Their values are
+    read inside only (every path into them passes through that value too), so they are a region; the
+    add and what feeds it are met again as outputs of their own."""
+    position = {n: i for i, n in enumerate(graph.layers)}
+    for meet in sorted(members - {output}, key=position.__getitem__):
+        part = _ancestors(graph, members, meet, output, avoid=meet)
+        if part <= members:
+            return part
+    return set()
 
 
 def _structure(graph: Graph, members: set[str], start: str, end: str) -> Optional[tuple[Item, ...]]:

@@ -284,6 +284,27 @@ class OddEven(nn.Module):
         return self.a(x) + self.b(x)
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand, BN, ReLU6, depthwise 3x3, BN, ReLU6, 1x1 project, BN (no activation),
+    plus the input where the shape allows; a stack of them puts a residual add right before a conv."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, expand: int = 4) -> None:
+        super().__init__()
+        wide = cin * expand
+        self.residual = stride == 1 and cin == cout
+        self.body = nn.Sequential(_conv_bn(cin, wide, 1), nn.ReLU6(inplace=True),
+                                  _conv_bn(wide, wide, 3, stride, 1, groups=wide), nn.ReLU6(inplace=True),
+                                  _conv_bn(wide, cout, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+def inverted_residuals(c: int = 4) -> nn.Module:
+    return nn.Sequential(InvertedResidual(c, c), InvertedResidual(c, 2 * c, stride=2), InvertedResidual(2 * c, 2 * c),
+                         InvertedResidual(2 * c, 2 * c))
+
+
 def conv_count(module: nn.Module) -> int:
     """Convolutions a (fused) module runs: conv modules, or conv calls in a traced graph."""
     graph = getattr(module, "graph", None)

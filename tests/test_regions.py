@@ -373,6 +373,60 @@ def test_plain_conv_bn_is_always_folded_and_counted():
                                                       if isinstance(m, torch.nn.BatchNorm2d)]
 
 
+def test_a_conv_after_a_residual_add_is_a_region_of_its_own():
+    """x -> c0 -> relu r; r -> c1 -> relu r1 -> c3 -> bn3; add(r, bn3) -> c2 -> bn2 (MobileNetV2's shape).
+    Grown back from bn2 the region reaches the add and reads two values (r and r1); the part after the add
+    (c2, bn2) is still a region, and so is (c3, bn3)."""
+    conv = lambda name, src: {"name": name, "op": "conv2d", "input": src, "padding": 1}  # noqa: E731
+    bn = lambda name, src: {"name": name, "op": "batch_norm", "input": src}  # noqa: E731
+    doc = models.describe([conv("c0", "x"), {"name": "r", "op": "relu", "input": "c0"}, conv("c1", "r"),
+                           {"name": "r1", "op": "relu", "input": "c1"}, conv("c3", "r1"), bn("b3", "c3"),
+                           {"name": "a", "op": "add", "inputs": ["r", "b3"]}, conv("c2", "a"), bn("b2", "c2"),
+                           {"name": "out", "op": "relu", "input": "b2"}], ["out"])
+    tensors = {f"{c}.weight": torch.randn(2, 2, 3, 3) for c in ("c0", "c1", "c2", "c3")}
+    for b in ("b2", "b3"):
+        tensors.update({f"{b}.running_mean": torch.zeros(2), f"{b}.running_var": torch.ones(2)})
+    found = {(r.input, r.output, r.layers) for r in find_regions(parse(doc, infos(tensors)))}
+    assert found == {("r1", "b3", ("c3", "b3")), ("a", "b2", ("c2", "b2"))}
+
+
+@pytest.mark.parametrize("policy", plan.POLICIES)
+def test_inverted_residual_stack_folds_every_batch_norm(policy):
+    """MobileNetV2's blocks: every conv -> BN folds, the one after a residual add too (it stayed a batch norm)."""
+    fused, _ = _check(nets.inverted_residuals(), 4, sizes=((9, 9), (12, 10)), policy=policy)
+    left = [n for n in fused.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)]
+    assert not left, left
+
+
+class _ReadTwice(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return torch.relu(y) + self.b(y)  # relu's input is read twice: it must not be overwritten
+
+
+def test_activations_run_in_place_only_on_a_result_no_one_else_reads():
+    """The exported graph runs ReLU6(inplace=True) out of place (a second tensor per activation); the fused
+    module runs it in place again where the activation alone reads a conv's or an add's result.  Values and
+    gradients are the original's; an activation whose input is read elsewhere stays out of place."""
+    net = nets.randomize_bn(nets.inverted_residuals()).double().eval()
+    fused = convmerge.fuse(net)
+    targets = [str(n.target) for n in fused.graph.nodes if n.op == "call_function" and "hardtanh" in str(n.target)]
+    assert targets and all(t == "aten.hardtanh_.default" for t in targets), targets
+    x = torch.randn(2, 4, 11, 11, dtype=torch.float64, requires_grad=True)
+    want = torch.autograd.grad(net(x).square().sum(), x)[0]
+    got = torch.autograd.grad(fused(x).square().sum(), x)[0]
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+    twice = _ReadTwice().double().eval()
+    fused = convmerge.fuse(twice)
+    assert "aten.relu.default" in {str(n.target) for n in fused.graph.nodes}
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    assert torch.allclose(fused(x), twice(x), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("policy", plan.POLICIES)
 def test_tiny_repvgg_network_reaches_its_deploy_conv_count(policy):
     net = nets.TinyRepVGG()
