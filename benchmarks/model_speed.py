@@ -1,11 +1,13 @@
 """Does merging make CPU inference faster, and does the 'cheaper' policy (spec.cost) choose well?
 
-For five small nets (each a few blocks with a ReLU after every block, input [B, C, 56, 56]: the
-channels each net takes at the resolution of a ResNet's first stage), times CPU inference
+For seven small nets (each a few blocks with an activation after every block, input [B, C, 56, 56]:
+the channels each net takes at the resolution of a ResNet's first stage), times CPU inference
 (eval, torch.no_grad, float32, torch.set_num_threads(2)) at batch 1 and 16 of
 
   original | convmerge.fuse(net, input_size=(56, 56), policy='cheaper') | ... policy='all'
   (and, for the CP net, 'dw pair only': only the two depthwise convs merged, by fusing that slice;
+  for nets with batch norms, 'torch.fx fuse (conv-BN)': PyTorch's own conv -> BN folding
+  (torch.fx.experimental.optimization.fuse), the reference for what folding alone gives;
   with --channels-last, also the original and 'cheaper' run in channels-last memory format, module
   and input, in the same interleaved run)
 
@@ -20,7 +22,7 @@ isolation and fits  t = t0 + MACs / R_kind + bytes / BW  (kind: dense kxk, point
 depthwise; bytes: input + output activations + weights, float32) to propose a cost model.
 
     python benchmarks/model_speed.py [--reps 11] [--batches 1,16] [--channels-last]
-                                     [--nets expandnet,tucker,cp,vgg_bn,dwsep,repvgg]
+                                     [--nets expandnet,tucker,cp,vgg_bn,dwsep,repvgg,mobilenet]
     python benchmarks/model_speed.py --quick        # expandnet and repvgg, batch 16, 3 repetitions
 """
 
@@ -36,6 +38,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse as fx_fuse
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -128,6 +131,28 @@ def repvgg(c: int = 64, blocks: int = 3) -> nn.Module:
     return nn.Sequential(*[RepVGGBlock(c) for _ in range(blocks)])
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand + BN + ReLU6, depthwise 3x3 + BN + ReLU6, 1x1 project + BN (linear), and
+    the input added where the shapes allow (so a residual add comes right before the next block's conv)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, expand: int = 6) -> None:
+        super().__init__()
+        wide = cin * expand
+        self.residual = stride == 1 and cin == cout
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, wide, 1, bias=False), nn.BatchNorm2d(wide), nn.ReLU6(inplace=True),
+            nn.Conv2d(wide, wide, 3, stride, 1, groups=wide, bias=False), nn.BatchNorm2d(wide), nn.ReLU6(inplace=True),
+            nn.Conv2d(wide, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+def mobilenet(c: int = 24) -> nn.Module:
+    return nn.Sequential(InvertedResidual(c, c), InvertedResidual(c, 32, stride=2), InvertedResidual(32, 32),
+                         InvertedResidual(32, 32))
+
+
 NETS: dict[str, tuple[Callable[[], nn.Module], int, str]] = {
     "expandnet": (expandnet, 32, "1x1 32->128, 3x3 128->128, 1x1 128->32; x2"),
     "tucker": (tucker, 128, "1x1 128->32, 3x3 32->32, 1x1 32->128; x3"),
@@ -135,6 +160,7 @@ NETS: dict[str, tuple[Callable[[], nn.Module], int, str]] = {
     "vgg_bn": (vgg, 64, "3x3 p1 64->64, BN, 3x3 p0 64->64, BN; x3"),
     "dwsep": (dwsep, 64, "dw 3x3 64, 1x1 64->64; x3"),
     "repvgg": (repvgg, 64, "RepVGG block: 3x3+BN | 1x1+BN | BN, summed, ReLU; 64 channels; x3"),
+    "mobilenet": (mobilenet, 24, "MobileNetV2 inverted residuals (expand 6, ReLU6 in place): 24, 24->32 s2, 32, 32"),
 }
 
 
@@ -278,13 +304,16 @@ def main() -> None:
             variants[policy] = convmerge.fuse(net, input_size=(SIZE, SIZE), policy=policy)  # exported: no .eval()
         if name == "cp":
             variants["dw pair only"] = fuse_slices(net, "", 1, 3)
+        if any(isinstance(m, nn.BatchNorm2d) for m in net.modules()):
+            variants["torch.fx fuse (conv-BN)"] = fx_fuse(copy.deepcopy(net))  # PyTorch's own conv -> BN folding
         if args.channels_last:
             for k in ("original", "cheaper"):
                 variants[f"{k}, channels-last"] = copy.deepcopy(variants[k]).to(memory_format=torch.channels_last)
         fuse_s = time.perf_counter() - t
         rep = convmerge.check(net, input_size=(SIZE, SIZE), policy="cheaper")
-        merges_cheaper = len(rep["merges"])  # pairs and regions
+        merges_cheaper = len(rep["merges"])  # pairs, regions and batch-norm folds
         merges_all = len(convmerge.check(net, input_size=(SIZE, SIZE), policy="all")["merges"])
+        unchanged = {"cheaper": merges_cheaper == 0, "all": merges_all == 0}
         x1 = torch.randn(1, ch, SIZE, SIZE)
         shape = {k: (len(conv_layers(v, x1)), sum(c["macs"] for c in conv_layers(v, x1))) for k, v in variants.items()}
         choices.append({"net": name, "now": picks(rep, shape["cheaper"][0], shape["original"][0])})
@@ -318,7 +347,7 @@ def main() -> None:
                     "times_s": times[k], "speedup": paired[k], "speedup_of_medians": med["original"] / med[k],
                     "convs": nconv[k],
                     "speedup_min": min(times["original"]) / min(times[k]),
-                    "same_as_original": k != "original" and "channels-last" not in k and nconv[k] == nconv["original"] and macs[k] == macs["original"],
+                    "same_as_original": unchanged.get(k, False),
                     "macs_per_image": macs[k], "mac_ratio": macs["original"] / macs[k],
                     "cost_ratio": lib_cost["original"] / lib_cost[k],
                     "merges": {"cheaper": merges_cheaper, "all": merges_all}.get(k), "layer_features": feats[k],
