@@ -146,7 +146,19 @@ NETS: dict[str, tuple[str, Callable[[Path], Built]]] = {
 
 
 def convs(model: nn.Module) -> int:
-    return sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in model.modules())
+    """Convolutions the model runs: conv modules, and in a fused graph module (where a conv no merge
+    touched stays an ATen call, not a module) its conv calls too."""
+    graph = getattr(model, "graph", None)
+    if not isinstance(graph, torch.fx.Graph):
+        return sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in model.modules())
+    count = 0
+    for node in graph.nodes:
+        if node.op == "call_module":
+            count += isinstance(model.get_submodule(node.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        elif node.op == "call_function":
+            count += node.target in (torch.ops.aten.convolution.default, torch.ops.aten.conv1d.default,
+                                     torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default)
+    return count
 
 
 def error(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
