@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, median, table, write_json  # noqa: E402
 
 import convmerge  # noqa: E402
+from convmerge.modules import conv_calls  # noqa: E402
 
 Built = tuple[nn.Module, nn.Module, int, int]  # training form, deploy form, input channels, native size
 
@@ -145,22 +146,6 @@ NETS: dict[str, tuple[str, Callable[[Path], Built]]] = {
 }
 
 
-def convs(model: nn.Module) -> int:
-    """Convolutions the model runs: conv modules, and in a fused graph module (where a conv no merge
-    touched stays an ATen call, not a module) its conv calls too."""
-    graph = getattr(model, "graph", None)
-    if not isinstance(graph, torch.fx.Graph):
-        return sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in model.modules())
-    count = 0
-    for node in graph.nodes:
-        if node.op == "call_module":
-            count += isinstance(model.get_submodule(node.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-        elif node.op == "call_function":
-            count += node.target in (torch.ops.aten.convolution.default, torch.ops.aten.conv1d.default,
-                                     torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default)
-    return count
-
-
 def error(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
     with torch.no_grad():
         want = a(x)
@@ -196,7 +181,7 @@ def measure(name: str, built: Built, batches: list[int], size: int, reps: int) -
     torch.manual_seed(1)
     xs = [torch.randn(2, channels, s, s, dtype=torch.float64) for s in (size, size - 31)]
     row: dict[str, Any] = {
-        "net": name, "convs": convs(model), "deploy": convs(deploy), "all": convs(fused), "cheaper": convs(cheaper),
+        "net": name, "convs": conv_calls(model), "deploy": conv_calls(deploy), "all": conv_calls(fused), "cheaper": conv_calls(cheaper),
         "deploy_error": max(error(model, deploy, x) for x in xs),
         "convmerge_error": max(max(error(model, fused, x), error(model, cheaper, x)) for x in xs),
         "fuse_s": fuse_s,

@@ -96,3 +96,22 @@ def to_module(conv: Conv) -> nn.Module:
         if conv.bias is not None:
             module.bias.copy_(conv.bias)
     return module
+
+
+_CONV_CALLS = (torch.ops.aten.convolution.default, torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
+               torch.ops.aten.conv3d.default)
+
+
+def conv_calls(module: nn.Module) -> int:
+    """Convolutions a module runs: its conv modules, or, for a fused graph module (where a conv that no merge
+    touched stays an ATen call, not a module), the conv calls in its graph too."""
+    graph = getattr(module, "graph", None)
+    if not isinstance(graph, torch.fx.Graph):
+        return sum(isinstance(m, tuple(_CONV_TYPES.values())) for m in module.modules())
+    count = 0
+    for node in graph.nodes:
+        if node.op == "call_module":
+            count += isinstance(module.get_submodule(node.target), tuple(_CONV_TYPES.values()))
+        elif node.op == "call_function":
+            count += node.target in _CONV_CALLS
+    return count

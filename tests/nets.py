@@ -303,17 +303,3 @@ class InvertedResidual(nn.Module):
 def inverted_residuals(c: int = 4) -> nn.Module:
     return nn.Sequential(InvertedResidual(c, c), InvertedResidual(c, 2 * c, stride=2), InvertedResidual(2 * c, 2 * c),
                          InvertedResidual(2 * c, 2 * c))
-
-
-def conv_count(module: nn.Module) -> int:
-    """Convolutions a (fused) module runs: conv modules, or conv calls in a traced graph."""
-    graph = getattr(module, "graph", None)
-    if graph is None:
-        return sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in module.modules())
-    count = 0
-    for node in graph.nodes:
-        if node.op == "call_module":
-            count += isinstance(module.get_submodule(node.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-        elif node.op == "call_function":
-            count += "conv" in str(node.target) and "transpose" not in str(node.target)
-    return count
