@@ -226,6 +226,8 @@ def evaluate(description: dict, tensors: Mapping[str, torch.Tensor], x: torch.Te
             out = _conv(layer, args[0], tensors)
         elif op == "relu":
             out = F.relu(args[0])
+        elif op == "relu6":
+            out = F.relu6(args[0])
         elif op in ("identity", "dropout"):
             out = args[0]
         elif op == "add":  # FORMAT.md: inputs of one shape (PyTorch would broadcast a length-1 axis)

@@ -88,9 +88,10 @@ ALL = {
     "conv3d": conv3d_pair,
     "same": same_padding_chain,
     "vgg": lambda: randomize_bn(vgg_bn()),
+    "inverted": lambda: randomize_bn(inverted_residuals()),  # defined below, with the other blocks
 }
 INPUT_DIMS = {"conv1d": 1, "conv3d": 3}
-CHANNELS = {"residual": 8, "branches": 3, "expandnet": 4, "conv1d": 2, "grouped": 4, "conv3d": 2, "same": 3, "vgg": 3}
+CHANNELS = {"residual": 8, "branches": 3, "expandnet": 4, "conv1d": 2, "grouped": 4, "conv3d": 2, "same": 3, "vgg": 3, "inverted": 4}
 
 
 # --- structural re-parameterisation blocks (written for these tests, after the papers' descriptions) ------
