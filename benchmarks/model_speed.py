@@ -38,7 +38,6 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.fx.experimental.optimization import fuse as fx_fuse
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -305,6 +304,8 @@ def main() -> None:
         if name == "cp":
             variants["dw pair only"] = fuse_slices(net, "", 1, 3)
         if any(isinstance(m, nn.BatchNorm2d) for m in net.modules()):
+            from torch.fx.experimental.optimization import fuse as fx_fuse  # its import warns about torch.jit
+
             variants["torch.fx fuse (conv-BN)"] = fx_fuse(copy.deepcopy(net))  # PyTorch's own conv -> BN folding
         if args.channels_last:
             for k in ("original", "cheaper"):
