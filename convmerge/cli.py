@@ -224,7 +224,7 @@ def fuse(
                 with _progress(json_out, quiet) as tick:
                     rep = m.fuse_file(str(model), out, graph_file=_s(graph), arch=arch, input_size=size,
                                       policy=policy.value, force=force, leaves=leaf or (), on_region=tick,
-                                      before_write=companions)
+                                      before_write=companions, on_phase=clock.start)
                 clock.stop()
                 for tmp, final in pending:
                     os.replace(tmp, final)

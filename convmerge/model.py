@@ -131,11 +131,13 @@ def fuse_file(
     leaves: Sequence[str] = (),
     on_region: Optional[Callable[[], None]] = None,
     before_write: Optional[Callable[[Report, dict], None]] = None,
+    on_phase: Optional[Callable[[str], None]] = None,
 ) -> Report:
     """Read, plan, verify and write `<out>` atomically; the input is never modified.
 
     `before_write(report, description)` runs once everything is decided and verified, before the
     model is published, so companions (a report file, an export) can fail without leaving a fused model.
+    `on_phase("verify")` says when planning is over and the checks left for the copy begin (`-v`).
     An ONNX file goes to onnx_model, which writes ONNX.
     """
     onnx_model = _onnx_reader(path, graph_file, arch)
@@ -146,10 +148,10 @@ def fuse_file(
     model = describe_file(path, graph_file, arch, leaves)
     try:
         plan = analyze(model.graph, model.tensors, input_size, policy, on_region, verify_later=True)
-        return _write_fused(model, plan, path, out, force, before_write)
+        return _write_fused(model, plan, path, out, force, before_write, on_phase)
     except _Refused:  # a merge verified beside the copy was refused for its dtype: the layout written was wrong
         plan = analyze(model.graph, model.tensors, input_size, policy)
-        return _write_fused(model, plan, path, out, force, before_write)
+        return _write_fused(model, plan, path, out, force, before_write, on_phase)
 
 
 class _Refused(Exception):
@@ -157,7 +159,8 @@ class _Refused(Exception):
 
 
 def _write_fused(model: Described, plan: Plan, path: str, out: str, force: bool,
-                 before_write: Optional[Callable[[Report, dict], None]]) -> Report:
+                 before_write: Optional[Callable[[Report, dict], None]],
+                 on_phase: Optional[Callable[[str], None]]) -> Report:
     """The output's layout comes from the plan's decisions; the merges left unverified are verified while
     the untouched tensors are copied, before any merged weight is written or the file published."""
     header, extra = model.header, model.extra
@@ -168,6 +171,8 @@ def _write_fused(model: Described, plan: Plan, path: str, out: str, force: bool,
     reports: list[Report] = []
 
     def verify() -> None:
+        if on_phase is not None:
+            on_phase("verify")
         if not plan.verify():
             raise _Refused
         report = plan.report()

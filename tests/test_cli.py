@@ -1207,6 +1207,14 @@ def test_verbose_prints_timings(stack: Path) -> None:
     assert "timing" not in cli("check", stack, *FAST).stdout
 
 
+def test_verbose_fuse_names_its_phases(stack: Path, tmp_path: Path) -> None:
+    """The checks left for the copy are their own phase: `plan` ends where they begin, `write` after them."""
+    result = cli("fuse", stack, "-o", tmp_path / "o.safetensors", "-v", "--policy", "all")
+    assert result.exit_code == 0, result.stderr
+    line = " ".join((result.stdout + result.stderr).split())
+    assert re.search(r"timings: import [\d.]+ s, plan [\d.]+ s, verify [\d.]+ s, write [\d.]+ s", line), line
+
+
 @pytest.fixture
 def example_dir(tmp_path: Path) -> Path:
     """examples/ as `python examples/make_example.py` leaves it: model.py and example.safetensors."""
