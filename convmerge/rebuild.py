@@ -88,10 +88,18 @@ def _activations_in_place(gm: fx.GraphModule) -> None:
     activation is the only reader of a conv's or an add's fresh result, it runs in place again."""
     for node in gm.graph.nodes:
         src = node.args[0] if node.op == "call_function" and node.target in _IN_PLACE and node.args else None
-        if isinstance(src, fx.Node) and len(src.users) == 1 and (
+        if isinstance(src, fx.Node) and len(src.users) == 1 and _differentiable_in_place(node) and (
                 (src.op == "call_module" and isinstance(gm.get_submodule(src.target), nn.modules.conv._ConvNd))
                 or (src.op == "call_function" and src.target in _FRESH)):
             node.target = _IN_PLACE[node.target]
+
+
+def _differentiable_in_place(node: fx.Node) -> bool:
+    """Autograd refuses an in-place leaky relu of negative slope (its gradient needs the input it overwrote)."""
+    if node.target is not _aten.leaky_relu.default:
+        return True
+    slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+    return isinstance(slope, (int, float)) and slope > 0
 
 
 def _only_at(size: tuple[int, ...], merges: list[str]) -> Any:

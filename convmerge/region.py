@@ -8,7 +8,7 @@ RepVGG, ACNet, DBB and MobileOne blocks are regions with parallel branches.
 Regions are grown backwards from the last layers: a value joins the region of its consumers when
 it is linear, not a graph output, and every consumer is already inside.  A region that ends up
 reading two values (a residual add of a block's input and its body) keeps only what follows the
-latest value every path into it passes through (the add, for a conv after it); the join and its
+earliest value every path into its output passes through (the add, for a conv after it); the join and its
 inputs start regions of their own.  When a region is series-parallel (every join's
 branches meet at one value and share no layer) it is also returned as a sequence of `Step`s and
 `Par`s, which is what planning cuts into segments.

@@ -427,6 +427,21 @@ def test_activations_run_in_place_only_on_a_result_no_one_else_reads():
     assert torch.allclose(fused(x), twice(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("act, in_place", [(torch.nn.SiLU(), True), (torch.nn.Hardswish(), True),
+                                           (torch.nn.LeakyReLU(0.1), True), (torch.nn.LeakyReLU(-0.1), False)])
+def test_in_place_activations_keep_gradients(act, in_place):
+    """Each activation put back in place still differentiates; a leaky relu of negative slope cannot (autograd
+    needs the input it would overwrite), so it stays out of place."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), act, torch.nn.Conv2d(4, 4, 1))
+    net = nets.randomize_bn(net).double().eval()
+    fused = convmerge.fuse(net)
+    targets = [str(n.target) for n in fused.graph.nodes if n.op == "call_function" and "conv" not in str(n.target)]
+    assert len(targets) == 1 and targets[0].endswith("_.default") == in_place, targets
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, requires_grad=True)
+    want = torch.autograd.grad(net(x).square().sum(), x)[0]
+    assert torch.allclose(torch.autograd.grad(fused(x).square().sum(), x)[0], want, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("policy", plan.POLICIES)
 def test_tiny_repvgg_network_reaches_its_deploy_conv_count(policy):
     net = nets.TinyRepVGG()
