@@ -116,7 +116,7 @@ def analyze(graph: Any, tensors: Tensors, input_size: Optional[Sequence[int]] = 
             on_region: Optional[Callable[[], None]] = None, verify_later: bool = False) -> Plan:
     """The plan for a parsed description and its tensors (every merge verified in float64, or by
     `Plan.verify` with `verify_later`)."""
-    return planning.build(graph, tensors, input_size, policy, on_region, verify_later)
+    return planning.build(graph, tensors, input_size, policy, on_region, verify_later=verify_later)
 
 
 def fuse_file(
