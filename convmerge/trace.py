@@ -80,12 +80,14 @@ def build_module(ref: str) -> nn.Module:
 
 
 def describe_module(module: nn.Module, name: str = "model", *, leaves: Sequence[type | str] = (),
-                    example_size: Optional[Sequence[int]] = None) -> Traced:
+                    example_size: Optional[Sequence[int]] = None,
+                    example_inputs: Optional[Sequence[torch.Tensor]] = None) -> Traced:
     """The graph description of ``module`` and the tensors it needs beyond the state dict.
 
     ``leaves``: module classes (or class names) to keep as opaque layers without tracing them.
-    ``example_size``: the input's full shape, or its spatial size (guessed from the first conv
-    otherwise); torch.export traces with it.  When torch.export fails on the model itself, torch.fx
+    ``example_inputs``: the inputs torch.export traces with; else ``example_size``, the input's full
+    shape or its spatial size (224 per axis when None), with the channels of the first conv or batch
+    norm the forward calls (`trace_export.example_input`).  When torch.export fails on the model itself, torch.fx
     traces it instead (``notes`` says so and why).  A module on the meta device is traced without
     its weights: tensors computed from them are then listed in ``missing``, not returned.
 
@@ -97,7 +99,7 @@ def describe_module(module: nn.Module, name: str = "model", *, leaves: Sequence[
     ['conv2d', 'relu']
     """
     try:
-        return trace_export.describe(module, leaves, example_size)
+        return trace_export.describe(module, leaves, example_size, example_inputs)
     except Exception as exc:
         export_failed = str(exc) if isinstance(exc, TraceError) else f"torch.export: {first_line(exc)}"
     try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import itertools
 import logging
@@ -51,8 +52,9 @@ _DEFAULT_SIDE = {1: 224, 2: 224, 3: 32}
 
 # --- opaque leaves ----------------------------------------------------------------------------
 
-_OUTPUTS: dict[str, list[tuple[tuple[int, ...], torch.dtype, torch.device]]] = {}
-"""What a leaf call returns (shape, dtype, device per tensor), keyed by `session/qualname#call`."""
+_OUTPUTS: dict[str, list[tuple[tuple[int, ...], torch.dtype, torch.device, Optional[int]]]] = {}
+"""What a leaf call returns (shape, dtype, device per tensor, and the index of the input tensor of the same
+shape and dtype, whose shape a symbolic export then gives it), keyed by `session/qualname#call`."""
 _STRUCTURES: dict[str, tuple[list[Any], Any]] = {}
 """The same call's output structure (`_Slot` where a tensor goes), for the module's caller."""
 _SESSIONS = itertools.count()
@@ -65,7 +67,8 @@ def _leaf_op(inputs: list[torch.Tensor], key: str) -> list[torch.Tensor]:
 
 @_leaf_op.register_fake
 def _leaf_fake(inputs: list[torch.Tensor], key: str) -> list[torch.Tensor]:
-    return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in _OUTPUTS[key]]
+    return [torch.empty_like(inputs[like]) if like is not None else torch.empty(shape, dtype=dtype, device=device)
+            for shape, dtype, device, like in _OUTPUTS[key]]
 
 
 _LEAF = torch.ops.convmerge.opaque_leaf.default
@@ -76,60 +79,130 @@ class _Slot:
 
 
 def describe(module: nn.Module, leaves: Sequence[type | str] = (),
-             example_size: Optional[Sequence[int]] = None) -> Traced:
+             example_size: Optional[Sequence[int]] = None,
+             example_inputs: Optional[Sequence[torch.Tensor]] = None) -> Traced:
     """The description of ``module`` from torch.export; raises TraceError when the model cannot be
     exported even with its failing submodules as opaque leaves (the caller falls back to fx)."""
-    example, origin = example_input(module, example_size)
+    example, origin = example_input(module, example_size, example_inputs)
     opaque_modules = {q: "marked as a leaf" for q, m in module.named_modules() if q and is_leaf_class(m, leaves)}
     session = f"{id(module):x}.{next(_SESSIONS)}"
+    calls: dict[str, Any] = {}
     try:
-        program = _export_with_leaves(module, example, opaque_modules, session)
+        program = _export_with_leaves(module, example, opaque_modules, session, calls)
         mapper = _Mapper(module, program)
         traced = mapper.describe()
-        traced.graph_module = runnable(module, example, program, bool(opaque_modules))
+        kept = {k: (_OUTPUTS[k], _STRUCTURES[k]) for k in _OUTPUTS if k.startswith(session + "/")}
+        traced.graph_module = runnable(module, example, program, kept, calls)
     finally:
         for key in [k for k in _OUTPUTS if k.startswith(session + "/")]:
             del _OUTPUTS[key], _STRUCTURES[key]
-    traced.notes[:0] = [f"traced with torch.export on an input of shape {list(example.shape)}{origin}"] + [
+    shapes = ", ".join(str(list(t.shape)) for t in example)
+    traced.notes[:0] = [f"traced with torch.export on {'inputs' if len(example) > 1 else 'an input'} of shape {shapes}"
+                        f"{origin}"] + [
         f"module {q!r} ({type(module.get_submodule(q)).__name__}) is opaque: {why}"
         for q, why in opaque_modules.items() if q in mapper.leaves_seen]
+    traced.example, traced.smallest = example, _smallest(program.graph, example[0].dim())
     return traced
 
 
+def _smallest(graph: fx.Graph, rank: int) -> tuple[int, ...]:
+    """Per spatial axis, the smallest size above 1 a value of that rank has in the traced graph."""
+    sizes = [[int(n) for n in v.shape[2:]] for node in graph.nodes
+             if isinstance(v := node.meta.get("val"), torch.Tensor) and v.dim() == rank and rank >= 3]
+    return tuple(min((s[k] for s in sizes if s[k] > 1), default=1) for k in range(rank - 2)) if sizes else ()
 
-def example_input(module: nn.Module, example_size: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, str]:
-    """An input for ``module`` (on its device, in its dtype) and a note on where its shape came from.
 
-    ``example_size`` is a full shape (batch, channels, *spatial) or only the spatial size; channels
-    and spatial rank otherwise come from the first conv or batch norm the module holds.
+def example_input(module: nn.Module, example_size: Optional[Sequence[int]] = None,
+                  given: Optional[Sequence[torch.Tensor]] = None) -> tuple[tuple[torch.Tensor, ...], str]:
+    """Inputs for ``module`` (on its device, in its dtype) and a note on where their shape came from.
+
+    ``given`` are used as they are.  Else ``example_size`` is a full shape (batch, channels, *spatial)
+    or only the spatial size (224 per axis when None); the channels (and spatial rank) are those of the
+    first conv or batch norm the module's forward calls, found by calling it (and stopping there).
+    A forward with several required positional inputs gets one such tensor for each.
     """
-    first = next((m for m in module.modules()
-                  if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm))
-                  and _channels(m) > 0), None)
+    if given is not None:
+        return tuple(given), " (as given)"
     tensor = next((t for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()), None)
     dtype = tensor.dtype if tensor is not None else torch.float32
     device = tensor.device if tensor is not None else torch.device("cpu")
-    origin = ""
-    if first is None:
+    count = _positional_inputs(module)
+    layers = [m for m in module.modules()
+              if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)) and _channels(m) > 0]
+    if not layers:
         if example_size is None:
             raise TraceError("torch.export needs an example input size (no conv or batch norm to guess one from)")
-        shape = tuple(example_size)
-    else:
-        nd = len(first.kernel_size) if isinstance(first, nn.modules.conv._ConvNd) else _bn_rank(first)
-        if example_size is None:
-            shape = (1, _channels(first), *([_DEFAULT_SIDE[nd]] * nd))
-            where = f"{type(first).__name__} {_qualname(module, first)!r}"
-            origin = f" (guessed from {where}; give example_size if it is wrong)"
-        elif len(example_size) == nd + 2:
-            shape = tuple(example_size)
-        elif len(example_size) == nd:
-            shape = (1, _channels(first), *example_size)
-        else:
-            raise TraceError(f"example size {list(example_size)} is neither {nd} spatial sizes nor a full input shape")
-    generator = torch.Generator().manual_seed(0)
+        return _inputs(tuple(example_size), count, dtype, device), " (as given)"
+    first, where = layers[0], "registered (the forward did not get that far)"
+    for _ in range(3):  # the guess, then the layer the forward really calls first (and once more if that moves)
+        shape = _shape_for(first, example_size)
+        called = _first_called(module, _inputs(shape, count, dtype, device), layers)
+        if called is None:
+            break
+        where = "called"
+        if called is first:
+            break
+        first = called
+    shape = _shape_for(first, example_size)
+    size = "as given" if example_size is not None else "the default"
+    origin = (f" (spatial size {size}; channels of {type(first).__name__} {_qualname(module, first)!r}, the first "
+              f"conv or batch norm {where}; give input_size or example inputs if it is wrong)")
+    return _inputs(shape, count, dtype, device), origin
+
+
+def _shape_for(first: nn.Module, example_size: Optional[Sequence[int]]) -> tuple[int, ...]:
+    nd = len(first.kernel_size) if isinstance(first, nn.modules.conv._ConvNd) else _bn_rank(first)
+    if example_size is None:
+        return (1, _channels(first), *([_DEFAULT_SIDE[nd]] * nd))
+    if len(example_size) == nd + 2:
+        return tuple(example_size)
+    if len(example_size) == nd:
+        return (1, _channels(first), *example_size)
+    if len(example_size) == 1:
+        return (1, _channels(first), *(list(example_size) * nd))
+    raise TraceError(f"input size {list(example_size)} is neither {nd} spatial sizes nor a full input shape")
+
+
+def _inputs(shape: tuple[int, ...], count: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
     if device.type == "meta":
-        return torch.empty(shape, dtype=dtype, device=device), origin
-    return torch.randn(shape, generator=generator, dtype=dtype).to(device), origin
+        return tuple(torch.empty(shape, dtype=dtype, device=device) for _ in range(count))
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(shape, generator=generator, dtype=dtype).to(device) for _ in range(count))
+
+
+def _positional_inputs(module: nn.Module) -> int:
+    """How many positional arguments ``forward`` requires (at least one)."""
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    required = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                and p.default is p.empty]
+    return max(1, len(required))
+
+
+class _Called(Exception):
+    """Stops a forward at its first conv or batch norm."""
+
+
+def _first_called(module: nn.Module, inputs: tuple[torch.Tensor, ...], layers: list[nn.Module]) -> Optional[nn.Module]:
+    """The first of ``layers`` the module's forward calls on ``inputs`` (the forward stops there)."""
+    found: list[nn.Module] = []
+
+    def stop(m: nn.Module, args: Any) -> None:
+        found.append(m)
+        raise _Called
+
+    handles = [m.register_forward_pre_hook(stop) for m in layers]
+    try:
+        with torch.no_grad(), _quiet(), _eval(module):
+            module(*inputs)
+    except Exception:  # noqa: BLE001 - _Called, or code that needs other inputs: the guess stays
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
 
 
 def _channels(m: nn.Module) -> int:
@@ -144,16 +217,16 @@ def _qualname(root: nn.Module, target: nn.Module) -> str:
     return next(q for q, m in root.named_modules() if m is target)
 
 
-def _export_with_leaves(module: nn.Module, example: torch.Tensor, leaves: dict[str, str],
-                        session: str) -> torch.export.ExportedProgram:
+def _export_with_leaves(module: nn.Module, example: tuple[torch.Tensor, ...], leaves: dict[str, str],
+                        session: str, calls: dict[str, Any]) -> torch.export.ExportedProgram:
     """Export, turning the submodule that made it fail into an opaque leaf and trying again."""
     for _ in range(sum(1 for _ in module.modules()) + 1):
         try:
             with _quiet(), _eval(module):
                 if leaves:
                     _measure_leaves(module, example, list(leaves), session)
-                with _patched(module, {q: _exporting(q, session) for q in leaves}):
-                    program = torch.export.export(module, (example,), strict=False)
+                with _patched(module, {q: _exporting(q, session, calls) for q in leaves}):
+                    program = torch.export.export(module, example, strict=False)
                 return program.run_decompositions({})
         except Exception as exc:
             culprit = _failing_module(exc, module)
@@ -163,39 +236,113 @@ def _export_with_leaves(module: nn.Module, example: torch.Tensor, leaves: dict[s
     raise TraceError("torch.export: every submodule failed")
 
 
-def runnable(module: nn.Module, example: torch.Tensor, program: torch.export.ExportedProgram,
-             leaves: bool) -> Callable[[bool], tuple[fx.GraphModule, dict[str, str]]]:
+_GUARDS = {aten._assert_scalar.default, aten.sym_constrain_range_for_size.default,
+           aten._assert_tensor_metadata.default}
+"""Checks an exported graph makes of the sizes it was traced at; the fused module is checked end to end
+instead, at sizes where they would have failed."""
+
+
+def runnable(module: nn.Module, example: tuple[torch.Tensor, ...], program: torch.export.ExportedProgram,
+             leaves: dict[str, Any], calls: dict[str, Any]) -> Callable[[bool], tuple[fx.GraphModule, dict[str, str]]]:
     """A builder of a runnable module of the traced graph, and the names its nodes have there.
 
     With ``dynamic``, the model is exported again with symbolic batch and spatial sizes, so the module
     runs at any size; its tensor ops pair with the traced graph's one to one, in order (it only adds
     shape arithmetic, which shifts the nodes' names).  Else (or where that export fails or does not
-    pair up, or with opaque leaves) it is the traced graph without its shape guards, which runs at the
-    traced sizes and wherever no op fixed a size.
+    pair up) it is the traced graph.  Either way the shape guards are left out (the fused module is
+    checked end to end instead) and each opaque leaf calls its module again.  ``leaves`` are the leaf
+    calls' recorded outputs, ``calls`` their arguments (`_Slot` where a tensor goes).
     """
 
+    again: list[Any] = []  # the export at symbolic sizes and its names, once made (None where there is none)
+
+    def general() -> Optional[tuple[torch.export.ExportedProgram, dict[str, str]]]:
+        if again or not all(t.dim() >= 3 for t in example):
+            return again[0] if again else None
+        again.append(None)
+        batch = tuple(t.expand(2, *t.shape[1:]).contiguous() for t in example)  # a batch of 1 would be fixed
+        dims = tuple({k: torch.export.Dim.AUTO for k in range(t.dim()) if k != 1} for t in example)
+        qualnames = {key.split("/", 1)[1].rpartition("#")[0] for key in leaves}
+        session = next(iter(leaves)).split("/", 1)[0] if leaves else ""
+        for key, (outputs, structure) in leaves.items():
+            _OUTPUTS[key], _STRUCTURES[key] = outputs, structure
+        try:
+            with _quiet(), _eval(module), _patched(module, {q: _exporting(q, session, {}) for q in qualnames}):
+                program_again = torch.export.export(module, batch, dynamic_shapes=dims, strict=False)
+                program_again = program_again.run_decompositions({})  # torch warns about its own pytree code here
+            names = _pair_nodes(program.graph, program_again.graph)
+            if names is not None:
+                again[0] = (program_again, names)
+        except Exception:  # noqa: BLE001 - code that needs fixed sizes: the traced graph it is
+            pass
+        finally:
+            for key in leaves:
+                _OUTPUTS.pop(key, None), _STRUCTURES.pop(key, None)
+        return again[0]
+
     def build(dynamic: bool = True) -> tuple[fx.GraphModule, dict[str, str]]:
-        if dynamic and not leaves and example.dim() >= 3:
-            batch = example.expand(2, *example.shape[1:]).contiguous()  # a batch of 1 would be fixed
-            dims = {k: torch.export.Dim.AUTO for k in range(example.dim()) if k != 1}
-            try:
-                with _quiet(), _eval(module):
-                    again = torch.export.export(module, (batch,), dynamic_shapes=(dims,), strict=False)
-                    again = again.run_decompositions({})  # torch warns about its own pytree code here
-                names = _pair_nodes(program.graph, again.graph)
-                if names is not None:
-                    with _quiet():
-                        return again.module(), names
-            except Exception:  # noqa: BLE001 - code that needs fixed sizes: the traced graph it is
-                pass
+        found = general() if dynamic else None
         with _quiet():
-            gm = program.module()
-        for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
-            gm.graph.erase_node(node)
-        gm.recompile()
-        return gm, {n.name: n.name for n in program.graph.nodes}
+            gm, names = (found[0].module(), found[1]) if found is not None else (
+                program.module(), {n.name: n.name for n in program.graph.nodes})
+        moved = _general(gm, module, calls)
+        return gm, {k: moved.get(v, v) for k, v in names.items()}
 
     return build
+
+
+def _general(gm: fx.GraphModule, root: nn.Module, calls: dict[str, Any]) -> dict[str, str]:
+    """Make ``gm`` general: no shape guards, each opaque leaf a call of its module again.  Returns the new
+    names of the nodes that held a leaf's outputs."""
+    graph = gm.graph
+    moved: dict[str, str] = {}
+    for node in list(graph.nodes):
+        if (node.op == "call_module" and node.target == "_guards_fn") or (
+                node.op == "call_function" and node.target in _GUARDS and not node.users):
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target is _LEAF:
+            moved.update(_call_leaf_module(gm, root, node, calls[str(node.args[1])]))
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return moved
+
+
+def _call_leaf_module(gm: fx.GraphModule, root: nn.Module, node: fx.Node, call: tuple[Any, Any, list]
+                      ) -> dict[str, str]:
+    """Replace an opaque leaf op by a call of the leaf module (from ``root``, in eval mode) on the same
+    arguments; each output the op listed is read from the module's output at the same place.  Returns the
+    replaced nodes' names -> the names of the nodes that now hold their values."""
+    qualname = str(node.args[1]).split("/", 1)[1].rpartition("#")[0]
+    (args, kwargs), paths = call
+    tensors = iter(node.args[0])
+    fill = lambda v: next(tensors) if isinstance(v, _Slot) else v  # noqa: E731
+    args, kwargs = pytree.tree_map(fill, (args, kwargs), is_leaf=lambda v: isinstance(v, _Slot))
+    _install(gm, qualname, root.get_submodule(qualname))
+    moved = {}
+    with gm.graph.inserting_before(node):
+        result = gm.graph.call_module(qualname, tuple(args), dict(kwargs))
+        moved[node.name] = result.name
+        for user in list(node.users):
+            value = result
+            for step in paths[user.args[1]]:
+                value = gm.graph.call_function(operator.getitem, (value, step))
+            user.replace_all_uses_with(value)
+            moved[user.name] = value.name
+            gm.graph.erase_node(user)
+    gm.graph.erase_node(node)
+    return moved
+
+
+def _install(gm: nn.Module, qualname: str, module: nn.Module) -> None:
+    """Put ``module`` at ``qualname`` in ``gm``, making empty parents where there are none."""
+    owner = gm
+    *parents, leaf = qualname.split(".")
+    for part in parents:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    if not hasattr(owner, leaf):
+        owner.add_module(leaf, module.eval())
 
 
 _PLUMBING = {getattr(aten, n).default for n in ("view", "_unsafe_view", "expand", "clone", "alias", "copy",
@@ -267,8 +414,10 @@ def _failing_module(exc: BaseException, root: nn.Module) -> Optional[str]:
     return None
 
 
-def _measure_leaves(module: nn.Module, example: torch.Tensor, leaves: list[str], session: str) -> None:
-    """Run the model once, eagerly, recording what each leaf call returns (the fake op's shapes)."""
+def _measure_leaves(module: nn.Module, example: tuple[torch.Tensor, ...], leaves: list[str], session: str) -> None:
+    """Run the model once, eagerly, recording what each leaf call returns (the fake op's shapes: an
+    output of an input's shape and dtype keeps that input's shape when exported at symbolic sizes)."""
+    device = example[0].device
     counts: Counter[str] = Counter()
 
     def measuring(qualname: str, leaf: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
@@ -278,15 +427,17 @@ def _measure_leaves(module: nn.Module, example: torch.Tensor, leaves: list[str],
             out = _run_leaf(leaf, forward, args, kwargs)
             flat, spec = pytree.tree_flatten(out)
             tensors = [t for t in flat if isinstance(t, torch.Tensor)]
-            _OUTPUTS[key] = [(tuple(t.shape), t.dtype, example.device) for t in tensors]
+            inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            like = [next((i for i, x in enumerate(inputs) if x.shape == t.shape and x.dtype == t.dtype), None)
+                    for t in tensors]
+            _OUTPUTS[key] = [(tuple(t.shape), t.dtype, device, k) for t, k in zip(tensors, like)]
             _STRUCTURES[key] = ([_Slot() if isinstance(t, torch.Tensor) else t for t in flat], spec)
-            return pytree.tree_unflatten([t.to(example.device) if isinstance(t, torch.Tensor) else t for t in flat],
-                                         spec)
+            return pytree.tree_unflatten([t.to(device) if isinstance(t, torch.Tensor) else t for t in flat], spec)
         return run
 
     targets = {q: module.get_submodule(q) for q in leaves}
     with _patched(module, {q: measuring(q, m, m.forward) for q, m in targets.items()}), torch.no_grad():
-        module(example)
+        module(*example)
 
 
 def _run_leaf(leaf: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -313,8 +464,9 @@ def _run_leaf(leaf: nn.Module, forward: Callable[..., Any], args: tuple, kwargs:
     return stand_in(*args, **kwargs)
 
 
-def _exporting(qualname: str, session: str) -> Callable[..., Any]:
-    """A leaf's forward while exporting: one opaque op whose outputs have the measured shapes."""
+def _exporting(qualname: str, session: str, calls: dict[str, Any]) -> Callable[..., Any]:
+    """A leaf's forward while exporting: one opaque op whose outputs have the measured shapes.  ``calls``
+    gets each call's arguments (`_Slot` for each tensor) and where its output holds each tensor."""
     counts: Counter[str] = Counter()
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -323,7 +475,12 @@ def _exporting(qualname: str, session: str) -> Callable[..., Any]:
         inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         outputs = iter(_LEAF(inputs, key))
         flat, spec = _STRUCTURES[key]
-        return pytree.tree_unflatten([next(outputs) if isinstance(t, _Slot) else t for t in flat], spec)
+        out = pytree.tree_unflatten([next(outputs) if isinstance(t, _Slot) else t for t in flat], spec)
+        template = pytree.tree_map_only(torch.Tensor, lambda t: _Slot(), (args, kwargs))
+        paths = [tuple(getattr(k, "idx", getattr(k, "key", None)) for k in path)
+                 for path, leaf in pytree.tree_flatten_with_path(out)[0] if isinstance(leaf, torch.Tensor)]
+        calls[key] = (template, paths)
+        return out
 
     return forward
 

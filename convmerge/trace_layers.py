@@ -69,6 +69,10 @@ class Traced:
     missing: list[str] = field(default_factory=list)
     graph_module: Optional[Callable[[], Any]] = field(default=None, repr=False)
     nodes: dict[str, str] = field(default_factory=dict, repr=False)
+    example: tuple = field(default=(), repr=False)
+    """The inputs it was traced on (torch.export), or none (torch.fx)."""
+    smallest: tuple = ()
+    """Per spatial axis, the smallest size above 1 of a value of the input's rank at the traced shape."""
 
 
 def opaque(op: str) -> str:

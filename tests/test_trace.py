@@ -263,7 +263,7 @@ def test_functions_and_methods_without_an_input_size_are_traced_by_fx() -> None:
 def test_functions_and_methods_with_an_input_size_are_traced_by_export() -> None:
     model = Functional().double()
     traced = trace_module(model, example_size=(1, 1, 3, 3))
-    assert traced.notes[0] == "traced with torch.export on an input of shape [1, 1, 3, 3]"
+    assert traced.notes[0] == "traced with torch.export on an input of shape [1, 1, 3, 3] (as given)"
     assert ops(traced.doc) == {
         "relu_1": "relu", "relu_2": "relu", "relu": "relu", "add": "add", "add_1": "add", "add_2": "add",
         "conv2d": "conv2d", "view": "view", "native_dropout": "native_dropout", "getitem": "getitem"}
