@@ -17,10 +17,10 @@ from torch import fx, nn
 from torch.fx.operator_schemas import normalize_function
 
 from .spec import SpecError
-from .trace_layers import (STRUCTURAL_MODULES, TraceError, Traced, avg_pool_fields, first_line, is_leaf_class, is_plain,
+from .trace_layers import (STRUCTURAL_MODULES, STRUCTURAL_OPS, TraceError, Traced, avg_pool_fields, first_line, is_leaf_class, is_plain,
                            module_fields, opaque)
 
-__all__ = ["describe"]
+__all__ = ["describe", "mutates"]
 
 _CATS = {torch.cat, torch.concat, torch.concatenate}
 _AVG_POOLS = {torch.nn.functional.avg_pool1d: 1, torch.nn.functional.avg_pool2d: 2, torch.nn.functional.avg_pool3d: 3}
@@ -37,14 +37,18 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = ()) -> Traced:
         raise TraceError(f"torch.fx: {first_line(exc)}") from exc
     names, shared = layer_names(graph), _shared_targets(graph, module)
     active = _active(graph)
+    mutated = _seen_mutated(graph, module)
     layers = []
     for node in graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
         try:
-            layers.append(describe_node(node, module, names, shared, active, tracer.forced))
+            layer = describe_node(node, module, names, shared, active, tracer.forced)
         except SpecError as exc:
             raise TraceError(f"layer {names[node]}: {exc}") from exc
+        if node in mutated and layer["op"] in STRUCTURAL_OPS:
+            layer["op"] = opaque(layer["op"])
+        layers.append(layer)
     output = next(node for node in graph.nodes if node.op == "output")
     doc = {
         "version": 1,
@@ -56,6 +60,10 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = ()) -> Traced:
              for q, why in tracer.opaque.items()]
     notes += [f"module {q!r} ({type(module.get_submodule(q)).__name__}) is opaque: marked as a leaf"
               for q in tracer.forced]
+    if mutated:
+        notes.append(f"{len(mutated)} layer(s) ({', '.join([names[n] for n in graph.nodes if n in mutated][:3])}) write or read a "
+                     "value that is changed in place where another layer can see it: opaque, since torch.fx "
+                     "does not follow what the change does to aliases")
     if any(layer["op"] == "opaque_add" for layer in layers):
         notes.append("torch.fx sees no shapes, so additions (which may broadcast) are opaque")
     nodes = {name: node.name for node, name in names.items()}
@@ -131,6 +139,86 @@ def _function_fields(node: fx.Node, active: set[fx.Node]) -> dict[str, Any]:
     return {"op": opaque(name)}
 
 
+_IN_PLACE_OPERATORS = {"__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,
+                       "__itruediv__": operator.itruediv, "__ifloordiv__": operator.ifloordiv,
+                       "__imod__": operator.imod, "__ipow__": operator.ipow, "__imatmul__": operator.imatmul,
+                       "__iand__": operator.iand, "__ior__": operator.ior, "__ixor__": operator.ixor}
+
+
+class _Proxy(fx.Proxy):
+    """A proxy that records ``a += b`` as the in-place operator it is (fx's own records ``a = a + b``,
+    which leaves other names of ``a``'s tensor unchanged: the traced module then computes something else)."""
+
+
+def _in_place(op: Any) -> Any:
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+    return method
+
+
+for _name, _op in _IN_PLACE_OPERATORS.items():
+    setattr(_Proxy, _name, _in_place(_op))
+_Proxy.__name__ = _Proxy.__qualname__ = "Proxy"  # what fx's errors name ("'Proxy' object does not support ...")
+
+
+def _seen_mutated(graph: fx.Graph, root: nn.Module) -> set[fx.Node]:
+    """The nodes around an in-place change that another layer can see: the changed value, whatever may share
+    its memory (reached through ops that may return a view or their input itself), and the layers that read
+    any of them.  A change nothing else reads (``relu(inplace=True)`` after a batch norm, ``out += x`` then a
+    relu in a ResNet block) is seen by no one."""
+    seen: set[fx.Node] = set()
+    for node in graph.nodes:
+        target = node.args[0] if mutates(node, root) and node.args else None
+        if not isinstance(target, fx.Node):
+            continue
+        group, stack = set(), [target]
+        while stack:
+            value = stack.pop()
+            if value in group:
+                continue
+            group.add(value)
+            if mutates(value, root):
+                stack.extend(a for a in value.args[:1] if isinstance(a, fx.Node))
+            elif not _fresh(value, root):
+                stack.extend(value.all_input_nodes)
+            stack.extend(u for u in value.users if u is not node and (mutates(u, root) or not _fresh(u, root)))
+        readers = {u for v in group for u in v.users} - group - {node}
+        if readers:
+            seen |= group | readers
+    return seen
+
+
+def mutates(node: fx.Node, root: nn.Module) -> bool:
+    """Whether ``node`` changes its first argument in place (``y += x``, ``x.add_(y)``, ``ReLU(inplace=True)``)."""
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return (node.target in _IN_PLACE_OPERATORS.values() or node.target is operator.setitem
+                or node.kwargs.get("inplace") is True or (name.endswith("_") and not name.startswith("_")))
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).startswith("_")
+    if node.op == "call_module":
+        return getattr(root.get_submodule(str(node.target)), "inplace", False) is True
+    return False
+
+
+_NEW_VALUES = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub,
+               torch.mul, torch.cat, torch.concat, torch.relu, torch.sigmoid, torch.tanh,
+               torch.nn.functional.relu, torch.nn.functional.conv1d, torch.nn.functional.conv2d,
+               torch.nn.functional.conv3d, torch.nn.functional.pad}
+
+
+def _fresh(node: fx.Node, root: nn.Module) -> bool:
+    """A value in memory of its own, not possibly a view of (or the same tensor as) an input."""
+    if node.op == "call_function":
+        return node.target in _NEW_VALUES and not node.kwargs.get("inplace")
+    if node.op != "call_module":
+        return False
+    module = root.get_submodule(str(node.target))
+    if getattr(module, "inplace", False) is True:
+        return False
+    return is_plain(module, STRUCTURAL_MODULES) and not isinstance(module, (nn.Identity, nn.Dropout, nn.Dropout2d))
+
+
 class _Tracer(fx.Tracer):
     """Keeps every structural module whole, ours and users' subclasses included (fx's default only
     keeps modules defined inside ``torch.nn`` whole and traces into the rest), and turns a
@@ -141,6 +229,9 @@ class _Tracer(fx.Tracer):
         self.leaves = tuple(leaves)
         self.opaque: dict[str, str] = {}
         self.forced: set[str] = set()
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name and is_leaf_class(m, self.leaves):
