@@ -928,16 +928,23 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 def _storage_dtype(tensors: Tensors, convs: Sequence[str], others: Sequence[str] = ()) -> torch.dtype:
     """The dtype merged weights are stored in: the convs' weights' (promoted), else the other layers'
-    tensors' (a pooling and a batch norm merged without a conv)."""
+    tensors' (a pooling and a batch norm merged without a conv), else (pools, pads and adds alone) the
+    model's: the first floating-point tensor's."""
     keys = [f"{n}.weight" for n in convs] or [k for n in others for k in (f"{n}.running_var", f"{n}.value")]
     dtype = None
     for key in keys:
         info = tensors.info.get(key)
         if info is None:
             continue
-        t = info.dtype if isinstance(info.dtype, torch.dtype) else _torch_dtype(info.dtype)
+        t = _dtype_of(info)
         dtype = t if dtype is None else torch.promote_types(dtype, t)
+    if dtype is None:
+        dtype = next((_dtype_of(info) for info in tensors.info.values() if getattr(info, "is_float", False)), None)
     return dtype or torch.float32
+
+
+def _dtype_of(info: Any) -> torch.dtype:
+    return info.dtype if isinstance(info.dtype, torch.dtype) else _torch_dtype(info.dtype)
 
 
 def _storage_problem(rounding: float, dtype: torch.dtype) -> Optional[str]:
