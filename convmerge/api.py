@@ -8,16 +8,17 @@ import itertools
 import json
 import numbers
 import os
+import types
+import warnings
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from . import io, model, trace
+from . import endtoend, io, model, rebuild, trace, trace_export
 from .graph import Graph, parse
-from .plan import POLICIES
-from .rebuild import fused_module
+from .plan import POLICIES, VerificationError
 
 
 def _check_args(fn: str, subject: Any, *, input_size: Any = None, policy: Any = "cheaper", graph: Any = None,
@@ -82,7 +83,7 @@ def check(
     """The report (same content as `convmerge check --json`) for a module or a safetensors file."""
     input_size = _check_args("check", model_or_path, input_size=input_size, policy=policy, graph=graph, arch=arch)
     if isinstance(model_or_path, nn.Module):
-        g, tensors, _ = _describe(model_or_path, leaves)
+        g, tensors, _ = _describe(model_or_path, leaves, input_size)
         report = model.analyze(g, tensors, input_size, policy).report()
         report.description = "traced module"
     else:
@@ -92,17 +93,45 @@ def check(
 
 
 def fuse(module: nn.Module, *, input_size: Optional[Sequence[int]] = None, policy: str = "cheaper",
-         leaves: Sequence[Union[type, str]] = ()) -> nn.Module:
+         leaves: Sequence[Union[type, str]] = (),
+         example_inputs: Optional[Sequence[torch.Tensor]] = None) -> nn.Module:
     """A new module computing the same function with merged convs; `module` is left untouched.
 
-    The result is a `torch.fx.GraphModule` running the traced graph with each merged chain or region
-    replaced by one standard `nn.Conv*d` holding the verified merged weights.  `leaves`: module classes
-    (or class or qualified names) kept opaque, untraced.
+    The result (a `torch.fx.GraphModule`, `rebuild.FusedModule`) runs the traced graph with each merged
+    chain or region replaced by one standard `nn.Conv*d` holding the verified merged weights.  It is traced
+    on ``example_inputs``, else on a random input of spatial size ``input_size`` (224 per axis when None)
+    with the channels of the first conv the module calls.  Before it is returned it is run against the
+    original in float64 on random inputs at the traced shape and at others where the original runs
+    (`endtoend`): any difference beyond rounding raises `VerificationError` and returns nothing.
+    ``leaves``: module classes (or class or qualified names) kept opaque, untraced.
     """
     input_size = _check_args("fuse", module, input_size=input_size, policy=policy)
-    g, tensors, traced = _describe(module, leaves)
+    g, tensors, traced = _describe(module, leaves, input_size, example_inputs)
     plan = model.analyze(g, tensors, input_size, policy)
-    return fused_module(module, plan, traced)
+    return _fused_and_checked(module, plan, traced)
+
+
+def _fused_and_checked(module: nn.Module, plan: Any, traced: trace.Traced) -> nn.Module:
+    """The fused module, checked end to end: the graph for every shape where the trace gives one, else
+    the traced graph, which then runs only at the traced shape (and says so)."""
+    example = traced.example or trace_export.example_input(module, plan.input_size)[0]
+    cases = endtoend.Cases(module, example, fixed_size=rebuild.sized_merges(plan, len(example)) is not None,
+                           smallest=traced.smallest)
+    fused = rebuild.fused_module(module, plan, traced)
+    failure = cases.compare(fused)
+    if failure is None:
+        return fused
+    unmerged = rebuild.fused_module(module, types.SimpleNamespace(applied=[], input_size=None), traced)
+    if cases.compare(unmerged) is not None:  # the traced graph itself, not a merge, fails there
+        shapes = [t.shape for t in example]
+        only = rebuild.InputShapeCheck(shapes, False, f"the traced graph is fixed at it: {failure}")
+        fixed = rebuild.fused_module(module, plan, traced, dynamic=False, only_shape=only)
+        if cases.compare(fixed, only_first=True) is None:
+            warnings.warn(f"convmerge.fuse: the fused module runs only at input shape "
+                          f"{', '.join('x'.join(map(str, s)) for s in shapes)}: {failure}", stacklevel=3)
+            return fixed
+    raise VerificationError(f"the fused module does not compute what the module does: {failure}; "
+                            "no module returned (please report it)")
 
 
 def save(module: nn.Module, path: Union[str, os.PathLike], *, force: bool = False,
@@ -116,12 +145,16 @@ def save(module: nn.Module, path: Union[str, os.PathLike], *, force: bool = Fals
     io.write_model(path, list(state.items()), {model.GRAPH_KEY: json.dumps(doc), "format": "pt"}, force=force)
 
 
-def _describe(module: nn.Module, leaves: Sequence[Union[type, str]] = ()) -> tuple[Graph, model.Tensors, Any]:
+def _describe(module: nn.Module, leaves: Sequence[Union[type, str]] = (), input_size: Optional[Sequence[int]] = None,
+              example_inputs: Optional[Sequence[torch.Tensor]] = None) -> tuple[Graph, model.Tensors, Any]:
     """Trace a copy of `module` (so a fused module can be rebuilt from it without touching the original)."""
     copied = copy.deepcopy(module)
-    traced = trace.describe_module(copied, type(module).__name__, leaves=leaves)
+    traced = trace.describe_module(copied, type(module).__name__, leaves=leaves, example_size=input_size,
+                                   example_inputs=example_inputs)
     tensors = model.module_tensors({**copied.state_dict(), **traced.tensors})
-    return parse(traced.doc, tensors.info, "traced module"), tensors, traced
+    graph = parse(traced.doc, tensors.info, "traced module")
+    graph.notes[:0] = traced.notes
+    return graph, tensors, traced
 
 
 def load_module(arch: str, path: Union[str, os.PathLike]) -> nn.Module:
@@ -140,10 +173,21 @@ def load_module(arch: str, path: Union[str, os.PathLike]) -> nn.Module:
 
 
 def export_bytes(module: nn.Module, input_shape: Sequence[int]) -> bytes:
-    """A torch.export program of `module` (loadable with torch.export.load without its code), as bytes."""
+    """A torch.export program of `module` (loadable with torch.export.load without its code), as bytes.
+
+    The batch and spatial sizes are symbolic (`Dim.AUTO`: whatever the module allows; a module that holds only
+    at one size keeps it), so the program runs at other batches and sizes where the module does."""
     if not isinstance(module, torch.fx.GraphModule):  # a fused module is already the inference form
         module = module.eval()
-    program = torch.export.export(module, (torch.randn(*input_shape),))
+    shape = list(input_shape)
+    example = torch.randn(max(2, shape[0]), *shape[1:]) if shape else torch.randn(())
+    dims = ({k: torch.export.Dim.AUTO for k in range(len(shape)) if k != 1},)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.export.export(module, (example,), dynamic_shapes=dims)
+        except Exception:  # noqa: BLE001 - code that needs its sizes fixed: the program holds at the shape given
+            program = torch.export.export(module, (torch.randn(*shape),))
     buffer = _io.BytesIO()
     torch.export.save(program, buffer)
     return buffer.getvalue()

@@ -11,14 +11,14 @@ It computes the inference form (batch norms folded with their running statistics
 
 from __future__ import annotations
 
-import types
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from .plan import Plan, Unit
+from .trace_fx import mutates
 from .trace_layers import TraceError, Traced
 
 __all__ = ["fused_module"]
@@ -27,14 +27,18 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
 
-def fused_module(module: nn.Module, plan: Plan, traced: Traced) -> fx.GraphModule:
-    """`traced` comes from a deep copy of `module` (the graph module it builds may share its submodules)."""
+def fused_module(module: nn.Module, plan: Plan, traced: Traced, dynamic: bool = True,
+                 only_shape: Optional[InputShapeCheck] = None) -> FusedModule:
+    """`traced` comes from a deep copy of `module` (the graph module it builds may share its submodules).
+
+    ``dynamic``: from the graph exported at symbolic sizes where there is one (`Traced.graph_module`);
+    ``only_shape``: a check the module's inputs must pass first (the shapes a static graph runs at)."""
     if traced.graph_module is None:
         raise TraceError("the trace holds no runnable graph to rebuild the fused module from")
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     wanted = {n for u in plan.applied for n in (u.input, u.output)}
-    for dynamic in (True, False):  # the graph exported again at any size keeps the ops' names, or should
-        gm, renamed = traced.graph_module(dynamic)
+    for general in ((True, False) if dynamic else (False,)):  # the graph exported again keeps the names, or should
+        gm, renamed = traced.graph_module(general)
         graph = gm.graph
         by_name = {node.name: node for node in graph.nodes}
         nodes = {layer: by_name[renamed[name]] for layer, name in traced.nodes.items()
@@ -61,15 +65,42 @@ def fused_module(module: nn.Module, plan: Plan, traced: Traced) -> fx.GraphModul
             new = graph.call_module(target, (x,))
         output.replace_all_uses_with(new)
         current[unit.output] = new
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(lambda node: node.is_impure() or mutates(node, gm))  # fx graphs: `y += x`
     _activations_in_place(gm)
+    checks = [c for c in (sized_merges(plan, len(placeholders)), only_shape) if c is not None]
+    if checks:
+        _only_at(gm, checks[0] if len(checks) == 1 else InputShapeCheck(checks[-1].shapes, False, checks[-1].why))
     graph.lint()
     gm.delete_all_unused_submodules()
-    gm.recompile()
-    sized = [u.name for u in plan.applied if not u.every_size]
-    if sized and plan.input_size:
-        gm.register_forward_pre_hook(_only_at(tuple(plan.input_size), sized))
-    return _inference_only(gm)
+    return FusedModule(gm, graph)
+
+
+class FusedModule(fx.GraphModule):
+    """The fused graph: a `torch.fx.GraphModule` computing the inference form of the traced model (batch
+    norms folded with their running statistics, dropout removed).  `eval()` returns it, `train()` says why
+    it cannot; it pickles (`torch.save` / `torch.load(..., weights_only=False)`, convmerge installed)."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, class_name: str = "FusedModule") -> None:
+        super().__init__(root, graph, class_name)
+        self._tracer_cls = None  # the exporter's tracer cannot be built again on unpickling; fx's own can
+        self._tracer_extras = {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        _, (body, import_block) = super().__reduce__()
+        return (_unpickle, (body, import_block))
+
+    def train(self, mode: bool = True) -> FusedModule:
+        if mode:
+            raise RuntimeError("a fused module computes the inference form (batch norms folded with their running "
+                               "statistics, dropout removed); it cannot be put in training mode: train the original")
+        return super().train(False)
+
+
+def _unpickle(body: dict[str, Any], import_block: str) -> FusedModule:
+    from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
+
+    forward = _forward_from_src(import_block + body["_code"], {})
+    return _deserialize_graph_module(forward, body, graph_module_cls=FusedModule)  # type: ignore[return-value]
 
 
 _aten = torch.ops.aten
@@ -102,37 +133,44 @@ def _differentiable_in_place(node: fx.Node) -> bool:
     return isinstance(slope, (int, float)) and slope > 0
 
 
-def _only_at(size: tuple[int, ...], merges: list[str]) -> Any:
-    """A module holding merges exact only at the input size they were chosen for runs only at that size:
-    elsewhere it would compute something else, silently."""
-
-    def check(module: nn.Module, args: tuple) -> None:
-        x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and tuple(x.shape[2:]) != size:
-            shown = "x".join(map(str, size))
-            raise ValueError(f"this fused module holds merges exact only at input size {shown} "
-                             f"({', '.join(merges[:3])}{', ...' if len(merges) > 3 else ''}); it got "
-                             f"{'x'.join(map(str, x.shape[2:]))}: fuse again at that size, or without input_size "
-                             "for merges exact at every size")
-
-    return check
+def _only_at(gm: fx.GraphModule, check: InputShapeCheck) -> None:
+    """Call ``check`` on the inputs first."""
+    graph = gm.graph
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    gm.add_module("input_shape_check", check)
+    with graph.inserting_after(inputs[-1]):
+        graph.call_module("input_shape_check", tuple(inputs))
 
 
-def _inference_only(gm: fx.GraphModule) -> fx.GraphModule:
-    """`eval()` works (on it, and on a model holding it), as every user calls it; `train()` says why not.
+class InputShapeCheck(nn.Module):
+    """Raises ValueError unless every tensor input has the shape (``spatial``: the spatial size) the module
+    was built for (a module, so that the check stays one call when a pickled fused module is traced again)."""
 
-    An exported graph module raises NotImplementedError on both, and the merges assume inference anyway
-    (batch norms folded with their running statistics, dropout gone)."""
+    _is_impure = True  # no output, still run
 
-    def train(self: fx.GraphModule, mode: bool = True) -> fx.GraphModule:
-        if mode:
-            raise RuntimeError("a fused module computes the inference form (batch norms folded with their running "
-                               "statistics, dropout removed); it cannot be put in training mode: train the original")
-        return self
+    def __init__(self, shapes: Sequence[Sequence[int]], spatial: bool, why: str) -> None:
+        super().__init__()
+        self.shapes, self.spatial, self.why = [tuple(s) for s in shapes], spatial, why
 
-    gm.train = types.MethodType(train, gm)  # type: ignore[method-assign]
-    gm.eval = types.MethodType(lambda self: self, gm)  # type: ignore[method-assign]
-    return gm
+    def forward(self, *inputs: Any) -> None:
+        tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+        for x, want in zip(tensors, self.shapes):
+            got = tuple(x.shape[2:]) if self.spatial else tuple(x.shape)
+            if got != want:
+                kind = "input size" if self.spatial else "input shape"
+                raise ValueError(f"this fused module runs only at {kind} {'x'.join(map(str, want))} ({self.why}); "
+                                 f"it got {'x'.join(map(str, got))}")
+
+
+def sized_merges(plan: Plan, inputs: int) -> Optional[InputShapeCheck]:
+    """The check of a plan with merges exact only at the input size they were chosen for: elsewhere
+    they would compute something else, silently."""
+    sized = [u.name for u in plan.applied if not u.every_size]
+    if not (sized and plan.input_size):
+        return None
+    shown = ", ".join(sized[:3]) + (", ..." if len(sized) > 3 else "")
+    return InputShapeCheck([plan.input_size] * inputs, True, f"it holds merges exact only at that size: {shown}; "
+                           "fuse again at another size, or without input_size for merges exact at every size")
 
 
 def _conv(unit: Unit) -> nn.Module:

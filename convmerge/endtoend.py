@@ -1,0 +1,165 @@
+"""The end-to-end check of a fused PyTorch module: the original and the fused module run on the same
+random inputs, at the traced shape and at others where the original runs, in float64 on the CPU.
+
+It is the net under every tracer trick: whatever the trace or the rebuild got wrong (a lost in-place
+update, a shape fixed by the export, a merge put at the wrong node), the module is not returned.  The
+shapes: the traced one; batch 2 with every spatial size one larger (another batch, the other parity,
+which strided and ceil-mode layers treat differently); and the smallest size the original runs at near
+where its smallest intermediate map becomes 1 (a 32x32 input to a net that downsamples 32 times).  A
+module that holds merges exact only at one input size is checked at that size, batch 1 and 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["TOLERANCE", "Cases"]
+
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+"""Largest difference between the original's and the fused module's outputs, relative to the output's
+largest magnitude, that the rounding of the merged weights to the model's dtype explains (the same
+bounds as the ONNX check's)."""
+_SMALL_TRIES = 4
+"""Sizes tried upward from the estimate of where the smallest intermediate map becomes 1."""
+
+
+@dataclass
+class _Case:
+    label: str
+    inputs: tuple[torch.Tensor, ...]
+    expected: Any
+
+
+class Cases:
+    """The original's outputs at each shape checked, computed once; `compare` runs a fused module on them."""
+
+    def __init__(self, original: nn.Module, example: Sequence[torch.Tensor], *, fixed_size: bool,
+                 smallest: Sequence[int] = ()) -> None:
+        self.dtype = _model_dtype(original)
+        self.tolerance = TOLERANCE.get(self.dtype, 1e-4)
+        shapes = [tuple(t.shape) for t in example]
+        self.cases: list[_Case] = []
+        for run in (torch.float64, self.dtype):  # float64, unless the model's code runs only in its own dtype
+            self.run = run
+            reference = _on_cpu(original, run)
+            self.cases = self._cases(reference, shapes, fixed_size, smallest)
+            if self.cases:
+                break
+        if not self.cases:
+            raise ValueError(f"the model does not run on the CPU on inputs of shape {_shapes(shapes)}")
+
+    def _cases(self, reference: nn.Module, shapes: list[tuple[int, ...]], fixed_size: bool,
+               smallest: Sequence[int]) -> list[_Case]:
+        found: list[_Case] = []
+        if self._case(reference, "the traced shape", shapes, found) is None:
+            return []
+        batch = [(2, *s[1:]) for s in shapes]
+        if fixed_size:
+            more = [("batch 2", batch)]
+        else:
+            more = [("batch 2, every spatial size one larger", [(2, *s[1:2], *(n + 1 for n in s[2:])) for s in batch])]
+            if smallest and all(len(s) == len(shapes[0]) for s in shapes):
+                start = [[max(1, n // m) for n, m in zip(s[2:], smallest)] for s in shapes]
+                more += [("a size where an intermediate map is 1", [(1, s[1], *(n + k for n in size))
+                                                                   for s, size in zip(shapes, start)])
+                         for k in range(_SMALL_TRIES)]
+        small = False
+        for label, candidate in more:
+            if label.startswith("a size where") and small:
+                continue
+            if self._case(reference, label, candidate, found) is not None:
+                small = small or label.startswith("a size where")
+        return found
+
+    def _case(self, reference: nn.Module, label: str, shapes: list[tuple[int, ...]],
+              found: list[_Case]) -> Optional[_Case]:
+        """The case at ``shapes``, added to ``found``; None where the original does not run (or found has it)."""
+        if any([tuple(t.shape) for t in c.inputs] == [tuple(s) for s in shapes] for c in found):
+            return None
+        generator = torch.Generator().manual_seed(len(label))
+        inputs = tuple(torch.randn(s, generator=generator, dtype=self.run) for s in shapes)
+        try:
+            with torch.no_grad():
+                expected = reference(*inputs)
+        except Exception:  # noqa: BLE001 - a shape the original does not run at is not one to check
+            return None
+        found.append(_Case(f"{label} ({_shapes(shapes)})", inputs, expected))
+        return found[-1]
+
+    def compare(self, fused: nn.Module, only_first: bool = False) -> Optional[str]:
+        """None when ``fused`` computes what the original does at every shape; else what differs, where."""
+        candidate = _on_cpu(fused, self.run)
+        for case in self.cases[:1] if only_first else self.cases:
+            try:
+                with torch.no_grad():
+                    got = candidate(*case.inputs)
+            except Exception as exc:  # noqa: BLE001 - any failure where the original runs is a difference
+                return f"at {case.label} the original runs and the fused module raises {_line(exc)}"
+            wrong = _difference(case.expected, got, self.tolerance)
+            if wrong is not None:
+                return f"{wrong} at {case.label}"
+        return None
+
+    @property
+    def labels(self) -> list[str]:
+        return [c.label for c in self.cases]
+
+
+def _difference(expected: Any, got: Any, tolerance: float) -> Optional[str]:
+    want, spec = pytree.tree_flatten(expected)
+    have, other = pytree.tree_flatten(got)
+    if spec != other:
+        return "the fused module's outputs have another structure"
+    for k, (a, b) in enumerate(zip(want, have)):
+        name = f"output {k}" if len(want) > 1 else "the output"
+        if not isinstance(a, torch.Tensor):
+            if a != b:
+                return f"{name} is {b!r}, not {a!r}"
+            continue
+        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            return f"{name} has shape {tuple(getattr(b, 'shape', ()))}, not {tuple(a.shape)}"
+        if not a.is_floating_point():
+            if not torch.equal(a, b.to(a.dtype)):
+                return f"{name} differs in {int((a != b).sum())} element(s)"
+            continue
+        a64, b64 = a.double(), b.double()
+        same = (a64 == b64) | (a64.isnan() & b64.isnan())
+        if not bool((same | (a64.isfinite() & b64.isfinite())).all()):
+            return f"{name} has NaN or Inf where the original's does not"
+        diff = float((a64 - b64).abs().masked_fill(same, 0).max()) if a64.numel() else 0.0
+        scale = float(a64.abs().masked_fill(~a64.isfinite(), 0).max()) if a64.numel() else 0.0
+        if diff > tolerance * scale:
+            return (f"{name} differs from the original's by {diff:.3g} ({diff / scale if scale else float('inf'):.3g} "
+                    f"relative, more than the {tolerance:g} rounding explains)")
+    return None
+
+
+def _model_dtype(module: nn.Module) -> torch.dtype:
+    tensor = next((t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()), None)
+    return tensor.dtype if tensor is not None else torch.float32
+
+
+def _on_cpu(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    with warnings.catch_warnings():  # torch's pytree warns about its own deprecated names when copied
+        warnings.simplefilter("ignore", FutureWarning)
+        copied = copy.deepcopy(module).to("cpu")
+    if dtype != _model_dtype(module):
+        copied = copied.to(dtype)
+    return copied.eval()
+
+
+def _shapes(shapes: Sequence[Sequence[int]]) -> str:
+    return ", ".join("x".join(map(str, s)) for s in shapes)
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
