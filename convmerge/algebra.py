@@ -88,21 +88,35 @@ class Counterexample:
     representative_of: Optional[Size] = None  # the input size asked for, where `input` has a smaller stand-in size
 
     @property
-    def pair_value(self) -> float:
-        return float(self.pair_output[self.index])
+    def pair_value(self) -> Optional[float]:
+        """The layers' value at `index` (None where their output has no such position)."""
+        return _at(self.pair_output, self.index)
 
     @property
-    def candidate_value(self) -> float:
-        return float(self.candidate_output[self.index])
+    def candidate_value(self) -> Optional[float]:
+        """The single conv's value at `index` (None where its output has no such position: the layers compute
+        a window no conv has, such as ceil mode's partial one, so the size itself is the counterexample)."""
+        return _at(self.candidate_output, self.index)
+
+    @property
+    def shapes_differ(self) -> bool:
+        return self.pair_output.shape != self.candidate_output.shape
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "input_shape": list(self.input.shape),
             "output_index": list(self.index),
             "pair_value": self.pair_value,
             "candidate_value": self.candidate_value,
             "representative_of": None if self.representative_of is None else list(self.representative_of),
         }
+        if self.shapes_differ:
+            out["output_shapes"] = {"pair": list(self.pair_output.shape), "candidate": list(self.candidate_output.shape)}
+        return out
+
+
+def _at(t: torch.Tensor, index: tuple[int, ...]) -> Optional[float]:
+    return float(t[index]) if all(i < n for i, n in zip(index, t.shape)) else None
 
 
 class _Memo:
@@ -431,12 +445,20 @@ def _search(reference: Reference, cand: Conv, size: Size, in_channels: int, seed
     for x in _inputs(in_channels, size, seed):
         want = reference(x)
         got = apply(cand, x)
+        if want.shape != got.shape:  # a position one side computes and the other lacks: any input shows it
+            return Counterexample(x, want, got, _first_unshared(want.shape, got.shape))
         diff = (want - got).abs()
         scale = max(float(want.abs().max()), float(got.abs().max()), 1.0)
         if diff.numel() and float(diff.max()) > 1e-9 * scale:
             index = tuple(int(i) for i in torch.unravel_index(torch.argmax(diff), diff.shape))
             return Counterexample(x, want, got, index)
     return None
+
+
+def _first_unshared(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
+    """The first index of the larger of two shapes that the other lacks (on the first axis where they differ)."""
+    k = next(k for k, (m, n) in enumerate(zip(a, b)) if m != n)
+    return tuple(min(m, n) if i == k else 0 for i, (m, n) in enumerate(zip(a, b)))
 
 
 def _inputs(channels: int, size: Size, seed: int) -> Iterator[torch.Tensor]:
