@@ -131,7 +131,7 @@ def _channels(graph: Graph, tensors: Tensors, region: Any) -> int:
 
 
 def _channels_of(graph: Graph, tensors: Tensors, value: str, region: Any, fallback: Optional[int]) -> int:
-    found = planning.value_channels(graph, tensors, value, set(region.layers))
+    found = graph.channels.get(value)
     if found is None and fallback is None:
         raise GraphError(f"the channel count of {value} is unknown")
     return found if found is not None else fallback  # type: ignore[return-value]

@@ -334,7 +334,7 @@ class _Planner:
         return None
 
     def _channels(self, value: str) -> Optional[int]:
-        return value_channels(self.graph, self.tensors, value, set(self.region.layers))
+        return self.graph.channels.get(value)
 
     def _reducer(self, start: str, layers: Sequence[str]) -> Reducer:
         reducer = Reducer(self.graph, self.loader, start, self._channels(start), self.ndim)  # type: ignore[arg-type]
@@ -413,7 +413,7 @@ class _Planner:
             return cost(self.graph.specs[name], self._cost_size(layer.inputs[0]), self.itemsize)
         if layer.op in ("identity", "dropout"):
             return 0.0
-        channels = self._channels(name) or self.graph.channels.get(name) or 1
+        channels = self._channels(name) or 1
         size_out = self._cost_size(name)
         size_in = [self._cost_size(s) for s in layer.inputs]
         elements = channels * (math.prod(size_out) + sum(math.prod(s) for s in size_in))
@@ -707,28 +707,6 @@ def pair_counterexample(a: Conv, b: Conv, v: Any, size: Optional[Sequence[int]])
                        lambda s: tuple(_congruent(n, an.start[k], an.period[k]) for k, n in enumerate(s)),
                        max(c.spec.in_channels * math.prod(c.spec.kernel_size) for c in (a, b)))
     return find
-
-
-def value_channels(graph: Graph, tensors: Tensors, value: str, members: set[str]) -> Optional[int]:
-    """Channels of a value: from the description, else from the first conv or batch norm reading it."""
-    known = graph.channels.get(value)
-    if known is not None:
-        return known
-    stack, seen = [value], set()
-    while stack:
-        cur = stack.pop()
-        for c in graph.consumers.get(cur, []):
-            if c in seen or c not in members:
-                continue
-            seen.add(c)
-            op = graph.layers[c].op
-            if op in CONV_OPS:
-                return graph.specs[c].in_channels
-            if op == "batch_norm":
-                return int(tensors.info[f"{c}.running_mean"].shape[0])
-            if op in ("identity", "dropout", "pad") or op in POOL_OPS:
-                stack.append(c)
-    return None
 
 
 # --- verification sizes ----------------------------------------------------------------------------

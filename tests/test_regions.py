@@ -450,3 +450,51 @@ def test_tiny_repvgg_network_reaches_its_deploy_conv_count(policy):
     fused, rep = _check(net, 3, sizes=((16, 16), (17, 19)), policy=policy)
     assert len(_convs(fused)) == net.deploy_convs
     assert rep["summary"]["convs_after"] == net.deploy_convs
+
+
+# --- issue 19: engine crashes -------------------------------------------------------------------------------
+
+
+class _CatThenLinear(torch.nn.Module):
+    """torch.cat([x, conv(x)]) then a pad or a pooling: the region reads the graph input, whose channels only its
+    readers tell."""
+
+    def __init__(self, last: str) -> None:
+        super().__init__()
+        self.conv, self.last = torch.nn.Conv2d(3, 4, 3, padding=1), last
+
+    def forward(self, x):
+        y = torch.cat([x, self.conv(x)], 1)
+        if self.last == "pool":
+            return torch.nn.functional.avg_pool2d(y, 3, 1, 1)
+        return torch.nn.functional.pad(y, (1, 1, 1, 1), value=0.0 if self.last == "pad" else 0.5)
+
+
+@pytest.mark.parametrize("last", ["pad", "pool", "valued_pad"])
+def test_a_region_after_a_concat_with_the_graph_input_is_judged_by_every_route(tmp_path, last):
+    """Description, module and ONNX: the concat's channels are the input's (read from the conv reading it) plus the
+    conv's; the region is judged, not crashed on, and what fuse writes computes what the layers compute."""
+    net = _CatThenLinear(last).double().eval()
+    x = torch.randn(1, 3, 7, 6, dtype=torch.float64)
+    rep = convmerge.check(net)
+    assert [r["verdict"] for r in rep["regions"]] == ["unmergeable"]  # the conv's window is cut by the new border
+    with torch.no_grad():
+        assert torch.allclose(convmerge.fuse(net, policy="all")(x), net(x), atol=1e-12)
+    gen = torch.Generator().manual_seed(0)
+    layer, tensors = models.conv("c1", "x", 3, 4, 3, padding=1, gen=gen, dtype=torch.float64)
+    tail = {"name": "p", "input": "cat"}
+    tail.update({"op": "avg_pool2d", "kernel_size": 3, "stride": 1, "padding": 1} if last == "pool" else
+                {"op": "pad", "padding": 1, "value": 0.0 if last == "pad" else 0.5})
+    doc = models.describe([layer, {"name": "cat", "op": "concat", "inputs": ["x", "c1"]}, tail], ["p"])
+    path = models.save(tmp_path / "m.safetensors", tensors, doc)
+    out = tmp_path / "o.safetensors"
+    report = model.fuse_file(str(path), str(out), policy="all")
+    assert [r.verdict for r in report.regions] == ["unmergeable"]
+    doc1, t1 = models.described(out)
+    assert torch.allclose(models.evaluate(doc1, t1, x)[0], models.evaluate(doc, tensors, x)[0], atol=1e-12)
+    pytest.importorskip("onnx")
+    from .test_onnx import export
+
+    onnx_path = export(_CatThenLinear(last).eval(), (1, 3, 8, 8), tmp_path / "m.onnx")
+    regions = convmerge.check(str(onnx_path))["regions"]  # (the exporter's Pad reads its amounts from a tensor)
+    assert regions and all(r["verdict"] != "skipped" for r in regions)
