@@ -762,6 +762,8 @@ def layer_sizes(graph: Graph, layers: Sequence[str], start: str, size: Sequence[
                 continue
         elif layer.op in JOIN_OPS and len(set(ins)) > 1:
             continue
+        elif layer.op in POOL_OPS and graph.pools[name].size_problem(x) is not None:
+            continue
         out = graph.out_size(layer, ins)
         if out is not None and all(n >= 1 for n in out):
             known[name] = out
@@ -940,9 +942,11 @@ def _check_sizes(graph: Graph, size_at: Mapping[str, Any], input_size: Optional[
     """An --input-size at which the model itself cannot run is bad input, named by its first victim."""
     from .spec import size_problem
 
-    for name, spec in graph.specs.items():
-        n = size_at.get(graph.layers[name].inputs[0])
-        problem = size_problem(spec, n) if n is not None and len(n) == spec.ndim else None
+    for name, layer in graph.layers.items():
+        spec = graph.specs.get(name) or graph.pools.get(name)
+        n = size_at.get(layer.inputs[0]) if spec is not None else None
+        problem = None if n is None or len(n) != spec.ndim else \
+            size_problem(spec, n) if isinstance(spec, ConvSpec) else spec.size_problem(n)
         if problem:
             shown = "x".join(map(str, input_size or ()))
             raise GraphError(f"--input-size {shown}: layer '{name}' cannot run there: {problem}")

@@ -122,7 +122,7 @@ def _step(graph: Graph, params: Params, name: str, before: str, m: Optional[Conv
     if op in POOL_OPS:
         pool = graph.pools[name]
         new, check = _compose(m, algebra.pool_conv(pool, c), before, name, channels, ndim)
-        return new, _pool_check(name, before, pool, m, check)
+        return new, _pool_runs(name, before, pool, m, _pool_check(name, before, pool, m, check))
     pad = graph.pads[name]
     value = params.pad_value(name)
     value = value.double() if value is not None else torch.tensor(pad.value, dtype=torch.float64)
@@ -192,6 +192,24 @@ def _pool_check(name: str, before: str, pool: PoolSpec, m: Optional[Conv], compo
                  lambda size: all(fits(k, n) for k, n in enumerate(size)), fits, period, start)
     ceil = replace(ceil, sizes=_sizes_words(ceil, nd, _axis_names(nd)))
     return _both(composed, ceil)
+
+
+def _pool_runs(name: str, before: str, pool: PoolSpec, m: Optional[Conv], check: Optional[Check]) -> Optional[Check]:
+    """Sizes where PyTorch refuses the pooling (avg_pool3d on an input smaller than its kernel) are no sizes of
+    the part: never exact there, undefined for the words, so nothing verifies or names them."""
+    nd = pool.ndim
+    if all(pool.least_input(k) == 1 for k in range(nd)):
+        return check
+
+    def runs(k: int, n: int) -> bool:
+        return (m.spec.axes[k].out_len(n) if m is not None else n) >= pool.least_input(k)
+
+    first = [next(n for n in range(1, MAX_SIZES + 2) if runs(k, n) or n > MAX_SIZES) for k in range(nd)]
+    base = check or Check(before, name, Outcome.MERGEABLE, None, None, lambda size: True, lambda k, n: True,
+                          (1,) * nd, (1,) * nd)
+    return replace(base, exact_at=lambda size: all(runs(k, n) for k, n in enumerate(size)) and base.exact_at(size),
+                   axis_ok=lambda k, n: base.axis_ok(k, n) if runs(k, n) else None,
+                   start=tuple(max(a, b + 1) for a, b in zip(base.start, first)))
 
 
 def _both(a: Optional[Check], b: Check) -> Check:

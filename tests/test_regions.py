@@ -9,6 +9,7 @@ compute what its source computes.
 from __future__ import annotations
 
 import math
+from itertools import product
 from typing import Any, Optional
 
 import pytest
@@ -498,3 +499,31 @@ def test_a_region_after_a_concat_with_the_graph_input_is_judged_by_every_route(t
     onnx_path = export(_CatThenLinear(last).eval(), (1, 3, 8, 8), tmp_path / "m.onnx")
     regions = convmerge.check(str(onnx_path))["regions"]  # (the exporter's Pad reads its amounts from a tensor)
     assert regions and all(r["verdict"] != "skipped" for r in regions)
+
+
+@pytest.mark.parametrize("pool", [dict(kernel_size=3, stride=1, padding=1), dict(kernel_size=2, ceil_mode=True),
+                                  dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)])
+def test_sizes_where_3d_pooling_refuses_its_input_are_never_verified_or_claimed(pool):
+    """avg_pool3d refuses an input smaller than its kernel, whatever its padding or ceil mode: those sizes are not
+    sizes of the layers, so fuse verifies elsewhere and no check calls the merge exact there (issue 19, item 3)."""
+    net = torch.nn.Sequential(torch.nn.Conv3d(2, 3, 1, bias=False), torch.nn.AvgPool3d(**pool),
+                              torch.nn.Conv3d(3, 2, 1)).double().eval()
+    fused = convmerge.fuse(net)
+    x = torch.randn(1, 2, 5, 6, 7, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), net(x), atol=1e-12)
+    from convmerge.api import _describe
+
+    graph, tensors, _ = _describe(net)
+    loader = plan.Loader(graph, tensors)
+    (region,) = find_regions(graph)
+    red = reduce_part(graph, loader, region.input, 2, 3, region.layers, region.output)
+    for size in product(range(1, 5), repeat=3):
+        try:
+            with torch.no_grad():
+                net(torch.zeros(1, 2, *size, dtype=torch.float64))
+        except RuntimeError:
+            assert not all(c.exact_at(size) for c in red.checks), size
+    k = pool["kernel_size"]
+    with pytest.raises(ValueError, match="cannot run there: average pooling in 3-d needs at least its kernel"):
+        convmerge.check(net, input_size=(k - 1, 8, 8))
