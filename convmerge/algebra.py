@@ -376,11 +376,15 @@ def apply_chain(convs: Sequence[Conv], x: torch.Tensor) -> torch.Tensor:
 
 
 def max_errors(reference: Reference, merged: Sequence[Conv], sizes: Sequence[Sequence[int]], in_channels: int,
-               seed: int = 0) -> list[float]:
-    """Largest |reference - merged| relative to the output scale, per version of one merge, on random inputs.
+               seed: int = 0, magnitude: Optional[Reference] = None) -> list[float]:
+    """Largest |reference - merged| relative to the scale of the layers, per version of one merge, on random inputs.
 
     `reference` runs the original layers in float64; it runs once per size for all versions
-    (typically the float64 merge and the same weights rounded to their stored dtype).
+    (typically the float64 merge and the same weights rounded to their stored dtype).  `magnitude` runs
+    them with every term made positive (`reference.magnitudes`): on |x| it bounds what each output sums, and
+    the errors are relative to its largest value, so the rounding of terms that cancel (a batch-norm shift
+    that is zero up to float32 rounding, leaving an output of 1e-8) is measured against the terms, not against
+    their near-zero sum.  Without it, against the output's largest value.
     """
     gen = torch.Generator().manual_seed(seed)
     worst = [0.0] * len(merged)
@@ -388,16 +392,19 @@ def max_errors(reference: Reference, merged: Sequence[Conv], sizes: Sequence[Seq
         for size in sizes:
             x = torch.randn(1, in_channels, *size, generator=gen, dtype=torch.float64)
             with parallel(2 * len(merged) * macs(merged[0].spec, size)):  # the layers cost about what the merge does
-                worst = _errors(reference, merged, x, worst)
+                worst = _errors(reference, merged, x, worst, magnitude)
     return worst
 
 
-def _errors(reference: Reference, merged: Sequence[Conv], x: torch.Tensor, worst: list[float]) -> list[float]:
+def _errors(reference: Reference, merged: Sequence[Conv], x: torch.Tensor, worst: list[float],
+            magnitude: Optional[Reference] = None) -> list[float]:
     """`worst` updated with one input's relative errors."""
     worst = list(worst)
     want = reference(x)
     top = float(want.abs().max()) if want.numel() else 0.0
-    scale = top if top > 0 else 1.0  # the output's own scale: max(top, 1) would hide tiny outputs
+    if magnitude is not None and want.numel():
+        top = max(top, float(magnitude(x.abs()).max()))
+    scale = top if top > 0 else 1.0  # the layers' own scale: max(top, 1) would hide tiny weights
     for k, m in enumerate(merged):
         got = apply(_as_double(m), x)
         if want.shape != got.shape:
@@ -416,7 +423,9 @@ def chain_errors(convs: Sequence[Conv], merged: Sequence[Conv], sizes: Sequence[
     would take seconds.
     """
     convs, merged = _narrow(list(convs), list(merged), torch.Generator().manual_seed(seed))
-    return max_errors(lambda x: apply_chain(convs, x), merged, sizes, convs[0].spec.in_channels, seed)
+    positive = [Conv(c.spec, c.weight.abs(), None if c.bias is None else c.bias.abs()) for c in convs]
+    return max_errors(lambda x: apply_chain(convs, x), merged, sizes, convs[0].spec.in_channels, seed,
+                      lambda x: apply_chain(positive, x))
 
 
 def counterexample(reference: Reference, cand: Conv, size: Sequence[int], in_channels: int, seed: int = 0,

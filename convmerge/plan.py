@@ -39,7 +39,7 @@ DEFAULT_COST_SIZE = 224
 """Spatial size per axis the cost model assumes where neither --input-size nor the graph tells."""
 VERIFY_TOLERANCE = 1e-9
 ROUNDING_ULPS = 64
-"""How far (in units of the dtype's epsilon, relative to the output) stored merged weights may stray."""
+"""How far (in units of the dtype's epsilon, relative to the layers' scale) stored merged weights may stray."""
 MAX_VERIFY_LENGTH = 512
 KEEP_BYTES = 64 << 20
 """Merged weights kept in memory from verification to writing, and float64 ones awaiting a verification
@@ -124,7 +124,7 @@ class Unit:
     layers: tuple[str, ...]
     kept: Conv  # what `stored` returns; a weight on the meta device: dropped, recomputed on demand
     dtype: torch.dtype
-    error: float  # verified max |layers - merged| relative to the output, float64
+    error: float  # verified max |layers - merged| relative to the layers' scale (algebra.max_errors), float64
     rounding: float  # the same with the stored weights
     macs_before: int
     macs_after: int
@@ -864,7 +864,9 @@ def _verify(graph: Graph, loader: Loader, start: str, layers: Sequence[str], end
             continue
         oracle, convs = _narrowed(graph, loader, start, layers, end, merged) if narrow else (loader, merged)
         run = lambda x: reference.run(graph, oracle, start, layers, end, x)  # noqa: E731
-        got = algebra.max_errors(run, convs, part, convs[0].spec.in_channels)
+        terms = reference.Magnitudes(graph, oracle)
+        bound = lambda x: reference.run(graph, terms, start, layers, end, x)  # noqa: E731
+        got = algebra.max_errors(run, convs, part, convs[0].spec.in_channels, magnitude=bound)
         errors = [max(a, b) for a, b in zip(errors, got)]
     return errors
 
