@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from contextlib import contextmanager
 from functools import lru_cache
 from dataclasses import dataclass, replace
@@ -38,6 +39,27 @@ SEARCH_BUDGET = 1 << 22
 the layers): random and all-ones inputs almost always decide, impulses are for weights that cancel."""
 IMPULSES = 4096
 """At most this many impulses per search, however small the input."""
+SEARCH_SECONDS = 3.0
+"""Wall-clock bound of one search (over every size it tries): the budgets above keep a search well inside it
+on small layers; it stops a search whose every trial is slow (wide layers), which then reports none found
+within the bound."""
+
+
+class Budget:
+    """What one search may still spend, shared by every size it tries: impulses, their input elements, time."""
+
+    def __init__(self) -> None:
+        self.impulses, self.elements = IMPULSES, SEARCH_BUDGET
+        self.deadline = time.monotonic() + SEARCH_SECONDS
+        self.spent = False  # some trial was left out for the bound
+
+    def allows(self, elements: int = 0) -> bool:
+        """Whether one more trial fits (an impulse of `elements` input values; 0: a random or all-ones input)."""
+        ok = time.monotonic() < self.deadline and (not elements or (self.impulses > 0 and self.elements >= elements))
+        if ok and elements:
+            self.impulses, self.elements = self.impulses - 1, self.elements - elements
+        self.spent = self.spent or not ok
+        return ok
 
 
 @dataclass(frozen=True)
@@ -429,11 +451,13 @@ def chain_errors(convs: Sequence[Conv], merged: Sequence[Conv], sizes: Sequence[
 
 
 def counterexample(reference: Reference, cand: Conv, size: Sequence[int], in_channels: int, seed: int = 0,
-                   stand_in: Optional[Sequence[int]] = None, unfolds: int = 0) -> Optional[Counterexample]:
+                   stand_in: Optional[Sequence[int]] = None, unfolds: int = 0,
+                   budget: Optional[Budget] = None) -> Optional[Counterexample]:
     """A deterministic input where `reference` (the original layers, float64) and `cand` differ; None if none found.
 
     Tries a random input, an all-ones input, then impulses nearest the borders first (where a
-    candidate differs from its pair), within SEARCH_BUDGET. `stand_in` is a smaller size at which
+    candidate differs from its pair), within `budget` (a fresh one by default; a caller trying several
+    sizes shares one, and reads its `spent` to say the search was cut short). `stand_in` is a smaller size at which
     exactness is the same as at `size` (periodic past the borders; the caller knows the period):
     where a trial at `size` would unfold more than SEARCH_ELEMENTS values (the candidate's, or
     `unfolds` per input position for the reference: channels x taps of its widest conv), the
@@ -446,12 +470,13 @@ def counterexample(reference: Reference, cand: Conv, size: Sequence[int], in_cha
     if stand_in is not None and unfolded > SEARCH_ELEMENTS and math.prod(stand_in) < math.prod(size):
         used = tuple(stand_in)
     with one_thread():
-        ce = _search(reference, _as_double(cand), used, in_channels, seed)
+        ce = _search(reference, _as_double(cand), used, in_channels, seed, budget or Budget())
     return ce if ce is None or used == size else replace(ce, representative_of=size)
 
 
-def _search(reference: Reference, cand: Conv, size: Size, in_channels: int, seed: int) -> Optional[Counterexample]:
-    for x in _inputs(in_channels, size, seed):
+def _search(reference: Reference, cand: Conv, size: Size, in_channels: int, seed: int,
+            budget: Budget) -> Optional[Counterexample]:
+    for x in _inputs(in_channels, size, seed, budget):
         want = reference(x)
         got = apply(cand, x)
         if want.shape != got.shape:  # a position one side computes and the other lacks: any input shows it
@@ -470,24 +495,24 @@ def _first_unshared(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
     return tuple(min(m, n) if i == k else 0 for i, (m, n) in enumerate(zip(a, b)))
 
 
-def _inputs(channels: int, size: Size, seed: int) -> Iterator[torch.Tensor]:
-    """Random, all ones, then impulses border-first: one tensor alive at a time, built only when asked for."""
+def _inputs(channels: int, size: Size, seed: int, budget: Budget) -> Iterator[torch.Tensor]:
+    """Random, all ones, then impulses border-first, while the budget allows: one tensor alive at a time, built
+    only when asked for."""
     gen = torch.Generator().manual_seed(seed)
     yield torch.randn(1, channels, *size, generator=gen, dtype=torch.float64)
-    yield torch.ones(1, channels, *size, dtype=torch.float64)
+    if budget.allows():
+        yield torch.ones(1, channels, *size, dtype=torch.float64)
+    yield from _impulses(channels, size, budget)
+
+
+def _impulses(channels: int, size: Size, budget: Budget) -> Iterator[torch.Tensor]:
     elements = channels * math.prod(size)
-    yield from _impulses(channels, size, min(IMPULSES, SEARCH_BUDGET // max(elements, 1)))
-
-
-def _impulses(channels: int, size: Size, limit: int) -> Iterator[torch.Tensor]:
-    count = 0
     for pos in _border_first(size):
         for c in range(channels):
-            if count >= limit:
+            if not budget.allows(elements):
                 return
             x = torch.zeros(1, channels, *size, dtype=torch.float64)
             x[(0, c, *pos)] = 1.0
-            count += 1
             yield x
 
 

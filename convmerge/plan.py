@@ -378,6 +378,8 @@ class _Planner:
                 layers += new
                 red = reducer.result(ends[j + 1])  # type: ignore[union-attr]
                 if not self._exact(red, ends[i]):
+                    if self.graph.layers[ends[j + 1]].op == "pad":
+                        continue  # the conv after a pad may never read its border (reduce: _through_pad)
                     break  # a segment that is not one conv does not become one by growing (DESIGN: chains)
                 if len(layers) >= 2:
                     estimate = cost(red.conv.spec, self._cost_size(ends[i]), self.itemsize)  # type: ignore[union-attr]
@@ -590,8 +592,10 @@ def _narrowed(graph: Graph, loader: Loader, start: str, layers: Sequence[str], e
     return _Narrow(loader, readers, keep_in, last, set(path), keep_out), out
 
 
-Found = tuple[Optional[Counterexample], bool]
-"""A counterexample (or None), and whether any input could be tried at all."""
+Found = tuple[Optional[Counterexample], str]
+"""A counterexample (or None), and where there is none the reason kind saying why: inputs were tried and showed
+no difference ('no-counterexample'), none could be tried ('nothing-tried'), or the search's bound
+(algebra.Budget) stopped it first ('search-bounded')."""
 Size = tuple[int, ...]
 
 
@@ -618,17 +622,21 @@ def _search(run: Callable[[torch.Tensor], torch.Tensor], cand: Conv, size: Optio
     counterexample; a large size at its congruent stand-in past the border interactions (same exactness)."""
     tries = [tuple(size)] if size else [(n,) * cand.spec.ndim for n in range(1, 65)]
     tried = False
+    budget = algebra.Budget()  # one bound for every size tried
     for s in tries:
         if exact_at(s) or not runs(s):
             continue
+        if not budget.allows():
+            break
         try:
-            found = algebra.counterexample(run, cand, s, cand.spec.in_channels, stand_in=stand_in(s), unfolds=unfolds)
+            found = algebra.counterexample(run, cand, s, cand.spec.in_channels, stand_in=stand_in(s), unfolds=unfolds,
+                                           budget=budget)
         except RuntimeError:  # PyTorch refuses the candidate's padding at this size
             continue
         tried = True
         if found is not None:
-            return found, True
-    return None, tried
+            return found, ""
+    return None, "search-bounded" if budget.spent else "no-counterexample" if tried else "nothing-tried"
 
 
 def _congruent(n: int, start: int, period: int) -> int:

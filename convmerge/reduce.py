@@ -25,7 +25,7 @@ from .algebra import Conv
 from .graph import CONV_OPS, JOIN_OPS, POOL_OPS, Graph
 from .reasons import Outcome, Why
 from .reference import Params
-from .rules import MAX_SIZES, Verdict, describe_sizes
+from .rules import MAX_SIZES, Verdict, describe_sizes, full_support
 from .spec import AXIS_NAMES, PoolSpec
 
 __all__ = ["Check", "Reducer", "Reduction", "reduce_part", "combine"]
@@ -89,7 +89,32 @@ class Reducer:
             self.parts[name] = (None, checks)
             return
         new, check = _step(self.graph, self.params, name, layer.inputs[0], conv, self.channels, self.ndim)
-        self.parts[name] = (new, checks + ((check,) if check else ()))
+        self.parts[name] = self._through_pad(name, (new, checks + ((check,) if check else ())))
+
+    def _through_pad(self, name: str, stepwise: tuple[Optional[Conv], tuple[Check, ...]]) -> tuple[
+            Optional[Conv], tuple[Check, ...]]:
+        """A conv after a zero pad, judged with its zero border taps trimmed first (as a pair is): the pad and the
+        conv as one conv, then what came before the pad.  A border the conv's nonzero taps never read (a zero
+        kernel row) is then no border at all.  Taken where it says more than judging the pad on its own."""
+        graph, pad = self.graph, self.graph.layers[name].inputs[0]
+        if graph.layers[name].op not in CONV_OPS or pad not in graph.pads or pad == self.start:
+            return stepwise
+        before = graph.layers[pad].inputs[0]
+        m, checks = self.parts[before]
+        conv = self.params.conv(name)
+        value = self.params.pad_value(pad)
+        if m is None or graph.pads[pad].mode != "constant" or graph.pads[pad].value != 0 or \
+                (value is not None and bool(torch.any(value != 0))) or algebra.support(conv.weight) == full_support(conv.spec):
+            return stepwise
+        delta = algebra.pad_conv(graph.pads[pad].pairs(self.ndim), "constant", m.spec.out_channels)
+        k, inner = _compose(delta, conv, pad, name, self.channels, self.ndim)
+        new, outer = _compose(m, k, before, name, self.channels, self.ndim)
+        joined = checks + tuple(c for c in (inner, outer) if c is not None)
+        if _rank(combine(joined).verdict) >= _rank(combine(stepwise[1]).verdict):
+            return stepwise
+        note = Why.of("weights-decide", detail="zero border taps in the kernels",
+                      generic=f"'{combine(stepwise[1]).verdict.value}'")
+        return new, joined[:-1] + (replace(joined[-1], notes=joined[-1].notes + (note,), weight_dependent=True),)
 
     def result(self, end: str) -> Reduction:
         conv, checks = self.parts[end]
