@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from contextlib import contextmanager
 from functools import lru_cache
 from dataclasses import dataclass, replace
@@ -38,6 +39,27 @@ SEARCH_BUDGET = 1 << 22
 the layers): random and all-ones inputs almost always decide, impulses are for weights that cancel."""
 IMPULSES = 4096
 """At most this many impulses per search, however small the input."""
+SEARCH_SECONDS = 3.0
+"""Wall-clock bound of one search (over every size it tries): the budgets above keep a search well inside it
+on small layers; it stops a search whose every trial is slow (wide layers), which then reports none found
+within the bound."""
+
+
+class Budget:
+    """What one search may still spend, shared by every size it tries: impulses, their input elements, time."""
+
+    def __init__(self) -> None:
+        self.impulses, self.elements = IMPULSES, SEARCH_BUDGET
+        self.deadline = time.monotonic() + SEARCH_SECONDS
+        self.spent = False  # some trial was left out for the bound
+
+    def allows(self, elements: int = 0) -> bool:
+        """Whether one more trial fits (an impulse of `elements` input values; 0: a random or all-ones input)."""
+        ok = time.monotonic() < self.deadline and (not elements or (self.impulses > 0 and self.elements >= elements))
+        if ok and elements:
+            self.impulses, self.elements = self.impulses - 1, self.elements - elements
+        self.spent = self.spent or not ok
+        return ok
 
 
 @dataclass(frozen=True)
@@ -88,21 +110,35 @@ class Counterexample:
     representative_of: Optional[Size] = None  # the input size asked for, where `input` has a smaller stand-in size
 
     @property
-    def pair_value(self) -> float:
-        return float(self.pair_output[self.index])
+    def pair_value(self) -> Optional[float]:
+        """The layers' value at `index` (None where their output has no such position)."""
+        return _at(self.pair_output, self.index)
 
     @property
-    def candidate_value(self) -> float:
-        return float(self.candidate_output[self.index])
+    def candidate_value(self) -> Optional[float]:
+        """The single conv's value at `index` (None where its output has no such position: the layers compute
+        a window no conv has, such as ceil mode's partial one, so the size itself is the counterexample)."""
+        return _at(self.candidate_output, self.index)
+
+    @property
+    def shapes_differ(self) -> bool:
+        return self.pair_output.shape != self.candidate_output.shape
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "input_shape": list(self.input.shape),
             "output_index": list(self.index),
             "pair_value": self.pair_value,
             "candidate_value": self.candidate_value,
             "representative_of": None if self.representative_of is None else list(self.representative_of),
         }
+        if self.shapes_differ:
+            out["output_shapes"] = {"pair": list(self.pair_output.shape), "candidate": list(self.candidate_output.shape)}
+        return out
+
+
+def _at(t: torch.Tensor, index: tuple[int, ...]) -> Optional[float]:
+    return float(t[index]) if all(i < n for i, n in zip(index, t.shape)) else None
 
 
 class _Memo:
@@ -362,11 +398,15 @@ def apply_chain(convs: Sequence[Conv], x: torch.Tensor) -> torch.Tensor:
 
 
 def max_errors(reference: Reference, merged: Sequence[Conv], sizes: Sequence[Sequence[int]], in_channels: int,
-               seed: int = 0) -> list[float]:
-    """Largest |reference - merged| relative to the output scale, per version of one merge, on random inputs.
+               seed: int = 0, magnitude: Optional[Reference] = None) -> list[float]:
+    """Largest |reference - merged| relative to the scale of the layers, per version of one merge, on random inputs.
 
     `reference` runs the original layers in float64; it runs once per size for all versions
-    (typically the float64 merge and the same weights rounded to their stored dtype).
+    (typically the float64 merge and the same weights rounded to their stored dtype).  `magnitude` runs
+    them with every term made positive (`reference.magnitudes`): on |x| it bounds what each output sums, and
+    the errors are relative to its largest value, so the rounding of terms that cancel (a batch-norm shift
+    that is zero up to float32 rounding, leaving an output of 1e-8) is measured against the terms, not against
+    their near-zero sum.  Without it, against the output's largest value.
     """
     gen = torch.Generator().manual_seed(seed)
     worst = [0.0] * len(merged)
@@ -374,16 +414,19 @@ def max_errors(reference: Reference, merged: Sequence[Conv], sizes: Sequence[Seq
         for size in sizes:
             x = torch.randn(1, in_channels, *size, generator=gen, dtype=torch.float64)
             with parallel(2 * len(merged) * macs(merged[0].spec, size)):  # the layers cost about what the merge does
-                worst = _errors(reference, merged, x, worst)
+                worst = _errors(reference, merged, x, worst, magnitude)
     return worst
 
 
-def _errors(reference: Reference, merged: Sequence[Conv], x: torch.Tensor, worst: list[float]) -> list[float]:
+def _errors(reference: Reference, merged: Sequence[Conv], x: torch.Tensor, worst: list[float],
+            magnitude: Optional[Reference] = None) -> list[float]:
     """`worst` updated with one input's relative errors."""
     worst = list(worst)
     want = reference(x)
     top = float(want.abs().max()) if want.numel() else 0.0
-    scale = top if top > 0 else 1.0  # the output's own scale: max(top, 1) would hide tiny outputs
+    if magnitude is not None and want.numel():
+        top = max(top, float(magnitude(x.abs()).max()))
+    scale = top if top > 0 else 1.0  # the layers' own scale: max(top, 1) would hide tiny weights
     for k, m in enumerate(merged):
         got = apply(_as_double(m), x)
         if want.shape != got.shape:
@@ -402,15 +445,19 @@ def chain_errors(convs: Sequence[Conv], merged: Sequence[Conv], sizes: Sequence[
     would take seconds.
     """
     convs, merged = _narrow(list(convs), list(merged), torch.Generator().manual_seed(seed))
-    return max_errors(lambda x: apply_chain(convs, x), merged, sizes, convs[0].spec.in_channels, seed)
+    positive = [Conv(c.spec, c.weight.abs(), None if c.bias is None else c.bias.abs()) for c in convs]
+    return max_errors(lambda x: apply_chain(convs, x), merged, sizes, convs[0].spec.in_channels, seed,
+                      lambda x: apply_chain(positive, x))
 
 
 def counterexample(reference: Reference, cand: Conv, size: Sequence[int], in_channels: int, seed: int = 0,
-                   stand_in: Optional[Sequence[int]] = None, unfolds: int = 0) -> Optional[Counterexample]:
+                   stand_in: Optional[Sequence[int]] = None, unfolds: int = 0,
+                   budget: Optional[Budget] = None) -> Optional[Counterexample]:
     """A deterministic input where `reference` (the original layers, float64) and `cand` differ; None if none found.
 
     Tries a random input, an all-ones input, then impulses nearest the borders first (where a
-    candidate differs from its pair), within SEARCH_BUDGET. `stand_in` is a smaller size at which
+    candidate differs from its pair), within `budget` (a fresh one by default; a caller trying several
+    sizes shares one, and reads its `spent` to say the search was cut short). `stand_in` is a smaller size at which
     exactness is the same as at `size` (periodic past the borders; the caller knows the period):
     where a trial at `size` would unfold more than SEARCH_ELEMENTS values (the candidate's, or
     `unfolds` per input position for the reference: channels x taps of its widest conv), the
@@ -423,14 +470,17 @@ def counterexample(reference: Reference, cand: Conv, size: Sequence[int], in_cha
     if stand_in is not None and unfolded > SEARCH_ELEMENTS and math.prod(stand_in) < math.prod(size):
         used = tuple(stand_in)
     with one_thread():
-        ce = _search(reference, _as_double(cand), used, in_channels, seed)
+        ce = _search(reference, _as_double(cand), used, in_channels, seed, budget or Budget())
     return ce if ce is None or used == size else replace(ce, representative_of=size)
 
 
-def _search(reference: Reference, cand: Conv, size: Size, in_channels: int, seed: int) -> Optional[Counterexample]:
-    for x in _inputs(in_channels, size, seed):
+def _search(reference: Reference, cand: Conv, size: Size, in_channels: int, seed: int,
+            budget: Budget) -> Optional[Counterexample]:
+    for x in _inputs(in_channels, size, seed, budget):
         want = reference(x)
         got = apply(cand, x)
+        if want.shape != got.shape:  # a position one side computes and the other lacks: any input shows it
+            return Counterexample(x, want, got, _first_unshared(want.shape, got.shape))
         diff = (want - got).abs()
         scale = max(float(want.abs().max()), float(got.abs().max()), 1.0)
         if diff.numel() and float(diff.max()) > 1e-9 * scale:
@@ -439,24 +489,30 @@ def _search(reference: Reference, cand: Conv, size: Size, in_channels: int, seed
     return None
 
 
-def _inputs(channels: int, size: Size, seed: int) -> Iterator[torch.Tensor]:
-    """Random, all ones, then impulses border-first: one tensor alive at a time, built only when asked for."""
+def _first_unshared(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
+    """The first index of the larger of two shapes that the other lacks (on the first axis where they differ)."""
+    k = next(k for k, (m, n) in enumerate(zip(a, b)) if m != n)
+    return tuple(min(m, n) if i == k else 0 for i, (m, n) in enumerate(zip(a, b)))
+
+
+def _inputs(channels: int, size: Size, seed: int, budget: Budget) -> Iterator[torch.Tensor]:
+    """Random, all ones, then impulses border-first, while the budget allows: one tensor alive at a time, built
+    only when asked for."""
     gen = torch.Generator().manual_seed(seed)
     yield torch.randn(1, channels, *size, generator=gen, dtype=torch.float64)
-    yield torch.ones(1, channels, *size, dtype=torch.float64)
+    if budget.allows():
+        yield torch.ones(1, channels, *size, dtype=torch.float64)
+    yield from _impulses(channels, size, budget)
+
+
+def _impulses(channels: int, size: Size, budget: Budget) -> Iterator[torch.Tensor]:
     elements = channels * math.prod(size)
-    yield from _impulses(channels, size, min(IMPULSES, SEARCH_BUDGET // max(elements, 1)))
-
-
-def _impulses(channels: int, size: Size, limit: int) -> Iterator[torch.Tensor]:
-    count = 0
     for pos in _border_first(size):
         for c in range(channels):
-            if count >= limit:
+            if not budget.allows(elements):
                 return
             x = torch.zeros(1, channels, *size, dtype=torch.float64)
             x[(0, c, *pos)] = 1.0
-            count += 1
             yield x
 
 

@@ -446,7 +446,7 @@ def _check_channels(graph: Graph, tensors: Mapping[str, Any], where: str) -> Non
     """Channel counts must agree along every edge where both ends are known (convs, batch norms and
     the single-input ops between them): a description that contradicts its weights is an error, not
     a pair to skip."""
-    channels: dict[str, Optional[int]] = {n: None for n in graph.inputs}
+    channels: dict[str, Optional[int]] = {n: _read_channels(graph, tensors, n) for n in graph.inputs}
     for name, layer in graph.layers.items():
         got = [channels.get(src) for src in layer.inputs]
         src_channels = got[0] if len(got) == 1 else None
@@ -485,7 +485,30 @@ def _check_channels(graph: Graph, tensors: Mapping[str, Any], where: str) -> Non
             channels[name] = got[0]
         else:
             channels[name] = None
+        if channels[name] is None:
+            channels[name] = _read_channels(graph, tensors, name)
     graph.channels = channels
+
+
+def _read_channels(graph: Graph, tensors: Mapping[str, Any], value: str) -> Optional[int]:
+    """The channels the layers reading a value take, where its producer does not fix them (a graph input, whose
+    channel count the description does not state; an opaque op): the first conv, batch norm or valued pad
+    reached through ops that keep the channel count.  A reader that disagrees is then caught as a contradiction."""
+    stack, seen = [value], set()
+    while stack:
+        for c in graph.consumers.get(stack.pop(), []):
+            layer = graph.layers[c]
+            if c in seen or len(layer.inputs) != 1:
+                continue
+            seen.add(c)
+            if layer.op in CONV_OPS:
+                return graph.specs[c].in_channels
+            count = tensors.get(f"{c}.running_mean" if layer.op == "batch_norm" else f"{c}.value")
+            if layer.op in ("batch_norm", "pad") and count is not None:
+                return int(count.shape[0])
+            if layer.op in CHANNEL_OPS:
+                stack.append(c)
+    return None
 
 
 def _layer(raw: Any, i: int, where: str, unknown: list[str]) -> Layer:

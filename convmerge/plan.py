@@ -39,7 +39,7 @@ DEFAULT_COST_SIZE = 224
 """Spatial size per axis the cost model assumes where neither --input-size nor the graph tells."""
 VERIFY_TOLERANCE = 1e-9
 ROUNDING_ULPS = 64
-"""How far (in units of the dtype's epsilon, relative to the output) stored merged weights may stray."""
+"""How far (in units of the dtype's epsilon, relative to the layers' scale) stored merged weights may stray."""
 MAX_VERIFY_LENGTH = 512
 KEEP_BYTES = 64 << 20
 """Merged weights kept in memory from verification to writing, and float64 ones awaiting a verification
@@ -124,7 +124,7 @@ class Unit:
     layers: tuple[str, ...]
     kept: Conv  # what `stored` returns; a weight on the meta device: dropped, recomputed on demand
     dtype: torch.dtype
-    error: float  # verified max |layers - merged| relative to the output, float64
+    error: float  # verified max |layers - merged| relative to the layers' scale (algebra.max_errors), float64
     rounding: float  # the same with the stored weights
     macs_before: int
     macs_after: int
@@ -334,7 +334,7 @@ class _Planner:
         return None
 
     def _channels(self, value: str) -> Optional[int]:
-        return value_channels(self.graph, self.tensors, value, set(self.region.layers))
+        return self.graph.channels.get(value)
 
     def _reducer(self, start: str, layers: Sequence[str]) -> Reducer:
         reducer = Reducer(self.graph, self.loader, start, self._channels(start), self.ndim)  # type: ignore[arg-type]
@@ -378,6 +378,8 @@ class _Planner:
                 layers += new
                 red = reducer.result(ends[j + 1])  # type: ignore[union-attr]
                 if not self._exact(red, ends[i]):
+                    if self.graph.layers[ends[j + 1]].op == "pad":
+                        continue  # the conv after a pad may never read its border (reduce: _through_pad)
                     break  # a segment that is not one conv does not become one by growing (DESIGN: chains)
                 if len(layers) >= 2:
                     estimate = cost(red.conv.spec, self._cost_size(ends[i]), self.itemsize)  # type: ignore[union-attr]
@@ -413,7 +415,7 @@ class _Planner:
             return cost(self.graph.specs[name], self._cost_size(layer.inputs[0]), self.itemsize)
         if layer.op in ("identity", "dropout"):
             return 0.0
-        channels = self._channels(name) or self.graph.channels.get(name) or 1
+        channels = self._channels(name) or 1
         size_out = self._cost_size(name)
         size_in = [self._cost_size(s) for s in layer.inputs]
         elements = channels * (math.prod(size_out) + sum(math.prod(s) for s in size_in))
@@ -590,8 +592,10 @@ def _narrowed(graph: Graph, loader: Loader, start: str, layers: Sequence[str], e
     return _Narrow(loader, readers, keep_in, last, set(path), keep_out), out
 
 
-Found = tuple[Optional[Counterexample], bool]
-"""A counterexample (or None), and whether any input could be tried at all."""
+Found = tuple[Optional[Counterexample], str]
+"""A counterexample (or None), and where there is none the reason kind saying why: inputs were tried and showed
+no difference ('no-counterexample'), none could be tried ('nothing-tried'), or the search's bound
+(algebra.Budget) stopped it first ('search-bounded')."""
 Size = tuple[int, ...]
 
 
@@ -618,17 +622,21 @@ def _search(run: Callable[[torch.Tensor], torch.Tensor], cand: Conv, size: Optio
     counterexample; a large size at its congruent stand-in past the border interactions (same exactness)."""
     tries = [tuple(size)] if size else [(n,) * cand.spec.ndim for n in range(1, 65)]
     tried = False
+    budget = algebra.Budget()  # one bound for every size tried
     for s in tries:
         if exact_at(s) or not runs(s):
             continue
+        if not budget.allows():
+            break
         try:
-            found = algebra.counterexample(run, cand, s, cand.spec.in_channels, stand_in=stand_in(s), unfolds=unfolds)
+            found = algebra.counterexample(run, cand, s, cand.spec.in_channels, stand_in=stand_in(s), unfolds=unfolds,
+                                           budget=budget)
         except RuntimeError:  # PyTorch refuses the candidate's padding at this size
             continue
         tried = True
         if found is not None:
-            return found, True
-    return None, tried
+            return found, ""
+    return None, "search-bounded" if budget.spent else "no-counterexample" if tried else "nothing-tried"
 
 
 def _congruent(n: int, start: int, period: int) -> int:
@@ -709,28 +717,6 @@ def pair_counterexample(a: Conv, b: Conv, v: Any, size: Optional[Sequence[int]])
     return find
 
 
-def value_channels(graph: Graph, tensors: Tensors, value: str, members: set[str]) -> Optional[int]:
-    """Channels of a value: from the description, else from the first conv or batch norm reading it."""
-    known = graph.channels.get(value)
-    if known is not None:
-        return known
-    stack, seen = [value], set()
-    while stack:
-        cur = stack.pop()
-        for c in graph.consumers.get(cur, []):
-            if c in seen or c not in members:
-                continue
-            seen.add(c)
-            op = graph.layers[c].op
-            if op in CONV_OPS:
-                return graph.specs[c].in_channels
-            if op == "batch_norm":
-                return int(tensors.info[f"{c}.running_mean"].shape[0])
-            if op in ("identity", "dropout", "pad") or op in POOL_OPS:
-                stack.append(c)
-    return None
-
-
 # --- verification sizes ----------------------------------------------------------------------------
 
 
@@ -783,6 +769,8 @@ def layer_sizes(graph: Graph, layers: Sequence[str], start: str, size: Sequence[
             if not all(pad_fits(mode, p, n) for p, n in zip(pad.pairs(len(x)), x)):
                 continue
         elif layer.op in JOIN_OPS and len(set(ins)) > 1:
+            continue
+        elif layer.op in POOL_OPS and graph.pools[name].size_problem(x) is not None:
             continue
         out = graph.out_size(layer, ins)
         if out is not None and all(n >= 1 for n in out):
@@ -884,7 +872,9 @@ def _verify(graph: Graph, loader: Loader, start: str, layers: Sequence[str], end
             continue
         oracle, convs = _narrowed(graph, loader, start, layers, end, merged) if narrow else (loader, merged)
         run = lambda x: reference.run(graph, oracle, start, layers, end, x)  # noqa: E731
-        got = algebra.max_errors(run, convs, part, convs[0].spec.in_channels)
+        terms = reference.Magnitudes(graph, oracle)
+        bound = lambda x: reference.run(graph, terms, start, layers, end, x)  # noqa: E731
+        got = algebra.max_errors(run, convs, part, convs[0].spec.in_channels, magnitude=bound)
         errors = [max(a, b) for a, b in zip(errors, got)]
     return errors
 
@@ -969,9 +959,11 @@ def _check_sizes(graph: Graph, size_at: Mapping[str, Any], input_size: Optional[
     """An --input-size at which the model itself cannot run is bad input, named by its first victim."""
     from .spec import size_problem
 
-    for name, spec in graph.specs.items():
-        n = size_at.get(graph.layers[name].inputs[0])
-        problem = size_problem(spec, n) if n is not None and len(n) == spec.ndim else None
+    for name, layer in graph.layers.items():
+        spec = graph.specs.get(name) or graph.pools.get(name)
+        n = size_at.get(layer.inputs[0]) if spec is not None else None
+        problem = None if n is None or len(n) != spec.ndim else \
+            size_problem(spec, n) if isinstance(spec, ConvSpec) else spec.size_problem(n)
         if problem:
             shown = "x".join(map(str, input_size or ()))
             raise GraphError(f"--input-size {shown}: layer '{name}' cannot run there: {problem}")

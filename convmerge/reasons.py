@@ -97,6 +97,8 @@ SENTENCES: dict[str, tuple[frozenset[Outcome], str]] = {
                                 "{axis} >= {least} ({rule}), while the layers also run at {axis} = {smallest}"),
     "no-counterexample": (NOTE, "yet these particular weights showed no difference on the inputs tried (they may "
                                 "cancel), and convmerge merges only what it can prove"),
+    "search-bounded": (NOTE, "yet none found within the bound of the search (a few seconds of random, all-ones "
+                             "and border-first impulse inputs), and convmerge merges only what it can prove"),
     "nothing-tried": (NOTE, "no counterexample could be computed: PyTorch refuses the candidate's padding at every "
                             "size tried"),
     "weights-decide": (NOTE, "this holds only because of these weights ({detail}); other values of the same "

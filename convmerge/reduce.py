@@ -25,7 +25,7 @@ from .algebra import Conv
 from .graph import CONV_OPS, JOIN_OPS, POOL_OPS, Graph
 from .reasons import Outcome, Why
 from .reference import Params
-from .rules import MAX_SIZES, Verdict, describe_sizes
+from .rules import MAX_SIZES, Verdict, describe_sizes, full_support
 from .spec import AXIS_NAMES, PoolSpec
 
 __all__ = ["Check", "Reducer", "Reduction", "reduce_part", "combine"]
@@ -89,7 +89,32 @@ class Reducer:
             self.parts[name] = (None, checks)
             return
         new, check = _step(self.graph, self.params, name, layer.inputs[0], conv, self.channels, self.ndim)
-        self.parts[name] = (new, checks + ((check,) if check else ()))
+        self.parts[name] = self._through_pad(name, (new, checks + ((check,) if check else ())))
+
+    def _through_pad(self, name: str, stepwise: tuple[Optional[Conv], tuple[Check, ...]]) -> tuple[
+            Optional[Conv], tuple[Check, ...]]:
+        """A conv after a zero pad, judged with its zero border taps trimmed first (as a pair is): the pad and the
+        conv as one conv, then what came before the pad.  A border the conv's nonzero taps never read (a zero
+        kernel row) is then no border at all.  Taken where it says more than judging the pad on its own."""
+        graph, pad = self.graph, self.graph.layers[name].inputs[0]
+        if graph.layers[name].op not in CONV_OPS or pad not in graph.pads or pad == self.start:
+            return stepwise
+        before = graph.layers[pad].inputs[0]
+        m, checks = self.parts[before]
+        conv = self.params.conv(name)
+        value = self.params.pad_value(pad)
+        if m is None or graph.pads[pad].mode != "constant" or graph.pads[pad].value != 0 or \
+                (value is not None and bool(torch.any(value != 0))) or algebra.support(conv.weight) == full_support(conv.spec):
+            return stepwise
+        delta = algebra.pad_conv(graph.pads[pad].pairs(self.ndim), "constant", m.spec.out_channels)
+        k, inner = _compose(delta, conv, pad, name, self.channels, self.ndim)
+        new, outer = _compose(m, k, before, name, self.channels, self.ndim)
+        joined = checks + tuple(c for c in (inner, outer) if c is not None)
+        if _rank(combine(joined).verdict) >= _rank(combine(stepwise[1]).verdict):
+            return stepwise
+        note = Why.of("weights-decide", detail="zero border taps in the kernels",
+                      generic=f"'{combine(stepwise[1]).verdict.value}'")
+        return new, joined[:-1] + (replace(joined[-1], notes=joined[-1].notes + (note,), weight_dependent=True),)
 
     def result(self, end: str) -> Reduction:
         conv, checks = self.parts[end]
@@ -122,7 +147,7 @@ def _step(graph: Graph, params: Params, name: str, before: str, m: Optional[Conv
     if op in POOL_OPS:
         pool = graph.pools[name]
         new, check = _compose(m, algebra.pool_conv(pool, c), before, name, channels, ndim)
-        return new, _pool_check(name, before, pool, m, check)
+        return new, _pool_runs(name, before, pool, m, _pool_check(name, before, pool, m, check))
     pad = graph.pads[name]
     value = params.pad_value(name)
     value = value.double() if value is not None else torch.tensor(pad.value, dtype=torch.float64)
@@ -192,6 +217,24 @@ def _pool_check(name: str, before: str, pool: PoolSpec, m: Optional[Conv], compo
                  lambda size: all(fits(k, n) for k, n in enumerate(size)), fits, period, start)
     ceil = replace(ceil, sizes=_sizes_words(ceil, nd, _axis_names(nd)))
     return _both(composed, ceil)
+
+
+def _pool_runs(name: str, before: str, pool: PoolSpec, m: Optional[Conv], check: Optional[Check]) -> Optional[Check]:
+    """Sizes where PyTorch refuses the pooling (avg_pool3d on an input smaller than its kernel) are no sizes of
+    the part: never exact there, undefined for the words, so nothing verifies or names them."""
+    nd = pool.ndim
+    if all(pool.least_input(k) == 1 for k in range(nd)):
+        return check
+
+    def runs(k: int, n: int) -> bool:
+        return (m.spec.axes[k].out_len(n) if m is not None else n) >= pool.least_input(k)
+
+    first = [next(n for n in range(1, MAX_SIZES + 2) if runs(k, n) or n > MAX_SIZES) for k in range(nd)]
+    base = check or Check(before, name, Outcome.MERGEABLE, None, None, lambda size: True, lambda k, n: True,
+                          (1,) * nd, (1,) * nd)
+    return replace(base, exact_at=lambda size: all(runs(k, n) for k, n in enumerate(size)) and base.exact_at(size),
+                   axis_ok=lambda k, n: base.axis_ok(k, n) if runs(k, n) else None,
+                   start=tuple(max(a, b + 1) for a, b in zip(base.start, first)))
 
 
 def _both(a: Optional[Check], b: Check) -> Check:

@@ -16,7 +16,7 @@ from . import algebra
 from .algebra import BatchNorm, Conv
 from .graph import CONV_OPS, POOL_OPS, Graph
 
-__all__ = ["Params", "run"]
+__all__ = ["Magnitudes", "Params", "run"]
 
 _POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
@@ -72,6 +72,34 @@ def _op(graph: Graph, params: Params, name: str, op: str, args: list[torch.Tenso
         inside = F.pad(torch.ones_like(x[:1, :1]), flat)
         return F.pad(x, flat) + (1 - inside) * value.double().view(shape)
     raise ValueError(f"layer {name!r}: op {op!r} is not linear")
+
+
+class Magnitudes:
+    """The same layers with every term made positive (reference.Params): |weights| and |biases|, a batch norm
+    as (x + |mean|) * |weight| / sqrt(var + eps) + |bias|, |pad values|.  Run on |x|, each output is the sum of
+    the magnitudes of the terms the layers add there: the scale their float64 rounding is relative to."""
+
+    def __init__(self, graph: Graph, params: Params) -> None:
+        self.graph, self.params = graph, params
+
+    def conv(self, name: str) -> Conv:
+        c = self.params.conv(name)
+        return Conv(c.spec, c.weight.abs(), _abs(c.bias))
+
+    def bn(self, name: str) -> BatchNorm:
+        bn = self.params.bn(name)
+        return BatchNorm(-bn.mean.abs(), bn.var, bn.eps, _abs(bn.weight), _abs(bn.bias))
+
+    def pad_value(self, name: str) -> Optional[torch.Tensor]:
+        value = self.params.pad_value(name)
+        return value.abs() if value is not None else torch.tensor([abs(self.graph.pads[name].value)])
+
+    def pad_value_dtype(self, name: str) -> torch.dtype:
+        return self.params.pad_value_dtype(name)
+
+
+def _abs(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.abs()
 
 
 def _opt(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

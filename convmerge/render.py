@@ -378,8 +378,13 @@ def counterexample_words(ce: dict[str, Any], what: str = "pair") -> str:
     """One line; says when the input is a smaller stand-in for the size asked (same border behaviour)."""
     stand_in = ce.get("representative_of")
     where = f" (a stand-in for {'x'.join(map(str, stand_in))}: the borders behave the same)" if stand_in else ""
-    return (f"counterexample: input {ce['input_shape']}{where}, output {ce['output_index']}: "
-            f"{what} {ce['pair_value']:.6g}, single conv {ce['candidate_value']:.6g}")
+    head = f"counterexample: input {ce['input_shape']}{where}, output {ce['output_index']}: "
+    shapes = ce.get("output_shapes")
+    if shapes:  # one side has a position the other lacks (ceil mode's partial window)
+        value = lambda v: "no such output" if v is None else f"{v:.6g}"  # noqa: E731
+        return (head + f"{what} {value(ce['pair_value'])}, single conv {value(ce['candidate_value'])} (outputs "
+                f"{shapes['pair']} and {shapes['candidate']}: the size itself is the counterexample)")
+    return head + f"{what} {ce['pair_value']:.6g}, single conv {ce['candidate_value']:.6g}"
 
 
 def error_grid(grid_: list[list[float]]) -> Text:

@@ -25,7 +25,7 @@ class _LazyCounterexample:
     difference (the weights may cancel), or none could be tried at all.
     """
 
-    find_counterexample: Optional[Callable[[], tuple[Optional[Counterexample], bool]]]
+    find_counterexample: Optional[Callable[[], tuple[Optional[Counterexample], str]]]
     _found: Any
     _reason: str
     sizes: Optional[str]
@@ -35,14 +35,14 @@ class _LazyCounterexample:
     @property
     def counterexample(self) -> Optional[Counterexample]:
         if self._found is _UNSEARCHED:
-            self._found = self.find_counterexample() if self.find_counterexample else (None, True)
+            self._found = self.find_counterexample() if self.find_counterexample else (None, "no-counterexample")
         return self._found[0]
 
     @property
     def reason(self) -> str:
         if self.find_counterexample is None or self.counterexample is not None:
             return self._reason
-        return self._reason + "; " + Why.of("no-counterexample" if self._found[1] else "nothing-tried").text()
+        return self._reason + "; " + Why.of(self._found[1]).text()
 
     @reason.setter
     def reason(self, text: str) -> None:
@@ -91,7 +91,7 @@ class PairEntry(_LazyCounterexample):
     params_before: Optional[int] = None
     params_after: Optional[int] = None
     weight_dependent: bool = False
-    find_counterexample: Optional[Callable[[], tuple[Optional[Counterexample], bool]]] = field(default=None,
+    find_counterexample: Optional[Callable[[], tuple[Optional[Counterexample], str]]] = field(default=None,
                                                                                               repr=False)
     _found: Any = field(default=_UNSEARCHED, repr=False)
 
@@ -134,7 +134,7 @@ class RegionEntry(_LazyCounterexample):
     macs_before: Optional[int] = None
     macs_after: Optional[int] = None
     weight_dependent: bool = False
-    find_counterexample: Optional[Callable[[], tuple[Optional[Counterexample], bool]]] = field(default=None,
+    find_counterexample: Optional[Callable[[], tuple[Optional[Counterexample], str]]] = field(default=None,
                                                                                               repr=False)
     _found: Any = field(default=_UNSEARCHED, repr=False)
 

@@ -229,6 +229,20 @@ class PoolSpec:
     def out_size(self, size: Sequence[int]) -> tuple[int, ...]:
         return tuple(self.out_len(k, n) for k, n in enumerate(size))
 
+    def least_input(self, k: int) -> int:
+        """The shortest input PyTorch pools on axis k: avg_pool3d refuses an input smaller than its kernel,
+        padding and ceil mode notwithstanding (1-d and 2-d pooling need only one window)."""
+        return self.kernel[k] if self.ndim == 3 else 1
+
+    def size_problem(self, size: Sequence[int]) -> Optional[str]:
+        """Why PyTorch refuses to pool an input of this spatial size (None when it runs)."""
+        for k, (name, n) in enumerate(zip(AXIS_NAMES[self.ndim], size)):
+            if n < self.least_input(k):
+                return f"average pooling in 3-d needs at least its kernel {self.kernel[k]} on {name}, it gets {n}"
+            if self.out_len(k, n) < 1:
+                return f"its window {self.kernel[k]} leaves no output on {name} at {n} (padding {self.padding[k]})"
+        return None
+
 
 def pool_spec(ndim: int, fields: Mapping[str, Any]) -> PoolSpec:
     """Validate an avg_pool layer's fields (PyTorch's: kernel_size, stride, padding, ...)."""

@@ -139,3 +139,21 @@ def test_sizes_the_trace_saw_fill_in_behind_ops_the_description_cannot_follow():
     graph = parse(traced.doc, model.module_tensors(net.state_dict()).info)
     assert graph.sizes((32, 30))["b"] == (32, 30)
     assert graph.sizes((64, 64))["b"] is None
+
+
+def test_a_graph_inputs_channels_are_read_from_the_layers_reading_it():
+    """The description does not state the input's channels: its readers (through pads and poolings) do, and a
+    concat of it with a conv's output has their sum (issue 19, item 2)."""
+    l1, t1 = models.conv("c1", "p0", 3, 4, 3, padding=1)
+    doc = models.describe([{"name": "p0", "op": "pad", "input": "x", "padding": 1}, l1,
+                           {"name": "cat", "op": "concat", "inputs": ["x", "c1"]},
+                           {"name": "p", "op": "avg_pool2d", "input": "cat", "kernel_size": 2}], ["p"])
+    graph = parse(doc, infos(t1))
+    assert graph.channels["x"] == 3 and graph.channels["cat"] == 7 and graph.channels["p"] == 7
+
+
+def test_readers_of_one_input_that_take_different_channel_counts_are_an_error():
+    l1, t1 = models.conv("a", "x", 3, 4, 3)
+    l2, t2 = models.conv("b", "x", 5, 4, 3)
+    with pytest.raises(GraphError, match="layer 'b'.*'x' gives 3 channels.*takes 5"):
+        parse(models.describe([l1, l2], ["a", "b"]), infos({**t1, **t2}))

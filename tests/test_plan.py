@@ -12,6 +12,7 @@ import convmerge
 from convmerge import algebra, io, model, plan
 from convmerge.algebra import BatchNorm, Conv, fold_bn
 from convmerge.graph import parse
+from convmerge.reasons import Why
 from convmerge.spec import conv_spec, macs
 
 from . import models
@@ -360,3 +361,109 @@ def test_a_wrong_merge_found_beside_the_copy_leaves_no_file(tmp_path, monkeypatc
     with pytest.raises(plan.VerificationError):
         model.fuse_file(str(src), str(tmp_path / "o.safetensors"), policy="all")
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+# --- issue 19, item 4: a shift that is zero up to float32 rounding ----------------------------------------
+
+
+def _cancelling_shift(path) -> tuple[dict, dict]:
+    """1x1 pad 2 -> batch norm with bias = mean * weight / sqrt(var + eps) rounded to float32 -> 5x5 p0 reading only
+    its corners: at sizes 1-2 every output reads only conv1's padding, so it is the shift's rounding residue, ~1e-8."""
+    gen = torch.Generator().manual_seed(0)
+    w2 = torch.zeros(2, 3, 5, 5)
+    for i, j in ((0, 0), (0, 4), (4, 0), (4, 4)):
+        w2[:, :, i, j] = torch.randn(2, 3, generator=gen)
+    mean, var, gamma = torch.randn(3, generator=gen), torch.rand(3, generator=gen) + 0.5, torch.randn(3, generator=gen)
+    beta = (mean.double() * gamma.double() / torch.sqrt(var.double() + 1e-5)).float()
+    layers = [{"name": "c1", "op": "conv2d", "input": "x", "padding": 2},
+              {"name": "bn", "op": "batch_norm", "input": "c1", "eps": 1e-5},
+              {"name": "c2", "op": "conv2d", "input": "bn", "padding": 0}]
+    tensors = {"c1.weight": torch.randn(3, 2, 1, 1, generator=gen), "c2.weight": w2, "bn.running_mean": mean,
+               "bn.running_var": var, "bn.weight": gamma, "bn.bias": beta}
+    doc = models.describe(layers, ["c2"])
+    models.save(path, tensors, doc)
+    return doc, tensors
+
+
+def test_an_exact_merge_whose_output_is_a_rounding_residue_is_verified_against_the_terms(tmp_path):
+    doc, tensors = _cancelling_shift(tmp_path / "m.safetensors")
+    x = torch.randn(1, 2, 2, 2, dtype=torch.float64)
+    tiny = models.evaluate(doc, tensors, x)[0]
+    assert 0 < float(tiny.abs().max()) < 1e-6  # the premise: a near-zero output made of O(1) terms
+    rep = model.fuse_file(str(tmp_path / "m.safetensors"), str(tmp_path / "o.safetensors"))
+    (merge,) = rep.merges
+    assert merge.layers == ["c1", "bn", "c2"] and merge.max_error < 1e-14
+    doc1, t1 = models.described(tmp_path / "o.safetensors")
+    for size in [(1, 1), (2, 2), (9, 7)]:
+        x = torch.randn(1, 2, *size, dtype=torch.float64)
+        assert torch.allclose(models.evaluate(doc1, t1, x)[0], models.evaluate(doc, tensors, x)[0], rtol=0, atol=1e-6)
+
+
+def test_a_merge_off_by_a_millionth_of_its_terms_is_still_refused(tmp_path, monkeypatch):
+    """The scale is the terms', not max(output, 1): a bias off by 1e-6 of them still fails verification."""
+    _cancelling_shift(tmp_path / "m.safetensors")
+    real = algebra.merge
+    monkeypatch.setattr(algebra, "merge", lambda a, b, cand: algebra.shift_bias(real(a, b, cand),
+                                                                                 torch.tensor(1e-6)))
+    with pytest.raises(plan.VerificationError):
+        model.fuse_file(str(tmp_path / "m.safetensors"), str(tmp_path / "o.safetensors"))
+
+
+# --- issue 19, item 5: zero taps trimmed before a pad is judged; every search bounded -------------------------
+
+
+@pytest.mark.parametrize("pad, zero", [([[1, 0], [0, 0]], "top row"), (1, "border ring"), ([[0, 2], [1, 1]], "bottom rows")])
+def test_a_pad_whose_border_the_next_conv_never_reads_is_no_border(tmp_path, pad, zero):
+    """conv 3x3 p0 -> pad -> conv 3x3 p0 whose taps facing the pad are zero: the pad's border is never read, so
+    the layers are one conv at every size (brute force on the description); the verdict says the weights decide."""
+    gen = torch.Generator().manual_seed(0)
+    wa, wb = torch.randn(2, 2, 3, 3, generator=gen), torch.randn(2, 2, 3, 3, generator=gen)
+    if zero == "top row":
+        wb[:, :, 0] = 0
+    elif zero == "border ring":
+        wb[:, :, [0, 2]] = 0
+        wb[:, :, :, [0, 2]] = 0
+    else:
+        wb[:, :, 1:] = 0
+        wb[:, :, :, [0, 2]] = 0
+    layers = [{"name": "a", "op": "conv2d", "input": "x", "padding": 0},
+              {"name": "p", "op": "pad", "input": "a", "padding": pad},
+              {"name": "b", "op": "conv2d", "input": "p", "padding": 0}]
+    doc = models.describe(layers, ["b"])
+    tensors = {"a.weight": wa, "b.weight": wb}
+    src = models.save(tmp_path / "m.safetensors", tensors, doc)
+    rep = model.fuse_file(str(src), str(tmp_path / "o.safetensors"), policy="all")
+    (region,) = rep.regions
+    assert region.verdict == "mergeable" and region.weight_dependent and region.applied, region.reason
+    doc1, t1 = models.described(tmp_path / "o.safetensors")
+    assert [layer["op"] for layer in doc1["layers"]] == ["conv2d"]
+    for size in [(5, 5), (5, 8), (9, 6)]:
+        x = torch.randn(1, 2, *size, dtype=torch.float64)
+        assert torch.allclose(models.evaluate(doc1, t1, x)[0], models.evaluate(doc, tensors, x)[0], atol=1e-5)
+    wb[:, :, 0, 1] = 1.0  # a nonzero tap now reads the pad's top row: no single conv (conv a would need padding)
+    if zero != "bottom rows":
+        models.save(tmp_path / "m2.safetensors", tensors, doc)
+        (region,) = model.check_file(str(tmp_path / "m2.safetensors")).regions
+        assert region.verdict == "unmergeable" and region.counterexample is not None
+
+
+def _search_finding_nothing(monkeypatch=None) -> tuple[plan.Found, list]:
+    """plan._search over every size 1..64 of a 3x3 p1 conv against itself: no input can differ, so only the bound
+    stops it (before, each size had its own impulse budget: ~250k runs here, minutes)."""
+    cand = mk((3, 3), 1, 1, 3, padding=1)
+    calls: list = []
+    found = plan._search(lambda x: calls.append(1) or algebra.apply(cand, x), cand, None, lambda s: False,
+                         lambda s: True, lambda s: None)
+    return found, calls
+
+
+def test_a_search_that_finds_nothing_stops_at_its_bound():
+    (ce, kind), calls = _search_finding_nothing()
+    assert ce is None and kind == "search-bounded" and len(calls) <= algebra.IMPULSES + 2 * 64
+    assert "none found within the bound" in Why.of(kind).text()
+
+
+def test_the_search_also_stops_at_its_time_bound(monkeypatch):
+    monkeypatch.setattr(algebra, "SEARCH_SECONDS", 0.0)
+    (ce, kind), calls = _search_finding_nothing()
+    assert ce is None and kind == "search-bounded" and len(calls) <= 1
