@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import onnx
+from onnx import TensorProto
 
 from . import io, plan as planning
 from .onnx_read import OnnxGraph, read_model
@@ -30,7 +31,11 @@ __all__ = ["OnnxReport", "TOLERANCE", "check_file", "fuse_file"]
 TOLERANCE = {"tensor(double)": 1e-9, "tensor(float)": 1e-4, "tensor(float16)": 1e-2, "tensor(bfloat16)": 6e-2}
 """Largest difference between the original's and the fused model's outputs, relative to the output's
 largest magnitude, that rounding explains: summing a merged kernel in another order moves each output
-by a few ulps per layer, and a deep network adds those up (float32: ~840 ulps)."""
+by a few ulps per layer, and a deep network adds those up (float32: ~840 ulps).  An output is allowed the
+rounding of the least precise float type the graph computes in (`_arithmetic`): a float16 model with float32
+inputs and outputs (keep_io_types) rounds as float16."""
+_TYPE_NAMES = {TensorProto.DOUBLE: "tensor(double)", TensorProto.FLOAT: "tensor(float)",
+               TensorProto.FLOAT16: "tensor(float16)", TensorProto.BFLOAT16: "tensor(bfloat16)"}
 DYNAMIC_SIZES = (32, 57, 64, 97, 224)
 """Spatial sizes tried for symbolic axes, in order, until two run: a multiple of 32 and an odd one."""
 
@@ -78,7 +83,7 @@ def fuse_file(path: str, out: str, *, input_size: Optional[Sequence[int]] = None
                 f.write(external)
         report.notes += _checked(staged, path, bool(plan.applied))
         only = model.input_size if any(not u.every_size for u in plan.applied) else None
-        report.onnxruntime = _compare(path, staged, report.notes, only) if plan.applied else None
+        report.onnxruntime = _compare(path, staged, report.notes, only, _arithmetic(model)) if plan.applied else None
     if before_write is not None:
         before_write(report, plan.description())
     _write(out, data, external, force)
@@ -125,14 +130,28 @@ def _checked(staged: str, original: str, changed: bool) -> list[str]:
                             + ("" if changed else " (nothing was merged)"))
 
 
+def _arithmetic(model: OnnxGraph) -> Optional[str]:
+    """The least precise float type the graph computes in (a key of TOLERANCE), from its constants, the
+    types its Casts produce and the types its inputs, outputs and value_info declare; None without floats."""
+    g = model.proto.graph
+    kinds = {t.data_type for t in model.constants.values()}
+    kinds |= {a.i for n in g.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"}
+    kinds |= {vi.type.tensor_type.elem_type for vi in (*g.input, *g.output, *g.value_info)
+              if vi.type.HasField("tensor_type")}
+    names = [_TYPE_NAMES[k] for k in kinds if k in _TYPE_NAMES]
+    return max(names, key=TOLERANCE.__getitem__, default=None)
+
+
 # --- onnxruntime ---------------------------------------------------------------------------------------
 
 
-def _compare(original: str, fused: str, notes: list[str], only: Optional[Sequence[int]] = None) -> Optional[dict[str, Any]]:
+def _compare(original: str, fused: str, notes: list[str], only: Optional[Sequence[int]] = None,
+             computed_in: Optional[str] = None) -> Optional[dict[str, Any]]:
     """Run both models on the same random inputs; the largest difference of any output, or None if
     onnxruntime is missing or cannot run the original (then the float64 check of each merge stands alone).
     `only`: the input size that size-dependent merges were chosen for, the one size where the fused model
-    must agree."""
+    must agree.  `computed_in`: the float type of the arithmetic (`_arithmetic`), whose rounding a float
+    output is allowed where it is coarser than the output's own."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -178,12 +197,14 @@ def _compare(original: str, fused: str, notes: list[str], only: Optional[Sequenc
                                  "float values it is computed from)")
                 continue
             diff, rel = _difference(a, b)
-            allowed = TOLERANCE.get(meta.type, 0.0)
+            kind = max((k for k in (meta.type, computed_in) if k in TOLERANCE), key=TOLERANCE.__getitem__,
+                       default=meta.type)
+            allowed = TOLERANCE.get(kind, 0.0)
             tolerance = max(tolerance, allowed)
             if not rel <= allowed:
                 raise VerificationError(f"output {meta.name!r} of the fused model differs from the original by "
                                         f"{rel:.3g} (relative; {diff:.3g} absolute) at {_shape_text(feeds)} under "
-                                        f"onnxruntime, more than {meta.type} rounding ({allowed:g})")
+                                        f"onnxruntime, more than {kind} rounding ({allowed:g})")
             worst, absolute = max(worst, rel), max(absolute, diff)
     if not shapes:
         notes.append(f"onnxruntime cannot run the original model ({failures[0] if failures else 'no input size'}); "

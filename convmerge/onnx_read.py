@@ -3,8 +3,12 @@
 An ONNX graph says everything a description says: each Conv's strides, pads, dilations and group,
 each BatchNormalization's epsilon, how values connect.  Each node becomes one layer named after the
 node; its weights are the tensors `<layer>.weight`, `<layer>.bias` (and a batch norm's statistics),
-read lazily from the initializers they name.  A node convmerge does not understand, or one it
+read lazily from the constants they name.  A node convmerge does not understand, or one it
 understands but whose inputs it cannot take as constants, is opaque, exactly as in a description.
+Constants are initializers, Constant nodes and what foldable nodes compute from them; `x + 0` and
+`x * 1` are identities; layers at the edge of a quantise/dequantise unit are opaque (onnxruntime
+quantises the conv such a unit holds).  Local functions are inlined and opsets 9 and 10 converted
+to 11 first; convs inside subgraphs are counted in a note, not read.
 
 The file is hostile until proved otherwise: it is parsed by protobuf, checked by `onnx.checker`, and
 every attribute convmerge reads is checked again here; a bad one ends in one `GraphError` (or
@@ -31,6 +35,8 @@ from .plan import Tensors
 __all__ = ["MIN_OPSET", "OnnxGraph", "node_reads", "read_model", "raw_bytes", "tensor_of"]
 
 MIN_OPSET = 11
+OLDEST_OPSET = 9
+"""Opsets 9 and 10 are converted to MIN_OPSET with onnx.version_converter (with a note)."""
 MAX_PROTO_BYTES = 2**31 - 1
 """protobuf's limit on one message: a larger model keeps its weights as external data."""
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -56,6 +62,18 @@ _UNARY = {"Relu": "relu", "LeakyRelu": "leaky_relu", "Sigmoid": "sigmoid", "Tanh
 """Element-wise ops whose output has their first input's shape: named as descriptions name them, so
 sizes carry across them (they stay opaque: convmerge never merges across one)."""
 _BINARY = {"Mul": "mul", "Sub": "sub", "Div": "div"}
+_NEUTRAL = {"Add": (0.0, (0, 1)), "Sub": (0.0, (1,)), "Mul": (1.0, (0, 1)), "Div": (1.0, (1,))}
+"""x + 0, 0 + x, x - 0, x * 1, 1 * x, x / 1: the identity, where the constant leaves x's shape as it is (timm's
+MobileOne writes `scale_out + 0`, which the TorchScript exporter keeps).  op: (the neutral value, its sides)."""
+_FOLDABLE = {"Cast", "Neg", "Abs", "Sqrt", "Reciprocal", "Add", "Sub", "Mul", "Div", "Pow", "Reshape", "Squeeze",
+             "Unsqueeze", "Transpose", "Flatten", "Concat"}
+"""Ops computed once where every input is a constant, so a weight computed from constants (`v * g`, a Cast of a
+float16 weight, a BN scale from a Sqrt) is a constant: deterministic, and never larger than their inputs
+(broadcasting is checked).  Not DequantizeLinear: quantised weights are never merged."""
+_BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow"}
+_PARAMETERS = {"Conv": 1, "ConvTranspose": 1, "BatchNormalization": 1, "InstanceNormalization": 1,
+               "LayerNormalization": 1, "GroupNormalization": 1, "PRelu": 1}
+"""Ops whose inputs from this position on are weights, not images."""
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
 
 
@@ -101,9 +119,13 @@ def read_model(path: str, input_size: Optional[Sequence[int]] = None) -> OnnxGra
     proto = _load(path, shown)
     opset = _opset(proto, shown)
     _check(proto, path, shown)
+    proto, notes = _normalised(proto, opset, shown)
+    read_as = max(opset, MIN_OPSET)
     external = any(_is_external(t) for t in proto.graph.initializer)
-    constants = _constants(proto.graph)
-    shapes, notes = _shapes(proto)
+    base = os.path.dirname(os.path.abspath(path))
+    constants = _constants(proto.graph, read_as, base, shown)
+    shapes, shape_notes = _shapes(proto)
+    notes += shape_notes + _subgraph_notes(proto.graph)
     fed = len({t.name for t in proto.graph.initializer} & {i.name for i in proto.graph.input})
     if fed:
         notes.append(f"{fed} initializer(s) are also graph inputs, which a caller may replace, so the layers "
@@ -112,12 +134,12 @@ def read_model(path: str, input_size: Optional[Sequence[int]] = None) -> OnnxGra
     reader = _Reader(proto.graph, shown, constants, shapes, static)
     doc, infos = reader.describe()
     graph = parse(doc, infos, shown)
-    base = os.path.dirname(os.path.abspath(path))
     tensors = Tensors(infos, lambda key: tensor_of(constants[reader.tensors[key]], base, shown))
     size = _input_size(static, graph, input_size, shown)
-    where = f"{shown}: ONNX graph (opset {opset})"
+    where = f"{shown}: ONNX graph (opset {opset}{f', read as opset {read_as}' if read_as != opset else ''})"
     graph.notes[:0] = notes + reader.notes
-    return OnnxGraph(path, proto, graph, tensors, where, reader.values, reader.nodes, constants, size, external, opset)
+    return OnnxGraph(path, proto, graph, tensors, where, reader.values, reader.nodes, constants, size, external,
+                     read_as)
 
 
 # --- the file ----------------------------------------------------------------------------------------
@@ -151,10 +173,57 @@ def _opset(proto: onnx.ModelProto, shown: str) -> int:
     if not versions:
         raise ModelFileError(f"{shown}: field 'opset_import': no opset of the default ONNX domain")
     newest = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= versions[0] <= newest:
-        raise ModelFileError(f"{shown}: field 'opset_import': opset {versions[0]}; convmerge reads opsets {MIN_OPSET} "
-                             f"to {newest} (convert with onnx.version_converter)")
+    if not OLDEST_OPSET <= versions[0] <= newest:
+        raise ModelFileError(f"{shown}: field 'opset_import': opset {versions[0]}; convmerge reads opsets "
+                             f"{OLDEST_OPSET} to {newest} (convert it with onnx.version_converter.convert_version)")
     return versions[0]
+
+
+def _normalised(proto: onnx.ModelProto, opset: int, shown: str) -> tuple[onnx.ModelProto, list[str]]:
+    """The model in the form convmerge reads: calls of its local functions inlined, an opset below MIN_OPSET
+    converted to it.  The fused model is written in this form (it computes the same)."""
+    notes = []
+    local = {(f.domain, f.name) for f in proto.functions}
+    calls = sum((n.domain, n.op_type) in local for n in proto.graph.node)
+    if calls:
+        from onnx import inliner
+
+        try:
+            proto = inliner.inline_local_functions(proto)
+        except Exception as e:  # noqa: BLE001 - whatever a hostile function makes it raise
+            raise GraphError(f"{shown}: field 'functions': onnx.inliner cannot inline them: {_line(e)}") from None
+        notes.append(f"{calls} call(s) of local functions inlined (onnx.inliner.inline_local_functions), so the convs "
+                     "inside them are read; the fused model keeps them inlined")
+    if opset < MIN_OPSET:
+        from onnx import version_converter
+
+        try:
+            proto = version_converter.convert_version(proto, MIN_OPSET)
+        except Exception as e:  # noqa: BLE001
+            raise ModelFileError(f"{shown}: field 'opset_import': opset {opset}; onnx.version_converter cannot "
+                                 f"convert it to opset {MIN_OPSET}: {_line(e)}") from None
+        notes.append(f"opset {opset} converted to opset {MIN_OPSET} with onnx.version_converter; the fused model has "
+                     f"opset {MIN_OPSET}")
+    return proto, notes
+
+
+def _subgraph_notes(g: onnx.GraphProto) -> list[str]:
+    """Convs inside If/Loop/Scan bodies are not read (the description is the main graph): say so."""
+    holders = [(node.name or node.op_type, _subgraph_convs(node)) for node in g.node]
+    holders = [(name, n) for name, n in holders if n]
+    if not holders:
+        return []
+    shown = ", ".join(_quote(name) for name, _ in holders[:3]) + (" ..." if len(holders) > 3 else "")
+    return [f"{sum(n for _, n in holders)} Conv node(s) inside the subgraphs of {len(holders)} node(s) ({shown}) are "
+            "not analysed: convmerge reads the main graph only"]
+
+
+def _subgraph_convs(node: onnx.NodeProto) -> int:
+    count = 0
+    for a in node.attribute:
+        for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+            count += sum((n.op_type == "Conv") + _subgraph_convs(n) for n in sub.node)
+    return count
 
 
 def _check(proto: onnx.ModelProto, path: str, shown: str) -> None:
@@ -244,9 +313,10 @@ def _nbytes(t: TensorProto) -> Optional[int]:
 # --- constants and shapes -----------------------------------------------------------------------------
 
 
-def _constants(g: onnx.GraphProto) -> dict[str, TensorProto]:
+def _constants(g: onnx.GraphProto, opset: int, base: str, shown: str) -> dict[str, TensorProto]:
     """Values that always hold the same tensor: initializers (not also graph inputs, which a caller may
-    feed), Constant nodes, and Identity nodes of those (PyTorch's exporter shares equal tensors so)."""
+    feed), Constant nodes, Identity nodes of those (PyTorch's exporter shares equal tensors so), and the
+    outputs of foldable nodes (_FOLDABLE) that read only constants."""
     fed = {i.name for i in g.input}
     out = {t.name: t for t in g.initializer if t.name not in fed}
     for node in g.node:
@@ -258,7 +328,40 @@ def _constants(g: onnx.GraphProto) -> dict[str, TensorProto]:
                 out[node.output[0]] = t
         elif node.op_type == "Identity" and len(node.input) == 1 and node.input[0] in out:
             out[node.output[0]] = out[node.input[0]]
+        elif node.op_type in _FOLDABLE and node.input and all(v and v in out for v in node.input):
+            t = _fold(node, out, opset, base, shown)
+            if t is not None:
+                out[node.output[0]] = t
     return out
+
+
+def _fold(node: onnx.NodeProto, known: Mapping[str, TensorProto], opset: int, base: str,
+          shown: str) -> Optional[TensorProto]:
+    """The node's output, computed by onnx's reference evaluator at the model's opset; None where it is no
+    larger than its inputs only by broadcasting, reads a type numpy lacks, or fails (it stays a node)."""
+    import numpy as np
+    from onnx.reference import ReferenceEvaluator
+
+    names = list(dict.fromkeys(node.input))
+    if any(known[v].data_type not in DTYPES or known[v].data_type == TensorProto.BFLOAT16 for v in names):
+        return None
+    arrays = {v: tensor_of(known[v], base, shown).numpy() for v in names}
+    if node.op_type in _BROADCASTING:
+        try:
+            shape = np.broadcast_shapes(*(a.shape for a in arrays.values()))
+        except ValueError:
+            return None
+        if math.prod(shape) > max(a.size for a in arrays.values()):
+            return None
+    untyped = onnx.TypeProto()
+    g = helper.make_graph([node], "fold", [helper.make_value_info(v, untyped) for v in names],
+                          [helper.make_value_info(node.output[0], untyped)])
+    try:
+        (value,) = ReferenceEvaluator(g, opsets={"": opset}).run(None, arrays)
+        t = numpy_helper.from_array(np.asarray(value), node.output[0])
+    except Exception:  # noqa: BLE001 - a node that cannot be computed is left to the runtime
+        return None
+    return t if t.data_type in DTYPES else None
 
 
 def _constant_value(node: onnx.NodeProto) -> Optional[TensorProto]:
@@ -303,6 +406,11 @@ def _static_size(g: onnx.GraphProto, notes: list[str]) -> Optional[tuple[int, ..
     sizes = set()
     dynamic = False
     weights = {t.name for t in g.initializer}
+    images = set()  # values some node reads as an image, not as a weight (_PARAMETERS)
+    for node in g.node:
+        images.update(node.input[:_PARAMETERS[node.op_type]] if node.op_type in _PARAMETERS else node_reads(node))
+    weights |= {v for node in g.node if node.op_type in _PARAMETERS for v in node.input[_PARAMETERS[node.op_type]:]
+                if v not in images}
     for vi in g.input:
         if vi.name in weights or not vi.type.HasField("tensor_type"):
             continue
@@ -350,6 +458,9 @@ class _Reader:
         self.notes: list[str] = []
         self._same_later: list[str] = []
         self.read = {v for node in g.node for v in node_reads(node)} | {o.name for o in g.output}
+        self.dequantized = {v for node in g.node if node.op_type == "DequantizeLinear" for v in node.output}
+        self.quantized = {node.input[0] for node in g.node if node.op_type == "QuantizeLinear" and node.input}
+        self._qdq: list[str] = []
 
     def describe(self) -> tuple[dict, dict[str, Info]]:
         inputs = []
@@ -366,6 +477,11 @@ class _Reader:
         if self._same_later:
             shown = ", ".join(self._same_later[:3]) + (" ..." if len(self._same_later) > 3 else "")
             self.notes.append(f"auto_pad SAME with stride > 1 needs a static input size; opaque: {shown}")
+        if self._qdq:
+            shown = ", ".join(self._qdq[:3]) + (" ..." if len(self._qdq) > 3 else "")
+            self.notes.append(f"{len(self._qdq)} layer(s) read a DequantizeLinear or feed a QuantizeLinear and are left "
+                              f"as they are ({shown}): onnxruntime's optimiser quantises a conv between the two, so a "
+                              "merge there would change what the model computes")
         outputs = [self.names[o.name] for o in self.g.output if o.name in self.names]
         infos = {key: self._info(value) for key, value in self.tensors.items()}
         doc = {"version": 1, "inputs": inputs, "layers": layers, "outputs": outputs}
@@ -393,6 +509,9 @@ class _Reader:
         name = self._fresh(node.name or (outs[0] if outs else f"{node.op_type}_{index}"))
         single = bool(outs) and node.output[0] == outs[0] and not any(o in self.read for o in outs[1:])
         mapped = self._map(node, name) if node.domain in DEFAULT_DOMAINS and single else None
+        if mapped is not None and (self.dequantized.intersection(node.input) or self.quantized.intersection(outs)):
+            mapped = None  # a conv merged up to both would be a DQ -> Conv -> Q unit, which onnxruntime quantises
+            self._qdq.append(_quote(name))
         if mapped is not None:  # a known op whose other outputs (a dropout's mask) no one reads
             layer, tensors = mapped
             self.tensors.update({f"{name}.{k}": v for k, v in tensors.items()})
@@ -454,6 +573,10 @@ class _Reader:
             if x is None or (training and not (self._const(training) and not self._scalar(training))):
                 return None
             return {"op": "dropout", "input": x}, {}
+        if op in _NEUTRAL and len(ins) == 2:
+            same = self._neutral(op, ins)
+            if same is not None:
+                return {"op": "identity", "input": same}, {}
         if op == "Add":
             return self._add(ins)
         if op == "Concat":
@@ -531,6 +654,22 @@ class _Reader:
         if any(m != n for m, n in zip(a, b)):
             return None
         return {"op": "add", "inputs": [self._data(ins[0]), self._data(ins[1])]}, {}
+
+    def _neutral(self, op: str, ins: list[str]) -> Optional[str]:
+        """The layer x where the node is x + 0, x * 1 and the like (_NEUTRAL); None otherwise."""
+        unit, sides = _NEUTRAL[op]
+        for k in sides:
+            constant, x = ins[k], self._data(ins[1 - k])
+            if x is None or not self._const(constant):
+                continue
+            dims, shape = tuple(self.constants[constant].dims), self.shapes.get(ins[1 - k])
+            if dims and (shape is None or len(dims) > len(shape)
+                         or any(d != 1 and d != n for d, n in zip(reversed(dims), reversed(shape)))):
+                continue  # it could broadcast x to a larger shape
+            values = self._values(constant)
+            if values and all(v == unit for v in values):
+                return x
+        return None
 
     def _concat(self, ins: list[str], attrs: "_Attrs") -> Optional[tuple[dict, dict[str, str]]]:
         sources = [self._data(v) for v in ins]

@@ -3,9 +3,10 @@
 A unit of the plan replaces some nodes; one Conv (after a Pad node where the merged conv pads by
 reflection, replication or wrapping, which Conv cannot) reads the value the unit read and writes the
 value the unit wrote, under its ONNX name, so no consumer changes.  It stands where the unit's last
-node stood, which keeps the node order topological.  Initializers and Constant nodes that only the
-replaced nodes read are removed, and so is the value_info of values that no longer exist; node
-order, metadata, opset imports, doc strings and everything else are kept as they were.
+node stood, which keeps the node order topological.  Initializers, Constant nodes and nodes computing
+constants from constants that only the replaced nodes read are removed, and so is the value_info of
+values that no longer exist; node order, metadata, opset imports, doc strings and everything else are
+kept as they were.
 """
 
 from __future__ import annotations
@@ -138,15 +139,15 @@ def _produced(g: onnx.GraphProto) -> set[str]:
 
 
 def _drop_dead(g: onnx.GraphProto, candidates: set[str], constants: set[str]) -> None:
-    """Remove the initializers and constant-making nodes (Constant, Identity of a constant) that only the
-    replaced nodes read: no one reads them now.  Others, read or not, stay as they were."""
+    """Remove the initializers and constant-making nodes (Constant, an Identity or a folded node of constants)
+    that only the replaced nodes read: no one reads them now.  Others, read or not, stay as they were."""
     while candidates:
         read = _reads(g)
         dead = {v for v in candidates if v not in read and v in constants}
         if not dead:
             return
         makers = {i for i, n in enumerate(g.node) if n.domain in DEFAULT_DOMAINS
-                  and n.op_type in ("Constant", "Identity") and len(n.output) == 1 and n.output[0] in dead}
+                  and len(n.output) == 1 and n.output[0] in dead}
         candidates = {v for i in makers for v in g.node[i].input if v}
         if makers:
             kept_nodes = [n for i, n in enumerate(g.node) if i not in makers]
