@@ -1306,3 +1306,37 @@ def test_json_stderr_holds_at_most_one_summary_line(stack: Path, tmp_path: Path,
     lines = gated.stderr.splitlines()
     assert len(lines) == 2 and "fail-on unmergeable" in lines[1] and "c5 -> c6" in lines[1], gated.stderr
     assert cli(command, stack, "--json", "-q", *extra, *FAST).stderr == ""
+
+
+def _torch_checkpoint(tmp_path: Path, kind: str) -> Path:
+    """What a PyTorch user passes first: torch.save's zip, its legacy pickle, a plain pickle, a plain zip."""
+    import pickle
+    import zipfile
+
+    path = tmp_path / "model.pt"
+    state = stack_parts()[1]
+    if kind == "zip":
+        torch.save(state, path)
+    elif kind == "legacy":
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+    elif kind == "pickle":
+        path.write_bytes(pickle.dumps({"weights": [1.0, 2.0]}, protocol=4))
+    else:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("readme.txt", "not a model")
+    return path
+
+
+@pytest.mark.parametrize("command", [["check"], ["fuse"], ["inspect"], ["explain", "c1", "c2"]])
+@pytest.mark.parametrize("kind, words", [("zip", "a PyTorch checkpoint (torch.save)"),
+                                         ("legacy", "torch.save's legacy (pickle) format"),
+                                         ("pickle", "a Python pickle"), ("plain zip", "a zip archive")])
+def test_torch_checkpoint_says_what_it_is_and_what_to_do(tmp_path: Path, command: list[str], kind: str,
+                                                         words: str) -> None:
+    model = _torch_checkpoint(tmp_path, kind)
+    before = listing(tmp_path)
+    line = assert_one_line_error(cli(command[0], model, *command[1:]))
+    assert "model.pt: not a safetensors file but " in line and words in line, line
+    assert "header length" not in line, line
+    assert "convmerge.save(net, " in line and "--arch MODULE:CALLABLE" in line, line
+    assert listing(tmp_path) == before
