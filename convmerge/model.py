@@ -268,7 +268,7 @@ def _onnx_reader(path: str, graph_file: Optional[str], arch: Optional[str]) -> A
         if (e.name or "").partition(".")[0] not in ("onnx", "google"):
             raise
         raise io.ModelFileError(f"{path}: reading an ONNX model needs the onnx package: "
-                                "pip install 'convmerge[onnx]'") from None
+                                "pip install onnx onnxruntime") from None
     return onnx_model
 
 
