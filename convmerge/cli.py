@@ -190,6 +190,9 @@ def fuse(
     (or, for an ONNX model, a new ONNX model)."""
     size = _parse_size(input_size)
     shape = _parse_shape(input_shape) if input_shape else None
+    if input_shape is not None and export is None:
+        _usage("--input-shape is the example input of --export, which was not given; the size to judge and merge "
+               "at is --input-size HxW")
     if export is not None and (arch is None or shape is None):
         _usage("--export needs --arch MODULE:CALLABLE and --input-shape N,C,H,W")
 
@@ -265,8 +268,12 @@ def annotate(
             (n, t.detach().cpu().contiguous()) for n, t in described.extra.items()]
         io.write_model(output, listing, metadata, src=header, force=force)
         if not quiet:
-            _console(False).print(f"wrote {output}: {len(graph.layers)} layers, {len(graph.pairs())} conv pairs described",
-                                  markup=False)
+            from . import render
+
+            console = _console(False)
+            console.print(f"wrote {output}: {render.count(len(graph.layers), 'layer')}, "
+                          f"{render.count(len(graph.pairs()), 'conv pair')} described", markup=False)
+            render.notes(console, described.notes)
         return EXIT_OK
 
     _run(work, debug)
@@ -320,6 +327,7 @@ def explain(
             data = explain_region(g, tensors, first, size, fixed)
         else:
             data = explain_pair(g, tensors, first, second, size, fixed)
+        data.setdefault("notes", list(g.notes))
         return _emit(data, json_out, "explain")
 
     _run(work, debug)

@@ -206,9 +206,18 @@ def report(console: Console, rep: dict[str, Any], verbose: bool = False) -> None
         if section.reasons:
             console.print(_reasons(rows, verbose))
         console.print()
-    for note in rep.get("notes") or []:
-        console.print(Text.assemble(("note: ", "yellow"), note))
+    notes(console, rep.get("notes"))
     console.print(Text(summary_line(rep)))
+
+
+def count(n: int, noun: str) -> str:
+    """'1 conv pair', '2 conv pairs'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def notes(console: Console, lines: Optional[list[str]]) -> None:
+    for note in lines or []:
+        console.print(Text.assemble(("note: ", "yellow"), note))
 
 
 def _reasons(rows: list[dict[str, Any]], verbose: bool) -> Table:
@@ -257,14 +266,15 @@ LISTED_PAIR_COLUMNS = (
 
 def inspect(console: Console, info: dict[str, Any]) -> None:
     console.print(grid(console, f"Conv-shaped tensors in {info['file']}", TENSOR_COLUMNS, info["conv_tensors"]))
-    console.print(Text(f"{info['tensor_count']} tensor(s), {len(info['conv_tensors'])} conv-shaped"))
+    console.print(Text(f"{count(info['tensor_count'], 'tensor')}, {len(info['conv_tensors'])} conv-shaped"))
     if info.get("description") is None:
         console.print(Text.assemble(("no graph description: ", "yellow"), info["missing"]))
         return
-    console.print(Text(f"description: {info['description']} ({info['layer_count']} layers, "
-                       f"{len(info['pairs'])} conv pairs)"))
+    console.print(Text(f"description: {info['description']} ({count(info['layer_count'], 'layer')}, "
+                       f"{count(len(info['pairs']), 'conv pair')})"))
     if info["pairs"]:
         console.print(grid(console, "Conv pairs", LISTED_PAIR_COLUMNS, info["pairs"]))
+    notes(console, info.get("notes"))
 
 
 SPEC_ROWS = (
@@ -309,6 +319,7 @@ def explain(console: Console, e: dict[str, Any]) -> None:
                   grid(console, "Border conditions (per axis and side)", CONDITION_COLUMNS, e["conditions"]),
                   Group(*lines))
     _error_map(console, e, "pair")
+    notes(console, e.get("notes"))
 
 
 BRANCH_COLUMNS = (
@@ -344,6 +355,7 @@ def explain_region(console: Console, e: dict[str, Any]) -> None:
         lines.append(Text(counterexample_words(ce, "layers")))
     console.print(Group(*lines))
     _error_map(console, e, "layers")
+    notes(console, e.get("notes"))
 
 
 def _error_map(console: Console, e: dict[str, Any], what: str) -> None:

@@ -1340,3 +1340,44 @@ def test_torch_checkpoint_says_what_it_is_and_what_to_do(tmp_path: Path, command
     assert "header length" not in line, line
     assert "convmerge.save(net, " in line and "--arch MODULE:CALLABLE" in line, line
     assert listing(tmp_path) == before
+
+
+def test_arch_and_leaf_without_effect_are_notes(arch_model: tuple[Path, Path], tmp_path: Path) -> None:
+    """A described file's header comes before --arch: the trace is not made, and every view says so."""
+    bare, code = arch_model
+    described = tmp_path / "described.safetensors"
+    assert cli("annotate", bare, "--arch", f"{code}:build", "-o", described, "-q").exit_code == 0
+    arch = f"{code}:build"
+    rep = json_out(cli("check", described, "--arch", arch, "--leaf", "ReLU", "--json"))
+    assert any(n.startswith(f"--arch {arch} was not traced") and "header" in n for n in rep["notes"]), rep["notes"]
+    assert any(n.startswith("--leaf ReLU had no effect") for n in rep["notes"]), rep["notes"]
+    for args in (["check", described, "--arch", arch], ["fuse", described, "--arch", arch, "-o", tmp_path / "f.safetensors"],
+                 ["inspect", described, "--arch", arch], ["explain", described, "0", "1", "--arch", arch]):
+        result = cli(*args)
+        assert result.exit_code == 0, (args, result.stderr)
+        assert f"note: --arch {arch} was not traced" in " ".join(result.stdout.split()), (args, result.stdout)
+    # with --graph, the sidecar comes first
+    sidecar = tmp_path / "graph.json"
+    sidecar.write_text(json.dumps(description_of(described)))
+    rep = json_out(cli("check", described, "--graph", sidecar, "--leaf", "ReLU", "--json"))
+    assert any(n.startswith("--leaf ReLU had no effect") for n in rep["notes"]), rep["notes"]
+    # and where the trace is made, no such note
+    rep = json_out(cli("check", bare, "--arch", arch, "--leaf", "ReLU", "--json"))
+    assert not any("--arch" in n or "--leaf" in n for n in rep["notes"]), rep["notes"]
+
+
+@pytest.mark.parametrize("command", [["check"], ["fuse"], ["explain", "0", "1"]])
+def test_leaf_naming_no_module_is_an_error(arch_model: tuple[Path, Path], tmp_path: Path, command: list[str]) -> None:
+    bare, code = arch_model
+    before = listing(tmp_path)
+    line = assert_one_line_error(cli(command[0], bare, *command[1:], "--arch", f"{code}:build", "--leaf", "ReLU",
+                                     "--leaf", "NoSuchClass"))
+    assert "--leaf NoSuchClass: no module of that class" in line and "ReLU" not in line.split("--leaf")[1], line
+    assert listing(tmp_path) == before
+
+
+def test_input_shape_without_export_is_an_error(stack: Path) -> None:
+    before = listing(stack.parent)
+    line = assert_one_line_error(cli("fuse", stack, "--input-shape", "1,3,10,10"))
+    assert "--input-shape" in line and "--export" in line and "--input-size" in line, line
+    assert listing(stack.parent) == before
