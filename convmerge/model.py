@@ -223,8 +223,7 @@ def default_output(path: str) -> str:
     """`<stem>.fused.safetensors` beside the input, or `<stem>.fused.onnx` for an ONNX model."""
     suffix = ".onnx" if is_onnx(path) else ".safetensors"
     folder, name = os.path.split(path)
-    stem = name[: -len(suffix)] if name.lower().endswith(suffix) else name
-    return os.path.join(folder, stem + ".fused" + suffix)
+    return os.path.join(folder, os.path.splitext(name)[0] + ".fused" + suffix)
 
 
 def is_onnx(path: str) -> bool:

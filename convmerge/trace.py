@@ -75,7 +75,9 @@ def build_module(ref: str) -> nn.Module:
         except Exception as exc:
             raise TraceError(f"--arch {ref}: calling it raised {first_line(exc)}") from exc
     if not isinstance(built, nn.Module):
-        raise TraceError(f"--arch {ref}: returned a {type(built).__name__}, not a torch.nn.Module")
+        kind = type(built).__name__
+        raise TraceError(f"--arch {ref}: returned {'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}, "
+                         "not a torch.nn.Module")
     return built.eval()
 
 

@@ -1381,3 +1381,89 @@ def test_input_shape_without_export_is_an_error(stack: Path) -> None:
     line = assert_one_line_error(cli("fuse", stack, "--input-shape", "1,3,10,10"))
     assert "--input-shape" in line and "--export" in line and "--input-size" in line, line
     assert listing(stack.parent) == before
+
+
+# --- help and wording (issue 19, item 14) -----------------------------------------------------
+
+
+def _help(*command: str) -> str:
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["check"], ["fuse"], ["annotate"], ["inspect"], ["explain"]])
+def test_flags_show_no_value_type(command: list[str]) -> None:
+    text = _help(*command)
+    assert "--help" in text
+    assert "<bool>" not in text, text
+
+
+def test_commands_panel_has_one_line_per_command() -> None:
+    """The commands panel shows each command's first paragraph; a line break inside it would show mid-sentence."""
+    text = _help()
+    panel = text[text.index("Commands"):]
+    rows = [line.strip("│ ").rstrip() for line in panel.splitlines()[1:] if line.startswith("│")]
+    commands = ["check", "fuse", "annotate", "inspect", "explain"]
+    assert [row.split()[0] for row in rows] == commands, rows
+    for row in rows:
+        assert row.rstrip().endswith("."), row
+
+
+@pytest.mark.parametrize("command", ["inspect", "explain"])
+def test_json_help_promises_only_what_comes(command: str, stack: Path) -> None:
+    assert "summary line" not in " ".join(_help(command).split())
+    assert "summary line" in " ".join(_help("check").split())
+    args = ["c1", "c2"] if command == "explain" else []
+    result = cli(command, stack, *args, "--json")
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
+
+
+def test_inspect_counts_in_words(tmp_path: Path) -> None:
+    result = cli("inspect", bn_model(tmp_path / "bn.safetensors"))
+    assert result.exit_code == 0, result.stderr
+    assert "(3 layers, 1 conv pair)" in result.stdout, result.stdout
+
+
+def test_default_output_replaces_the_extension(tmp_path: Path) -> None:
+    from convmerge.model import default_output
+
+    onnx_bytes = tmp_path / "model.bin"  # an ONNX protobuf under another name: ir_version first, then more fields
+    onnx_bytes.write_bytes(b"\x08\x08\x12\x07pytorch:\x00")
+    assert default_output(str(onnx_bytes)) == str(tmp_path / "model.fused.onnx")
+    assert default_output(str(tmp_path / "model.onnx")) == str(tmp_path / "model.fused.onnx")
+    assert default_output(str(tmp_path / "m.safetensors")) == str(tmp_path / "m.fused.safetensors")
+    assert default_output(str(tmp_path / "m")) == str(tmp_path / "m.fused.safetensors")
+
+
+def test_interrupted_exits_130_as_documented(stack: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from convmerge import model
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "check_file", interrupted)
+    result = cli("check", stack)
+    assert result.exit_code == 130 and result.stdout == ""
+    assert result.stderr == "convmerge: interrupted; nothing was written\n", result.stderr
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("### Exit codes"):]
+    codes = re.findall(r"^\| (\d+) \|", table[:table.index("\n\n", table.index("| code"))], re.M)
+    assert codes == ["0", "1", "2", "3", "130"], codes
+    assert "130 interrupted" in " ".join(_help().split())
+
+
+def test_arch_returning_no_module_says_so_in_english(tmp_path: Path) -> None:
+    code = tmp_path / "numbers.py"
+    code.write_text("def three():\n    return 3\n\ndef many():\n    return [1]\n")
+    _, tensors = stack_parts()
+    bare = save(tmp_path / "bare.safetensors", tensors)
+    assert "returned an int, not a torch.nn.Module" in assert_one_line_error(cli("check", bare, "--arch",
+                                                                                f"{code}:three"))
+    assert "returned a list, not a torch.nn.Module" in assert_one_line_error(cli("check", bare, "--arch",
+                                                                                f"{code}:many"))
+
+
+def test_bad_choice_has_no_value_error_prefix() -> None:
+    line = assert_one_line_error(cli("check", "x.safetensors", "--policy", "some"))
+    assert "Value error" not in line and "'some' is not one of 'cheaper', 'all'" in line, line
