@@ -509,7 +509,12 @@ class _Clock:
             self.stop()
 
     def line(self) -> str:
-        return "timings: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.phases)
+        """Each phase once, with the time of all its parts (check's counterexamples are searched and written in
+        one part, and any left shown in another)."""
+        total: dict[str, float] = {}
+        for name, seconds in self.phases:
+            total[name] = total.get(name, 0.0) + seconds
+        return "timings: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in total.items())
 
 
 @contextmanager

@@ -1467,3 +1467,11 @@ def test_arch_returning_no_module_says_so_in_english(tmp_path: Path) -> None:
 def test_bad_choice_has_no_value_error_prefix() -> None:
     line = assert_one_line_error(cli("check", "x.safetensors", "--policy", "some"))
     assert "Value error" not in line and "'some' is not one of 'cheaper', 'all'" in line, line
+
+
+def test_verbose_timings_name_each_phase_once(stack: Path, tmp_path: Path) -> None:
+    result = cli("check", stack, "-v", "--counterexamples", tmp_path / "ce", *FAST)
+    assert result.exit_code == 0, result.stderr
+    line = " ".join(result.stdout[result.stdout.index("timings: "):].split())  # the last line, however wrapped
+    names = [re.sub(r" [\d.]+ s$", "", part) for part in line[len("timings: "):].split(", ")]
+    assert "counterexamples" in names and len(names) == len(set(names)), line
