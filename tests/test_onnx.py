@@ -580,7 +580,7 @@ def test_without_onnxruntime_the_float64_check_stands_alone(repvgg: Path, monkey
 def test_onnx_found_by_content(repvgg: Path) -> None:
     plain = repvgg.with_name("model.bin")
     plain.write_bytes(repvgg.read_bytes())
-    assert cm_model.is_onnx(str(plain)) and cm_model.default_output(str(plain)).endswith("model.bin.fused.onnx")
+    assert cm_model.is_onnx(str(plain)) and cm_model.default_output(str(plain)).endswith("/model.fused.onnx")
     assert cli("check", plain).exit_code == 0
 
 
