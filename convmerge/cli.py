@@ -18,7 +18,7 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 import typer
 from rich.console import Console
 from rich.text import Text
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
 
@@ -27,15 +27,32 @@ try:
 except ImportError:  # an older typer runs on click itself
     from click.exceptions import ClickException  # type: ignore[no-redef]
 
-EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = (
     "Exit codes: 0 done; 1 the --fail-on gate failed; 2 usage error or bad input (file, description, arguments); "
-    "3 a merge failed its numeric check or another internal error (nothing was written)."
+    "3 a merge failed its numeric check or another internal error (nothing was written); 130 interrupted "
+    "(Ctrl-C; nothing was written)."
 )
+
+
+def _flags_without_type(params: list[Any]) -> list[Any]:
+    """A flag takes no value, so its help shows no '<bool>' where a value's type would be."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
 
 
 class _Group(TyperGroup):
     """Usage errors as one line and exit 2, as the README promises (click draws a multi-line box)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         try:
@@ -45,7 +62,8 @@ class _Group(TyperGroup):
             if type(e).__name__ != "NoArgsIsHelpError":  # that one's message is the help, shown already
                 ctx = getattr(e, "ctx", None)
                 hint = f" (see '{ctx.command_path if ctx is not None else 'convmerge'} --help')"
-                typer.echo(f"convmerge: error: {' '.join(e.format_message().split())}{hint}", err=True)
+                message = " ".join(e.format_message().split()).replace(": Value error, ", ": ")  # typer's enum wording
+                typer.echo(f"convmerge: error: {message}{hint}", err=True)
                 code = EXIT_INPUT
         if not standalone_mode:
             return code
@@ -75,9 +93,10 @@ class FailOn(str, Enum):
 
 
 DESC, SIZE, OUT, OUTPUT = "Model description", "Input size and policy", "Output files", "Output and logging"
-ModelArg = Annotated[Path, typer.Argument(help="A .safetensors model file (read, never modified).", show_default=False)]
-AnyModelArg = Annotated[Path, typer.Argument(help="A .safetensors or .onnx model file (read, never modified).",
-                                             show_default=False)]
+ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors model file (read, never modified).",
+                                         show_default=False)]
+AnyModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .onnx model file (read, never "
+                                             "modified).", show_default=False)]
 GraphOpt = Annotated[Optional[Path], typer.Option("--graph", "-g", help="Graph description JSON (sidecar file).",
                                                   rich_help_panel=DESC, show_default=False)]
 LeafOpt = Annotated[Optional[list[str]], typer.Option(
@@ -99,6 +118,8 @@ FailOpt = Annotated[Optional[FailOn], typer.Option(
     rich_help_panel=OUTPUT, show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout; stderr then gets one summary "
                                        "line, and warnings and errors.", rich_help_panel=OUTPUT)]
+ShowJsonOpt = Annotated[bool, typer.Option("--json", help="Print the data as JSON on stdout; stderr gets only "
+                                           "warnings and errors.", rich_help_panel=OUTPUT)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.", rich_help_panel=OUTPUT)]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Counterexample values, and the time each "
                                           "phase took.", rich_help_panel=OUTPUT)]
@@ -119,7 +140,7 @@ def _main(
     pass
 
 
-@app.command(epilog="Example: convmerge check examples/example.safetensors --input-size 65x65 --fail-on unmergeable")
+@app.command(cls=_Command, epilog="Example: convmerge check examples/example.safetensors --input-size 65x65 --fail-on unmergeable")
 def check(
     model: AnyModelArg,
     graph: GraphOpt = None,
@@ -158,7 +179,7 @@ def check(
     _run(work, debug)
 
 
-@app.command(epilog="Example: convmerge fuse examples/example.safetensors -o example.fused.safetensors "
+@app.command(cls=_Command, epilog="Example: convmerge fuse examples/example.safetensors -o example.fused.safetensors "
                     "--input-size 65x65")
 def fuse(
     model: AnyModelArg,
@@ -186,10 +207,15 @@ def fuse(
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Merge every exact chain and region into one conv each and write a new, self-describing safetensors file
-    (or, for an ONNX model, a new ONNX model)."""
+    """Merge every exact chain and region into one conv each; write a new, self-describing model file.
+
+    A safetensors model gives a safetensors file (its header holds the rewritten description), an ONNX model an
+    ONNX model."""
     size = _parse_size(input_size)
     shape = _parse_shape(input_shape) if input_shape else None
+    if input_shape is not None and export is None:
+        _usage("--input-shape is the example input of --export, which was not given; the size to judge and merge "
+               "at is --input-size HxW")
     if export is not None and (arch is None or shape is None):
         _usage("--export needs --arch MODULE:CALLABLE and --input-shape N,C,H,W")
 
@@ -237,7 +263,7 @@ def fuse(
     _run(work, debug)
 
 
-@app.command(epilog="Example: convmerge annotate examples/example.safetensors --arch examples/model.py:build "
+@app.command(cls=_Command, epilog="Example: convmerge annotate examples/example.safetensors --arch examples/model.py:build "
                     "-o example.described.safetensors")
 def annotate(
     model: ModelArg,
@@ -251,8 +277,9 @@ def annotate(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Write a copy of MODEL with the traced graph description in its header (and any kernels the trace
-    computed from the weights), so CI needs only the file."""
+    """Write a copy of MODEL with the traced graph description in its header, so CI needs only the file.
+
+    Kernels the trace computed from the weights (a kernel built from parameters) are stored too."""
 
     def work() -> int:
         from . import io
@@ -265,22 +292,26 @@ def annotate(
             (n, t.detach().cpu().contiguous()) for n, t in described.extra.items()]
         io.write_model(output, listing, metadata, src=header, force=force)
         if not quiet:
-            _console(False).print(f"wrote {output}: {len(graph.layers)} layers, {len(graph.pairs())} conv pairs described",
-                                  markup=False)
+            from . import render
+
+            console = _console(False)
+            console.print(f"wrote {output}: {render.count(len(graph.layers), 'layer')}, "
+                          f"{render.count(len(graph.pairs()), 'conv pair')} described", markup=False)
+            render.notes(console, described.notes)
         return EXIT_OK
 
     _run(work, debug)
 
 
-@app.command(epilog="Example: convmerge inspect examples/example.safetensors")
+@app.command(cls=_Command, epilog="Example: convmerge inspect examples/example.safetensors")
 def inspect(
     model: AnyModelArg,
     graph: GraphOpt = None,
     arch: ArchOpt = None,
-    json_out: JsonOpt = False,
+    json_out: ShowJsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """List conv-shaped tensors and, when the file is described, its layers and conv pairs."""
+    """List conv-shaped tensors and, when the file is described, its layer count and conv pairs."""
 
     def work() -> int:
         from .model import inspect_file
@@ -290,7 +321,7 @@ def inspect(
     _run(work, debug)
 
 
-@app.command(epilog="Example: convmerge explain examples/example.safetensors 11 12 --input-size 9x9")
+@app.command(cls=_Command, epilog="Example: convmerge explain examples/example.safetensors 11 12 --input-size 9x9")
 def explain(
     model: AnyModelArg,
     first: Annotated[str, typer.Argument(help="The first conv of a pair, or the output layer of a region.",
@@ -304,11 +335,13 @@ def explain(
         "--input-size", "-s", metavar="HxW", help="Size at FIRST's input \\[default: the size there of a model "
                                                    "fixed at one size (a static ONNX model), else a small size, one "
                                                    "that fails if any does].", rich_help_panel=SIZE)] = None,
-    json_out: JsonOpt = False,
+    json_out: ShowJsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """One pair (FIRST SECOND) or one region (its OUTPUT layer) in depth: specs, conditions, candidate,
-    counterexample and a map of where they differ."""
+    """One pair (FIRST SECOND) or one region (its OUTPUT layer) in depth, with a map of where they differ.
+
+    Specs, per-axis conditions, the candidate single conv, a counterexample and a map of the output positions
+    where the layers and the candidate differ."""
     size = _parse_size(input_size)
 
     def work() -> int:
@@ -320,6 +353,7 @@ def explain(
             data = explain_region(g, tensors, first, size, fixed)
         else:
             data = explain_pair(g, tensors, first, second, size, fixed)
+        data.setdefault("notes", list(g.notes))
         return _emit(data, json_out, "explain")
 
     _run(work, debug)
@@ -475,7 +509,12 @@ class _Clock:
             self.stop()
 
     def line(self) -> str:
-        return "timings: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.phases)
+        """Each phase once, with the time of all its parts (check's counterexamples are searched and written in
+        one part, and any left shown in another)."""
+        total: dict[str, float] = {}
+        for name, seconds in self.phases:
+            total[name] = total.get(name, 0.0) + seconds
+        return "timings: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in total.items())
 
 
 @contextmanager
@@ -518,7 +557,7 @@ def _run(work: Callable[[], int], debug: bool) -> None:
         raise
     except KeyboardInterrupt:
         typer.echo("convmerge: interrupted; nothing was written", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except Exception as e:  # noqa: BLE001 - sorted into expected and internal below
         if debug:
             raise

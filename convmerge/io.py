@@ -170,7 +170,16 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         if not stat.S_ISREG(mode):
             raise ModelFileError(f"{shown}: not a regular file")
         with open(path, "rb", buffering=0) as f:
-            return _parse_file(f, os.fsdecode(path), shown)
+            try:
+                return _parse_file(f, os.fsdecode(path), shown)
+            except ModelFileError:
+                kind = _other_format(f)
+                if kind is None:
+                    raise
+                raise ModelFileError(
+                    f"{shown}: not a safetensors file but {kind}; in Python, load the model and write it with "
+                    "convmerge.save(net, 'model.safetensors') (weights and graph description), or save its state "
+                    "dict with safetensors.torch.save_file and pass --arch MODULE:CALLABLE") from None
     except OSError as e:
         raise ModelFileError(f"{shown}: cannot read: {e.strerror or e}") from None
 
@@ -357,6 +366,25 @@ def _parse_file(f: BinaryIO, path: str, shown: str) -> Header:
     tensors = {name: _tensor_info(name, entry, data_offset, shown) for name, entry in entries.items()}
     _check_layout(tensors, size - data_offset, data_offset, shown)
     return Header(path=path, metadata=metadata, tensors=tensors, data_offset=data_offset)
+
+
+_TORCH_LEGACY = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+"""How torch.save's legacy format begins: pickle protocol 2, then its magic number."""
+
+
+def _other_format(f: BinaryIO) -> str | None:
+    """What a file that failed as safetensors looks like, where a PyTorch user may have passed it: a zip
+    archive (torch.save, the first entry named '<archive>/data.pkl') or a pickle (torch.save's legacy format)."""
+    head = os.pread(f.fileno(), 512, 0)
+    if head.startswith(b"PK\x03\x04"):
+        name_length = int.from_bytes(head[26:28], "little")
+        torch_zip = head[30:30 + name_length].endswith(b"/data.pkl")
+        return "a zip archive: a PyTorch checkpoint (torch.save)" if torch_zip else "a zip archive"
+    if head.startswith(_TORCH_LEGACY):
+        return "a PyTorch checkpoint in torch.save's legacy (pickle) format"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a Python pickle (as torch.save's legacy format writes)"
+    return None
 
 
 def _decode_json(raw: bytes, shown: str) -> tuple[dict[str, str], dict[str, Any]]:

@@ -76,10 +76,11 @@ def find_description(header: io.Header, graph_file: Optional[str] = None, arch: 
 def _description(header: io.Header, graph_file: Optional[str], arch: Optional[str],
                  leaves: Sequence[str]) -> tuple[dict, str, dict[str, torch.Tensor], list[str]]:
     if graph_file:
-        return load_description(_read_sidecar(graph_file), graph_file), graph_file, {}, []
+        return load_description(_read_sidecar(graph_file), graph_file), graph_file, {}, _untraced(graph_file, arch,
+                                                                                                  leaves)
     if GRAPH_KEY in header.metadata:
         where = f"{header.path}: header key '{GRAPH_KEY}'"
-        return load_description(header.metadata[GRAPH_KEY], where), where, {}, []
+        return load_description(header.metadata[GRAPH_KEY], where), where, {}, _untraced(where, arch, leaves)
     if arch:
         from . import api, trace
 
@@ -91,6 +92,17 @@ def _description(header: io.Header, graph_file: Optional[str], arch: Optional[st
         f"{header.path}: no graph description: pass --graph FILE or --arch MODULE:CALLABLE "
         "(or store one with `convmerge annotate`); convmerge never guesses how layers connect"
     )
+
+
+def _untraced(where: str, arch: Optional[str], leaves: Sequence[str]) -> list[str]:
+    """Notes for the tracing flags given where a description was found before tracing (FORMAT.md, section 1)."""
+    notes = []
+    if arch:
+        notes.append(f"--arch {arch} was not traced: the description comes from {where}, which comes first "
+                     "(--graph, then the file's header, then --arch)")
+    if leaves:
+        notes.append(f"--leaf {', '.join(map(str, leaves))} had no effect: nothing was traced")
+    return notes
 
 
 def _read_sidecar(path: str) -> str:
@@ -140,7 +152,7 @@ def fuse_file(
     `on_phase("verify")` says when planning is over and the checks left for the copy begin (`-v`).
     An ONNX file goes to onnx_model, which writes ONNX.
     """
-    onnx_model = _onnx_reader(path, graph_file, arch)
+    onnx_model = _onnx_reader(path, graph_file, arch, leaves)
     _same_format(path, os.fspath(out), onnx_model is not None)
     if onnx_model is not None:
         return onnx_model.fuse_file(path, out, input_size=input_size, policy=policy, force=force, on_region=on_region,
@@ -191,7 +203,7 @@ def check_file(path: str, *, graph_file: Optional[str] = None, arch: Optional[st
                input_size: Optional[Sequence[int]] = None, policy: str = "cheaper", leaves: Sequence[str] = (),
                on_region: Optional[Callable[[], None]] = None) -> Report:
     """The dry run: the same report as `fuse_file`, nothing written."""
-    onnx_model = _onnx_reader(path, graph_file, arch)
+    onnx_model = _onnx_reader(path, graph_file, arch, leaves)
     if onnx_model is not None:
         return onnx_model.check_file(path, input_size=input_size, policy=policy, on_region=on_region)
     model = describe_file(path, graph_file, arch, leaves)
@@ -211,8 +223,7 @@ def default_output(path: str) -> str:
     """`<stem>.fused.safetensors` beside the input, or `<stem>.fused.onnx` for an ONNX model."""
     suffix = ".onnx" if is_onnx(path) else ".safetensors"
     folder, name = os.path.split(path)
-    stem = name[: -len(suffix)] if name.lower().endswith(suffix) else name
-    return os.path.join(folder, stem + ".fused" + suffix)
+    return os.path.join(folder, os.path.splitext(name)[0] + ".fused" + suffix)
 
 
 def is_onnx(path: str) -> bool:
@@ -248,7 +259,7 @@ class ReadGraph(NamedTuple):
 def read_graph(path: str, graph_file: Optional[str] = None, arch: Optional[str] = None,
                leaves: Sequence[str] = ()) -> ReadGraph:
     """A safetensors file's or an ONNX model's description and tensors (`explain`, `inspect`)."""
-    onnx_model = _onnx_reader(path, graph_file, arch)
+    onnx_model = _onnx_reader(path, graph_file, arch, leaves)
     if onnx_model is not None:
         model = onnx_model.read_model(path)
         return ReadGraph(model.graph, model.tensors, model.where, model.input_size)
@@ -256,19 +267,20 @@ def read_graph(path: str, graph_file: Optional[str] = None, arch: Optional[str] 
     return ReadGraph(described.graph, described.tensors, described.where)
 
 
-def _onnx_reader(path: str, graph_file: Optional[str], arch: Optional[str]) -> Any:
+def _onnx_reader(path: str, graph_file: Optional[str], arch: Optional[str], leaves: Sequence[str] = ()) -> Any:
     """convmerge.onnx_model for an ONNX file (None for safetensors); one line to install it if onnx is missing."""
     if not is_onnx(path):
         return None
-    if graph_file or arch:
-        raise GraphError(f"{path}: an ONNX model carries its own graph; --graph and --arch are for safetensors files")
+    if graph_file or arch or leaves:
+        raise GraphError(f"{path}: an ONNX model carries its own graph; --graph, --arch and --leaf are for "
+                         "safetensors files")
     try:
         from . import onnx_model
     except ImportError as e:
         if (e.name or "").partition(".")[0] not in ("onnx", "google"):
             raise
         raise io.ModelFileError(f"{path}: reading an ONNX model needs the onnx package: "
-                                "pip install 'convmerge[onnx]'") from None
+                                "pip install onnx onnxruntime") from None
     return onnx_model
 
 
@@ -285,9 +297,9 @@ def inspect_file(path: str, graph_file: Optional[str] = None, arch: Optional[str
         info["missing"] = ("pass --graph FILE or --arch MODULE:CALLABLE, or store one with `convmerge annotate "
                            "MODEL --arch MODULE:CALLABLE -o OUT`; `check`/`fuse` refuse to guess how layers connect")
         return info
-    doc, where = find_description(header, graph_file, arch)
-    g = parse(doc, header.tensors, where)
-    info.update(description=where, layer_count=len(g.layers), pairs=_pairs(g))
+    doc, where, extra, notes = _description(header, graph_file, arch, ())
+    g = parse(doc, dict(header.tensors, **{k: ModuleTensor(v) for k, v in extra.items()}), where)
+    info.update(description=where, layer_count=len(g.layers), pairs=_pairs(g), notes=[*notes, *g.notes])
     return info
 
 

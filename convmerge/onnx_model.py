@@ -156,7 +156,7 @@ def _compare(original: str, fused: str, notes: list[str], only: Optional[Sequenc
         import onnxruntime as ort
     except ImportError:
         notes.append("onnxruntime is not installed: each merge was checked in float64, the fused graph was not run "
-                     "(pip install 'convmerge[onnx]')")
+                     "(pip install onnxruntime)")
         return None
     options = ort.SessionOptions()
     options.log_severity_level = 3

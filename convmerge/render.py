@@ -3,7 +3,9 @@
 Tables are data: a tuple of `Column`s per table, and `grid` lays any of them out. `grid` picks
 the column widths itself, because rich shrinks the widest column first and so folds numbers
 mid-token on a narrow terminal (`1.3e-15` over two lines): every column is at least as wide as
-its longest word, so cells wrap only between words; only layer names fold, when nothing fits.
+its longest unit, and cells wrap only between units. A unit is a word, or words glued with
+GLUE ('(2 layers)', '-> c2'); names and numbers are never split. Where the columns do not fit
+with every unit whole, the rows are shown as a list instead ('header: value' lines under each).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from itertools import groupby
 from typing import Any, Callable, Optional, Union
 
 from rich import box
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -23,8 +25,8 @@ SHADES = ":-=+*#%@"
 """Error-map marks from the smallest difference to the largest."""
 EQUAL = "·"
 """Error-map mark of an output position where the pair and the single conv agree."""
-FOLD_MIN = 8
-"""Narrowest a column of layer names gets before they fold inside a name."""
+GLUE = "\u00a0"
+"""Joins words that must stay on one line (shown as a space): rich would break at it, so `_wrap` breaks lines."""
 
 Cell = Union[str, Text]
 
@@ -33,43 +35,84 @@ Cell = Union[str, Text]
 class Column:
     """One table column: its header, how a row fills it, and how it may wrap.
 
-    Cells wrap between words; `whole` cells never wrap (short values such as '>= 2' or a shape);
-    `fold` cells (layer names) may break inside a word when the table has no room left.
+    Cells wrap between units (words, or words glued with GLUE); `whole` cells never wrap (short values
+    such as '>= 2' or a shape).
     """
 
     header: str
     cell: Callable[[dict[str, Any]], Cell]
     whole: bool = False
-    fold: bool = False
 
 
-def grid(console: Console, title: Optional[str], columns: tuple[Column, ...], rows: list[dict[str, Any]]) -> Table:
-    """A table of `rows` whose numbers and verdicts stay whole at the console's width."""
+def grid(console: Console, title: Optional[str], columns: tuple[Column, ...],
+         rows: list[dict[str, Any]]) -> RenderableType:
+    """A table of `rows` whose names, numbers and verdicts stay whole at the console's width, or, where no
+    table fits, the same rows as a list."""
     cells = [[_text(c.cell(row)) for c in columns] for row in rows]
     heads = [Text(c.header) for c in columns]
     longest = [max([_longest_line(heads[j])] + [_longest_line(r[j]) for r in cells]) for j in range(len(columns))]
     shortest = [max([_longest_word(heads[j])] + [_least(r[j], col) for r in cells]) for j, col in enumerate(columns)]
     for pad in (1, 0):  # a gap of three between columns, or of one where that is what fits
-        widths = _fit(console.width - (2 * pad + 1) * (len(columns) - 1), shortest, longest, columns)
+        widths = _fit(console.width - (2 * pad + 1) * (len(columns) - 1), shortest, longest)
         if widths is not None:
             break
     else:
-        widths = shortest
-    table = Table(title=Text(title) if title else None, box=box.SIMPLE_HEAD, title_justify="left",
-                  title_style="bold", show_edge=False, pad_edge=False, padding=(0, pad), header_style="bold")
+        return _listing(console.width, title, heads, cells)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, pad), header_style="bold")
     for head, width in zip(heads, widths):
         table.add_column(head, width=width, overflow="fold")
     for row in cells:
-        table.add_row(*row)
-    return table
+        table.add_row(*(_wrap(cell, width) for cell, width in zip(row, widths)))
+    return Group(_wrap(Text(title, style="bold"), console.width), table) if title else table
 
 
-def _fit(room: int, shortest: list[int], longest: list[int], columns: tuple[Column, ...]) -> Optional[list[int]]:
-    """Widths within `room`: each column at least its longest word, the rest shared out; None if none fit."""
+def _listing(width: int, title: Optional[str], heads: list[Text], cells: list[list[Text]]) -> Group:
+    """Rows as a list: each row's first cell, then 'header: value' for the others, indented; wrapped lines
+    of a value line up under its start."""
+    out: list[RenderableType] = [_wrap(Text(title, style="bold"), width)] if title else []
+    for row in cells:
+        out.append(_wrap(row[0], width))
+        for head, cell in zip(heads[1:], row[1:]):
+            label = f"    {head.plain}: " if head.plain else "    "
+            body = _wrap(cell, max(width - len(label), 1))
+            lines = body.split("\n")
+            joined = Text()
+            for k, line in enumerate(lines):
+                joined.append(label if k == 0 else " " * len(label), style="dim" if k == 0 else "")
+                joined.append_text(line)
+                if k < len(lines) - 1:
+                    joined.append("\n")
+            out.append(joined)
+    return Group(*out)
+
+
+def _wrap(t: Text, width: int) -> Text:
+    """`t` with line breaks at spaces only (never at GLUE, never inside a word), each line within `width`
+    where its units allow; GLUE then shows as a space."""
+    plain = t.plain
+    breaks, line_start, last_space = [], 0, -1
+    for k, ch in enumerate(plain):
+        if ch == "\n":
+            line_start, last_space = k + 1, -1
+        elif ch == " ":
+            last_space = k
+        if k - line_start >= width and last_space > line_start and ch not in " \n":
+            breaks.append(last_space)
+            line_start, last_space = last_space + 1, -1
+    out = t.copy()
+    if breaks:
+        chars = list(plain)
+        for k in breaks:
+            chars[k] = "\n"
+        out = Text("".join(chars), style=t.style, spans=list(t.spans), end=t.end)
+    if GLUE in out.plain:
+        out = Text(out.plain.replace(GLUE, " "), style=out.style, spans=list(out.spans), end=out.end)
+    return out
+
+
+def _fit(room: int, shortest: list[int], longest: list[int]) -> Optional[list[int]]:
+    """Widths within `room`: each column at least its longest unit, the rest shared out; None if none fit."""
     widths = list(shortest)
-    for j, col in enumerate(columns):
-        if col.fold and sum(widths) > room:
-            widths[j] = min(widths[j], max(FOLD_MIN, widths[j] - (sum(widths) - room)))
     if sum(widths) > room:
         return None
     spare = room - sum(widths)
@@ -92,7 +135,8 @@ def _longest_line(t: Text) -> int:
 
 
 def _longest_word(t: Text) -> int:
-    return max((len(word) for word in t.plain.split()), default=0)
+    """The longest unit: words glued with GLUE count as one."""
+    return max((len(word) for word in t.plain.replace("\n", " ").split(" ")), default=0)
 
 
 def _least(t: Text, col: Column) -> int:
@@ -122,11 +166,11 @@ def _axes(values: list[int]) -> str:
 
 
 def _macs(m: Optional[dict[str, Any]]) -> str:
-    """'before -> after'; no 'after' where the merge cannot happen (a saving that would never be real)."""
+    """'before -> after' (one unit); no 'after' where the merge cannot happen (a saving that would never be real)."""
     if not m or m.get("before") is None:
         return "-"
     after = "-" if m.get("after") is None else _si(m["after"])
-    return f"{_si(m['before'])} -> {after}"
+    return f"{_si(m['before'])}{GLUE}->{GLUE}{after}"
 
 
 def _si(n: int) -> str:
@@ -144,30 +188,31 @@ def _verdict(p: dict[str, Any]) -> Text:
 
 
 def _pair_name(p: dict[str, Any]) -> str:
-    return f"{p['first']} -> {p['second']}" + (f" (via {', '.join(p['via'])})" if p["via"] else "")
+    return f"{p['first']} ->{GLUE}{p['second']}" + (f" (via{GLUE}{', '.join(p['via'])})" if p["via"] else "")
 
 
 def _region_name(r: dict[str, Any]) -> str:
-    return f"{r['input']} -> {r['output']} ({len(r['layers'])} layers{', branches' if r['kind'] == 'branches' else ''})"
+    what = count(len(r["layers"]), "layer", GLUE) + (f",{GLUE}branches" if r["kind"] == "branches" else "")
+    return f"{r['input']} ->{GLUE}{r['output']} ({what})"
 
 
 REGION_COLUMNS = (
     Column("#", lambda r: str(r["number"]), whole=True),
-    Column("region", _region_name, fold=True),
+    Column("region", _region_name),
     Column("verdict", _verdict),
     Column("one conv", lambda r: conv_words(r.get("merged"))),
     Column("MACs", lambda r: _macs(r.get("macs"))),
 )
 PAIR_COLUMNS = (
     Column("#", lambda p: str(p["number"]), whole=True),
-    Column("pair", _pair_name, fold=True),
+    Column("pair", _pair_name),
     Column("verdict", _verdict),
     Column("merged conv", lambda p: conv_words(p.get("merged"))),
     Column("MACs", lambda p: _macs(p.get("macs"))),
 )
 MERGE_COLUMNS = (
-    Column("layers", lambda m: " + ".join(m["layers"]), fold=True),
-    Column("into", lambda m: m["into"], fold=True),
+    Column("layers", lambda m: " + ".join(m["layers"])),
+    Column("into", lambda m: m["into"]),
     Column("conv", lambda m: conv_words(m["conv"])),
     Column("dtype", lambda m: m["dtype"], whole=True),
     Column("error (f64)", lambda m: f"{m['verified_max_error']:.1e}", whole=True),
@@ -206,9 +251,18 @@ def report(console: Console, rep: dict[str, Any], verbose: bool = False) -> None
         if section.reasons:
             console.print(_reasons(rows, verbose))
         console.print()
-    for note in rep.get("notes") or []:
+    notes(console, rep.get("notes"))
+    console.print(_wrap(Text(summary_line(rep, GLUE)), console.width))
+
+
+def count(n: int, noun: str, glue: str = " ") -> str:
+    """'1 conv pair', '2 conv pairs'; with GLUE, one unit."""
+    return f"{n} {noun}{'' if n == 1 else 's'}".replace(" ", glue)
+
+
+def notes(console: Console, lines: Optional[list[str]]) -> None:
+    for note in lines or []:
         console.print(Text.assemble(("note: ", "yellow"), note))
-    console.print(Text(summary_line(rep)))
 
 
 def _reasons(rows: list[dict[str, Any]], verbose: bool) -> Table:
@@ -225,46 +279,51 @@ def _reasons(rows: list[dict[str, Any]], verbose: bool) -> Table:
     return t
 
 
-def summary_line(rep: dict[str, Any]) -> str:
+def summary_line(rep: dict[str, Any], glue: str = " ") -> str:
+    """One line; `glue` joins the words of each phrase (GLUE keeps a count with its noun, an arrow with its
+    operands, when the terminal wraps the line)."""
     s = rep["summary"]
     size = rep.get("input_size")
     cost = rep.get("cost_size")
-    at = (f"at input size {'x'.join(map(str, size))}" if size else
-          "for every input size (no --input-size" + (f"; costs at {'x'.join(map(str, cost))})" if cost else ")"))
-    line = (f"{s['regions']} region(s) {at}: {s['regions_merged']} merged whole, {s['regions_unmergeable']} "
-            f"unmergeable; {s['pairs']} pair(s): {s['mergeable']} mergeable, {s['size_dependent']} size-dependent, "
-            f"{s['unmergeable']} unmergeable, {s['skipped']} skipped; {s['merged']} merged; "
-            f"convs {s['convs_before']} -> {s['convs_after']}"
-            + (f" ({s['bn_folded']} conv-BN fold(s))" if s.get("bn_folded") else ""))
+    g = glue
+    at = (f"at input{g}size{g}{'x'.join(map(str, size))}" if size else
+          f"for every input{g}size (no{g}--input-size" + (f"; costs{g}at{g}{'x'.join(map(str, cost))})" if cost else ")"))
+    line = (f"{s['regions']}{g}region(s) {at}: {s['regions_merged']}{g}merged{g}whole, {s['regions_unmergeable']}{g}"
+            f"unmergeable; {s['pairs']}{g}pair(s): {s['mergeable']}{g}mergeable, {s['size_dependent']}{g}size-dependent, "
+            f"{s['unmergeable']}{g}unmergeable, {s['skipped']}{g}skipped; {s['merged']}{g}merged; "
+            f"convs{g}{s['convs_before']}{g}->{g}{s['convs_after']}"
+            + (f" ({s['bn_folded']}{g}conv-BN{g}fold(s))" if s.get("bn_folded") else ""))
     if rep.get("output"):
-        line += f" -> wrote {rep['output']}" + ("" if rep.get("merges") else " (an unchanged copy: nothing merged)")
+        line += (f" ->{g}wrote{g}{rep['output']}" +
+                 ("" if rep.get("merges") else f" (an{g}unchanged{g}copy: nothing{g}merged)"))
     return line
 
 
 TENSOR_COLUMNS = (
-    Column("tensor", lambda c: c["name"], fold=True),
+    Column("tensor", lambda c: c["name"]),
     Column("dtype", lambda c: c["dtype"], whole=True),
     Column("shape", lambda c: str(c["shape"]), whole=True),
     Column("kernel", lambda c: "x".join(map(str, c["shape"][2:])), whole=True),
 )
 LISTED_PAIR_COLUMNS = (
-    Column("first", lambda p: p["first"], fold=True),
-    Column("second", lambda p: p["second"], fold=True),
-    Column("via", lambda p: ", ".join(p["via"]) or "-", fold=True),
+    Column("first", lambda p: p["first"]),
+    Column("second", lambda p: p["second"]),
+    Column("via", lambda p: ", ".join(p["via"]) or "-"),
     Column("status", lambda p: p["blocked"] or "candidate"),
 )
 
 
 def inspect(console: Console, info: dict[str, Any]) -> None:
     console.print(grid(console, f"Conv-shaped tensors in {info['file']}", TENSOR_COLUMNS, info["conv_tensors"]))
-    console.print(Text(f"{info['tensor_count']} tensor(s), {len(info['conv_tensors'])} conv-shaped"))
+    console.print(Text(f"{count(info['tensor_count'], 'tensor')}, {len(info['conv_tensors'])} conv-shaped"))
     if info.get("description") is None:
         console.print(Text.assemble(("no graph description: ", "yellow"), info["missing"]))
         return
-    console.print(Text(f"description: {info['description']} ({info['layer_count']} layers, "
-                       f"{len(info['pairs'])} conv pairs)"))
+    console.print(_wrap(Text(f"description: {info['description']} ({count(info['layer_count'], 'layer', GLUE)},"
+                             f"{GLUE}{count(len(info['pairs']), 'conv pair', GLUE)})"), console.width))
     if info["pairs"]:
         console.print(grid(console, "Conv pairs", LISTED_PAIR_COLUMNS, info["pairs"]))
+    notes(console, info.get("notes"))
 
 
 SPEC_ROWS = (
@@ -297,7 +356,7 @@ def explain(console: Console, e: dict[str, Any]) -> None:
     spec_columns = (Column("", lambda r: r["label"], whole=True),) + tuple(
         Column(name, lambda r, name=name: r[name]) for name, _ in convs)
     spec_rows = [dict(label=label, **{name: show(f) for name, f in convs}) for label, show in SPEC_ROWS]
-    title = f"{e['first']} -> {e['second']}" + (f" (via {', '.join(e['via'])})" if e["via"] else "")
+    title = f"{e['first']} ->{GLUE}{e['second']}" + (f" (via{GLUE}{', '.join(e['via'])})" if e["via"] else "")
     size = "x".join(map(str, e["size"]))
     verdict = Text(e["verdict"], style=VERDICT_STYLE.get(e["verdict"], ""))
     lines = [Text.assemble("verdict: ", verdict, f" - {e['reason']}"),
@@ -309,17 +368,18 @@ def explain(console: Console, e: dict[str, Any]) -> None:
                   grid(console, "Border conditions (per axis and side)", CONDITION_COLUMNS, e["conditions"]),
                   Group(*lines))
     _error_map(console, e, "pair")
+    notes(console, e.get("notes"))
 
 
 BRANCH_COLUMNS = (
-    Column("branch output", lambda b: b["output"], fold=True),
+    Column("branch output", lambda b: b["output"]),
     Column("layers", lambda b: str(len(b["layers"])), whole=True),
     Column("as one conv", lambda b: conv_words(b["conv"]) + (" +bias" if b["conv"] and b["conv"]["bias"] else "")),
     Column("verdict", _verdict),
 )
 STEP_COLUMNS = (
-    Column("from", lambda r: r["from"], fold=True),
-    Column("to", lambda r: r["to"], fold=True),
+    Column("from", lambda r: r["from"]),
+    Column("to", lambda r: r["to"]),
     Column("verdict", _verdict),
     Column("why", lambda r: r["reason"]),
 )
@@ -327,11 +387,11 @@ STEP_COLUMNS = (
 
 def explain_region(console: Console, e: dict[str, Any]) -> None:
     """A region: its branches as single convs, the moves that decide it, the candidate, and where it differs."""
-    title = f"region {e['input']} -> {e['output']} ({len(e['layers'])} layers)"
+    title = f"region {e['input']} ->{GLUE}{e['output']} ({count(len(e['layers']), 'layer', GLUE)})"
     if e["branches"]:
         console.print(grid(console, title + ": branches", BRANCH_COLUMNS, e["branches"]))
     else:
-        console.print(Text(title, style="bold"))
+        console.print(_wrap(Text(title, style="bold"), console.width))
     if e["steps"]:
         console.print(grid(console, "Steps (each move of the reduction, in order)", STEP_COLUMNS, e["steps"]))
     size = "x".join(map(str, e["size"]))
@@ -344,6 +404,7 @@ def explain_region(console: Console, e: dict[str, Any]) -> None:
         lines.append(Text(counterexample_words(ce, "layers")))
     console.print(Group(*lines))
     _error_map(console, e, "layers")
+    notes(console, e.get("notes"))
 
 
 def _error_map(console: Console, e: dict[str, Any], what: str) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import trace_export, trace_fx
-from .trace_layers import STRUCTURAL_OPS, TraceError, Traced, first_line
+from .trace_layers import STRUCTURAL_OPS, TraceError, Traced, first_line, is_leaf_class
 
 __all__ = ["STRUCTURAL_OPS", "TraceError", "Traced", "build_module", "describe_module", "load_callable"]
 
@@ -75,7 +75,9 @@ def build_module(ref: str) -> nn.Module:
         except Exception as exc:
             raise TraceError(f"--arch {ref}: calling it raised {first_line(exc)}") from exc
     if not isinstance(built, nn.Module):
-        raise TraceError(f"--arch {ref}: returned a {type(built).__name__}, not a torch.nn.Module")
+        kind = type(built).__name__
+        raise TraceError(f"--arch {ref}: returned {'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}, "
+                         "not a torch.nn.Module")
     return built.eval()
 
 
@@ -91,13 +93,19 @@ def describe_module(module: nn.Module, name: str = "model", *, leaves: Sequence[
     traces it instead (``notes`` says so and why).  A module on the meta device is traced without
     its weights: tensors computed from them are then listed in ``missing``, not returned.
 
-    Raises TraceError when neither tracer gets through the model's own ``forward``, or when a
-    module that should be a conv cannot be one.
+    Raises TraceError when a leaf matches none of the modules (a misspelt class), when neither tracer
+    gets through the model's own ``forward``, or when a module that should be a conv cannot be one.
 
     >>> traced = describe_module(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
     >>> [layer["op"] for layer in traced.doc["layers"]]
     ['conv2d', 'relu']
     """
+    modules = list(module.modules())
+    unmatched = [leaf for leaf in leaves if not any(is_leaf_class(m, (leaf,)) for m in modules)]
+    if unmatched:
+        shown = ", ".join(leaf.__name__ if isinstance(leaf, type) else str(leaf) for leaf in unmatched)
+        raise TraceError(f"{name}: --leaf {shown}: no module of that class in it (a class name, plain or "
+                         "qualified, or the class itself)")
     try:
         return trace_export.describe(module, leaves, example_size, example_inputs)
     except Exception as exc:

@@ -1306,3 +1306,172 @@ def test_json_stderr_holds_at_most_one_summary_line(stack: Path, tmp_path: Path,
     lines = gated.stderr.splitlines()
     assert len(lines) == 2 and "fail-on unmergeable" in lines[1] and "c5 -> c6" in lines[1], gated.stderr
     assert cli(command, stack, "--json", "-q", *extra, *FAST).stderr == ""
+
+
+def _torch_checkpoint(tmp_path: Path, kind: str) -> Path:
+    """What a PyTorch user passes first: torch.save's zip, its legacy pickle, a plain pickle, a plain zip."""
+    import pickle
+    import zipfile
+
+    path = tmp_path / "model.pt"
+    state = stack_parts()[1]
+    if kind == "zip":
+        torch.save(state, path)
+    elif kind == "legacy":
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+    elif kind == "pickle":
+        path.write_bytes(pickle.dumps({"weights": [1.0, 2.0]}, protocol=4))
+    else:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("readme.txt", "not a model")
+    return path
+
+
+@pytest.mark.parametrize("command", [["check"], ["fuse"], ["inspect"], ["explain", "c1", "c2"]])
+@pytest.mark.parametrize("kind, words", [("zip", "a PyTorch checkpoint (torch.save)"),
+                                         ("legacy", "torch.save's legacy (pickle) format"),
+                                         ("pickle", "a Python pickle"), ("plain zip", "a zip archive")])
+def test_torch_checkpoint_says_what_it_is_and_what_to_do(tmp_path: Path, command: list[str], kind: str,
+                                                         words: str) -> None:
+    model = _torch_checkpoint(tmp_path, kind)
+    before = listing(tmp_path)
+    line = assert_one_line_error(cli(command[0], model, *command[1:]))
+    assert "model.pt: not a safetensors file but " in line and words in line, line
+    assert "header length" not in line, line
+    assert "convmerge.save(net, " in line and "--arch MODULE:CALLABLE" in line, line
+    assert listing(tmp_path) == before
+
+
+def test_arch_and_leaf_without_effect_are_notes(arch_model: tuple[Path, Path], tmp_path: Path) -> None:
+    """A described file's header comes before --arch: the trace is not made, and every view says so."""
+    bare, code = arch_model
+    described = tmp_path / "described.safetensors"
+    assert cli("annotate", bare, "--arch", f"{code}:build", "-o", described, "-q").exit_code == 0
+    arch = f"{code}:build"
+    rep = json_out(cli("check", described, "--arch", arch, "--leaf", "ReLU", "--json"))
+    assert any(n.startswith(f"--arch {arch} was not traced") and "header" in n for n in rep["notes"]), rep["notes"]
+    assert any(n.startswith("--leaf ReLU had no effect") for n in rep["notes"]), rep["notes"]
+    for args in (["check", described, "--arch", arch], ["fuse", described, "--arch", arch, "-o", tmp_path / "f.safetensors"],
+                 ["inspect", described, "--arch", arch], ["explain", described, "0", "1", "--arch", arch]):
+        result = cli(*args)
+        assert result.exit_code == 0, (args, result.stderr)
+        assert f"note: --arch {arch} was not traced" in " ".join(result.stdout.split()), (args, result.stdout)
+    # with --graph, the sidecar comes first
+    sidecar = tmp_path / "graph.json"
+    sidecar.write_text(json.dumps(description_of(described)))
+    rep = json_out(cli("check", described, "--graph", sidecar, "--leaf", "ReLU", "--json"))
+    assert any(n.startswith("--leaf ReLU had no effect") for n in rep["notes"]), rep["notes"]
+    # and where the trace is made, no such note
+    rep = json_out(cli("check", bare, "--arch", arch, "--leaf", "ReLU", "--json"))
+    assert not any("--arch" in n or "--leaf" in n for n in rep["notes"]), rep["notes"]
+
+
+@pytest.mark.parametrize("command", [["check"], ["fuse"], ["explain", "0", "1"]])
+def test_leaf_naming_no_module_is_an_error(arch_model: tuple[Path, Path], tmp_path: Path, command: list[str]) -> None:
+    bare, code = arch_model
+    before = listing(tmp_path)
+    line = assert_one_line_error(cli(command[0], bare, *command[1:], "--arch", f"{code}:build", "--leaf", "ReLU",
+                                     "--leaf", "NoSuchClass"))
+    assert "--leaf NoSuchClass: no module of that class" in line and "ReLU" not in line.split("--leaf")[1], line
+    assert listing(tmp_path) == before
+
+
+def test_input_shape_without_export_is_an_error(stack: Path) -> None:
+    before = listing(stack.parent)
+    line = assert_one_line_error(cli("fuse", stack, "--input-shape", "1,3,10,10"))
+    assert "--input-shape" in line and "--export" in line and "--input-size" in line, line
+    assert listing(stack.parent) == before
+
+
+# --- help and wording (issue 19, item 14) -----------------------------------------------------
+
+
+def _help(*command: str) -> str:
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["check"], ["fuse"], ["annotate"], ["inspect"], ["explain"]])
+def test_flags_show_no_value_type(command: list[str]) -> None:
+    text = _help(*command)
+    assert "--help" in text
+    assert "<bool>" not in text, text
+
+
+def test_commands_panel_has_one_line_per_command() -> None:
+    """The commands panel shows each command's first paragraph; a line break inside it would show mid-sentence."""
+    text = _help()
+    panel = text[text.index("Commands"):]
+    rows = [line.strip("│ ").rstrip() for line in panel.splitlines()[1:] if line.startswith("│")]
+    commands = ["check", "fuse", "annotate", "inspect", "explain"]
+    assert [row.split()[0] for row in rows] == commands, rows
+    for row in rows:
+        assert row.rstrip().endswith("."), row
+
+
+@pytest.mark.parametrize("command", ["inspect", "explain"])
+def test_json_help_promises_only_what_comes(command: str, stack: Path) -> None:
+    assert "summary line" not in " ".join(_help(command).split())
+    assert "summary line" in " ".join(_help("check").split())
+    args = ["c1", "c2"] if command == "explain" else []
+    result = cli(command, stack, *args, "--json")
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
+
+
+def test_inspect_counts_in_words(tmp_path: Path) -> None:
+    result = cli("inspect", bn_model(tmp_path / "bn.safetensors"))
+    assert result.exit_code == 0, result.stderr
+    assert "(3 layers, 1 conv pair)" in result.stdout, result.stdout
+
+
+def test_default_output_replaces_the_extension(tmp_path: Path) -> None:
+    from convmerge.model import default_output
+
+    onnx_bytes = tmp_path / "model.bin"  # an ONNX protobuf under another name: ir_version first, then more fields
+    onnx_bytes.write_bytes(b"\x08\x08\x12\x07pytorch:\x00")
+    assert default_output(str(onnx_bytes)) == str(tmp_path / "model.fused.onnx")
+    assert default_output(str(tmp_path / "model.onnx")) == str(tmp_path / "model.fused.onnx")
+    assert default_output(str(tmp_path / "m.safetensors")) == str(tmp_path / "m.fused.safetensors")
+    assert default_output(str(tmp_path / "m")) == str(tmp_path / "m.fused.safetensors")
+
+
+def test_interrupted_exits_130_as_documented(stack: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from convmerge import model
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "check_file", interrupted)
+    result = cli("check", stack)
+    assert result.exit_code == 130 and result.stdout == ""
+    assert result.stderr == "convmerge: interrupted; nothing was written\n", result.stderr
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("### Exit codes"):]
+    codes = re.findall(r"^\| (\d+) \|", table[:table.index("\n\n", table.index("| code"))], re.M)
+    assert codes == ["0", "1", "2", "3", "130"], codes
+    assert "130 interrupted" in " ".join(_help().split())
+
+
+def test_arch_returning_no_module_says_so_in_english(tmp_path: Path) -> None:
+    code = tmp_path / "numbers.py"
+    code.write_text("def three():\n    return 3\n\ndef many():\n    return [1]\n")
+    _, tensors = stack_parts()
+    bare = save(tmp_path / "bare.safetensors", tensors)
+    assert "returned an int, not a torch.nn.Module" in assert_one_line_error(cli("check", bare, "--arch",
+                                                                                f"{code}:three"))
+    assert "returned a list, not a torch.nn.Module" in assert_one_line_error(cli("check", bare, "--arch",
+                                                                                f"{code}:many"))
+
+
+def test_bad_choice_has_no_value_error_prefix() -> None:
+    line = assert_one_line_error(cli("check", "x.safetensors", "--policy", "some"))
+    assert "Value error" not in line and "'some' is not one of 'cheaper', 'all'" in line, line
+
+
+def test_verbose_timings_name_each_phase_once(stack: Path, tmp_path: Path) -> None:
+    result = cli("check", stack, "-v", "--counterexamples", tmp_path / "ce", *FAST)
+    assert result.exit_code == 0, result.stderr
+    line = " ".join(result.stdout[result.stdout.index("timings: "):].split())  # the last line, however wrapped
+    names = [re.sub(r" [\d.]+ s$", "", part) for part in line[len("timings: "):].split(", ")]
+    assert "counterexamples" in names and len(names) == len(set(names)), line

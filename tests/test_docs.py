@@ -81,3 +81,16 @@ def test_ci_runs_the_readme_quick_start_verbatim() -> None:
     ci = set((ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines())
     missing = [c for c in commands if c not in ci]
     assert commands and not missing, f".ci/run does not run these README quick-start lines: {missing}"
+
+
+INSTALL_BY_NAME = re.compile(r"pip install\s+(?:-U\s+|--upgrade\s+)?['\"]?convmerge\b", re.I)
+
+
+def test_no_hint_installs_convmerge_by_name() -> None:
+    """This project is not on the public index under its name: `pip install 'convmerge[onnx]'` installs an
+    unrelated project there. Hints name what certainly works: the packages themselves, or the checkout."""
+    texts = [*DOCS, *(ROOT / "convmerge").glob("*.py"), *(ROOT / "examples").glob("*.py"),
+             *(ROOT / "benchmarks").glob("*.py"), ROOT / "pyproject.toml"]
+    hits = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in texts if p.is_file()
+            for m in INSTALL_BY_NAME.finditer(p.read_text(encoding="utf-8"))]
+    assert not hits, hits
