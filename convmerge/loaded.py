@@ -163,7 +163,7 @@ def load(path: Union[str, os.PathLike], *, arch: Union[nn.Module, str, None] = N
         for key, value in module.state_dict().items():
             state.setdefault(f"{target}.{key}", value)
     for name in sorted(set(state) - set(root.state_dict(keep_vars=True)), key=lambda n: n.count(".")):
-        _place_buffer(root, name, path)  # a tensor no layer reads is kept, so the state dict is the file's
+        _place_buffer(root, name, state[name], path)  # a tensor no layer reads is kept, so the state dict is the file's
     try:
         root.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
@@ -280,11 +280,11 @@ def _place(root: nn.Module, target: str, module: nn.Module, path: str) -> None:
     _add(_parent(root, parents, target, path), leaf, module, target, path)
 
 
-def _place_buffer(root: nn.Module, name: str, path: str) -> None:
+def _place_buffer(root: nn.Module, name: str, tensor: torch.Tensor, path: str) -> None:
     *parents, leaf = name.split(".")
     owner = _parent(root, parents, name, path)
     try:
-        owner.register_buffer(leaf, torch.empty(0, device="meta"))
+        owner.register_buffer(leaf, tensor)
     except (KeyError, AttributeError) as e:
         raise ValueError(f"{path}: tensor {name!r} cannot be a module's buffer ({e})") from None
 
