@@ -217,10 +217,16 @@ def test_opaque_layers_are_refused_by_name_with_the_file(tmp_path):
     assert "arch=" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("how", ["module", "fresh module", "string"])
+def _meta_head() -> nn.Module:
+    with torch.device("meta"):
+        return Head()
+
+
+@pytest.mark.parametrize("how", ["module", "fresh module", "meta module", "string"])
 def test_arch_supplies_the_opaque_layers(tmp_path, how):
     net, out = _head_file(tmp_path)
-    arch = {"module": net, "fresh module": Head(), "string": "tests.test_load:Head"}[how]  # fresh: random weights
+    arch = {"module": lambda: net, "fresh module": Head, "meta module": _meta_head,  # fresh: random weights
+            "string": lambda: "tests.test_load:Head"}[how]()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     loaded = convmerge.load(out, arch=arch)
     _same_state(loaded, out)
@@ -387,3 +393,13 @@ def test_a_file_without_a_description_is_refused_with_advice(tmp_path):
         convmerge.load(path)
     with pytest.raises(TypeError, match="path"):
         convmerge.load(nn.Conv2d(1, 1, 1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_loaded_module_runs_on_a_gpu(tmp_path):
+    path = _mixed_file(tmp_path)
+    loaded = convmerge.load(path).double()
+    a, b = torch.randn(2, 2, 7, 8, dtype=torch.float64), torch.randn(2, 3, 7, 8, dtype=torch.float64)
+    want = _mixed_oracle(path, a, b)
+    got = loaded.cuda()(a.cuda(), b.cuda())
+    assert all(g.is_cuda and torch.allclose(g.cpu(), w, rtol=1e-9, atol=1e-9) for g, w in zip(got, want))
