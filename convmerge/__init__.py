@@ -1,7 +1,7 @@
 """convmerge: merge consecutive convolutions into one, exactly, and prove when it cannot.
 
-`check`, `fuse` and `save` are the Python API (see convmerge.api); they are imported on first
-use so that `import convmerge` (and `convmerge --help`) does not pay for importing torch.
+`check`, `fuse` and `save` are the Python API (see convmerge.api), with `load` (convmerge.loaded); they are
+imported on first use so that `import convmerge` (and `convmerge --help`) does not pay for importing torch.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["check", "fuse", "save", "__version__"]
+__all__ = ["check", "fuse", "load", "save", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -17,4 +17,8 @@ def __getattr__(name: str) -> Any:
         from . import api
 
         return getattr(api, name)
+    if name == "load":
+        from .loaded import load
+
+        return load
     raise AttributeError(f"module 'convmerge' has no attribute {name!r}")

@@ -8,7 +8,7 @@ then convolves with padding 0.  Being a subclass, it keeps the parameter names `
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
@@ -77,20 +77,22 @@ def bn_of(module: nn.modules.batchnorm._BatchNorm) -> BatchNorm:
     return BatchNorm(module.running_mean.detach(), module.running_var.detach(), module.eps, w, b)
 
 
+def conv_module(spec: ConvSpec, **factory: Any) -> nn.Module:
+    """An empty Conv*d for `spec` (a PaddedConv*d when the padding is asymmetric); `factory`: dtype, device."""
+    kwargs = dict(stride=spec.stride, dilation=spec.dilation, groups=spec.groups, bias=spec.bias, **factory)
+    if spec.symmetric:
+        return _CONV_TYPES[spec.ndim](spec.in_channels, spec.out_channels, spec.kernel_size,
+                                      padding=tuple(a.pad[0] for a in spec.axes), padding_mode=spec.padding_mode,
+                                      **kwargs)
+    module = _PADDED_TYPES[spec.ndim](spec.in_channels, spec.out_channels, spec.kernel_size, padding=0, **kwargs)
+    module.side_pads = tuple(p for a in reversed(spec.axes) for p in a.pad)
+    module.pad_mode = spec.padding_mode
+    return module
+
+
 def to_module(conv: Conv) -> nn.Module:
     """A Conv*d holding these weights; a PaddedConv*d when the padding is asymmetric."""
-    spec = conv.spec
-    kwargs = dict(stride=spec.stride, dilation=spec.dilation, groups=spec.groups, bias=conv.bias is not None,
-                  dtype=conv.weight.dtype)
-    if spec.symmetric:
-        module = _CONV_TYPES[spec.ndim](spec.in_channels, spec.out_channels, spec.kernel_size,
-                                        padding=tuple(a.pad[0] for a in spec.axes),
-                                        padding_mode=spec.padding_mode, **kwargs)
-    else:
-        module = _PADDED_TYPES[spec.ndim](spec.in_channels, spec.out_channels, spec.kernel_size, padding=0,
-                                          **kwargs)
-        module.side_pads = tuple(p for a in reversed(spec.axes) for p in a.pad)
-        module.pad_mode = spec.padding_mode
+    module = conv_module(conv.spec.with_bias(conv.bias is not None), dtype=conv.weight.dtype)
     with torch.no_grad():
         module.weight.copy_(conv.weight)
         if conv.bias is not None:

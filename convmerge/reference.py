@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from . import algebra
 from .algebra import BatchNorm, Conv
 from .graph import CONV_OPS, POOL_OPS, Graph
+from .spec import PadSpec, PoolSpec
 
-__all__ = ["Magnitudes", "Params", "run"]
+__all__ = ["Magnitudes", "Params", "avg_pool", "pad", "run"]
 
 _POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
@@ -55,22 +56,11 @@ def _op(graph: Graph, params: Params, name: str, op: str, args: list[torch.Tenso
     if op == "add":
         return sum(args[1:], x)
     if op == "concat":
-        return torch.cat(args, dim=1)
+        return torch.cat(args, dim=graph.layers[name].fields.get("dim", 1))
     if op in POOL_OPS:
-        p = graph.pools[name]
-        extra = {"divisor_override": p.divisor_override} if p.divisor_override else {}
-        return _POOL[p.ndim](x, p.kernel, p.stride, p.padding, p.ceil_mode, p.count_include_pad, **extra)
+        return avg_pool(x, graph.pools[name])
     if op == "pad":
-        pad = graph.pads[name]
-        flat = [v for pair in reversed(pad.pairs(x.dim() - 2)) for v in pair]
-        if pad.mode != "constant":
-            return F.pad(x, flat, mode=pad.mode)
-        value = params.pad_value(name)
-        if value is None:
-            return F.pad(x, flat, value=pad.value)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        inside = F.pad(torch.ones_like(x[:1, :1]), flat)
-        return F.pad(x, flat) + (1 - inside) * value.double().view(shape)
+        return pad(x, graph.pads[name], params.pad_value(name))
     raise ValueError(f"layer {name!r}: op {op!r} is not linear")
 
 
@@ -100,6 +90,24 @@ class Magnitudes:
 
 def _abs(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.abs()
+
+
+def avg_pool(x: torch.Tensor, p: PoolSpec) -> torch.Tensor:
+    """An avg_pool layer, as `F.avg_pool1d/2d/3d` with its fields."""
+    extra = {"divisor_override": p.divisor_override} if p.divisor_override else {}
+    return _POOL[p.ndim](x, p.kernel, p.stride, p.padding, p.ceil_mode, p.count_include_pad, **extra)
+
+
+def pad(x: torch.Tensor, spec: PadSpec, value: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A pad layer, as `F.pad` (whose amounts list the last axis first); `value`: one constant per channel."""
+    flat = [v for pair in reversed(spec.pairs(x.dim() - 2)) for v in pair]
+    if spec.mode != "constant":
+        return F.pad(x, flat, mode=spec.mode)
+    if value is None:
+        return F.pad(x, flat, value=spec.value)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    inside = F.pad(torch.ones_like(x[:1, :1]), flat)
+    return F.pad(x, flat) + (1 - inside) * value.to(x.dtype).view(shape)
 
 
 def _opt(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
