@@ -191,7 +191,9 @@ def fuse(
     report: Annotated[Optional[str], typer.Option("--report", metavar="PATH", help="Also write the JSON report, with "
                                                   "the description used, for reproducibility.", rich_help_panel=OUT)] = None,
     export: Annotated[Optional[str], typer.Option("--export", metavar="PATH", help="Also write a torch.export "
-                                                  "program (.pt2) of the fused model; needs --arch and --input-shape.",
+                                                  "program (.pt2) of the fused model, checked end to end; its batch and "
+                                                  "spatial sizes are symbolic where the model allows (else fixed at "
+                                                  "--input-shape); needs --arch and --input-shape.",
                                                   rich_help_panel=OUT)] = None,
     input_shape: Annotated[Optional[str], typer.Option("--input-shape", metavar="N,C,H,W",
                                                        help="Example input shape for --export.",

@@ -54,11 +54,12 @@ class Described:
 
 
 def describe_file(path: str, graph_file: Optional[str] = None, arch: Optional[str] = None,
-                  leaves: Sequence[str] = ()) -> Described:
-    """Read a model's header and its description (FORMAT.md, section 1) and validate them together."""
+                  leaves: Sequence[str] = (), input_size: Optional[Sequence[int]] = None) -> Described:
+    """Read a model's header and its description (FORMAT.md, section 1) and validate them together;
+    ``input_size``: the spatial size an ``arch`` is traced at (224 per axis when None)."""
     _safetensors_only(path)
     header = io.read_header(path)
-    doc, where, extra, notes = _description(header, graph_file, arch, leaves)
+    doc, where, extra, notes = _description(header, graph_file, arch, leaves, input_size)
     info = dict(header.tensors)
     info.update({k: ModuleTensor(v) for k, v in extra.items()})
     tensors = Tensors(info, lambda name: extra[name] if name in extra else io.read_tensor(header, name))
@@ -73,8 +74,8 @@ def find_description(header: io.Header, graph_file: Optional[str] = None, arch: 
     return doc, where
 
 
-def _description(header: io.Header, graph_file: Optional[str], arch: Optional[str],
-                 leaves: Sequence[str]) -> tuple[dict, str, dict[str, torch.Tensor], list[str]]:
+def _description(header: io.Header, graph_file: Optional[str], arch: Optional[str], leaves: Sequence[str],
+                 input_size: Optional[Sequence[int]] = None) -> tuple[dict, str, dict[str, torch.Tensor], list[str]]:
     if graph_file:
         return load_description(_read_sidecar(graph_file), graph_file), graph_file, {}, _untraced(graph_file, arch,
                                                                                                   leaves)
@@ -84,9 +85,10 @@ def _description(header: io.Header, graph_file: Optional[str], arch: Optional[st
     if arch:
         from . import api, trace
 
-        traced = trace.describe_module(trace.build_module(arch), arch, leaves=leaves)
+        traced = trace.describe_module(trace.build_module(arch), arch, leaves=leaves, example_size=input_size)
         if traced.missing:  # kernels computed from the weights: trace the module holding them
-            traced = trace.describe_module(api.load_module(arch, header.path), arch, leaves=leaves)
+            traced = trace.describe_module(api.load_module(arch, header.path), arch, leaves=leaves,
+                                           example_size=input_size)
         return traced.doc, f"--arch {arch}", dict(traced.tensors), list(traced.notes)
     raise GraphError(
         f"{header.path}: no graph description: pass --graph FILE or --arch MODULE:CALLABLE "
@@ -157,7 +159,7 @@ def fuse_file(
     if onnx_model is not None:
         return onnx_model.fuse_file(path, out, input_size=input_size, policy=policy, force=force, on_region=on_region,
                                     before_write=before_write)
-    model = describe_file(path, graph_file, arch, leaves)
+    model = describe_file(path, graph_file, arch, leaves, input_size)
     try:
         plan = analyze(model.graph, model.tensors, input_size, policy, on_region, verify_later=True)
         return _write_fused(model, plan, path, out, force, before_write, on_phase)
@@ -206,7 +208,7 @@ def check_file(path: str, *, graph_file: Optional[str] = None, arch: Optional[st
     onnx_model = _onnx_reader(path, graph_file, arch, leaves)
     if onnx_model is not None:
         return onnx_model.check_file(path, input_size=input_size, policy=policy, on_region=on_region)
-    model = describe_file(path, graph_file, arch, leaves)
+    model = describe_file(path, graph_file, arch, leaves, input_size)
     report = analyze(model.graph, model.tensors, input_size, policy, on_region).report()
     report.source, report.description = os.fspath(path), model.where
     return report

@@ -826,6 +826,18 @@ def test_fuse_export_writes_a_program(arch_model: tuple[Path, Path], tmp_path: P
     reference = ns["build"]()
     reference.load_state_dict(read(bare)[0])
     assert torch.allclose(loaded(x), reference.eval()(x), rtol=1e-4, atol=1e-4)
+    for shape in [(2, 3, 9, 9), (3, 3, 12, 7)]:  # the program's batch and spatial sizes are symbolic
+        x = torch.randn(*shape)
+        assert torch.allclose(loaded(x), reference(x), rtol=1e-4, atol=1e-4), shape
+
+
+def test_arch_is_traced_at_the_input_size(arch_model: tuple[Path, Path]) -> None:
+    bare, code = arch_model
+    result = cli("check", bare, "--arch", f"{code}:build", "--input-size", "17x19", "--json")
+    assert result.exit_code == 0, result.stderr
+    notes = json.loads(result.stdout)["notes"]
+    assert notes[0].startswith("traced with torch.export on an input of shape [1, 3, 17, 19] (spatial size as "
+                               "given;"), notes[0]
 
 
 # --- bad input: one line on stderr, exit 2, nothing written -----------------------------------
