@@ -35,8 +35,8 @@ def test_wide_pair_counterexample_is_narrow_to_find_and_real_on_every_channel(
         return searched(run, cand, s, in_channels, **kw)
 
     monkeypatch.setattr(algebra, "counterexample", spy)
-    found, tried = plan.pair_counterexample(a, b, v, size)()
-    assert tried and found is not None
+    found, why = plan.pair_counterexample(a, b, v, size)()
+    assert found is not None and why == "", why  # "": found (else the reason none was)
     assert widths and widths[0] == (1, 1), widths
     x = found.input
     assert x.shape[1] == 48 and int((x.flatten(2).abs().sum(2) > 0).sum()) == 1, "one input channel, zero elsewhere"
