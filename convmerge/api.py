@@ -8,7 +8,6 @@ import itertools
 import json
 import numbers
 import os
-import types
 import warnings
 from collections.abc import Sequence
 from typing import Any, Optional, Union
@@ -121,7 +120,7 @@ def _fused_and_checked(module: nn.Module, plan: Any, traced: trace.Traced) -> nn
     failure = cases.compare(fused)
     if failure is None:
         return fused
-    unmerged = rebuild.fused_module(module, types.SimpleNamespace(applied=[], input_size=None), traced)
+    unmerged = rebuild.fused_module(module, None, traced)
     if cases.compare(unmerged) is not None:  # the traced graph itself, not a merge, fails there
         shapes = [t.shape for t in example]
         only = rebuild.InputShapeCheck(shapes, False, f"the traced graph is fixed at it: {failure}")

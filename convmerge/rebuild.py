@@ -27,16 +27,18 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
 
-def fused_module(module: nn.Module, plan: Plan, traced: Traced, dynamic: bool = True,
+def fused_module(module: nn.Module, plan: Optional[Plan], traced: Traced, dynamic: bool = True,
                  only_shape: Optional[InputShapeCheck] = None) -> FusedModule:
-    """`traced` comes from a deep copy of `module` (the graph module it builds may share its submodules).
+    """`traced` comes from a deep copy of `module` (the graph module it builds may share its submodules);
+    without a ``plan``, the traced graph as it is (nothing merged).
 
     ``dynamic``: from the graph exported at symbolic sizes where there is one (`Traced.graph_module`);
     ``only_shape``: a check the module's inputs must pass first (the shapes a static graph runs at)."""
     if traced.graph_module is None:
         raise TraceError("the trace holds no runnable graph to rebuild the fused module from")
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    wanted = {n for u in plan.applied for n in (u.input, u.output)}
+    applied = plan.applied if plan is not None else []
+    wanted = {n for u in applied for n in (u.input, u.output)}
     for general in ((True, False) if dynamic else (False,)):  # the graph exported again keeps the names, or should
         gm, renamed = traced.graph_module(general)
         graph = gm.graph
@@ -50,9 +52,9 @@ def fused_module(module: nn.Module, plan: Plan, traced: Traced, dynamic: bool = 
     else:
         missing = sorted(wanted - set(nodes))
         raise TraceError(f"the traced graph has no node for {', '.join(missing[:3])}: cannot rebuild the module")
-    replaced = {n for u in plan.applied for n in u.layers}
+    replaced = {n for u in applied for n in u.layers}
     current = dict(nodes)  # a merged output is read through its new conv by later merges too
-    for unit in plan.applied:
+    for unit in applied:
         source, output = current[unit.input], nodes[unit.output]
         target = _free_name(gm, unit.name, replaced)
         conv = _conv(unit).to(device)
@@ -67,7 +69,8 @@ def fused_module(module: nn.Module, plan: Plan, traced: Traced, dynamic: bool = 
         current[unit.output] = new
     graph.eliminate_dead_code(lambda node: node.is_impure() or mutates(node, gm))  # fx graphs: `y += x`
     _activations_in_place(gm)
-    checks = [c for c in (sized_merges(plan, len(placeholders)), only_shape) if c is not None]
+    sized = sized_merges(plan, len(placeholders)) if plan is not None else None
+    checks = [c for c in (sized, only_shape) if c is not None]
     if checks:
         _only_at(gm, checks[0] if len(checks) == 1 else InputShapeCheck(checks[-1].shapes, False, checks[-1].why))
     graph.lint()
