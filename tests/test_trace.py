@@ -378,7 +378,7 @@ def test_load_callable_file_errors(model_file, tmp_path) -> None:
 
 
 def test_build_module_errors(model_file) -> None:
-    with pytest.raises(TraceError, match=r"^--arch collections:OrderedDict: returned a OrderedDict, not a torch.nn"):
+    with pytest.raises(TraceError, match=r"^--arch collections:OrderedDict: returned an OrderedDict, not a torch.nn"):
         build_module("collections:OrderedDict")
     with pytest.raises(TraceError, match=r"calling it raised RuntimeError: no weights here$"):
         build_module(f"{model_file}:fails")
