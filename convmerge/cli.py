@@ -583,3 +583,7 @@ def _exit_code(e: Exception) -> int:
     if isinstance(e, (ModelFileError, GraphError, SpecError, TraceError)):
         return EXIT_INPUT
     return EXIT_INTERNAL
+
+
+if __name__ == "__main__":  # python -m convmerge.cli, as tests/test_readme.py runs the README's commands
+    main()

@@ -25,7 +25,7 @@ import torch
 
 from . import algebra, reference
 from .algebra import BatchNorm, Conv, Counterexample
-from .graph import BN_TENSORS, CONV_OPS, JOIN_OPS, POOL_OPS, Graph, GraphError
+from .graph import BN_TENSORS, CONV_OPS, JOIN_OPS, LINEAR_OPS, POOL_OPS, Graph, GraphError
 from .reasons import Outcome, Why, sentence
 from .reduce import Reducer, Reduction, Summary, combine
 from .region import Item, Par, Region, Step, find_regions, layers_of, unit_name
@@ -276,6 +276,7 @@ def _build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]], 
     _mark_applied(plan)
     _size_notes(plan, size_at, input_size)
     _nothing_note(plan)
+    _batch_norm_notes(plan)
     return plan
 
 
@@ -1013,6 +1014,42 @@ def _nothing_note(plan: Plan) -> None:
         f"{f'; the {kept} mergeable one(s) would cost more merged (--policy all merges them)' if kept else ''}); "
         f"{sum(n not in inside for n in convs)} conv(s) between non-linear or opaque ops, or read by several layers, "
         "with no linear neighbour to merge with")
+
+
+BN_NOTES = 20  # batch norms named one by one; the rest are counted
+
+
+def _batch_norm_notes(plan: Plan) -> None:
+    """Name each batch norm left unfolded, with the op that stops it (what a user compares with a deploy
+    conversion that folds more, e.g. a BN after a Linear or a layer-scale multiply)."""
+    graph = plan.graph
+    folded = {name for u in plan.applied for name in u.layers}
+    left = [n for n, layer in graph.layers.items() if layer.op == "batch_norm" and n not in folded]
+    for name in left[:BN_NOTES]:
+        plan.notes.append(f"batch norm '{name}' is not folded: {_bn_blocker(plan, name)}")
+    if len(left) > BN_NOTES:
+        plan.notes.append(f"{len(left) - BN_NOTES} more batch norm(s) not folded")
+
+
+def _bn_blocker(plan: Plan, name: str) -> str:
+    graph = plan.graph
+    source = graph.layers[name].inputs[0]
+    producer = graph.layers.get(source)
+    if producer is None:
+        return f"it reads the model input '{source}', and no linear layer after it could take it"
+    if producer.op not in LINEAR_OPS:
+        return f"it reads '{source}' ({producer.op}), which convmerge treats as opaque (not linear here)"
+    others = [c for c in graph.consumers.get(source, []) if c != name]
+    if others or source in graph.outputs:
+        return f"its input '{source}' is also " + (f"read by '{others[0]}'" if others else "a model output")
+    unit = next((u for u in plan.units if name in u.layers and u.refused), None)
+    if unit is not None:
+        return unit.refused
+    region = next((r for r in plan.regions if name in r.layers), None)
+    if region is not None:
+        costlier = "; merged it would cost more" if region.verdict == "mergeable" else ""
+        return f"the region '{region.input}' -> '{region.output}' holding it stays unmerged ({region.verdict}{costlier})"
+    return f"it reads '{source}' ({producer.op}), and no conv reaches it through linear layers alone"
 
 
 def _size_notes(plan: Plan, size_at: Mapping[str, Any], input_size: Optional[Sequence[int]]) -> None:

@@ -467,3 +467,43 @@ def test_the_search_also_stops_at_its_time_bound(monkeypatch):
     monkeypatch.setattr(algebra, "SEARCH_SECONDS", 0.0)
     (ce, kind), calls = _search_finding_nothing()
     assert ce is None and kind == "search-bounded" and len(calls) <= 1
+
+
+class LeftoverNorms(torch.nn.Module):
+    """Batch norms a deploy conversion may fold but convmerge cannot (yet): after a layer-scale multiply,
+    after a conv whose output another layer also reads, and a BatchNorm1d after a Linear; one it folds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = torch.nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.norm = torch.nn.BatchNorm2d(8)
+        self.shared = torch.nn.Conv2d(8, 8, 1)
+        self.shared_bn = torch.nn.BatchNorm2d(8)
+        self.last = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.last_bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 4)
+        self.head_bn = torch.nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        y = torch.relu(self.norm(self.conv(x) * self.scale))  # (a conv after it would take it in)
+        s = self.shared(y)
+        y = torch.relu(self.shared_bn(s)) + s
+        y = self.last_bn(self.last(y))
+        return self.head_bn(self.fc(y.mean((2, 3))))
+
+
+def test_check_names_each_batch_norm_left_unfolded_and_what_stops_it(tmp_path):
+    net = LeftoverNorms().eval()
+    rep = convmerge.check(net, input_size=(12, 12))
+    left = {n.split("'")[1]: n for n in rep["notes"] if n.startswith("batch norm '")}
+    assert set(left) == {"norm", "shared_bn", "head_bn"}, rep["notes"]
+    assert left["norm"].endswith("it reads 'mul' (mul), which convmerge treats as opaque (not linear here)")
+    assert left["head_bn"].endswith("it reads 'fc' (linear), which convmerge treats as opaque (not linear here)")
+    assert "its input 'shared' is also read by 'add'" in left["shared_bn"], left["shared_bn"]
+    # the notes say what the fused file holds: exactly these batch norms are left in it
+    src, out = tmp_path / "m.safetensors", tmp_path / "m.fused.safetensors"
+    convmerge.save(net, src)
+    model.fuse_file(str(src), str(out), input_size=(12, 12))
+    kept = {k.rsplit(".", 1)[0] for k in io.read_header(out).tensors if k.endswith(".running_var")}
+    assert kept == set(left), kept

@@ -9,7 +9,7 @@ exactly as it was: input bytes unchanged (sha256), no output file, no `.*.tmp-*`
 Most runs go through typer's CliRunner (in process, fast); a few run the installed `convmerge` script
 (signals, concurrent writers, one-line errors from a real process).  Every input is generated here,
 in tmp_path; nothing is committed.  `hostile_input_count()` says how many hostile inputs the suite
-tries (the README quotes it).
+tries (CONTRIBUTING.md quotes it).
 
 Decisions recorded here:
 - reflect padding must be smaller than the input it pads, and circular padding no larger: the input
@@ -1325,7 +1325,7 @@ def test_api_errors_name_force_as_a_keyword(tmp_path: Path) -> None:
 
 
 def hostile_input_count() -> dict[str, int]:
-    """Distinct hostile inputs the suite tries, by category; the README quotes the total.  (Each file of the first
+    """Distinct hostile inputs the suite tries, by category; CONTRIBUTING.md quotes the total.  (Each file of the first
     three rows goes through both `check` and `fuse`; each broken description both in the header and as --graph.)"""
     counts = {
         "truncated files": len(TRUNCATIONS),
