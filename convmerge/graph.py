@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 from . import strictjson
+from .errors import ConvmergeError, Kind
 from .spec import ConvSpec, PadSpec, PoolSpec, SpecError, pad_spec, padding_fields, pool_spec, spec_from_fields
 
 VERSION = 1
@@ -58,8 +59,10 @@ _SYNONYMS = {"epsilon": "eps", "kernel": "kernel_size", "pad": "padding", "pads"
              "strides": "stride", "dilations": "dilation", "group": "groups", "paddingmode": "padding_mode"}
 
 
-class GraphError(ValueError):
+class GraphError(ConvmergeError, ValueError):
     """A description that cannot be used; the message names the layer and the field."""
+
+    kind = Kind.BAD_INPUT
 
 
 @dataclass(frozen=True)
