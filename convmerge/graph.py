@@ -114,32 +114,6 @@ class Graph:
                 out.append(Pair(name, second, tuple(via), self._blocked(name, via, second)))
         return out
 
-    def chains(self) -> list[list[Pair]]:
-        """Maximal runs of pairs that may merge (none skipped), each as its consecutive pairs."""
-        links = {p.first: p for p in self.pairs() if p.blocked is None}
-        seconds = {p.second for p in links.values()}
-        out = []
-        for first in links:
-            if first in seconds:
-                continue
-            run, cur = [], first
-            while cur in links:
-                run.append(links[cur])
-                cur = links[cur].second
-            out.append(run)
-        return out
-
-    def trailing(self, conv: str) -> list[str]:
-        """Batch norm / identity / dropout right after a conv that a merged conv can absorb."""
-        out, cur = [], conv
-        while cur not in self.outputs and len(self.consumers.get(cur, [])) == 1:
-            layer = self.layers[self.consumers[cur][0]]
-            if layer.op not in PASSTHROUGH_OPS or layer.name in self.outputs or layer.fields.get("_not_float"):
-                break
-            out.append(layer.name)
-            cur = layer.name
-        return out
-
     def sizes(self, input_size: Optional[Sequence[int]]) -> dict[str, Optional[tuple[int, ...]]]:
         """Spatial size of every value, where the description determines it (None where it does not)."""
         known: dict[str, Optional[tuple[int, ...]]] = {n: (tuple(input_size) if input_size else None) for n in self.inputs}
