@@ -24,8 +24,8 @@ import numpy
 import torch
 
 from . import algebra, reference
-from .errors import ConvmergeError, Kind
 from .algebra import BatchNorm, Conv, Counterexample
+from .errors import ConvmergeError, Kind
 from .graph import BN_TENSORS, CONV_OPS, JOIN_OPS, POOL_OPS, Graph, GraphError
 from .reasons import Outcome, Why, sentence
 from .reduce import Reducer, Reduction, Summary, combine
