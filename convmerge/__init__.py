@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["check", "fuse", "load", "save", "__version__"]
+__all__ = ["ConvmergeError", "VerificationError", "check", "fuse", "load", "save", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -17,6 +17,14 @@ def __getattr__(name: str) -> Any:
         from . import api
 
         return getattr(api, name)
+    if name == "ConvmergeError":
+        from .errors import ConvmergeError
+
+        return ConvmergeError
+    if name == "VerificationError":
+        from .plan import VerificationError
+
+        return VerificationError
     if name == "load":
         from .loaded import load
 

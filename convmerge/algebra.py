@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 import time
 from contextlib import contextmanager
 from functools import lru_cache
@@ -141,24 +142,27 @@ def _at(t: torch.Tensor, index: tuple[int, ...]) -> Optional[float]:
     return float(t[index]) if all(i < n for i, n in zip(index, t.shape)) else None
 
 
-class _Memo:
+class _Memo(threading.local):
     table: Optional[dict] = None
+
+
+_memo = _Memo()  # per Python thread: concurrent runs do not share (or replace) each other's table
 
 
 @contextmanager
 def memo() -> Iterator[None]:
     """Within, `analyze` and `fold_bn` answer again for the same tensor objects without recomputing them:
     planning meets each adjacent pair once in its region's reduction and once more as the pair."""
-    saved = _Memo.table
-    _Memo.table = {}
+    saved = _memo.table
+    _memo.table = {}
     try:
         yield
     finally:
-        _Memo.table = saved
+        _memo.table = saved
 
 
 def _remembered(objects: tuple, extra: tuple, compute: Callable[[], object]) -> object:
-    table = _Memo.table
+    table = _memo.table
     if table is None:
         return compute()
     key = (tuple(id(o) for o in objects), extra)
@@ -186,12 +190,8 @@ def _fold_bn(conv: Conv, bn: BatchNorm) -> Conv:
 @contextmanager
 def one_thread() -> Iterator[None]:
     """Small ops (supports, checks on narrow inputs) run faster on one thread than waiting for a second."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _threads(1):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 PARALLEL_MACS = 1 << 30
@@ -203,46 +203,71 @@ slower; above it two threads halve a quiet machine's time and cost at most ~15% 
 (benchmarks/README.md, goal 2)."""
 
 
-class _Threads:
-    depth = 0
+class _Run(threading.local):
+    depth = 0  # `single_threaded` scopes open in this Python thread
     wide = 1  # the thread count `parallel` opens: the caller's, when the run began
+    scopes = 0  # `_threads` scopes open in this Python thread
+
+
+_run = _Run()
+_lock = threading.Lock()
+_open = 0  # `_threads` scopes open in the whole process (torch's thread count is the process's)
+_caller = 1  # torch's thread count when the first of them opened
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[int]:
+    """torch's thread count set to `n` inside; on exit, the count before (yielded).  A Python thread's
+    outermost scope restores the count the process had when the first scope of any thread opened: a thread
+    started meanwhile reads torch's count as another thread's scope set it, which is not the caller's."""
+    global _open, _caller
+    with _lock:
+        if _open == 0:
+            _caller = torch.get_num_threads()
+        before = torch.get_num_threads() if _run.scopes else _caller
+        _open += 1
+        _run.scopes += 1
+        torch.set_num_threads(n)
+    try:
+        yield before
+    finally:
+        with _lock:
+            _open -= 1
+            _run.scopes -= 1
+            torch.set_num_threads(before)
 
 
 @contextmanager
 def single_threaded(wide: Optional[int] = None) -> Iterator[None]:
     """A whole run on one thread, set once; `parallel` reopens `wide` threads (default: the caller's
-    count) around kernels large enough to gain from them. Nests; restores the caller's count."""
-    before = torch.get_num_threads()
-    saved = _Threads.wide
-    if _Threads.depth == 0 or wide is not None:
-        _Threads.wide = wide if wide is not None else before
-    _Threads.depth += 1
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        _Threads.depth -= 1
-        _Threads.wide = saved
-        torch.set_num_threads(before)
+    count) around kernels large enough to gain from them. Nests; restores the caller's count, exceptions
+    included, and from several Python threads at once (the library changes no setting of its caller)."""
+    saved = _run.wide
+    with _threads(1) as before:
+        if _run.depth == 0 or wide is not None:
+            _run.wide = wide if wide is not None else before
+        _run.depth += 1
+        try:
+            yield
+        finally:
+            _run.depth -= 1
+            _run.wide = saved
 
 
 def run_threads() -> int:
     """The thread count `parallel` opens in the current run (recomputations must use the same: results
     of a threaded GEMM may depend on it)."""
-    return _Threads.wide if _Threads.depth else torch.get_num_threads()
+    return _run.wide if _run.depth else torch.get_num_threads()
 
 
 @contextmanager
 def parallel(work: int) -> Iterator[None]:
     """Inside `single_threaded`, the run's threads for a kernel of `work` multiply-adds if that is large."""
-    if _Threads.depth == 0 or work < PARALLEL_MACS or _Threads.wide <= 1:
+    if _run.depth == 0 or work < PARALLEL_MACS or _run.wide <= 1:
         yield
         return
-    torch.set_num_threads(_Threads.wide)
-    try:
+    with _threads(_run.wide):
         yield
-    finally:
-        torch.set_num_threads(1)
 
 
 def support(weight: torch.Tensor) -> Support:

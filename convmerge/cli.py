@@ -575,14 +575,9 @@ def _run(work: Callable[[], int], debug: bool) -> None:
 
 
 def _exit_code(e: Exception) -> int:
-    from .graph import GraphError
-    from .io import ModelFileError
-    from .spec import SpecError
-    from .trace import TraceError
+    from .errors import Kind, kind_of
 
-    if isinstance(e, (ModelFileError, GraphError, SpecError, TraceError)):
-        return EXIT_INPUT
-    return EXIT_INTERNAL
+    return {Kind.BAD_INPUT: EXIT_INPUT}.get(kind_of(e), EXIT_INTERNAL)
 
 
 if __name__ == "__main__":  # python -m convmerge.cli, as tests/test_readme.py runs the README's commands

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 from . import strictjson
+from .errors import ConvmergeError, Kind
 from .spec import ConvSpec, PadSpec, PoolSpec, SpecError, pad_spec, padding_fields, pool_spec, spec_from_fields
 
 VERSION = 1
@@ -58,8 +59,10 @@ _SYNONYMS = {"epsilon": "eps", "kernel": "kernel_size", "pad": "padding", "pads"
              "strides": "stride", "dilations": "dilation", "group": "groups", "paddingmode": "padding_mode"}
 
 
-class GraphError(ValueError):
+class GraphError(ConvmergeError, ValueError):
     """A description that cannot be used; the message names the layer and the field."""
+
+    kind = Kind.BAD_INPUT
 
 
 @dataclass(frozen=True)
@@ -109,32 +112,6 @@ class Graph:
                 continue
             for via, second in self._next_convs(name):
                 out.append(Pair(name, second, tuple(via), self._blocked(name, via, second)))
-        return out
-
-    def chains(self) -> list[list[Pair]]:
-        """Maximal runs of pairs that may merge (none skipped), each as its consecutive pairs."""
-        links = {p.first: p for p in self.pairs() if p.blocked is None}
-        seconds = {p.second for p in links.values()}
-        out = []
-        for first in links:
-            if first in seconds:
-                continue
-            run, cur = [], first
-            while cur in links:
-                run.append(links[cur])
-                cur = links[cur].second
-            out.append(run)
-        return out
-
-    def trailing(self, conv: str) -> list[str]:
-        """Batch norm / identity / dropout right after a conv that a merged conv can absorb."""
-        out, cur = [], conv
-        while cur not in self.outputs and len(self.consumers.get(cur, [])) == 1:
-            layer = self.layers[self.consumers[cur][0]]
-            if layer.op not in PASSTHROUGH_OPS or layer.name in self.outputs or layer.fields.get("_not_float"):
-                break
-            out.append(layer.name)
-            cur = layer.name
         return out
 
     def sizes(self, input_size: Optional[Sequence[int]]) -> dict[str, Optional[tuple[int, ...]]]:

@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 import torch
 
 from . import strictjson
+from .errors import ConvmergeError, Kind
 
 __all__ = [
     "Header",
@@ -85,8 +86,10 @@ _NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _DTYPES.items()
 
 
 
-class ModelFileError(ValueError):
+class ModelFileError(ConvmergeError, ValueError):
     """A model file we cannot use; ``str(e)`` is one line naming the file and the problem."""
+
+    kind = Kind.BAD_INPUT
 
 
 class OutputExists(ModelFileError):

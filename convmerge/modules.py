@@ -1,4 +1,4 @@
-"""Between specs/weights and `torch.nn` modules: read a Conv*d or BatchNorm*d, build a Conv*d back.
+"""Between specs/weights and `torch.nn` modules: read a Conv*d's spec, build a Conv*d back.
 
 PyTorch convs pad symmetrically; a merged conv is often asymmetric.  We represent that as a
 Conv*d subclass (`PaddedConv1d/2d/3d`) that pads explicitly (`F.pad` with the conv's mode) and
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .algebra import BatchNorm, Conv
+from .algebra import Conv
 from .spec import ConvSpec, conv_spec
 
 ConvModule = Union[nn.Conv1d, nn.Conv2d, nn.Conv3d]
@@ -62,19 +62,6 @@ def spec_of(module: ConvModule) -> ConvSpec:
     return conv_spec(module.kernel_size, module.in_channels, module.out_channels, stride=module.stride,
                      padding=module.padding, dilation=module.dilation, groups=module.groups,
                      padding_mode=module.padding_mode, bias=module.bias is not None)
-
-
-def conv_of(module: ConvModule) -> Conv:
-    return Conv(spec_of(module), module.weight.detach(), None if module.bias is None else module.bias.detach())
-
-
-def bn_of(module: nn.modules.batchnorm._BatchNorm) -> BatchNorm:
-    """Inference form of a batch norm (its running statistics)."""
-    if module.running_mean is None or module.running_var is None:
-        raise ValueError("batch norm without running statistics cannot be folded")
-    w = None if module.weight is None else module.weight.detach()
-    b = None if module.bias is None else module.bias.detach()
-    return BatchNorm(module.running_mean.detach(), module.running_var.detach(), module.eps, w, b)
 
 
 def conv_module(spec: ConvSpec, **factory: Any) -> nn.Module:

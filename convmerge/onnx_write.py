@@ -18,6 +18,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from .graph import GraphError
 from .onnx_read import DEFAULT_DOMAINS, DTYPES, MAX_PROTO_BYTES, OnnxGraph, node_reads, raw_bytes
 from .plan import Plan, Unit
 
@@ -78,8 +79,8 @@ def _conv_nodes(unit: Unit, model: OnnxGraph, names: "_Names") -> tuple[list[onn
     nodes = []
     if spec.padding_mode != "zeros" and spec.pads_anything:
         if spec.padding_mode == "circular" and model.opset < 19:
-            raise RuntimeError(f"{unit.name}: circular padding needs Pad mode 'wrap' (opset 19), the model has "
-                               f"opset {model.opset}")
+            raise GraphError(f"{model.where}: layer '{unit.name}' (merged from {', '.join(unit.layers)}): "
+                             "padding_mode circular needs Pad mode 'wrap', which is in opset 19 and later")
         pads = _tensor(names.value(f"{unit.name}.pads"), torch.tensor([0, 0, *lo, 0, 0, *hi], dtype=torch.int64))
         inits.append(pads)
         padded = names.value(f"{unit.name}.padded")

@@ -25,6 +25,7 @@ import torch
 
 from . import algebra, reference
 from .algebra import BatchNorm, Conv, Counterexample
+from .errors import ConvmergeError, Kind
 from .graph import BN_TENSORS, CONV_OPS, JOIN_OPS, LINEAR_OPS, POOL_OPS, Graph, GraphError
 from .reasons import Outcome, Why, sentence
 from .reduce import Reducer, Reduction, Summary, combine
@@ -56,8 +57,10 @@ multiply-adds, and where it costs more (the size past the borders, at wide convs
 on NARROW_IN random input and NARROW_OUT output channels where its ends are dense convs."""
 
 
-class VerificationError(RuntimeError):
+class VerificationError(ConvmergeError, RuntimeError):
     """A merge that the rules called exact failed its numeric check: never written."""
+
+    kind = Kind.VERIFICATION
 
 
 @dataclass(frozen=True)

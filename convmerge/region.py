@@ -50,11 +50,6 @@ class Region:
     layers: tuple[str, ...]  # in graph order
     items: Optional[tuple[Item, ...]]  # the series-parallel structure; None where there is none
 
-    @property
-    def sequential(self) -> bool:
-        """A chain: no joins."""
-        return self.items is not None and all(isinstance(i, Step) for i in self.items)
-
 
 class _NotSeriesParallel(Exception):
     pass

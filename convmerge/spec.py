@@ -12,12 +12,16 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Optional, Sequence
 
+from .errors import ConvmergeError, Kind
+
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 AXIS_NAMES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
 
 
-class SpecError(ValueError):
+class SpecError(ConvmergeError, ValueError):
     """A conv description that cannot be a convolution; the message names the field."""
+
+    kind = Kind.BAD_INPUT
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,15 @@ import json
 import re
 from typing import Any
 
+from .errors import ConvmergeError, Kind
+
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 
 
-class TooDeep(ValueError):
+class TooDeep(ConvmergeError, ValueError):
+    kind = Kind.BAD_INPUT
+
     def __init__(self, depth: int, limit: int) -> None:
         super().__init__(f"nested {depth} levels deep; at most {limit} are allowed")
         self.depth = depth

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .errors import ConvmergeError, Kind
 from .modules import PaddedConv1d, PaddedConv2d, PaddedConv3d, spec_of
 from .spec import padding_fields
 
@@ -44,8 +45,10 @@ _PADS = tuple(_PAD_MODES)
 STRUCTURAL_MODULES = _CONVS + _PADDED_CONVS + _BATCH_NORMS + _DROPOUTS + _AVG_POOLS + _PADS + (nn.Identity,)
 
 
-class TraceError(ValueError):
+class TraceError(ConvmergeError, ValueError):
     """A model that cannot be imported, built or traced; the message names it and what to do."""
+
+    kind = Kind.BAD_INPUT
 
 
 @dataclass

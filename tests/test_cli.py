@@ -600,6 +600,37 @@ def test_verification_failure_exits_3_and_writes_nothing(stack: Path, tmp_path: 
     assert listing(tmp_path) == before
 
 
+def test_errors_have_one_base_whose_kind_gives_the_exit_code(stack: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every error convmerge raises is a `convmerge.ConvmergeError` that keeps its builtin base (callers'
+    `except ValueError` still work); the command line's exit code comes from its kind alone."""
+    import convmerge
+    from convmerge import io, model, plan, spec, strictjson, trace_layers
+    from convmerge.errors import Kind
+    from convmerge.graph import GraphError
+
+    bad_input = [GraphError, io.ModelFileError, io.OutputExists, spec.SpecError, strictjson.TooDeep,
+                 trace_layers.TraceError]
+    for cls in bad_input:
+        assert issubclass(cls, convmerge.ConvmergeError) and issubclass(cls, ValueError), cls
+        assert cls.kind is Kind.BAD_INPUT, cls
+    assert convmerge.VerificationError is plan.VerificationError
+    assert issubclass(plan.VerificationError, RuntimeError) and plan.VerificationError.kind is Kind.VERIFICATION
+
+    class Unknown(convmerge.ConvmergeError):  # no class list: a new error with a kind needs no CLI change
+        kind = Kind.BAD_INPUT
+
+    def raising(error: Exception) -> Any:
+        def raise_it(*args: Any, **kwargs: Any) -> None:
+            raise error
+        return raise_it
+
+    for error, code in ((Unknown("x.safetensors: field 'y': bad"), 2), (plan.VerificationError("wrong"), 3),
+                        (convmerge.ConvmergeError("a bug"), 3)):
+        monkeypatch.setattr(model, "check_file", raising(error))
+        line = assert_one_line_error(cli("check", stack), code=code)
+        assert str(error) in line and ("internal error" in line) == (code == 3), line
+
+
 def test_unexpected_exception_exits_3(stack: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from convmerge import model
 

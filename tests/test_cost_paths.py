@@ -5,6 +5,7 @@ a run on one thread gives the caller its thread count back."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,69 @@ def test_check_without_a_view_of_counterexamples_searches_none(tmp_path: Path, m
     assert calls == []
     assert runner.invoke(app, ["check", str(model), "--json"]).exit_code == 0
     assert calls, "the stack model has an unmergeable pair: the JSON report searches its counterexample"
+
+
+@pytest.fixture
+def three_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+def _threads_in_a_new_thread() -> int:
+    seen: list[int] = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    return seen[0]
+
+
+def test_the_api_leaves_the_callers_thread_count(tmp_path: Path, three_threads: None) -> None:
+    import convmerge
+
+    from . import nets
+
+    module = nets.expandnet().eval()
+    convmerge.check(module, input_size=(9, 9))
+    assert torch.get_num_threads() == 3
+    convmerge.fuse(module, input_size=(9, 9))
+    assert torch.get_num_threads() == 3
+    convmerge.save(module, tmp_path / "m.safetensors")
+    convmerge.load(tmp_path / "m.safetensors")
+    assert torch.get_num_threads() == 3
+    unpadded = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Conv2d(3, 3, 3)).eval()
+    with pytest.raises(ValueError, match="cannot run there"):  # raised inside the run (the plan's size check)
+        convmerge.check(unpadded, input_size=(3, 3))
+    assert torch.get_num_threads() == 3
+    with pytest.raises(RuntimeError, match="inside"):
+        with algebra.single_threaded(), algebra.single_threaded(), algebra.parallel(algebra.PARALLEL_MACS):
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == 3 == _threads_in_a_new_thread()
+
+
+def test_concurrent_runs_leave_the_callers_thread_count(tmp_path: Path, three_threads: None) -> None:
+    """torch's thread count is the process's: Python threads each checking a model (a server, a data
+    loader) give back the count the process had, to themselves and to threads started afterwards.
+    (A file: torch's tracers are not thread-safe.)"""
+    import convmerge
+
+    model = stack_model(tmp_path / "m.safetensors")
+    counts: list[int] = []
+
+    def work() -> None:
+        for _ in range(2):
+            convmerge.check(model, input_size=(9, 9))
+        counts.append(torch.get_num_threads())
+
+    for _ in range(3):
+        workers = [threading.Thread(target=work) for _ in range(4)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    assert counts == [3] * 12
+    assert torch.get_num_threads() == 3 == _threads_in_a_new_thread()
 
 
 def test_one_thread_runs_give_back_the_callers_thread_count() -> None:

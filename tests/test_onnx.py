@@ -344,6 +344,25 @@ def test_wrap_pad_is_circular(tmp_path: Path) -> None:
     assert_round_trip(path, out, (1, 3, 8, 8))
 
 
+def test_wrap_pad_before_opset_19_is_bad_input(tmp_path: Path) -> None:
+    """A 'wrap' Pad in a model whose opset has none (before 19): its merge cannot be written back, which is
+    the input's limit, named with the layer and the field (exit 2), not an internal error; nothing written."""
+    pads = numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64), "p")
+    nodes = [helper.make_node("Pad", ["x", "p"], ["a"], name="pad", mode="wrap"),
+             helper.make_node("Conv", ["a", "w1"], ["b"], name="c1"),
+             helper.make_node("Conv", ["b", "w2"], ["y"], name="c2")]
+    proto = build(nodes, {"w1": weights(4, 3, 3, 3), "w2": weights(4, 4, 1, 1, seed=1)}, [1, 3, 8, 8], opset=17)
+    proto.graph.initializer.append(pads)
+    path = save(proto, tmp_path / "m.onnx")
+    before = path.read_bytes()
+    result = cli("fuse", path, "--policy", "all", "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 2, result.output
+    assert "m.onnx" in result.output and "layer 'c2'" in result.output, result.output
+    assert "padding_mode circular" in result.output and "opset 17" in result.output, result.output
+    assert "internal" not in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"] and path.read_bytes() == before
+
+
 def test_pool_dropout_identity_concat(tmp_path: Path) -> None:
     nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1", pads=[1, 1, 1, 1]),
              helper.make_node("Dropout", ["a"], ["b", "mask"], name="drop"),
