@@ -235,8 +235,9 @@ def _plan(graph: Graph, header: io.Header, source: Optional[nn.Module]) -> _Plan
                 step = Step("module", target, inputs)
             elif op in FUNCTIONS and FUNCTIONS[op][1] == len(inputs):
                 step = Step("function", op, inputs)
-            elif op in argument_ops.ARGUMENT_OPS and len(inputs) == 1 and _argument_fields(name, layer, header):
-                step = Step("argument", op, inputs, _argument_fields(name, layer, header))
+            elif op in argument_ops.ARGUMENT_OPS and len(inputs) == 1 and (
+                    fields := _argument_fields(name, layer, header)) is not None:
+                step = Step("argument", op, inputs, fields)
             else:
                 refused.append((name, op))
         steps.append(step)
