@@ -6,7 +6,7 @@ where the padding is asymmetric; a batch norm a `_BatchNorm`; a pad with per-cha
 the module's state dict holds exactly the file's tensors under the file's names.  The forward walks the
 layers in graph order; the ops without tensors are the calls reference.py makes.  An opaque layer is
 built from the original module when `arch` supplies it, from `FUNCTIONS` when its op alone says what it
-computes, and refused otherwise: the description does not record what it computes.
+computes, from `argument_ops` when the description records its arguments, and refused otherwise.
 
 (This module is not named `load`: importing `convmerge.load` would then shadow the function.)
 """
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import io, model, reference, trace
+from . import argument_ops, io, model, reference, trace
 from .graph import CONV_OPS, POOL_OPS, Graph, GraphError
 from .modules import conv_module
 from .spec import PadSpec
@@ -77,7 +77,7 @@ class Pad(nn.Module):
 @dataclass(frozen=True)
 class Step:
     """One layer: `kind` is module (call the submodule at `target`), function (FUNCTIONS[target]),
-    add, concat (`arg` the axis), pool (`arg` a PoolSpec) or same (identity, dropout); `inputs` are
+    argument (the argument_ops op `target`, `arg` its fields), add, concat (`arg` the axis), pool (`arg` a PoolSpec) or same (identity, dropout); `inputs` are
     value slots, `free` the slots no later step reads."""
 
     kind: str
@@ -115,6 +115,8 @@ class Loaded(nn.Module):
             return self.get_submodule(step.target)(*args)
         if kind == "function":
             return FUNCTIONS[step.target][0](*args)
+        if kind == "argument":
+            return argument_ops.run(step.target, args[0], step.arg)
         if kind == "add":
             return sum(args[1:], args[0])
         if kind == "concat":
@@ -130,7 +132,8 @@ def load(path: Union[str, os.PathLike], *, arch: Union[nn.Module, str, None] = N
     Its state dict holds the file's tensors under the file's names.  An opaque layer (an op the
     description does not define) is taken from `arch` (the original module, or a 'module:callable'
     string building it) when a submodule has its name, copied with the file's tensors loaded into it;
-    a few parameter-free ops are known by name (FUNCTIONS); any other is refused (ValueError).
+    a few parameter-free ops are known by name (FUNCTIONS), a few others by the arguments the description
+    records (argument_ops: flatten, adaptive average pooling, mean); any other is refused (ValueError).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"convmerge.load takes a path to a .safetensors file, not {type(path).__name__}")
@@ -232,11 +235,25 @@ def _plan(graph: Graph, header: io.Header, source: Optional[nn.Module]) -> _Plan
                 step = Step("module", target, inputs)
             elif op in FUNCTIONS and FUNCTIONS[op][1] == len(inputs):
                 step = Step("function", op, inputs)
+            elif op in argument_ops.ARGUMENT_OPS and len(inputs) == 1 and (
+                    fields := _argument_fields(name, layer, header)) is not None:
+                step = Step("argument", op, inputs, fields)
             else:
                 refused.append((name, op))
         steps.append(step)
     outputs = tuple(slots[name] for name in graph.outputs)
     return _Plan(_with_frees(steps, outputs), outputs, modules, copies, refused)
+
+
+def _argument_fields(name: str, layer: Any, header: io.Header) -> Optional[dict[str, Any]]:
+    """The fields of an argument-carrying op (argument_ops); None where the description has none of them
+    (an older file: refused as opaque); a ValueError where they are not what the op takes."""
+    names = [n for n, _ in argument_ops.ARGUMENT_OPS[layer.op].params]
+    found = argument_ops.described(layer.op, layer.fields)
+    if found is None and any(n in layer.fields for n in names):
+        given = ", ".join(f"{n}={layer.fields[n]!r}" for n in names if n in layer.fields)
+        raise ValueError(f"{header.path}: layer {name!r}: fields {given} are not arguments {layer.op} takes")
+    return found
 
 
 def _batch_norm(name: str, fields: Any, header: io.Header) -> BatchNorm:

@@ -39,6 +39,7 @@ from torch import fx, nn
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
+from . import argument_ops
 from .spec import SpecError, conv_spec, padding_fields
 from .trace_layers import (STRUCTURAL_MODULES, STRUCTURAL_OPS, TraceError, Traced, avg_pool_fields, first_line,
                            is_leaf_class, is_plain,
@@ -540,6 +541,8 @@ _PADS = {aten.constant_pad_nd.default: "constant", aten.pad.default: "", aten._p
          aten.reflection_pad3d.default: "reflect", aten.replication_pad1d.default: "replicate",
          aten.replication_pad2d.default: "replicate", aten.replication_pad3d.default: "replicate"}
 _ALIASES = {aten.clone.default, aten.alias.default, aten.detach.default}
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+"""Views with fixed sizes: a flatten (argument_ops) where the output is the input with one run of axes collapsed."""
 _WRITES = {aten.copy.default, aten.fill.Scalar, aten.fill.Tensor}
 """What ``out[...] = v`` becomes once functionalized: a copy of ``v`` (or a fill) of the slice's shape."""
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -915,7 +918,31 @@ class _Mapper:
         base = target._opname if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", "op")
         inputs: list[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), inputs.append)
-        self._emit(node, self._fresh(node, base), {"op": opaque(base)}, inputs)
+        known = self._arguments(node, base) if len(inputs) == 1 and self._active(node.args[0]) else None
+        if known is not None:
+            base, fields = known
+            self._emit(node, self._fresh(node, base), {"op": base, **fields}, inputs)
+        else:
+            self._emit(node, self._fresh(node, base), {"op": opaque(base)}, inputs)
+
+    def _arguments(self, node: fx.Node, base: str) -> Optional[tuple[str, dict[str, Any]]]:
+        """The op and fields of an argument-carrying op (argument_ops), or None.  A view with fixed sizes
+        is a flatten where its output is its input with one run of axes collapsed (torch.flatten(x, 1)
+        becomes one); an adaptive pooling only where no output size equals its input's on that axis (a
+        None output size, which keeps the input's size, is traced as that size)."""
+        before, after = node.args[0].meta.get("val"), node.meta.get("val")
+        if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)):
+            return None
+        if node.target in _VIEWS:
+            dims = argument_ops.flatten_dims(before.shape, after.shape)
+            return None if dims is None else ("flatten", argument_ops.fields("flatten", dims, {}) or {})
+        if base not in argument_ops.ARGUMENT_OPS:
+            return None
+        found = argument_ops.fields(base, node.args[1:], node.kwargs)
+        if found is None or (base.startswith("adaptive_") and any(
+                n == m for n, m in zip(found["output_size"], before.shape[-len(found["output_size"]):]))):
+            return None
+        return base, found
 
     # --- names, tensors, emitting ---
 

@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 from torch.fx.operator_schemas import normalize_function
 
+from . import argument_ops
 from .spec import SpecError
 from .trace_layers import (STRUCTURAL_MODULES, STRUCTURAL_OPS, TraceError, Traced, avg_pool_fields, first_line, is_leaf_class, is_plain,
                            module_fields, opaque)
@@ -112,6 +113,7 @@ def describe_node(node: fx.Node, root: nn.Module, names: dict[fx.Node, str], sha
         fields = {"op": "get_attr"}
     elif node.op == "call_method":
         fields = {"op": opaque("add" if node.target in ("add", "add_") else str(node.target))}
+        fields.update(_argument_fields(fields["op"], node, active))
     else:
         fields = _function_fields(node, active)
     producers = _input_names(node, names)
@@ -136,7 +138,17 @@ def _function_fields(node: fx.Node, active: set[fx.Node]) -> dict[str, Any]:
                 return avg_pool_fields(_AVG_POOLS[target], kw["kernel_size"], kw["stride"], kw["padding"],
                                        kw["ceil_mode"], kw["count_include_pad"], kw.get("divisor_override"))
         return {"op": opaque("cat" if target in _CATS else name)}
-    return {"op": opaque(name)}
+    return {"op": opaque(name), **_argument_fields(name, node, active)}
+
+
+def _argument_fields(op: str, node: fx.Node, active: set[fx.Node]) -> dict[str, Any]:
+    """The fields of an argument-carrying op (argument_ops: ``torch.flatten(x, 1)``, ``x.mean((2, 3))``...)
+    of a layer value, as the call gives them; none where an argument is computed in the graph."""
+    if op not in argument_ops.ARGUMENT_OPS or not node.args or node.args[0] not in active:
+        return {}
+    kwargs = {k: v for k, v in node.kwargs.items() if k not in ("input", "self")}
+    found = argument_ops.fields(op, node.args[1:], kwargs) if len(kwargs) == len(node.kwargs) else None
+    return found or {}
 
 
 _IN_PLACE_OPERATORS = {"__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,

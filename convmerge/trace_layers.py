@@ -123,6 +123,8 @@ def module_fields(module: nn.Module) -> dict[str, Any]:
         return {"op": "identity"}
     if is_plain(module, _DROPOUTS):
         return {"op": "dropout"}
+    if is_plain(module, (nn.Flatten,)):  # opaque, with the arguments convmerge.load runs it from (argument_ops)
+        return {"op": "flatten", "start_dim": int(module.start_dim), "end_dim": int(module.end_dim)}
     if is_plain(module, _AVG_POOLS):
         return avg_pool_fields(_nd_of(module, _AVG_POOLS), module.kernel_size, module.stride, module.padding,
                                module.ceil_mode, module.count_include_pad, getattr(module, "divisor_override", None))

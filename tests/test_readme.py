@@ -48,8 +48,8 @@ class MyNet(nn.Module):
         super().__init__()
         self.blocks = nn.Sequential(Block(3, 8, 2), Block(8, 8), Block(8, 16, 2), Block(16, 16))
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()  # a module: convmerge.load refuses torch.flatten(x, 1), whose arguments
-        self.fc = nn.Linear(16, 5)    # the description drops
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(16, 5)
 
     def forward(self, x):
         return self.fc(self.flatten(self.pool(self.blocks(x))))
