@@ -390,6 +390,7 @@ def test_random_modules_compute_what_the_original_does(drawn: tuple[Random, int]
         return  # a size this model does not run at
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        leaf = leaf and any(isinstance(m, Leaf) for m in model.modules())  # a --leaf naming no module is an error
         fused = convmerge.fuse(model, policy=policy, leaves=[Leaf] if leaf else (),
                                example_inputs=[x(1, model.channels, 12, 11) for _ in inputs])
     try:
