@@ -89,11 +89,14 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
     calls: dict[str, Any] = {}
     once = None if opaque_modules else _export_once(module, example)
     if once is not None:
-        program, mapper = once, _Mapper(module, once)
-        with _hinted(program.graph):
-            traced = mapper.describe()
-        traced.graph_module = _from(program, module)
-    else:
+        try:
+            program, mapper = once, _Mapper(module, once)
+            with _hinted(program.graph):
+                traced = mapper.describe()
+            traced.graph_module = _from(program, module)
+        except Exception:  # noqa: BLE001 - a symbolic size where the mapper reads a number: the earlier route
+            once = None
+    if once is None:
         try:
             program = _export_with_leaves(module, example, opaque_modules, session, calls)
             mapper = _Mapper(module, program)
@@ -966,6 +969,8 @@ class _Mapper:
         mode = _PADS[node.target] or a["mode"]
         if not self._active(x) or x.meta["val"].dim() < 3:
             return False
+        if any(isinstance(p, fx.Node) for p in a.get("pad", a.get("padding")) or ()):
+            return False  # padded by an amount that depends on the size (to a multiple of a window): opaque
         fields = pad_fields(a.get("pad", a.get("padding")), x.meta["val"].dim() - 2, mode, a.get("value"))
         if fields is None:
             return False
