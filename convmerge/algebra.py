@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .grouped import fast_grouped
 from .reasons import Outcome, Why
 from .rules import BiasCheck, Support, Verdict, decide, full_support
 from .spec import CONV_MODE_OF_PAD, Axis, ConvSpec, PoolSpec, macs
@@ -435,7 +436,7 @@ def max_errors(reference: Reference, merged: Sequence[Conv], sizes: Sequence[Seq
     """
     gen = torch.Generator().manual_seed(seed)
     worst = [0.0] * len(merged)
-    with one_thread():
+    with one_thread(), fast_grouped():
         for size in sizes:
             x = torch.randn(1, in_channels, *size, generator=gen, dtype=torch.float64)
             with parallel(2 * len(merged) * macs(merged[0].spec, size)):  # the layers cost about what the merge does

@@ -82,7 +82,7 @@ def check(
     """The report (same content as `convmerge check --json`) for a module or a safetensors file."""
     input_size = _check_args("check", model_or_path, input_size=input_size, policy=policy, graph=graph, arch=arch)
     if isinstance(model_or_path, nn.Module):
-        g, tensors, _ = _describe(model_or_path, leaves, input_size)
+        g, tensors, _ = _describe(model_or_path, leaves, input_size, runnable=False)
         report = model.analyze(g, tensors, input_size, policy).report()
         report.description = "traced module"
     else:
@@ -137,7 +137,7 @@ def save(module: nn.Module, path: Union[str, os.PathLike], *, force: bool = Fals
          leaves: Sequence[Union[type, str]] = ()) -> None:
     """Write the module's state dict as safetensors with its graph description in the header (and the
     kernels the trace computed from parameters, which the state dict does not hold)."""
-    traced = trace.describe_module(module, type(module).__name__, leaves=leaves)
+    traced = trace.describe_module(module, type(module).__name__, leaves=leaves, runnable=False)
     doc = traced.doc
     state = {k: v.detach().cpu().contiguous() for k, v in {**module.state_dict(), **traced.tensors}.items()}
     parse(doc, model.module_tensors(state).info, "traced module")
@@ -145,11 +145,12 @@ def save(module: nn.Module, path: Union[str, os.PathLike], *, force: bool = Fals
 
 
 def _describe(module: nn.Module, leaves: Sequence[Union[type, str]] = (), input_size: Optional[Sequence[int]] = None,
-              example_inputs: Optional[Sequence[torch.Tensor]] = None) -> tuple[Graph, model.Tensors, Any]:
+              example_inputs: Optional[Sequence[torch.Tensor]] = None, runnable: bool = True
+              ) -> tuple[Graph, model.Tensors, Any]:
     """Trace a copy of `module` (so a fused module can be rebuilt from it without touching the original)."""
     copied = copy.deepcopy(module)
     traced = trace.describe_module(copied, type(module).__name__, leaves=leaves, example_size=input_size,
-                                   example_inputs=example_inputs)
+                                   example_inputs=example_inputs, runnable=runnable)
     tensors = model.module_tensors({**copied.state_dict(), **traced.tensors})
     graph = parse(traced.doc, tensors.info, "traced module")
     graph.notes[:0] = traced.notes

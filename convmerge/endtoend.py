@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .grouped import fast_grouped
+
 __all__ = ["TOLERANCE", "Cases"]
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
@@ -87,7 +89,7 @@ class Cases:
         generator = torch.Generator().manual_seed(len(label))
         inputs = tuple(torch.randn(s, generator=generator, dtype=self.run) for s in shapes)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), fast_grouped():
                 expected = reference(*inputs)
         except Exception:  # noqa: BLE001 - a shape the original does not run at is not one to check
             return None
@@ -99,7 +101,7 @@ class Cases:
         candidate = _on_cpu(fused, self.run)
         for case in self.cases[:1] if only_first else self.cases:
             try:
-                with torch.no_grad():
+                with torch.no_grad(), fast_grouped():
                     got = candidate(*case.inputs)
             except Exception as exc:  # noqa: BLE001 - any failure where the original runs is a difference
                 return f"at {case.label} the original runs and the fused module raises {_line(exc)}"

@@ -85,10 +85,11 @@ def _description(header: io.Header, graph_file: Optional[str], arch: Optional[st
     if arch:
         from . import api, trace
 
-        traced = trace.describe_module(trace.build_module(arch), arch, leaves=leaves, example_size=input_size)
+        traced = trace.describe_module(trace.build_module(arch), arch, leaves=leaves, example_size=input_size,
+                                       runnable=False)
         if traced.missing:  # kernels computed from the weights: trace the module holding them
             traced = trace.describe_module(api.load_module(arch, header.path), arch, leaves=leaves,
-                                           example_size=input_size)
+                                           example_size=input_size, runnable=False)
         return traced.doc, f"--arch {arch}", dict(traced.tensors), list(traced.notes)
     raise GraphError(
         f"{header.path}: no graph description: pass --graph FILE or --arch MODULE:CALLABLE "

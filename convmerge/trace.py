@@ -83,8 +83,11 @@ def build_module(ref: str) -> nn.Module:
 
 def describe_module(module: nn.Module, name: str = "model", *, leaves: Sequence[type | str] = (),
                     example_size: Optional[Sequence[int]] = None,
-                    example_inputs: Optional[Sequence[torch.Tensor]] = None) -> Traced:
+                    example_inputs: Optional[Sequence[torch.Tensor]] = None, runnable: bool = True) -> Traced:
     """The graph description of ``module`` and the tensors it needs beyond the state dict.
+
+    ``runnable``: the trace also serves a module that runs at every size (`Traced.graph_module`, what `fuse`
+    rebuilds); without it torch.export traces at the example shape only, which is cheaper for some models.
 
     ``leaves``: module classes (or class names) to keep as opaque layers without tracing them.
     ``example_inputs``: the inputs torch.export traces with; else ``example_size``, the input's full
@@ -107,7 +110,7 @@ def describe_module(module: nn.Module, name: str = "model", *, leaves: Sequence[
         raise TraceError(f"{name}: --leaf {shown}: no module of that class in it (a class name, plain or "
                          "qualified, or the class itself)")
     try:
-        return trace_export.describe(module, leaves, example_size, example_inputs)
+        return trace_export.describe(module, leaves, example_size, example_inputs, symbolic=runnable)
     except Exception as exc:
         export_failed = str(exc) if isinstance(exc, TraceError) else f"torch.export: {first_line(exc)}"
     try:

@@ -713,3 +713,43 @@ def test_every_instance_of_a_failing_class_is_a_leaf_after_one_failure() -> None
     assert traced.notes[2].startswith("module '3' (Gate) is opaque: torch.export: GuardOnDataDependentSymNode")
     assert traced.notes[2].endswith("(in '1', of the same class)")
     assert_same_function(model, traced, torch.randn(1, 2, 3, 3, dtype=torch.float64), {"1": model[1], "3": model[3]})
+
+
+class _InPlace(nn.Module):
+    """ACNet-style `out += branch` and an in-place ReLU, with the written tensor also read before the write;
+    ``view``: a view of it is taken first (the write is then not simple: the earlier route is taken)."""
+
+    def __init__(self, view: bool = False) -> None:
+        super().__init__()
+        self.view = view
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.a(x)
+        before = out * 2 if not self.view else out[:, :2]
+        out += self.bn(self.b(x))
+        out = F.relu(out, inplace=True)
+        return torch.cat([out, before], 1)
+
+
+@pytest.mark.parametrize("view", [False, True])
+def test_one_export_serves_planning_and_the_module(view: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No timing: the trace-once route exports once and never decomposes; a write through a view takes the earlier
+    route (static export, decomposition, a second export).  Either way the module computes what the original does."""
+    import convmerge
+    from tests.nets import randomize_bn
+
+    exports, decompositions = [], []
+    export, decompose = torch.export.export, torch.export.ExportedProgram.run_decompositions
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: exports.append(k) or export(*a, **k))
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions",
+                        lambda self, *a, **k: decompositions.append(1) or decompose(self, *a, **k))
+    model = randomize_bn(_InPlace(view)).double()
+    fused = convmerge.fuse(model, input_size=(6, 7))
+    assert (len(exports), len(decompositions)) == ((3, 2) if view else (1, 0))
+    assert "dynamic_shapes" in exports[0] or view
+    assert sum(isinstance(m, nn.Conv2d) for m in fused.modules()) == 1  # a + b, BN folded (the view sees the sum)
+    for shape in [(1, 3, 6, 7), (2, 3, 9, 4), (1, 3, 1, 1)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)

@@ -1,0 +1,56 @@
+"""The fast float64 grouped convolution against torch.nn.functional's own, over random shapes and options."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from convmerge.grouped import fast_grouped, grouped_conv
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@st.composite
+def convs(draw: st.DrawFn) -> tuple:
+    nd = draw(st.integers(1, 3))
+    groups = draw(st.integers(2, 4))
+    per_group, out_per_group = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    kernel = [draw(st.integers(1, 4 if nd < 3 else 3)) for _ in range(nd)]
+    stride = [draw(st.integers(1, 3)) for _ in range(nd)]
+    dilation = [draw(st.integers(1, 2)) for _ in range(nd)]
+    padding = [draw(st.integers(0, 3)) for _ in range(nd)]
+    size = [draw(st.integers(dilation[k] * (kernel[k] - 1) + 1, 9)) for k in range(nd)]
+    batch, bias = draw(st.integers(1, 2)), draw(st.booleans())
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    x = torch.randn(batch, groups * per_group, *size, generator=gen, dtype=torch.float64)
+    w = torch.randn(groups * out_per_group, per_group, *kernel, generator=gen, dtype=torch.float64)
+    b = torch.randn(groups * out_per_group, generator=gen, dtype=torch.float64) if bias else None
+    return x, w, b, stride, padding, dilation, groups
+
+
+@settings(max_examples=200, deadline=None)
+@given(convs())
+def test_grouped_conv_is_torchs_conv(case: tuple) -> None:
+    x, w, b, stride, padding, dilation, groups = case
+    want = _CONV[w.dim() - 2](x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    got = grouped_conv(x, w, b, stride, padding, dilation, groups)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with fast_grouped():
+        routed = _CONV[w.dim() - 2](x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    torch.testing.assert_close(routed, want, rtol=1e-12, atol=1e-12)
+
+
+def test_only_float64_grouped_convolutions_are_routed(monkeypatch) -> None:
+    from convmerge import grouped
+
+    calls = []
+    monkeypatch.setattr(grouped, "grouped_conv", lambda *a: calls.append(a) or torch.zeros(()))
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    with fast_grouped():
+        F.conv2d(x.float(), torch.randn(4, 1, 3, 3), groups=4)  # float32: torch's own
+        F.conv2d(x, torch.randn(4, 4, 3, 3, dtype=torch.float64))  # dense: torch's own
+        F.conv2d(x, torch.randn(4, 1, 3, 3, dtype=torch.float64), groups=4)
+    assert len(calls) == 1
