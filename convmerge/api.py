@@ -179,15 +179,14 @@ def export_bytes(module: nn.Module, input_shape: Sequence[int]) -> bytes:
     at one size keeps it), so the program runs at other batches and sizes where the module does."""
     if not isinstance(module, torch.fx.GraphModule):  # a fused module is already the inference form
         module = module.eval()
-    shape = list(input_shape)
-    example = torch.randn(max(2, shape[0]), *shape[1:]) if shape else torch.randn(())
-    dims = ({k: torch.export.Dim.AUTO for k in range(len(shape)) if k != 1},)
+    example = (torch.randn(*input_shape),)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            program = torch.export.export(module, (example,), dynamic_shapes=dims)
+            batch, dims = trace_export.symbolic_example(example)
+            program = torch.export.export(module, batch, dynamic_shapes=dims)
         except Exception:  # noqa: BLE001 - code that needs its sizes fixed: the program holds at the shape given
-            program = torch.export.export(module, (torch.randn(*shape),))
+            program = torch.export.export(module, example)
     buffer = _io.BytesIO()
     torch.export.save(program, buffer)
     return buffer.getvalue()

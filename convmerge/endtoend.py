@@ -22,8 +22,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .grouped import fast_grouped
+from .trace_layers import TraceError, first_line, model_dtype
 
-__all__ = ["TOLERANCE", "Cases"]
+__all__ = ["TOLERANCE", "Cases", "relative_difference"]
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
 """Largest difference between the original's and the fused module's outputs, relative to the output's
@@ -45,18 +46,20 @@ class Cases:
 
     def __init__(self, original: nn.Module, example: Sequence[torch.Tensor], *, fixed_size: bool,
                  smallest: Sequence[int] = ()) -> None:
-        self.dtype = _model_dtype(original)
+        self.dtype = model_dtype(original)
         self.tolerance = TOLERANCE.get(self.dtype, 1e-4)
         shapes = [tuple(t.shape) for t in example]
         self.cases: list[_Case] = []
-        for run in (torch.float64, self.dtype):  # float64, unless the model's code runs only in its own dtype
+        self.failure = ""  # why the original does not run at the traced shape, where it does not
+        for run in dict.fromkeys((torch.float64, self.dtype)):  # float64, unless the model runs only in its dtype
             self.run = run
             reference = _on_cpu(original, run)
             self.cases = self._cases(reference, shapes, fixed_size, smallest)
             if self.cases:
                 break
         if not self.cases:
-            raise ValueError(f"the model does not run on the CPU on inputs of shape {_shapes(shapes)}")
+            raise TraceError(f"the model does not run on the CPU on inputs of shape {_shapes(shapes)} "
+                             f"({self.failure}): give input_size or example_inputs it runs at")
 
     def _cases(self, reference: nn.Module, shapes: list[tuple[int, ...]], fixed_size: bool,
                smallest: Sequence[int]) -> list[_Case]:
@@ -91,7 +94,8 @@ class Cases:
         try:
             with torch.no_grad(), fast_grouped():
                 expected = reference(*inputs)
-        except Exception:  # noqa: BLE001 - a shape the original does not run at is not one to check
+        except Exception as exc:  # noqa: BLE001 - a shape the original does not run at is not one to check
+            self.failure = self.failure or first_line(exc)
             return None
         found.append(_Case(f"{label} ({_shapes(shapes)})", inputs, expected))
         return found[-1]
@@ -104,7 +108,7 @@ class Cases:
                 with torch.no_grad(), fast_grouped():
                     got = candidate(*case.inputs)
             except Exception as exc:  # noqa: BLE001 - any failure where the original runs is a difference
-                return f"at {case.label} the original runs and the fused module raises {_line(exc)}"
+                return f"at {case.label} the original runs and the fused module raises {first_line(exc)}"
             wrong = _difference(case.expected, got, self.tolerance)
             if wrong is not None:
                 return f"{wrong} at {case.label}"
@@ -113,6 +117,22 @@ class Cases:
     @property
     def labels(self) -> list[str]:
         return [c.label for c in self.cases]
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Largest |a - b|, and the same relative to the largest finite |a| (absolute where a is all zero); NaN or
+    Inf where the other is not, or another shape, counts as infinite."""
+    if a.shape != b.shape:
+        return float("inf"), float("inf")
+    a64, b64 = a.double(), b.double()
+    same = (a64 == b64) | (a64.isnan() & b64.isnan())
+    if not bool((same | (a64.isfinite() & b64.isfinite())).all()):
+        return float("inf"), float("inf")
+    if a64.numel() == 0:
+        return 0.0, 0.0
+    worst = float((a64 - b64).abs().masked_fill(same, 0).max())
+    scale = float(a64.abs().masked_fill(~a64.isfinite(), 0).max())
+    return worst, worst / scale if scale > 0 else worst
 
 
 def _difference(expected: Any, got: Any, tolerance: float) -> Optional[str]:
@@ -132,36 +152,21 @@ def _difference(expected: Any, got: Any, tolerance: float) -> Optional[str]:
             if not torch.equal(a, b.to(a.dtype)):
                 return f"{name} differs in {int((a != b).sum())} element(s)"
             continue
-        a64, b64 = a.double(), b.double()
-        same = (a64 == b64) | (a64.isnan() & b64.isnan())
-        if not bool((same | (a64.isfinite() & b64.isfinite())).all()):
-            return f"{name} has NaN or Inf where the original's does not"
-        diff = float((a64 - b64).abs().masked_fill(same, 0).max()) if a64.numel() else 0.0
-        scale = float(a64.abs().masked_fill(~a64.isfinite(), 0).max()) if a64.numel() else 0.0
-        if diff > tolerance * scale:
-            return (f"{name} differs from the original's by {diff:.3g} ({diff / scale if scale else float('inf'):.3g} "
-                    f"relative, more than the {tolerance:g} rounding explains)")
+        diff, relative = relative_difference(a, b)
+        if not relative <= tolerance:
+            return (f"{name} differs from the original's by {diff:.3g} ({relative:.3g} relative, more than the "
+                    f"{tolerance:g} rounding explains)")
     return None
-
-
-def _model_dtype(module: nn.Module) -> torch.dtype:
-    tensor = next((t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()), None)
-    return tensor.dtype if tensor is not None else torch.float32
 
 
 def _on_cpu(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     with warnings.catch_warnings():  # torch's pytree warns about its own deprecated names when copied
         warnings.simplefilter("ignore", FutureWarning)
         copied = copy.deepcopy(module).to("cpu")
-    if dtype != _model_dtype(module):
+    if dtype != model_dtype(module):
         copied = copied.to(dtype)
     return copied.eval()
 
 
 def _shapes(shapes: Sequence[Sequence[int]]) -> str:
     return ", ".join("x".join(map(str, s)) for s in shapes)
-
-
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -18,9 +18,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto
 
-from . import io, plan as planning
+from . import endtoend, io, plan as planning
 from .onnx_read import OnnxGraph, read_model
 from .onnx_write import fused_model, serialize
 from .plan import VerificationError
@@ -28,10 +29,13 @@ from .report import Report
 
 __all__ = ["OnnxReport", "TOLERANCE", "check_file", "fuse_file"]
 
-TOLERANCE = {"tensor(double)": 1e-9, "tensor(float)": 1e-4, "tensor(float16)": 1e-2, "tensor(bfloat16)": 6e-2}
+TOLERANCE = {name: endtoend.TOLERANCE[dtype] for name, dtype in (
+    ("tensor(double)", torch.float64), ("tensor(float)", torch.float32), ("tensor(float16)", torch.float16),
+    ("tensor(bfloat16)", torch.bfloat16))}
 """Largest difference between the original's and the fused model's outputs, relative to the output's
-largest magnitude, that rounding explains: summing a merged kernel in another order moves each output
-by a few ulps per layer, and a deep network adds those up (float32: ~840 ulps).  An output is allowed the
+largest magnitude, that rounding explains (the PyTorch module's end-to-end check's bounds, by ONNX type name):
+summing a merged kernel in another order moves each output by a few ulps per layer, and a deep network adds
+those up (float32: ~840 ulps).  An output is allowed the
 rounding of the least precise float type the graph computes in (`_arithmetic`): a float16 model with float32
 inputs and outputs (keep_io_types) rounds as float16."""
 _TYPE_NAMES = {TensorProto.DOUBLE: "tensor(double)", TensorProto.FLOAT: "tensor(float)",
@@ -196,7 +200,7 @@ def _compare(original: str, fused: str, notes: list[str], only: Optional[Sequenc
                                  f"{int(np.sum(a != b))} element(s) at {_shape_text(feeds)} (rounding of the "
                                  "float values it is computed from)")
                 continue
-            diff, rel = _difference(a, b)
+            diff, rel = endtoend.relative_difference(torch.from_numpy(a), torch.from_numpy(b))
             kind = max((k for k in (meta.type, computed_in) if k in TOLERANCE), key=TOLERANCE.__getitem__,
                        default=meta.type)
             allowed = TOLERANCE.get(kind, 0.0)
@@ -250,21 +254,6 @@ def _inputs(session: Any, size: Optional[Sequence[int]]) -> dict[str, np.ndarray
             feeds[meta.name] = np.zeros(shape, dtype={"int64": np.int64, "int32": np.int32, "bool": np.bool_}
                                         .get(kind, np.float32))
     return feeds
-
-
-def _difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Largest |a - b| and the same relative to max |a|; NaN or Inf where the other is not counts as infinite."""
-    if a.shape != b.shape:
-        return float("inf"), float("inf")
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    same = (a64 == b64) | (np.isnan(a64) & np.isnan(b64))
-    finite = np.isfinite(a64) & np.isfinite(b64)
-    if not (same | finite).all():
-        return float("inf"), float("inf")
-    diff = np.where(same, 0.0, np.abs(a64 - b64))
-    scale = float(np.max(np.abs(np.where(np.isfinite(a64), a64, 0.0)), initial=0.0))
-    worst = float(np.max(diff, initial=0.0))
-    return worst, worst / scale if scale > 0 else worst
 
 
 def _shape_text(feeds: dict[str, np.ndarray]) -> str:

@@ -729,9 +729,11 @@ def pair_counterexample(a: Conv, b: Conv, v: Any, size: Optional[Sequence[int]])
             o = int(b.weight.abs().flatten(1).sum(1).argmax())
             a_i = Conv(replace(a.spec, in_channels=1), a.weight[:, i:i + 1], a.bias)
             b_o = Conv(replace(b.spec, out_channels=1), b.weight[o:o + 1], None if b.bias is None else b.bias[o:o + 1])
-            found, tried = search(a_i, b_o)
+            found, why = search(a_i, b_o)
             if found is not None:
-                return _widened(found, a_i, b, v, a.spec.in_channels, i, o), tried
+                return _widened(found, a_i, b, v, a.spec.in_channels, i, o), why
+            if why == "search-bounded":  # the whole width, slower per trial, would stop on the same bound
+                return found, why
         return search(a, b)
     return find
 

@@ -42,7 +42,7 @@ from torch.utils import _pytree as pytree
 from . import argument_ops
 from .spec import SpecError, conv_spec, padding_fields
 from .trace_layers import (STRUCTURAL_MODULES, STRUCTURAL_OPS, TraceError, Traced, avg_pool_fields, first_line,
-                           is_leaf_class, is_plain,
+                           is_leaf_class, is_plain, model_dtype,
                            module_fields, opaque, pad_fields)
 
 __all__ = ["describe", "example_input"]
@@ -88,7 +88,8 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
     opaque_modules = {q: "marked as a leaf" for q, m in module.named_modules() if q and is_leaf_class(m, leaves)}
     session = f"{id(module):x}.{next(_SESSIONS)}"
     calls: dict[str, Any] = {}
-    once = None if opaque_modules else _export_once(module, example, symbolic=symbolic)
+    raised: list[bool] = []  # whether the symbolic export itself failed (then the fallback need not try it again)
+    once = None if opaque_modules else _export_once(module, example, symbolic=symbolic, raised=raised)
     if once is not None:
         try:
             program, mapper = once, _Mapper(module, once)
@@ -103,7 +104,7 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
             mapper = _Mapper(module, program)
             traced = mapper.describe()
             kept = {k: (_OUTPUTS[k], _STRUCTURES[k]) for k in _OUTPUTS if k.startswith(session + "/")}
-            traced.graph_module = runnable(module, example, program, kept, calls)
+            traced.graph_module = runnable(module, example, program, kept, calls, tried=bool(raised) and symbolic)
         finally:
             for key in [k for k in _OUTPUTS if k.startswith(session + "/")]:
                 del _OUTPUTS[key], _STRUCTURES[key]
@@ -117,24 +118,26 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
     return traced
 
 
-def _export_once(module: nn.Module, example: tuple[torch.Tensor, ...], symbolic: bool = True
-                 ) -> Optional[torch.export.ExportedProgram]:
+def _export_once(module: nn.Module, example: tuple[torch.Tensor, ...], symbolic: bool = True,
+                 raised: Optional[list[bool]] = None) -> Optional[torch.export.ExportedProgram]:
     """One export at symbolic batch and spatial sizes that serves both the description (read at the sizes
     it was traced at, `_hinted`) and the fused module (which then runs at any size the model allows), with
     no `run_decompositions`: the export's own graph, its in-place ops made out of place (`_out_of_place`).
     None where that does not hold (an export that needs fixed sizes, an in-place write into a view or an
     input, a batch norm in training mode): the caller then exports at the traced shape, decomposes and
     exports again at symbolic sizes for the module, as before.  Not ``symbolic`` (a description only, for
-    `check`): at the example shape, which some models export much faster (EfficientViT-M0: 3 s against 24 s)."""
+    `check`): at the example shape, which some models export much faster (EfficientViT-M0: 3 s against 24 s).
+    ``raised`` gets True where the export itself failed."""
     if not all(t.dim() >= 3 for t in example):
         return None
-    batch = tuple(t.expand(2, *t.shape[1:]).contiguous() for t in example)  # a batch of 1 would be fixed
-    dims = tuple({k: torch.export.Dim.AUTO for k in range(t.dim()) if k != 1} for t in example)
+    batch, dims = symbolic_example(example)
     try:
         with _quiet(), _eval(module):
             program = (torch.export.export(module, batch, dynamic_shapes=dims, strict=False) if symbolic
                        else torch.export.export(module, example, strict=False))
     except Exception:  # noqa: BLE001 - the static export says why, or falls back to fx
+        if raised is not None:
+            raised.append(True)
         return None
     if not _out_of_place(program.graph_module):
         return None
@@ -256,8 +259,8 @@ def example_input(module: nn.Module, example_size: Optional[Sequence[int]] = Non
     """
     if given is not None:
         return tuple(given), " (as given)"
-    tensor = next((t for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()), None)
-    dtype = tensor.dtype if tensor is not None else torch.float32
+    dtype = model_dtype(module)
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
     device = tensor.device if tensor is not None else torch.device("cpu")
     count = _positional_inputs(module)
     layers = [m for m in module.modules()
@@ -375,8 +378,16 @@ _GUARDS = {aten._assert_scalar.default, aten.sym_constrain_range_for_size.defaul
 instead, at sizes where they would have failed."""
 
 
+def symbolic_example(example: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], tuple[dict, ...]]:
+    """Inputs and `dynamic_shapes` for an export at symbolic batch and spatial sizes: a batch of 2 (a batch of
+    1 would be fixed), every axis but the channels `Dim.AUTO`."""
+    batch = tuple(t.expand(2, *t.shape[1:]).contiguous() for t in example)
+    return batch, tuple({k: torch.export.Dim.AUTO for k in range(t.dim()) if k != 1} for t in example)
+
+
 def runnable(module: nn.Module, example: tuple[torch.Tensor, ...], program: torch.export.ExportedProgram,
-             leaves: dict[str, Any], calls: dict[str, Any]) -> Callable[[bool], tuple[fx.GraphModule, dict[str, str]]]:
+             leaves: dict[str, Any], calls: dict[str, Any],
+             tried: bool = False) -> Callable[[bool], tuple[fx.GraphModule, dict[str, str]]]:
     """A builder of a runnable module of the traced graph, and the names its nodes have there.
 
     With ``dynamic``, the model is exported again with symbolic batch and spatial sizes, so the module
@@ -384,17 +395,17 @@ def runnable(module: nn.Module, example: tuple[torch.Tensor, ...], program: torc
     shape arithmetic, which shifts the nodes' names).  Else (or where that export fails or does not
     pair up) it is the traced graph.  Either way the shape guards are left out (the fused module is
     checked end to end instead) and each opaque leaf calls its module again.  ``leaves`` are the leaf
-    calls' recorded outputs, ``calls`` their arguments (`_Slot` where a tensor goes).
+    calls' recorded outputs, ``calls`` their arguments (`_Slot` where a tensor goes).  ``tried``: the same
+    export at symbolic sizes already failed (without leaves): it is not tried again.
     """
 
-    again: list[Any] = []  # the export at symbolic sizes and its names, once made (None where there is none)
+    again: list[Any] = [None] if tried and not leaves else []  # the export at symbolic sizes and its names
 
     def general() -> Optional[tuple[torch.export.ExportedProgram, dict[str, str]]]:
         if again or not all(t.dim() >= 3 for t in example):
             return again[0] if again else None
         again.append(None)
-        batch = tuple(t.expand(2, *t.shape[1:]).contiguous() for t in example)  # a batch of 1 would be fixed
-        dims = tuple({k: torch.export.Dim.AUTO for k in range(t.dim()) if k != 1} for t in example)
+        batch, dims = symbolic_example(example)
         qualnames = {key.split("/", 1)[1].rpartition("#")[0] for key in leaves}
         session = next(iter(leaves)).split("/", 1)[0] if leaves else ""
         for key, (outputs, structure) in leaves.items():
@@ -467,14 +478,15 @@ def _call_leaf_module(gm: fx.GraphModule, root: nn.Module, node: fx.Node, call: 
 
 
 def _install(gm: nn.Module, qualname: str, module: nn.Module) -> None:
-    """Put ``module`` at ``qualname`` in ``gm``, making empty parents where there are none."""
+    """Put ``module`` at ``qualname`` in ``gm``, making empty parents where there are none; what the export left
+    there (a holder of some of its tensors, which are the module's own) is replaced by the module itself."""
     owner = gm
     *parents, leaf = qualname.split(".")
     for part in parents:
         if not hasattr(owner, part):
             owner.add_module(part, nn.Module())
         owner = getattr(owner, part)
-    if not hasattr(owner, leaf):
+    if leaf in owner._modules or not hasattr(owner, leaf):
         owner.add_module(leaf, module.eval())
 
 

@@ -20,7 +20,7 @@ from .modules import PaddedConv1d, PaddedConv2d, PaddedConv3d, spec_of
 from .spec import padding_fields
 
 __all__ = ["STRUCTURAL_MODULES", "STRUCTURAL_OPS", "TraceError", "Traced", "avg_pool_fields", "first_line",
-           "is_leaf_class", "is_plain", "module_fields", "opaque", "pad_fields"]
+           "is_leaf_class", "is_plain", "model_dtype", "module_fields", "opaque", "pad_fields"]
 
 STRUCTURAL_OPS = frozenset({
     "conv1d", "conv2d", "conv3d", "batch_norm", "identity", "dropout",
@@ -76,6 +76,12 @@ class Traced:
     """The inputs it was traced on (torch.export), or none (torch.fx)."""
     smallest: tuple = ()
     """Per spatial axis, the smallest size above 1 of a value of the input's rank at the traced shape."""
+
+
+def model_dtype(module: nn.Module) -> torch.dtype:
+    """A module's dtype: its first floating-point parameter's or buffer's (float32 where it has none)."""
+    tensor = next((t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()), None)
+    return tensor.dtype if tensor is not None else torch.float32
 
 
 def opaque(op: str) -> str:
