@@ -77,7 +77,7 @@ def explain_region(graph: Graph, tensors: Tensors, output: str, size: Optional[S
     loader = Loader(graph, tensors)
     convs = [n for n in region.layers if graph.layers[n].op in CONV_OPS]
     nd = graph.specs[convs[0]].ndim
-    channels = _channels(graph, tensors, region)
+    channels = _channels_of(graph, region.input)
     whole = _reduce(graph, loader, region.input, channels, nd, region.layers, region.output)
     s = whole.summary
     run = lambda x: reference.run(graph, loader, region.input, region.layers, region.output, x)  # noqa: E731
@@ -92,7 +92,7 @@ def explain_region(graph: Graph, tensors: Tensors, output: str, size: Optional[S
     if isinstance(top, Par):
         for src in graph.layers[top.join].inputs:
             inside = [n for n in region.layers if n in _before(graph, src, top.split)]
-            red = _reduce(graph, loader, top.split, _channels_of(graph, tensors, top.split, region, channels), nd,
+            red = _reduce(graph, loader, top.split, _channels_of(graph, top.split, channels), nd,
                           inside, src)
             branches.append({"output": src, "layers": inside,
                              "conv": None if red.conv is None else dict(padding_fields(red.conv.spec),
@@ -126,11 +126,8 @@ def _reduce(graph: Graph, loader: Loader, start: str, channels: int, nd: int, la
     return reducer.result(end)
 
 
-def _channels(graph: Graph, tensors: Tensors, region: Any) -> int:
-    return _channels_of(graph, tensors, region.input, region, None)
-
-
-def _channels_of(graph: Graph, tensors: Tensors, value: str, region: Any, fallback: Optional[int]) -> int:
+def _channels_of(graph: Graph, value: str, fallback: Optional[int] = None) -> int:
+    """A value's channel count (the graph knows it, from its readers where its producer does not fix it)."""
     found = graph.channels.get(value)
     if found is None and fallback is None:
         raise GraphError(f"the channel count of {value} is unknown")
