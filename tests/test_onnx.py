@@ -330,14 +330,20 @@ def test_pad_modes_and_values(tmp_path: Path) -> None:
         assert not {"p", "w1"} & {t.name for t in onnx.load(str(out)).graph.initializer} or value == 0.5
 
 
-def test_wrap_pad_is_circular(tmp_path: Path) -> None:
+def _wrap_pad_model(tmp_path: Path, opset: int) -> Path:
+    """A 'wrap' Pad, then a 3x3 conv and a 1x1 conv, saved as m.onnx."""
     pads = numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64), "p")
     nodes = [helper.make_node("Pad", ["x", "p"], ["a"], name="pad", mode="wrap"),
              helper.make_node("Conv", ["a", "w1"], ["b"], name="c1"),
              helper.make_node("Conv", ["b", "w2"], ["y"], name="c2")]
-    proto = build(nodes, {"w1": weights(4, 3, 3, 3), "w2": weights(4, 4, 1, 1, seed=1)}, [1, 3, 8, 8], opset=19)
+    proto = build(nodes, {"w1": weights(4, 3, 3, 3), "w2": weights(4, 4, 1, 1, seed=1)}, [1, 3, 8, 8], opset=opset)
     proto.graph.initializer.append(pads)
     path = save(proto, tmp_path / "m.onnx")
+    return path
+
+
+def test_wrap_pad_is_circular(tmp_path: Path) -> None:
+    path = _wrap_pad_model(tmp_path, opset=19)
     out, _ = fuse(path, policy="all")
     assert ops(out) == ["Pad", "Conv"]
     assert onnx.load(str(out)).graph.node[0].attribute[0].s == b"wrap"
@@ -347,13 +353,7 @@ def test_wrap_pad_is_circular(tmp_path: Path) -> None:
 def test_wrap_pad_before_opset_19_is_bad_input(tmp_path: Path) -> None:
     """A 'wrap' Pad in a model whose opset has none (before 19): its merge cannot be written back, which is
     the input's limit, named with the layer and the field (exit 2), not an internal error; nothing written."""
-    pads = numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64), "p")
-    nodes = [helper.make_node("Pad", ["x", "p"], ["a"], name="pad", mode="wrap"),
-             helper.make_node("Conv", ["a", "w1"], ["b"], name="c1"),
-             helper.make_node("Conv", ["b", "w2"], ["y"], name="c2")]
-    proto = build(nodes, {"w1": weights(4, 3, 3, 3), "w2": weights(4, 4, 1, 1, seed=1)}, [1, 3, 8, 8], opset=17)
-    proto.graph.initializer.append(pads)
-    path = save(proto, tmp_path / "m.onnx")
+    path = _wrap_pad_model(tmp_path, opset=17)
     before = path.read_bytes()
     result = cli("fuse", path, "--policy", "all", "-o", tmp_path / "out.onnx")
     assert result.exit_code == 2, result.output
