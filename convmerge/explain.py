@@ -6,7 +6,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from . import algebra, bands, plan as planning, reference
+from . import algebra, bands, ops, plan as planning, reference
 from .algebra import Conv
 from .graph import CONV_OPS, Graph, GraphError
 from .plan import Loader, Tensors
@@ -33,7 +33,7 @@ def explain_pair(graph: Graph, tensors: Tensors, first: str, second: str,
                          "for a region give only its output layer)")
     loader = Loader(graph, tensors)
     a = loader.conv(first)
-    folded = [v for v in pair.via if graph.layers[v].op == "batch_norm"]
+    folded = [v for v in pair.via if ops.kind(graph.layers[v].op) is ops.Kind.AFFINE]
     for v in folded:
         a = algebra.fold_bn(a, loader.bn(v))
     b = loader.conv(second)

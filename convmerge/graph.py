@@ -12,49 +12,33 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-from . import strictjson
+from . import ops, strictjson
 from .errors import ConvmergeError, Kind
 from .spec import ConvSpec, PadSpec, PoolSpec, SpecError, pad_spec, padding_fields, pool_spec, spec_from_fields
 
 VERSION = 1
-CONV_OPS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
-POOL_OPS = {"avg_pool1d": 1, "avg_pool2d": 2, "avg_pool3d": 3}
-PASSTHROUGH_OPS = {"batch_norm", "identity", "dropout"}
-JOIN_OPS = {"add", "concat"}
-LINEAR_OPS = set(CONV_OPS) | set(POOL_OPS) | PASSTHROUGH_OPS | JOIN_OPS | {"pad"}
+CONV_OPS = ops.named(ops.Kind.CONV)
+POOL_OPS = ops.named(ops.Kind.POOL)
+PASSTHROUGH_OPS = ops.of(ops.Kind.AFFINE, ops.Kind.PASS)
+"""Ops a pair may have between its two convs."""
+JOIN_OPS = ops.of(ops.Kind.JOIN)
+LINEAR_OPS = frozenset(name for name, op in ops.OPS.items() if op.linear)
 """Ops a region may hold (FORMAT.md, section 1): each is linear (affine) in its input."""
-ELEMENTWISE_OPS = {
-    "relu", "relu6", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "elu", "mish",
-    "neg", "prelu", "clamp", "hardtanh", "softplus",
-}
-BROADCAST_OPS = {"add", "sub", "mul", "div", "truediv", "iadd", "imul", "isub", "mul_", "add_"}
+ELEMENTWISE_OPS = ops.of(ops.Kind.ELEMENTWISE)
+BROADCAST_OPS = ops.of(ops.Kind.BROADCAST) | {"add"}
 """Element-wise ops of several inputs; their output has the broadcast size of the inputs."""
 SHAPE_PRESERVING_OPS = PASSTHROUGH_OPS | ELEMENTWISE_OPS | {"add", "sub", "mul"}
-BN_TENSORS = ("running_mean", "running_var", "weight", "bias", "num_batches_tracked")
+BN_TENSORS = ops.BN_TENSORS
 MAX_DESCRIPTION_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 64
 MAX_INT = 2**63 - 1
 """Largest hyperparameter PyTorch can hold (int64); a bigger one cannot describe a real conv."""
 INT_FIELDS = ("stride", "dilation", "padding", "groups", "kernel_size", "in_channels", "out_channels", "dim",
               "divisor_override")
-CHANNEL_OPS = (SHAPE_PRESERVING_OPS - {"add", "sub", "mul"}) | set(POOL_OPS) | {"pad"}
+CHANNEL_OPS = frozenset(name for name, op in ops.OPS.items() if op.keeps_channels)
 """Single-input ops whose output has as many channels as their input."""
 
 _WIRING = {"name", "op", "input", "inputs"}
-_CONV_FIELDS = {"stride", "padding", "dilation", "groups", "padding_mode", "kernel_size", "in_channels",
-                "out_channels", "bias", "merged_from"}
-KNOWN_FIELDS: dict[str, set[str]] = {
-    **{op: _CONV_FIELDS for op in CONV_OPS},
-    **{op: {"kernel_size", "stride", "padding", "count_include_pad", "ceil_mode", "divisor_override"}
-       for op in POOL_OPS},
-    "batch_norm": {"eps", "affine", "momentum", "num_features", "track_running_stats"},
-    "identity": set(),
-    "dropout": {"p", "inplace"},
-    "add": set(),
-    "concat": {"dim"},
-    "pad": {"padding", "mode", "value"},
-}
-"""Fields each known op reads (plus name/op/input/inputs); a near miss of one is an error, not a default."""
 _SYNONYMS = {"epsilon": "eps", "kernel": "kernel_size", "pad": "padding", "pads": "padding", "axis": "dim",
              "strides": "stride", "dilations": "dilation", "group": "groups", "paddingmode": "padding_mode"}
 
@@ -99,10 +83,8 @@ class Graph:
 
     def tensor_names(self, name: str) -> list[str]:
         """The tensors a layer owns (what is dropped when a merge removes it)."""
-        op = self.layers[name].op
-        suffixes = ("weight", "bias") if op in CONV_OPS else BN_TENSORS if op == "batch_norm" else \
-            ("value",) if op == "pad" else ()
-        return [f"{name}.{s}" for s in suffixes]
+        row = ops.get(self.layers[name].op)
+        return [f"{name}.{s}" for s in (row.tensors if row is not None else ())]
 
     def pairs(self) -> list[Pair]:
         """Every adjacent conv pair, in layer order, with skipped ones saying why."""
@@ -507,19 +489,20 @@ def _layer(raw: Any, i: int, where: str, unknown: list[str]) -> Layer:
         inputs: tuple[str, ...] = (raw["input"],)
     else:
         inputs = tuple(_names(raw.get("inputs", []), f"{at}: field 'inputs'"))
-    single = set(CONV_OPS) | set(POOL_OPS) | PASSTHROUGH_OPS | {"pad"}
-    if op in single and len(inputs) != 1:
+    row = ops.get(op)
+    least, most = row.inputs if row is not None else (0, None)
+    if most == 1 and len(inputs) != 1:
         raise GraphError(f"{at}: field 'input': {op} takes exactly one input, got {len(inputs)}")
-    if op == "add" and len(inputs) < 2:
+    if op == "add" and len(inputs) < least:
         raise GraphError(f"{at}: field 'inputs': add sums two or more layers, got {len(inputs)} "
                          "(adding a constant is another op)")
-    if (op in SHAPE_PRESERVING_OPS or op == "concat") and not inputs:
+    if len(inputs) < least:
         raise GraphError(f"{at}: field 'input': {op} needs an input, got none")
-    if op in KNOWN_FIELDS:
+    if row is not None and row.linear:
         for key in raw:
-            if key in _WIRING or key in KNOWN_FIELDS[op] or not isinstance(key, str):
+            if key in _WIRING or key in row.fields or not isinstance(key, str):
                 continue
-            near = _resembles(key, KNOWN_FIELDS[op])
+            near = _resembles(key, row.fields)
             if near:
                 raise GraphError(f"{at}: field {_q(key)} is not a field of {op}; did you mean {_q(near)}? "
                                  "(a misspelled field would silently fall back to its default)")

@@ -23,10 +23,10 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import numpy
 import torch
 
-from . import algebra, reference
+from . import algebra, ops, reference
 from .algebra import BatchNorm, Conv, Counterexample
 from .errors import ConvmergeError, Kind
-from .graph import BN_TENSORS, CONV_OPS, JOIN_OPS, LINEAR_OPS, POOL_OPS, Graph, GraphError
+from .graph import CONV_OPS, JOIN_OPS, LINEAR_OPS, PASSTHROUGH_OPS, POOL_OPS, Graph, GraphError
 from .reasons import Outcome, Why, sentence
 from .reduce import Reducer, Reduction, Summary, combine
 from .region import Item, Par, Region, Step, find_regions, layers_of, unit_name
@@ -107,10 +107,8 @@ class Loader:
     def finite(self, name: str) -> bool:
         """No NaN or Inf in a layer's tensors (such a layer is never merged)."""
         if name not in self._finite:
-            op = self.graph.layers[name].op
-            keys = (("weight", "bias") if op in CONV_OPS else BN_TENSORS[:4] if op == "batch_norm"
-                    else ("value",) if op == "pad" else ())
-            self._finite[name] = all(t is None or _all_finite(t) for t in (self._get(f"{name}.{k}") for k in keys))
+            keys = [k for k in self.graph.tensor_names(name) if not k.endswith(".num_batches_tracked")]
+            self._finite[name] = all(t is None or _all_finite(t) for t in map(self._get, keys))
         return self._finite[name]
 
     def clear(self) -> None:
@@ -417,7 +415,7 @@ class _Planner:
         layer = self.graph.layers[name]
         if layer.op in CONV_OPS:
             return cost(self.graph.specs[name], self._cost_size(layer.inputs[0]), self.itemsize)
-        if layer.op in ("identity", "dropout"):
+        if ops.kind(layer.op) is ops.Kind.PASS:
             return 0.0
         channels = self._channels(name) or 1
         size_out = self._cost_size(name)
@@ -576,7 +574,7 @@ def _narrowed(graph: Graph, loader: Loader, start: str, layers: Sequence[str], e
                                            for n in readers):
         keep_in = torch.randperm(cin, generator=gen)[:NARROW_IN]
     path, cur = [], end
-    while cur in inside and graph.layers[cur].op in ("batch_norm", "identity", "dropout"):
+    while cur in inside and graph.layers[cur].op in PASSTHROUGH_OPS:
         path.append(cur)
         cur = graph.layers[cur].inputs[0]
     last = cur if cur in inside and graph.layers[cur].op in CONV_OPS and graph.specs[cur].groups == 1 else None
@@ -659,7 +657,7 @@ def _judge_pair(graph: Graph, loader: Loader, pair: Any, size_at: Mapping[str, A
     names = [pair.first, *pair.via, pair.second]
     a = loader.conv(pair.first)
     for v in pair.via:
-        if graph.layers[v].op == "batch_norm":
+        if ops.kind(graph.layers[v].op) is ops.Kind.AFFINE:
             a = algebra.fold_bn(a, loader.bn(v))
     b = loader.conv(pair.second)
     bad = next((n for n in names if not loader.finite(n)), None) or (None if _finite(a) else pair.via[-1])
@@ -704,7 +702,7 @@ def _pair_finder(graph: Graph, tensors: Tensors, pair: Any, v: Any,
             loader = Loader(graph, tensors)
             a = loader.conv(pair.first)
             for name in pair.via:
-                if graph.layers[name].op == "batch_norm":
+                if ops.kind(graph.layers[name].op) is ops.Kind.AFFINE:
                     a = algebra.fold_bn(a, loader.bn(name))
             return pair_counterexample(a, loader.conv(pair.second), v, size)()
     return find

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import algebra, joins
+from . import algebra, joins, ops
 from .algebra import Conv
 from .graph import CONV_OPS, JOIN_OPS, POOL_OPS, Graph
 from .reasons import Outcome, Why
@@ -136,9 +136,9 @@ def _step(graph: Graph, params: Params, name: str, before: str, m: Optional[Conv
           ndim: int) -> tuple[Optional[Conv], Optional[Check]]:
     """`m` (None: the start value itself) followed by the single-input layer `name`."""
     op = graph.layers[name].op
-    if op in ("identity", "dropout"):
+    if ops.kind(op) is ops.Kind.PASS:
         return m, None
-    if op == "batch_norm":
+    if ops.kind(op) is ops.Kind.AFFINE:
         bn = params.bn(name)
         return (algebra.bn_conv(bn, ndim) if m is None else algebra.fold_bn(m, bn)), None
     c = m.spec.out_channels if m is not None else channels

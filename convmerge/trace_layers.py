@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import ops
 from .errors import ConvmergeError, Kind
 from .modules import PaddedConv1d, PaddedConv2d, PaddedConv3d, spec_of
 from .spec import padding_fields
@@ -22,10 +23,8 @@ from .spec import padding_fields
 __all__ = ["STRUCTURAL_MODULES", "STRUCTURAL_OPS", "TraceError", "Traced", "avg_pool_fields", "first_line",
            "is_leaf_class", "is_plain", "model_dtype", "module_fields", "opaque", "pad_fields"]
 
-STRUCTURAL_OPS = frozenset({
-    "conv1d", "conv2d", "conv3d", "batch_norm", "identity", "dropout",
-    "add", "concat", "avg_pool1d", "avg_pool2d", "avg_pool3d", "pad",
-})
+STRUCTURAL_OPS = frozenset(name for name, row in ops.OPS.items() if row.linear)
+"""Ops a description may give a traced layer: those that mean exactly what the module computes."""
 _RESERVED = STRUCTURAL_OPS | {"cat"}
 """Op names an opaque layer must not take ("cat" too: older descriptions wrote it for torch.cat)."""
 
