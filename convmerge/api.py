@@ -184,7 +184,8 @@ def export_bytes(module: nn.Module, input_shape: Sequence[int]) -> bytes:
         warnings.simplefilter("ignore")
         try:
             batch, dims = trace_export.symbolic_example(example)
-            program = torch.export.export(module, batch, dynamic_shapes=dims)
+            with trace_export.generic_sizes():
+                program = torch.export.export(module, batch, dynamic_shapes=dims)
         except Exception:  # noqa: BLE001 - code that needs its sizes fixed: the program holds at the shape given
             program = torch.export.export(module, example)
     buffer = _io.BytesIO()

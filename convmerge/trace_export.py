@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import fx, nn
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.experimental import _config as fx_config
 from torch.utils import _pytree as pytree
 
 from . import argument_ops
@@ -133,8 +134,11 @@ def _export_once(module: nn.Module, example: tuple[torch.Tensor, ...], symbolic:
     batch, dims = symbolic_example(example)
     try:
         with _quiet(), _eval(module):
-            program = (torch.export.export(module, batch, dynamic_shapes=dims, strict=False) if symbolic
-                       else torch.export.export(module, example, strict=False))
+            if symbolic:
+                with generic_sizes():
+                    program = torch.export.export(module, batch, dynamic_shapes=dims, strict=False)
+            else:
+                program = torch.export.export(module, example, strict=False)
     except Exception:  # noqa: BLE001 - the static export says why, or falls back to fx
         if raised is not None:
             raised.append(True)
@@ -378,6 +382,17 @@ _GUARDS = {aten._assert_scalar.default, aten.sym_constrain_range_for_size.defaul
 instead, at sizes where they would have failed."""
 
 
+@contextlib.contextmanager
+def generic_sizes() -> Iterator[None]:
+    """An export at symbolic sizes keeps a size that is 1 at the traced shape symbolic (`backed_size_oblivious`;
+    torch.export otherwise fixes it, and every size computed from it: EfficientViT-M0 traced at 64x64, whose last
+    stage is 1x1, padded its windows by a constant 3 and ran at no other size).  Sizes of 1 are then treated as
+    generic: the module's own branches on a size of 1 are what the end-to-end check is for.  torch's config is
+    process-wide: set only for the export's duration (tracing is single-threaded anyway)."""
+    with fx_config.patch(backed_size_oblivious=True):
+        yield
+
+
 def symbolic_example(example: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], tuple[dict, ...]]:
     """Inputs and `dynamic_shapes` for an export at symbolic batch and spatial sizes: a batch of 2 (a batch of
     1 would be fixed), every axis but the channels `Dim.AUTO`."""
@@ -412,7 +427,8 @@ def runnable(module: nn.Module, example: tuple[torch.Tensor, ...], program: torc
             _OUTPUTS[key], _STRUCTURES[key] = outputs, structure
         try:
             with _quiet(), _eval(module), _patched(module, {q: _exporting(q, session, {}) for q in qualnames}):
-                program_again = torch.export.export(module, batch, dynamic_shapes=dims, strict=False)
+                with generic_sizes():
+                    program_again = torch.export.export(module, batch, dynamic_shapes=dims, strict=False)
                 program_again = program_again.run_decompositions({})  # torch warns about its own pytree code here
             names = _pair_nodes(program.graph, program_again.graph)
             if names is not None:
