@@ -40,18 +40,17 @@ def run(graph: Graph, params: Params, start: str, layers: Sequence[str], end: st
     """The value of `end` when `start` holds `x`; `layers` are those between them, in graph order.
 
     With `mix` ([channels, k]), `x` holds k mixtures and `start` the channels `mix @ x` at each position: a
-    dense conv reading `start` runs on `x` with its weight times `mix` (`mixed`: exact, a conv is linear in its
-    input channels, whatever its padding), any other reader on `mix @ x` itself."""
+    dense conv reading `start` (`takes_mix`) runs on `x`, `params` giving it with its weight times `mix`
+    (`mixed`: exact, a conv is linear in its input channels, whatever its padding); any other reader reads
+    `mix @ x` itself."""
     values = {start: x}
     wide: Optional[torch.Tensor] = None
     for name in layers:
         layer = graph.layers[name]
-        if mix is not None and takes_mix(graph, name, start):
-            values[name] = algebra.apply(mixed(params.conv(name), mix), x)
-            continue
-        if mix is not None and wide is None and start in layer.inputs:
-            wide = torch.einsum("ck,nk...->nc...", mix, x)
-        args = [wide if src == start and wide is not None else values[src] for src in layer.inputs]
+        if mix is not None and start in layer.inputs and not takes_mix(graph, name, start) and wide is None:
+            wide = torch.matmul(x.movedim(1, -1), mix.T).movedim(-1, 1)
+        args = [values[src] if src != start or wide is None or takes_mix(graph, name, start) else wide
+                for src in layer.inputs]
         values[name] = _op(graph, params, name, layer.op, args)
     return values[end]
 
@@ -64,8 +63,8 @@ def takes_mix(graph: Graph, name: str, start: str) -> bool:
 
 def mixed(conv: Conv, mix: torch.Tensor) -> Conv:
     """A dense conv read through `mix` ([in_channels, k]): the conv of k channels with weight W @ mix, float64."""
-    weight = torch.einsum("oc...,ck->ok...", conv.weight.double(), mix)
-    return Conv(replace(conv.spec, in_channels=mix.shape[1]), weight, conv.bias)
+    weight = torch.matmul(conv.weight.double().movedim(1, -1), mix).movedim(-1, 1)
+    return Conv(replace(conv.spec, in_channels=mix.shape[1]), weight.contiguous(), conv.bias)
 
 
 def _op(graph: Graph, params: Params, name: str, op: str, args: list[torch.Tensor]) -> torch.Tensor:

@@ -63,23 +63,24 @@ def check(graph: Graph, params: Params, start: str, layers: Sequence[str], end: 
     if spec.groups == 1 and spec.in_channels > MIXES:
         mix = torch.randn(spec.in_channels, MIXES, generator=gen, dtype=torch.float64) / math.sqrt(MIXES)
     wide = [reference.mixed(m, mix) for m in merged] if mix is not None else list(merged)
-    narrow = _narrowed(graph, params, layers, end, wide, gen)
+    cut = _narrowed(graph, params, layers, end, wide, gen)
     covering = [s for s in sizes if covers(spec, s)]
     cover = min(covering, key=math.prod) if covering else None
+    ways = {False: (_Mixed(graph, params, start, mix), wide)}
+    if cut is not None:
+        ways[True] = (_Mixed(graph, cut[0], start, mix), cut[1])
     parts: dict[bool, list[tuple[int, ...]]] = {False: [], True: []}
     for s in sizes:
-        cut = narrow is not None and cover is not None and s != cover and \
-            _macs(graph, params, start, layers, wide, mix, s) > FULL_VERIFY_MACS
-        parts[cut].append(s)
+        parts[cut is not None and cover is not None and s != cover and
+              _macs(graph, ways[False][0], start, layers, wide, mix, s) > FULL_VERIFY_MACS].append(s)
     errors, total = [0.0] * len(merged), 0
-    for cut, part in parts.items():
+    for narrow, part in parts.items():
         if not part:
             continue
-        oracle, convs = narrow if cut else (params, wide)  # type: ignore[misc]
-        run = lambda x: reference.run(graph, oracle, start, layers, end, x, mix)  # noqa: E731
-        terms = reference.Magnitudes(graph, oracle)
-        positive = None if mix is None else mix.abs()
-        bound = lambda x: reference.run(graph, terms, start, layers, end, x, positive)  # noqa: E731
+        oracle, convs = ways[narrow]
+        terms = _Mixed(graph, reference.Magnitudes(graph, oracle.params), start, None if mix is None else mix.abs())
+        run = lambda x: reference.run(graph, oracle, start, layers, end, x, oracle.mix)  # noqa: E731
+        bound = lambda x: reference.run(graph, terms, start, layers, end, x, terms.mix)  # noqa: E731
         got = algebra.max_errors(run, convs, part, convs[0].spec.in_channels, magnitude=bound)
         errors = [max(a, b) for a, b in zip(errors, got)]
         total += sum(_macs(graph, oracle, start, layers, convs, mix, s) for s in part)
@@ -101,11 +102,37 @@ def _macs(graph: Graph, params: Params, start: str, layers: Sequence[str], merge
     for name in layers:
         layer = graph.layers[name]
         if layer.op in CONV_OPS and layer.inputs[0] in at:
-            conv = params.conv(name)
-            if mix is not None and reference.takes_mix(graph, name, start):
-                conv = reference.mixed(conv, mix)
-            ref += macs(conv.spec, at[layer.inputs[0]])
+            ref += macs(params.conv(name).spec, at[layer.inputs[0]])
     return 2 * ref + sum(macs(m.spec, size) for m in merged)
+
+
+class _Mixed:
+    """The layers' tensors for a run on mixtures (reference.run's `mix`): a dense conv reading the start with its
+    weight times `mix`; each layer's tensors made once for all the sizes of one check (reference.Params)."""
+
+    def __init__(self, graph: Graph, params: Params, start: str, mix: Optional[torch.Tensor]) -> None:
+        self.graph, self.params, self.start, self.mix = graph, params, start, mix
+        self._convs: dict[str, Conv] = {}
+        self._bns: dict[str, BatchNorm] = {}
+
+    def conv(self, name: str) -> Conv:
+        if name not in self._convs:
+            conv = self.params.conv(name)
+            if self.mix is not None and reference.takes_mix(self.graph, name, self.start):
+                conv = reference.mixed(conv, self.mix)
+            self._convs[name] = conv
+        return self._convs[name]
+
+    def bn(self, name: str) -> BatchNorm:
+        if name not in self._bns:
+            self._bns[name] = self.params.bn(name)
+        return self._bns[name]
+
+    def pad_value(self, name: str) -> Optional[torch.Tensor]:
+        return self.params.pad_value(name)
+
+    def pad_value_dtype(self, name: str) -> torch.dtype:
+        return self.params.pad_value_dtype(name)
 
 
 class _Narrow:
@@ -156,7 +183,7 @@ def _narrowed(graph: Graph, params: Params, layers: Sequence[str], end: str, mer
     keep = torch.randperm(cout, generator=gen)[:NARROW_OUT]
     pick = lambda b: None if b is None else b[keep]  # noqa: E731
     convs = [Conv(replace(m.spec, out_channels=NARROW_OUT), m.weight[keep], pick(m.bias)) for m in merged]
-    return _Narrow(params, cur, set(path), keep), convs
+    return _Narrow(params, cur, set(path), keep), convs  # the convs: already mixed where the input is
 
 
 # --- verification sizes ----------------------------------------------------------------------------
