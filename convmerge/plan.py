@@ -7,7 +7,7 @@ series-parallel structure: a run of steps and parallel blocks either becomes one
 is exact at every size, or at the given --input-size) or stays, a block that stays having its
 branches planned the same way.  'cheaper' minimises the fitted cost model then the layer count,
 'all' the reverse.  A chosen merge is verified in float64 against the original layers
-(reference.py) and rounded to its storage dtype once; the file writer and the module builder
+(verify.py, reference.py) and rounded to its storage dtype once; the file writer and the module builder
 take exactly those tensors (`Unit.stored`).
 """
 

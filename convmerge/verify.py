@@ -34,7 +34,7 @@ from .graph import CONV_OPS, JOIN_OPS, POOL_OPS, Graph
 from .reference import Params
 from .spec import ConvSpec, macs, pad_fits
 
-__all__ = ["Checked", "check", "chain_runs", "layer_sizes", "layers_run", "sizes"]
+__all__ = ["Checked", "chain_runs", "check", "covers", "layer_sizes", "layers_run", "sizes", "storage_problem"]
 
 VERIFY_TOLERANCE = 1e-9
 ROUNDING_ULPS = 64

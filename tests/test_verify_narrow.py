@@ -9,13 +9,16 @@ from typing import Any, Optional
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from convmerge import algebra, plan, verify
 from convmerge.algebra import BatchNorm, Conv
-from convmerge.graph import parse
+from convmerge.graph import GraphError, parse
 
 from .models import chain_of, describe, infos
 from .test_plan import mk
+from .test_regions import SETTINGS, regions
 
 
 def _bn(c: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -185,3 +188,37 @@ def test_a_corner_tap_of_a_wide_stride_two_block_is_checked_on_every_output_chan
         checked = verify.check(p.graph, loader, unit.input, unit.layers, unit.output, [Conv(merged.spec, w, merged.bias)],
                                sizes)
         assert checked.errors[0] > verify.VERIFY_TOLERANCE, (o, c)
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(regions(), st.data())
+def test_a_corrupted_entry_of_any_random_region_is_caught(built, data) -> None:
+    """Random regions (convs with strides, pads, dilation, groups and every mode, batch norms, identities,
+    poolings, pads, 1x1 -> kxk chains, add and concat), checked with every input mixed and every size but the
+    covering one narrowed to one output channel where the part ends in a dense conv: each merge passes, and one
+    entry of its weight or bias, off by a millionth of the weight's scale, is caught."""
+    b, cin, out = built
+    doc, tensors = b.doc(out), b.tensors
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(verify, "MIXES", 1)
+        mp.setattr(verify, "NARROW_OUT", 1)
+        mp.setattr(verify, "FULL_VERIFY_MACS", 0)
+        try:
+            p = _plan(doc, tensors)
+        except GraphError:
+            return  # a region PyTorch cannot run at any size: nothing to verify
+        for unit in p.applied:
+            merged = unit.stored
+            graph = p.graph
+            loader = plan.Loader(graph, plan.Tensors(infos(tensors), tensors.__getitem__))
+            sizes = verify.sizes(graph, unit.layers, unit.input, merged.spec, None)
+            delta = 1e-6 * max(float(merged.weight.abs().max()), 1e-3)
+            w, bias = merged.weight.clone(), None if merged.bias is None else merged.bias.clone()
+            if bias is not None and data.draw(st.booleans(), label="bias"):
+                bias[data.draw(st.integers(0, bias.numel() - 1), label="channel")] += delta
+            else:
+                index = tuple(data.draw(st.integers(0, n - 1), label=f"axis {k}") for k, n in enumerate(w.shape))
+                w[index] += delta
+            checked = verify.check(graph, loader, unit.input, unit.layers, unit.output, [Conv(merged.spec, w, bias)],
+                                   sizes)
+            assert checked.errors[0] > verify.VERIFY_TOLERANCE, (unit.layers, sizes)
