@@ -7,7 +7,7 @@ series-parallel structure: a run of steps and parallel blocks either becomes one
 is exact at every size, or at the given --input-size) or stays, a block that stays having its
 branches planned the same way.  'cheaper' minimises the fitted cost model then the layer count,
 'all' the reverse.  A chosen merge is verified in float64 against the original layers
-(reference.py) and rounded to its storage dtype once; the file writer and the module builder
+(verify.py, reference.py) and rounded to its storage dtype once; the file writer and the module builder
 take exactly those tensors (`Unit.stored`).
 """
 
@@ -31,17 +31,16 @@ from .reasons import Outcome, Why, sentence
 from .reduce import Reducer, Reduction, Summary, combine
 from .region import Item, Par, Region, Step, find_regions, layers_of, unit_name
 from .report import MergeEntry, PairEntry, RegionEntry, Report
-from .spec import BYTE_WEIGHT, LAYER_OVERHEAD, ConvSpec, cost, fit_size, macs, pad_fits, padding_fields, params
+from .spec import BYTE_WEIGHT, LAYER_OVERHEAD, ConvSpec, cost, fit_size, macs, padding_fields, params
+from .verify import VERIFY_TOLERANCE, chain_runs, layer_sizes, layers_run, storage_problem  # noqa: F401 (explain.py)
+from .verify import check as verify_merge
+from .verify import sizes as verification_sizes
 
 __all__ = ["Plan", "Tensors", "Unit", "VerificationError", "build", "POLICIES"]
 
 POLICIES = ("cheaper", "all")
 DEFAULT_COST_SIZE = 224
 """Spatial size per axis the cost model assumes where neither --input-size nor the graph tells."""
-VERIFY_TOLERANCE = 1e-9
-ROUNDING_ULPS = 64
-"""How far (in units of the dtype's epsilon, relative to the layers' scale) stored merged weights may stray."""
-MAX_VERIFY_LENGTH = 512
 KEEP_BYTES = 64 << 20
 """Merged weights kept in memory from verification to writing, and float64 ones awaiting a verification
 left to `Plan.verify`, in all; past it a merge is verified at once and its stored weights are dropped
@@ -50,11 +49,6 @@ bytes verified, so peak memory stays flat whatever the number of merges."""
 LATER_MAX = 4 << 20
 """The largest merge (float64 bytes) whose verification waits for `Plan.verify`: a larger one is verified at
 once, so the verifications beside the copy never run wide layers while the memory budget is full."""
-NARROW_IN, NARROW_OUT = 4, 8
-FULL_VERIFY_MACS = 1 << 22
-"""A merge is verified on every channel at sizes where the merged conv costs at most this many
-multiply-adds, and where it costs more (the size past the borders, at wide convs: seconds in float64)
-on NARROW_IN random input and NARROW_OUT output channels where its ends are dense convs."""
 
 
 class VerificationError(ConvmergeError, RuntimeError):
@@ -163,6 +157,7 @@ class Unit:
     every_size: bool = True  # exact at every input size (else only at the plan's input size, which chose it)
     recipe: Optional[Callable[[], Conv]] = field(default=None, repr=False, compare=False)
     digest: str = ""  # of the verified stored bytes (where the weight is dropped)
+    checked_macs: int = 0  # multiply-adds its verification ran (verify.Checked)
 
 
 @dataclass
@@ -434,7 +429,7 @@ class _Planner:
         assert merged is not None
         here = self.size_at.get(start)
         exact_everywhere = red.summary.verdict is Outcome.MERGEABLE
-        sizes = _verification_sizes(graph, layers, start, merged.spec, None if exact_everywhere else here)
+        sizes = verification_sizes(graph, layers, start, merged.spec, None if exact_everywhere else here)
         if not sizes:
             raise VerificationError(f"{end}: no input size where both the layers and the merged conv run")
         stored = algebra.cast(merged, dtype)
@@ -524,74 +519,6 @@ class _Planner:
                 return _counterexample(graph, loader, start, layers, end, conv,  # type: ignore[arg-type]
                                        checks, fail_at)
         return find
-
-
-class _Narrow:
-    """The layers' tensors with the part's input and output channels cut to a random few (reference.Params)."""
-
-    def __init__(self, loader: Loader, readers: set[str], keep_in: Optional[torch.Tensor], last: Optional[str],
-                 tail: set[str], keep_out: Optional[torch.Tensor]) -> None:
-        self.loader, self.readers, self.keep_in, self.last, self.tail, self.keep_out = \
-            loader, readers, keep_in, last, tail, keep_out
-
-    def conv(self, name: str) -> Conv:
-        c = self.loader.conv(name)
-        spec, w, b = c.spec, c.weight, c.bias
-        if self.keep_in is not None and name in self.readers:
-            spec, w = replace(spec, in_channels=len(self.keep_in)), w[:, self.keep_in]
-        if self.keep_out is not None and name == self.last:
-            spec, w = replace(spec, out_channels=len(self.keep_out)), w[self.keep_out]
-            b = None if b is None else b[self.keep_out]
-        return Conv(spec, w, b)
-
-    def bn(self, name: str) -> BatchNorm:
-        bn = self.loader.bn(name)
-        if self.keep_out is None or name not in self.tail:
-            return bn
-        pick = lambda t: None if t is None else t[self.keep_out]  # noqa: E731
-        return BatchNorm(pick(bn.mean), pick(bn.var), bn.eps, pick(bn.weight), pick(bn.bias))
-
-    def pad_value(self, name: str) -> Optional[torch.Tensor]:
-        return self.loader.pad_value(name)
-
-    def pad_value_dtype(self, name: str) -> torch.dtype:
-        return self.loader.pad_value_dtype(name)
-
-
-def _narrowed(graph: Graph, loader: Loader, start: str, layers: Sequence[str], end: str,
-              merged: list[Conv]) -> tuple[Any, list[Conv]]:
-    """Where the part starts with dense convs only and ends in one (then batch norms), its verification runs
-    on NARROW_IN random input and NARROW_OUT output channels: slicing a weight is exact, and wide layers
-    in float64 take seconds where a few channels take milliseconds."""
-    if any(m.spec.groups != 1 for m in merged):
-        return loader, merged
-    inside = set(layers)
-    gen = torch.Generator().manual_seed(0)
-    readers = {n for n in layers if start in graph.layers[n].inputs}
-    keep_in = None
-    cin, cout = merged[0].spec.in_channels, merged[0].spec.out_channels
-    if cin > NARROW_IN and readers and all(graph.layers[n].op in CONV_OPS and graph.specs[n].groups == 1
-                                           for n in readers):
-        keep_in = torch.randperm(cin, generator=gen)[:NARROW_IN]
-    path, cur = [], end
-    while cur in inside and graph.layers[cur].op in PASSTHROUGH_OPS:
-        path.append(cur)
-        cur = graph.layers[cur].inputs[0]
-    last = cur if cur in inside and graph.layers[cur].op in CONV_OPS and graph.specs[cur].groups == 1 else None
-    chain = [last, *reversed(path)]
-    alone = all([c for c in graph.consumers.get(v, []) if c in inside] == [nxt] for v, nxt in zip(chain, chain[1:]))
-    keep_out = torch.randperm(cout, generator=gen)[:NARROW_OUT] if last and alone and cout > NARROW_OUT else None
-    if keep_in is None and keep_out is None:
-        return loader, merged
-    out = []
-    for m in merged:
-        spec, w, b = m.spec, m.weight, m.bias
-        if keep_in is not None:
-            spec, w = replace(spec, in_channels=len(keep_in)), w[:, keep_in]
-        if keep_out is not None:
-            spec, w, b = replace(spec, out_channels=len(keep_out)), w[keep_out], None if b is None else b[keep_out]
-        out.append(Conv(spec, w, b))
-    return _Narrow(loader, readers, keep_in, last, set(path), keep_out), out
 
 
 Found = tuple[Optional[Counterexample], str]
@@ -749,104 +676,6 @@ def _widened(found: Counterexample, a_i: Conv, b: Conv, v: Any, in_channels: int
                    candidate_output=algebra.apply(cand_i, x), index=index)
 
 
-# --- verification sizes ----------------------------------------------------------------------------
-
-
-def _verification_sizes(graph: Graph, layers: Sequence[str], start: str, merged: ConvSpec,
-                        size: Optional[Sequence[int]]) -> list[tuple[int, ...]]:
-    """Small sizes per axis covering every residue of the merged stride near the borders, and one past
-    them; for a merge exact only at `size`, a congruent size past the border interactions stands in."""
-    per_axis = []
-    for k in range(merged.ndim):
-        period = merged.axes[k].stride
-        first = _first(lambda n: _runs_axis(graph, layers, start, k, n, merged))
-        if first is None:
-            return []
-        reach = merged.axes[k].extent + sum(merged.axes[k].pad)
-        begin = 4 * reach + 4 * period + 8
-        if size is None:
-            sizes = list(range(first, first + period + 1))
-            if begin + period <= MAX_VERIFY_LENGTH:
-                sizes.append(max(begin, first) + period)
-            per_axis.append(sizes)
-        else:
-            want = size[k]
-            per_axis.append([want if want < begin + period else begin + (want - begin) % period])
-    longest = max(len(p) for p in per_axis)
-    return [tuple(p[min(i, len(p) - 1)] for p in per_axis) for i in range(longest)]
-
-
-def _runs_axis(graph: Graph, layers: Sequence[str], start: str, k: int, n: int, merged: ConvSpec) -> bool:
-    size = [4 * (a.extent + sum(a.pad)) + 64 for a in merged.axes]
-    size[k] = n
-    return layers_run(graph, layers, start, tuple(size), merged)
-
-
-def layer_sizes(graph: Graph, layers: Sequence[str], start: str, size: Sequence[int]) -> dict[str, tuple[int, ...]]:
-    """The spatial size of every value of a part when its input has `size` (a value missing: it cannot run)."""
-    known: dict[str, tuple[int, ...]] = {start: tuple(size)}
-    for name in layers:
-        layer = graph.layers[name]
-        if any(s not in known for s in layer.inputs):
-            continue
-        ins = [known[s] for s in layer.inputs]
-        x = ins[0]
-        if layer.op in CONV_OPS:
-            spec = graph.specs[name]
-            if not all(pad_fits(spec.padding_mode, a.pad, n) for a, n in zip(spec.axes, x)):
-                continue
-        elif layer.op == "pad":
-            pad = graph.pads[name]
-            mode = "zeros" if pad.mode == "constant" else pad.mode
-            if not all(pad_fits(mode, p, n) for p, n in zip(pad.pairs(len(x)), x)):
-                continue
-        elif layer.op in JOIN_OPS and len(set(ins)) > 1:
-            continue
-        elif layer.op in POOL_OPS and graph.pools[name].size_problem(x) is not None:
-            continue
-        out = graph.out_size(layer, ins)
-        if out is not None and all(n >= 1 for n in out):
-            known[name] = out
-    return known
-
-
-def layers_run(graph: Graph, layers: Sequence[str], start: str, size: Sequence[int],
-               merged: Optional[ConvSpec]) -> bool:
-    """Whether PyTorch runs these layers (and the merged conv) on an input of this spatial size."""
-    if merged is not None and not all(pad_fits(merged.padding_mode, a.pad, n) and a.out_len(n) >= 1
-                                      for a, n in zip(merged.axes, size)):
-        return False
-    return not layers or layers[-1] in layer_sizes(graph, layers, start, size)
-
-
-def chain_runs(convs: Sequence[Conv], k: int, n: int) -> bool:
-    for c in convs:
-        a = c.spec.axes[k]
-        if not pad_fits(c.spec.padding_mode, a.pad, n):
-            return False
-        n = a.out_len(n)
-        if n < 1:
-            return False
-    return True
-
-
-def _first(ok: Callable[[int], bool], limit: int = 1 << 20) -> Optional[int]:
-    """The least n >= 1 with ok(n), for ok monotone in n (layers that run at n run at n + 1)."""
-    hi = 1
-    while not ok(hi):
-        hi *= 2
-        if hi > limit:
-            return None
-    lo = hi // 2 + 1 if hi > 1 else 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return hi
-
-
 # --- small helpers ---------------------------------------------------------------------------------
 
 
@@ -879,36 +708,18 @@ def _unit_tensors(unit: Unit) -> list[tuple[str, Any]]:
 
 def _checker(graph: Graph, loader: Loader, unit: Unit, merged: list[Conv], sizes: Sequence[tuple[int, ...]],
              tolerance: float) -> Callable[[], bool]:
-    """A merge's verification: it records the errors and says whether the stored weights refuse the merge.
-    It holds only what it needs (not the planner's reductions), since it may wait for `Plan.verify`."""
+    """A merge's verification (verify.py): it records the errors and says whether the stored weights refuse the
+    merge.  It holds only what it needs (not the planner's reductions), since it may wait for `Plan.verify`."""
     def check() -> bool:
-        errors = _verify(graph, loader, unit.input, unit.layers, unit.output, merged, sizes)
+        checked = verify_merge(graph, loader, unit.input, unit.layers, unit.output, merged, sizes)
+        errors = checked.errors
         if not errors[0] <= tolerance:
             raise VerificationError(f"{unit.output}: the merged conv differs from its layers by {errors[0]:.3g} "
                                     f"(relative) at sizes {list(sizes)}")
-        unit.error, unit.rounding = errors
-        unit.refused = _storage_problem(errors[1], unit.dtype)
+        unit.error, unit.rounding, unit.checked_macs = errors[0], errors[1], checked.macs
+        unit.refused = storage_problem(errors[1], unit.dtype)
         return unit.refused is not None
     return check
-
-
-def _verify(graph: Graph, loader: Loader, start: str, layers: Sequence[str], end: str, merged: list[Conv],
-            sizes: Sequence[tuple[int, ...]]) -> list[float]:
-    """Relative errors of each version of the merge against the layers: every channel at the small sizes
-    (the borders), a few random ones (`_narrowed`) at sizes where all of them would take long."""
-    small = [s for s in sizes if algebra.macs(merged[0].spec, s) <= FULL_VERIFY_MACS]
-    large = [s for s in sizes if s not in small]
-    errors = [0.0] * len(merged)
-    for part, narrow in ((small, False), (large, True)):
-        if not part:
-            continue
-        oracle, convs = _narrowed(graph, loader, start, layers, end, merged) if narrow else (loader, merged)
-        run = lambda x: reference.run(graph, oracle, start, layers, end, x)  # noqa: E731
-        terms = reference.Magnitudes(graph, oracle)
-        bound = lambda x: reference.run(graph, terms, start, layers, end, x)  # noqa: E731
-        got = algebra.max_errors(run, convs, part, convs[0].spec.in_channels, magnitude=bound)
-        errors = [max(a, b) for a, b in zip(errors, got)]
-    return errors
 
 
 def _nbytes(conv: Conv) -> int:
@@ -967,17 +778,6 @@ def _storage_dtype(tensors: Tensors, convs: Sequence[str], others: Sequence[str]
 
 def _dtype_of(info: Any) -> torch.dtype:
     return info.dtype if isinstance(info.dtype, torch.dtype) else _torch_dtype(info.dtype)
-
-
-def _storage_problem(rounding: float, dtype: torch.dtype) -> Optional[str]:
-    """A merge whose weights overflow or underflow their dtype would change the model: refuse it."""
-    limit = ROUNDING_ULPS * torch.finfo(dtype).eps
-    if rounding <= limit:
-        return None
-    name = str(dtype).removeprefix("torch.")
-    off = "overflow" if rounding == float("inf") else f"are off by {rounding:.2g} (relative)"
-    return (f"merge refused: stored as {name} the merged weights {off}, more than {ROUNDING_ULPS} ulps; "
-            "the layers stay unmerged")
 
 
 def _nominal(graph: Graph, input_size: Optional[Sequence[int]]) -> Optional[tuple[int, ...]]:

@@ -7,6 +7,7 @@ checks the reduction itself.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Protocol, Sequence
 
 import torch
@@ -17,7 +18,7 @@ from .algebra import BatchNorm, Conv
 from .graph import CONV_OPS, POOL_OPS, Graph
 from .spec import PadSpec, PoolSpec
 
-__all__ = ["Magnitudes", "Params", "avg_pool", "pad", "run"]
+__all__ = ["Magnitudes", "Params", "avg_pool", "mixed", "pad", "run", "takes_mix"]
 
 _POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
@@ -34,14 +35,36 @@ class Params(Protocol):
     def pad_value_dtype(self, name: str) -> torch.dtype: ...
 
 
-def run(graph: Graph, params: Params, start: str, layers: Sequence[str], end: str, x: torch.Tensor) -> torch.Tensor:
-    """The value of `end` when `start` holds `x`; `layers` are those between them, in graph order."""
+def run(graph: Graph, params: Params, start: str, layers: Sequence[str], end: str, x: torch.Tensor,
+        mix: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The value of `end` when `start` holds `x`; `layers` are those between them, in graph order.
+
+    With `mix` ([channels, k]), `x` holds k mixtures and `start` the channels `mix @ x` at each position: a
+    dense conv reading `start` (`takes_mix`) runs on `x`, `params` giving it with its weight times `mix`
+    (`mixed`: exact, a conv is linear in its input channels, whatever its padding); any other reader reads
+    `mix @ x` itself."""
     values = {start: x}
+    wide: Optional[torch.Tensor] = None
     for name in layers:
         layer = graph.layers[name]
-        args = [values[src] for src in layer.inputs]
+        if mix is not None and start in layer.inputs and not takes_mix(graph, name, start) and wide is None:
+            wide = torch.matmul(x.movedim(1, -1), mix.T).movedim(-1, 1)
+        args = [values[src] if src != start or wide is None or takes_mix(graph, name, start) else wide
+                for src in layer.inputs]
         values[name] = _op(graph, params, name, layer.op, args)
     return values[end]
+
+
+def takes_mix(graph: Graph, name: str, start: str) -> bool:
+    """A dense conv reading `start`: given mixtures, it runs on them (`run`)."""
+    layer = graph.layers[name]
+    return layer.op in CONV_OPS and graph.specs[name].groups == 1 and layer.inputs[0] == start
+
+
+def mixed(conv: Conv, mix: torch.Tensor) -> Conv:
+    """A dense conv read through `mix` ([in_channels, k]): the conv of k channels with weight W @ mix, float64."""
+    weight = torch.matmul(conv.weight.double().movedim(1, -1), mix).movedim(-1, 1)
+    return Conv(replace(conv.spec, in_channels=mix.shape[1]), weight.contiguous(), conv.bias)
 
 
 def _op(graph: Graph, params: Params, name: str, op: str, args: list[torch.Tensor]) -> torch.Tensor:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from convmerge import algebra, io, plan
+from convmerge import algebra, io, plan, verify
 from convmerge.algebra import BatchNorm, Conv
 from convmerge.cli import app
 
@@ -58,7 +58,7 @@ def test_a_recomputed_weight_that_differs_from_the_verified_one_is_refused(monke
 @pytest.mark.parametrize("with_bn", [False, True])
 def test_narrowed_verification_passes_a_right_merge_and_catches_a_wrong_one(monkeypatch: pytest.MonkeyPatch,
                                                                              with_bn: bool) -> None:
-    monkeypatch.setattr(plan, "FULL_VERIFY_MACS", 0)  # every size narrowed
+    monkeypatch.setattr(verify, "FULL_VERIFY_MACS", 0)  # every size but the covering one narrowed
     convs = _wide_chain()
     gen = torch.Generator().manual_seed(3)
     bns = {1: BatchNorm(torch.randn(10, generator=gen, dtype=torch.float64),

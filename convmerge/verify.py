@@ -1,0 +1,302 @@
+"""A merge checked against the layers it replaces, in float64: random inputs through the original layers
+(reference.py) and through the merged conv, at the sizes that show every border case and one past them.
+
+The cost stays in proportion to the layers at those sizes.  Where the merged conv is dense and reads more
+than MIXES channels, the input is MIXES random mixtures of its channels: x = R u, R a Gaussian
+[channels, MIXES] matrix, u random.  A dense conv that reads x runs on u with its weight times R (exact:
+a conv is linear in its input channels); any other reader (a batch norm, an identity, a pad, a pooling:
+per-channel ops, an identity or BN branch being a delta) reads R u itself; the merged conv becomes its
+weight times R.  Where the check would still cost more than FULL_VERIFY_MACS at a size (a chain whose later
+convs are wide), its output there is compared on NARROW_OUT random channels of its last dense conv (and
+the batch norms after it) -- except at the smallest size where an output of the merged conv reads only
+the input on every tap ('covering'), where every output channel is compared.
+
+Why nothing wrong hides.  The layers and the merged conv are both affine in x.  At the covering size, an
+output of every channel o sees every tap t of the merged conv on random input, so a difference D[o, c, t]
+between the merged weight and the layers' shows unless sum over c of D[o, c, t] R[c, j] is zero for every
+mixture j: for any D that is not zero, Gaussian R makes that an event of probability zero.  A wrong
+weight at any output channel, input channel or tap, or a wrong bias, is caught (tests/test_verify_narrow.py
+corrupts each entry in turn).  Grouped merged convs are checked on every channel (they are cheap: their
+weights hold a group's channels only).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import algebra, reference
+from .algebra import BatchNorm, Conv
+from .graph import CONV_OPS, JOIN_OPS, PASSTHROUGH_OPS, POOL_OPS, Graph
+from .reference import Params
+from .spec import ConvSpec, macs, pad_fits
+
+__all__ = ["Checked", "chain_runs", "check", "covers", "layer_sizes", "layers_run", "sizes", "storage_problem"]
+
+VERIFY_TOLERANCE = 1e-9
+ROUNDING_ULPS = 64
+"""How far (in units of the dtype's epsilon, relative to the layers' scale) stored merged weights may stray."""
+MAX_VERIFY_LENGTH = 512
+MIXES, NARROW_OUT = 4, 8
+FULL_VERIFY_MACS = 1 << 22
+"""Multiply-adds (layers, their magnitudes and the merged convs, inputs mixed) past which a size other than
+the covering one compares NARROW_OUT output channels, where the layers end in a dense conv (then batch norms)."""
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What one verification found and what it cost."""
+
+    errors: list[float]  # per version of the merge: max |layers - merged| relative to the layers' scale
+    macs: int  # multiply-adds it ran: the layers twice (values and magnitudes) and each version, every size
+
+
+def check(graph: Graph, params: Params, start: str, layers: Sequence[str], end: str, merged: Sequence[Conv],
+          sizes: Sequence[tuple[int, ...]]) -> Checked:
+    """Relative errors of each version of the merge against the layers (see the module's docstring)."""
+    gen = torch.Generator().manual_seed(0)
+    spec = merged[0].spec
+    mix = None
+    if spec.groups == 1 and spec.in_channels > MIXES:
+        mix = torch.randn(spec.in_channels, MIXES, generator=gen, dtype=torch.float64) / math.sqrt(MIXES)
+    wide = [reference.mixed(m, mix) for m in merged] if mix is not None else list(merged)
+    cut = _narrowed(graph, params, layers, end, wide, gen)
+    covering = [s for s in sizes if covers(spec, s)]
+    cover = min(covering, key=math.prod) if covering else None
+    ways = {False: (_Mixed(graph, params, start, mix), wide)}
+    if cut is not None:
+        ways[True] = (_Mixed(graph, cut[0], start, mix), cut[1])
+    parts: dict[bool, list[tuple[int, ...]]] = {False: [], True: []}
+    for s in sizes:
+        parts[cut is not None and cover is not None and s != cover and
+              _macs(graph, ways[False][0], start, layers, wide, mix, s) > FULL_VERIFY_MACS].append(s)
+    errors, total = [0.0] * len(merged), 0
+    for narrow, part in parts.items():
+        if not part:
+            continue
+        oracle, convs = ways[narrow]
+        terms = _Mixed(graph, reference.Magnitudes(graph, oracle.params), start, None if mix is None else mix.abs())
+        run = lambda x: reference.run(graph, oracle, start, layers, end, x, oracle.mix)  # noqa: E731
+        bound = lambda x: reference.run(graph, terms, start, layers, end, x, terms.mix)  # noqa: E731
+        got = algebra.max_errors(run, convs, part, convs[0].spec.in_channels, magnitude=bound)
+        errors = [max(a, b) for a, b in zip(errors, got)]
+        total += sum(_macs(graph, oracle, start, layers, convs, mix, s) for s in part)
+    return Checked(errors, total)
+
+
+def covers(spec: ConvSpec, size: Sequence[int]) -> bool:
+    """Whether some output of the conv reads the input alone (no padding) on every tap, on every axis."""
+    return all(-(-a.pad[0] // a.stride) * a.stride - a.pad[0] + a.extent <= n for a, n in zip(spec.axes, size))
+
+
+def _macs(graph: Graph, params: Params, start: str, layers: Sequence[str], merged: Sequence[Conv],
+          mix: Optional[torch.Tensor], size: Sequence[int]) -> int:
+    """What one size of the check costs: the layers twice (values, magnitudes), the mixing, each merged conv."""
+    at = layer_sizes(graph, layers, start, size)
+    readers = [n for n in layers if start in graph.layers[n].inputs]
+    widened = mix is not None and not all(reference.takes_mix(graph, n, start) for n in readers)
+    ref = mix.numel() * math.prod(size) if widened else 0  # R u, for the readers of the channels themselves
+    for name in layers:
+        layer = graph.layers[name]
+        if layer.op in CONV_OPS and layer.inputs[0] in at:
+            ref += macs(params.conv(name).spec, at[layer.inputs[0]])
+    return 2 * ref + sum(macs(m.spec, size) for m in merged)
+
+
+class _Mixed:
+    """The layers' tensors for a run on mixtures (reference.run's `mix`): a dense conv reading the start with its
+    weight times `mix`; each layer's tensors made once for all the sizes of one check (reference.Params)."""
+
+    def __init__(self, graph: Graph, params: Params, start: str, mix: Optional[torch.Tensor]) -> None:
+        self.graph, self.params, self.start, self.mix = graph, params, start, mix
+        self._convs: dict[str, Conv] = {}
+        self._bns: dict[str, BatchNorm] = {}
+
+    def conv(self, name: str) -> Conv:
+        if name not in self._convs:
+            conv = self.params.conv(name)
+            if self.mix is not None and reference.takes_mix(self.graph, name, self.start):
+                conv = reference.mixed(conv, self.mix)
+            self._convs[name] = conv
+        return self._convs[name]
+
+    def bn(self, name: str) -> BatchNorm:
+        if name not in self._bns:
+            self._bns[name] = self.params.bn(name)
+        return self._bns[name]
+
+    def pad_value(self, name: str) -> Optional[torch.Tensor]:
+        return self.params.pad_value(name)
+
+    def pad_value_dtype(self, name: str) -> torch.dtype:
+        return self.params.pad_value_dtype(name)
+
+
+class _Narrow:
+    """The layers' tensors with the output cut to a few channels: the last dense conv's and its batch norms'
+    (reference.Params; slicing a weight is exact)."""
+
+    def __init__(self, params: Params, last: str, tail: set[str], keep: torch.Tensor) -> None:
+        self.params, self.last, self.tail, self.keep = params, last, tail, keep
+
+    def conv(self, name: str) -> Conv:
+        c = self.params.conv(name)
+        if name != self.last:
+            return c
+        return Conv(replace(c.spec, out_channels=len(self.keep)), c.weight[self.keep],
+                    None if c.bias is None else c.bias[self.keep])
+
+    def bn(self, name: str) -> BatchNorm:
+        bn = self.params.bn(name)
+        if name not in self.tail:
+            return bn
+        pick = lambda t: None if t is None else t[self.keep]  # noqa: E731
+        return BatchNorm(pick(bn.mean), pick(bn.var), bn.eps, pick(bn.weight), pick(bn.bias))
+
+    def pad_value(self, name: str) -> Optional[torch.Tensor]:
+        return self.params.pad_value(name)
+
+    def pad_value_dtype(self, name: str) -> torch.dtype:
+        return self.params.pad_value_dtype(name)
+
+
+def _narrowed(graph: Graph, params: Params, layers: Sequence[str], end: str, merged: Sequence[Conv],
+              gen: torch.Generator) -> Optional[tuple[_Narrow, list[Conv]]]:
+    """The layers and merged convs on NARROW_OUT random output channels, where the part ends in a dense conv
+    then batch norms, identities or dropouts, each value read by the next alone (None elsewhere)."""
+    cout = merged[0].spec.out_channels
+    if merged[0].spec.groups != 1 or cout <= NARROW_OUT:
+        return None
+    inside = set(layers)
+    path, cur = [], end
+    while cur in inside and graph.layers[cur].op in PASSTHROUGH_OPS:
+        path.append(cur)
+        cur = graph.layers[cur].inputs[0]
+    if cur not in inside or graph.layers[cur].op not in CONV_OPS or graph.specs[cur].groups != 1:
+        return None
+    chain = [cur, *reversed(path)]
+    if not all([c for c in graph.consumers.get(v, []) if c in inside] == [nxt] for v, nxt in zip(chain, chain[1:])):
+        return None
+    keep = torch.randperm(cout, generator=gen)[:NARROW_OUT]
+    pick = lambda b: None if b is None else b[keep]  # noqa: E731
+    convs = [Conv(replace(m.spec, out_channels=NARROW_OUT), m.weight[keep], pick(m.bias)) for m in merged]
+    return _Narrow(params, cur, set(path), keep), convs  # the convs: already mixed where the input is
+
+
+# --- verification sizes ----------------------------------------------------------------------------
+
+
+def sizes(graph: Graph, layers: Sequence[str], start: str, merged: ConvSpec,
+          size: Optional[Sequence[int]]) -> list[tuple[int, ...]]:
+    """Small sizes per axis covering every residue of the merged stride near the borders, the smallest size
+    where an output reads every tap inside the input (`covers`), and one past the borders; for a merge exact
+    only at `size`, a congruent size past the border interactions stands in."""
+    per_axis, cover = [], []
+    for k in range(merged.ndim):
+        a = merged.axes[k]
+        period = a.stride
+        first = _first(lambda n: _runs_axis(graph, layers, start, k, n, merged))
+        if first is None:
+            return []
+        reach = a.extent + sum(a.pad)
+        begin = 4 * reach + 4 * period + 8
+        if size is None:
+            found = list(range(first, first + period + 1))
+            if begin + period <= MAX_VERIFY_LENGTH:
+                found.append(max(begin, first) + period)
+            per_axis.append(found)
+            cover.append(max(first, -(-a.pad[0] // period) * period - a.pad[0] + a.extent))
+        else:
+            want = size[k]
+            per_axis.append([want if want < begin + period else begin + (want - begin) % period])
+    longest = max(len(p) for p in per_axis)
+    out = [tuple(p[min(i, len(p) - 1)] for p in per_axis) for i in range(longest)]
+    if cover and tuple(cover) not in out and layers_run(graph, layers, start, tuple(cover), merged):
+        out = sorted(out + [tuple(cover)], key=math.prod)
+    return out
+
+
+def _runs_axis(graph: Graph, layers: Sequence[str], start: str, k: int, n: int, merged: ConvSpec) -> bool:
+    size = [4 * (a.extent + sum(a.pad)) + 64 for a in merged.axes]
+    size[k] = n
+    return layers_run(graph, layers, start, tuple(size), merged)
+
+
+def layer_sizes(graph: Graph, layers: Sequence[str], start: str, size: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """The spatial size of every value of a part when its input has `size` (a value missing: it cannot run)."""
+    known: dict[str, tuple[int, ...]] = {start: tuple(size)}
+    for name in layers:
+        layer = graph.layers[name]
+        if any(s not in known for s in layer.inputs):
+            continue
+        ins = [known[s] for s in layer.inputs]
+        x = ins[0]
+        if layer.op in CONV_OPS:
+            spec = graph.specs[name]
+            if not all(pad_fits(spec.padding_mode, a.pad, n) for a, n in zip(spec.axes, x)):
+                continue
+        elif layer.op == "pad":
+            pad = graph.pads[name]
+            mode = "zeros" if pad.mode == "constant" else pad.mode
+            if not all(pad_fits(mode, p, n) for p, n in zip(pad.pairs(len(x)), x)):
+                continue
+        elif layer.op in JOIN_OPS and len(set(ins)) > 1:
+            continue
+        elif layer.op in POOL_OPS and graph.pools[name].size_problem(x) is not None:
+            continue
+        out = graph.out_size(layer, ins)
+        if out is not None and all(n >= 1 for n in out):
+            known[name] = out
+    return known
+
+
+def layers_run(graph: Graph, layers: Sequence[str], start: str, size: Sequence[int],
+               merged: Optional[ConvSpec]) -> bool:
+    """Whether PyTorch runs these layers (and the merged conv) on an input of this spatial size."""
+    if merged is not None and not all(pad_fits(merged.padding_mode, a.pad, n) and a.out_len(n) >= 1
+                                      for a, n in zip(merged.axes, size)):
+        return False
+    return not layers or layers[-1] in layer_sizes(graph, layers, start, size)
+
+
+def chain_runs(convs: Sequence[Conv], k: int, n: int) -> bool:
+    for c in convs:
+        a = c.spec.axes[k]
+        if not pad_fits(c.spec.padding_mode, a.pad, n):
+            return False
+        n = a.out_len(n)
+        if n < 1:
+            return False
+    return True
+
+
+def _first(ok: Callable[[int], bool], limit: int = 1 << 20) -> Optional[int]:
+    """The least n >= 1 with ok(n), for ok monotone in n (layers that run at n run at n + 1)."""
+    hi = 1
+    while not ok(hi):
+        hi *= 2
+        if hi > limit:
+            return None
+    lo = hi // 2 + 1 if hi > 1 else 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def storage_problem(rounding: float, dtype: torch.dtype) -> Optional[str]:
+    """A merge whose weights overflow or underflow their dtype would change the model: refuse it."""
+    limit = ROUNDING_ULPS * torch.finfo(dtype).eps
+    if rounding <= limit:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    off = "overflow" if rounding == float("inf") else f"are off by {rounding:.2g} (relative)"
+    return (f"merge refused: stored as {name} the merged weights {off}, more than {ROUNDING_ULPS} ulps; "
+            "the layers stay unmerged")
+
