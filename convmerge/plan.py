@@ -245,7 +245,7 @@ def build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]] = 
 def _build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]], policy: str,
            on_region: Optional[Callable[[], None]], verify_later: bool) -> Plan:
     if input_size is not None:
-        dims = sorted({spec.ndim for spec in graph.specs.values()}) or [len(input_size)]
+        dims = sorted({spec.ndim for spec in graph.specs.values()} - {0}) or [len(input_size)]
         input_size = fit_size(input_size, dims[0])
     size_at = graph.sizes(input_size)
     _check_sizes(graph, size_at, input_size)
@@ -325,6 +325,8 @@ class _Planner:
             return f"{bad[0]} has NaN or Inf in its tensors, so the region is not merged"
         for name in self.region.layers:
             layer = self.graph.layers[name]
+            if layer.op == "pad" and self.ndim == 0:
+                return f"pad {name} pads a value with no spatial axes (the linear layers' [N, C])"
             if layer.op == "pad" and self.graph.pads[name].axes_given() not in (None, self.ndim):
                 return f"pad {name} names {self.graph.pads[name].axes_given()} axes but the convs have {self.ndim}"
             if layer.op in POOL_OPS and self.graph.pools[name].ndim != self.ndim:
@@ -756,6 +758,8 @@ def _verification_sizes(graph: Graph, layers: Sequence[str], start: str, merged:
                         size: Optional[Sequence[int]]) -> list[tuple[int, ...]]:
     """Small sizes per axis covering every residue of the merged stride near the borders, and one past
     them; for a merge exact only at `size`, a congruent size past the border interactions stands in."""
+    if merged.ndim == 0:
+        return [()]  # linear layers: one size, none
     per_axis = []
     for k in range(merged.ndim):
         period = merged.axes[k].stride
@@ -983,7 +987,7 @@ def _storage_problem(rounding: float, dtype: torch.dtype) -> Optional[str]:
 def _nominal(graph: Graph, input_size: Optional[Sequence[int]]) -> Optional[tuple[int, ...]]:
     if input_size:
         return tuple(input_size)
-    dims = {spec.ndim for spec in graph.specs.values()}
+    dims = {spec.ndim for spec in graph.specs.values()} - {0}  # linear layers have no size to assume
     return (DEFAULT_COST_SIZE,) * dims.pop() if len(dims) == 1 else None
 
 

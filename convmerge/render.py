@@ -147,6 +147,8 @@ def conv_words(fields: Optional[dict[str, Any]]) -> str:
     """'4x4 s2 p[1,1][1,1]' style summary of a conv's fields."""
     if not fields:
         return "-"
+    if not fields["kernel_size"]:
+        return "linear"  # no spatial axes
     k = "x".join(map(str, fields["kernel_size"]))
     s = _axes(fields["stride"])
     pads = fields["padding"]

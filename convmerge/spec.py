@@ -60,7 +60,7 @@ class ConvSpec:
 
     @property
     def axis_names(self) -> tuple[str, ...]:
-        return AXIS_NAMES[self.ndim]
+        return AXIS_NAMES.get(self.ndim, ())  # a linear layer has none
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
