@@ -137,3 +137,96 @@ def test_a_bad_linear_layer_is_an_error_naming_the_layer_and_field(change, words
     with pytest.raises(GraphError) as e:
         parse(doc, infos(tensors))
     assert words in str(e.value)
+
+
+# --- the tracers ------------------------------------------------------------------------------------
+
+
+def _linears(module: torch.nn.Module) -> int:
+    """The linear layers' weights a module holds (the only 2-d tensors of these models)."""
+    return sum(p.dim() == 2 for p in module.parameters())
+
+
+def _head(widths, between=lambda c: []):
+    layers = []
+    for cin, cout in zip(widths, widths[1:]):
+        layers += [torch.nn.Linear(cin, cout), *between(cout)]
+    return torch.nn.Sequential(*layers[:len(layers) - len(between(widths[-1]))])
+
+
+def _random_norms(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=gen))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen))
+    return module.eval()
+
+
+@pytest.mark.parametrize("net, merged, kept", [
+    (lambda: _head([512, 2048, 10]), True, 1),  # ExpandNets' expanded classifier head
+    (lambda: _head([512, 32, 512]), False, 2),  # an SVD-factorised layer: cheaper as it is
+    (lambda: _head([16, 32, 4], lambda c: [torch.nn.ReLU()]), False, 2),  # an MLP: the ReLU is not linear
+    (lambda: _head([16, 32, 24, 4], lambda c: [torch.nn.BatchNorm1d(c), torch.nn.Dropout(), torch.nn.Identity()]),
+     True, 1),
+])
+def test_fuse_merges_traced_linear_layers_where_cheaper_and_computes_the_same(net, merged, kept):
+    import convmerge
+
+    torch.manual_seed(0)
+    module = _random_norms(net()).double().requires_grad_(False)
+    fused = convmerge.fuse(module)
+    assert _linears(fused) == kept
+    x = torch.randn(5, module[0].in_features, dtype=torch.float64)
+    want = module(x)
+    assert float((fused(x).detach() - want).abs().max()) <= 1e-10 * float(want.abs().max())
+    assert isinstance(fused.get_submodule(str(len(module) - 1)), torch.nn.Linear) is merged
+    assert bool(convmerge.check(module)["merges"]) is merged
+
+
+class _Mixed(torch.nn.Module):
+    """A conv stem, a flattened classifier head with a BatchNorm1d, a functional linear by a parameter, and a
+    linear over the last axis of a 3-d value (tokens), which is no conv of channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.flat = torch.nn.Flatten()
+        self.fc1 = torch.nn.Linear(4 * 4 * 4, 32)
+        self.bn = torch.nn.BatchNorm1d(32)
+        self.fc2 = torch.nn.Linear(32, 10)
+        self.w = torch.nn.Parameter(torch.randn(6, 10))
+        self.tokens = torch.nn.Linear(16, 16)
+        self.tokens2 = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        head = torch.nn.functional.linear(self.fc2(self.bn(self.fc1(self.flat(y)))), self.w)
+        return head, self.tokens2(self.tokens(y.flatten(2)))
+
+
+@pytest.mark.parametrize("tracer", ["export", "fx"])
+def test_both_tracers_read_linear_layers_on_two_axes_only(tracer):
+    from convmerge import trace_export, trace_fx
+
+    module = _random_norms(_Mixed())
+    traced = trace_export.describe(module, example_size=(6, 6)) if tracer == "export" else trace_fx.describe(module)
+    ops = {layer["name"]: layer["op"] for layer in traced.doc["layers"]}
+    assert [ops["fc1"], ops["bn"], ops["fc2"]] == ["linear", "batch_norm", "linear"]
+    assert ops["tokens"] == ops["tokens2"] == "opaque_linear"
+    assert (ops.get("linear") == "linear") is (tracer == "export")  # fx sees F.linear as a function call
+
+
+def test_a_fused_mixed_model_merges_its_head_and_leaves_token_linears():
+    import convmerge
+
+    torch.manual_seed(1)
+    module = _random_norms(_Mixed()).double()
+    fused = convmerge.fuse(module, input_size=(6, 6))
+    rep = convmerge.check(module, input_size=(6, 6), policy="all")
+    assert [m["layers"] for m in rep["merges"]] == [["fc1", "bn", "fc2", "linear"]]
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    for got, want in zip(fused(x), module(x)):
+        assert float((got - want).abs().max()) <= 1e-10 * float(want.abs().max())
