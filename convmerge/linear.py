@@ -9,15 +9,9 @@ op name, and the layer as PyTorch and ONNX run it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
-
-import torch
-from torch import nn
+from typing import Any, Mapping, Sequence
 
 from .spec import ConvSpec, SpecError, _is_int
-
-if TYPE_CHECKING:
-    from .algebra import Conv
 
 OP = "linear"
 
@@ -44,13 +38,3 @@ def spec_from_fields(fields: Mapping[str, Any], weight_shape: Sequence[int], has
             raise SpecError(f"{key}: {fields[key]!r} contradicts the weight's shape {list(weight_shape)}")
     return spec(in_features, out_features, has_bias)
 
-
-def module(conv: "Conv") -> nn.Linear:
-    """An `nn.Linear` holding exactly these tensors (a merged unit of the fused module)."""
-    layer = nn.Linear(conv.spec.in_channels, conv.spec.out_channels, bias=conv.bias is not None,
-                      dtype=conv.weight.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(conv.weight)
-        if conv.bias is not None:
-            layer.bias.copy_(conv.bias)
-    return layer

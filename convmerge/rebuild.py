@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import linear
+from .modules import to_module
 from .plan import Plan, Unit
 from .trace_fx import mutates
 from .trace_layers import TraceError, Traced
@@ -180,7 +180,7 @@ def sized_merges(plan: Plan, inputs: int) -> Optional[InputShapeCheck]:
 def _conv(unit: Unit) -> nn.Module:
     spec, stored = unit.spec, unit.stored
     if spec.ndim == 0:
-        return linear.module(stored)
+        return to_module(stored)  # an nn.Linear
     symmetric = spec.symmetric
     conv = _CONV[spec.ndim](spec.in_channels, spec.out_channels, spec.kernel_size, stride=spec.stride,
                             padding=tuple(a.pad[0] for a in spec.axes) if symmetric else 0,

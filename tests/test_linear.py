@@ -230,3 +230,68 @@ def test_a_fused_mixed_model_merges_its_head_and_leaves_token_linears():
     x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
     for got, want in zip(fused(x), module(x)):
         assert float((got - want).abs().max()) <= 1e-10 * float(want.abs().max())
+
+
+# --- ONNX ---------------------------------------------------------------------------------------------
+
+
+def test_onnx_gemm_chains_merge_into_one_gemm_and_run_the_same_under_onnxruntime(tmp_path):
+    import warnings
+
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from convmerge import model as cm_model
+
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 32), torch.nn.BatchNorm1d(32), torch.nn.Dropout(),
+                              torch.nn.Linear(32, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
+    net = _random_norms(net)
+    src, out = tmp_path / "m.onnx", tmp_path / "m.fused.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(2, 3, 8, 8),), str(src), dynamo=False, opset_version=17,
+                          do_constant_folding=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "n"}})
+    report = cm_model.fuse_file(str(src), str(out), policy="all").to_dict()
+    assert [len(m["layers"]) for m in report["merges"]] == [3]  # Gemm, BatchNormalization, Gemm
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops == ["Conv", "Relu", "GlobalAveragePool", "Flatten", "Gemm", "Relu", "Gemm"]
+    onnx.checker.check_model(str(out), full_check=True)
+    x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(3)).numpy()
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa
+    want, got = run(src), run(out)
+    with torch.no_grad():
+        exact = net.double()(torch.from_numpy(x).double()).numpy()
+    for ours in (want, got):
+        assert abs(ours - exact).max() <= 1e-5 * abs(exact).max()
+
+
+@pytest.mark.parametrize("attrs, mapped", [
+    ({"transB": 1}, True),
+    ({"transB": 1, "alpha": 1.0, "beta": 1.0}, True),
+    ({}, False),  # B is [in, out]: not a weight read as it stands
+    ({"transB": 1, "alpha": 2.0}, False),
+    ({"transB": 1, "beta": 0.5}, False),
+    ({"transA": 1, "transB": 1}, False),
+])
+def test_only_gemms_that_are_linear_layers_read_as_linear(tmp_path, attrs, mapped):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from convmerge.onnx_read import read_model
+
+    gen = torch.Generator().manual_seed(0)
+    w1, b1 = torch.randn(6, 4, generator=gen), torch.randn(6, generator=gen)
+    w2 = torch.randn(3, 6, generator=gen)
+    w1 = w1 if attrs.get("transB") else w1.T.contiguous()
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], "g1", **attrs),
+             helper.make_node("Gemm", ["h", "w2"], ["y"], "g2", transB=1)]
+    inits = [numpy_helper.from_array(t.numpy(), n) for n, t in (("w1", w1), ("b1", b1), ("w2", w2))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], initializer=inits)
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    graph = read_model(str(path)).graph
+    assert (graph.layers["g1"].op == "linear") is mapped
+    assert graph.layers["g2"].op == "linear" or "transA" in attrs  # (that model's shapes are not [N, C])
