@@ -461,6 +461,7 @@ class _Reader:
         self.dequantized = {v for node in g.node if node.op_type == "DequantizeLinear" for v in node.output}
         self.quantized = {node.input[0] for node in g.node if node.op_type == "QuantizeLinear" and node.input}
         self._qdq: list[str] = []
+        self.makers = {node.output[0]: node for node in g.node if len(node.output) == 1}
 
     def describe(self) -> tuple[dict, dict[str, Info]]:
         inputs = []
@@ -562,6 +563,8 @@ class _Reader:
             return self._conv(ins, x, attrs)
         if op == "Gemm":
             return self._gemm(ins, x, attrs)
+        if op == "MatMul":
+            return self._matmul(ins, x)
         if op == "BatchNormalization":
             if x is None or len(ins) != 5 or not all(self._const(v) for v in ins[1:]) or attrs.int("training_mode", 0):
                 return None
@@ -631,6 +634,19 @@ class _Reader:
         if len(dims) != 2 or shape is None or len(shape) != 2 or (bias and tuple(self.constants[bias].dims) != dims[:1]):
             return None
         return {"op": "linear", "input": x}, {"weight": weight, **({"bias": bias} if bias else {})}
+
+    def _matmul(self, ins: list[str], x: Optional[str]) -> Optional[tuple[dict, dict[str, str]]]:
+        """MatMul(A, Transpose(W)) as a bias-less nn.Linear exports it: A a [N, C] value, W a constant [out, in]
+        (the weight as it stands; a MatMul by any other constant would need it transposed, and stays opaque)."""
+        made = self.makers.get(ins[1]) if len(ins) == 2 else None
+        if x is None or made is None or made.op_type != "Transpose" or len(made.input) != 1:
+            return None
+        weight, perm = made.input[0], next((list(a.ints) for a in made.attribute if a.name == "perm"), [1, 0])
+        shape = self.shapes.get(ins[0])
+        if not self._const(weight) or len(self.constants[weight].dims) != 2 or perm != [1, 0] or \
+                shape is None or len(shape) != 2:
+            return None
+        return {"op": "linear", "input": x}, {"weight": weight}
 
     def _pads(self, value: str, attrs: "_Attrs", kernel: Sequence[int], strides: Sequence[int],
               dilations: Sequence[int]) -> Optional[list[list[int]]]:

@@ -267,6 +267,35 @@ def test_onnx_gemm_chains_merge_into_one_gemm_and_run_the_same_under_onnxruntime
         assert abs(ours - exact).max() <= 1e-5 * abs(exact).max()
 
 
+def test_onnx_matmul_by_a_transposed_weight_is_a_bias_less_linear_layer(tmp_path):
+    import warnings
+
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from convmerge import model as cm_model
+
+    torch.manual_seed(4)
+    net = _random_norms(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 32, bias=False),
+                                            torch.nn.BatchNorm1d(32), torch.nn.Linear(32, 10, bias=False),
+                                            torch.nn.Linear(10, 5)))
+    src, out = tmp_path / "m.onnx", tmp_path / "m.fused.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(2, 3, 4),), str(src), dynamo=False, opset_version=17,
+                          do_constant_folding=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "n"}})
+    assert [n.op_type for n in onnx.load(str(src)).graph.node].count("MatMul") == 2
+    cm_model.fuse_file(str(src), str(out), policy="all")
+    fused = onnx.load(str(out)).graph
+    assert [n.op_type for n in fused.node] == ["Flatten", "Gemm"]
+    assert len(fused.initializer) == 2  # the merged weight and bias: the transposed weights are gone
+    x = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(5)).numpy()
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with torch.no_grad():
+        exact = net.double()(torch.from_numpy(x).double()).numpy()
+    assert abs(got - exact).max() <= 1e-5 * abs(exact).max()
+
+
 @pytest.mark.parametrize("attrs, mapped", [
     ({"transB": 1}, True),
     ({"transB": 1, "alpha": 1.0, "beta": 1.0}, True),
@@ -295,3 +324,27 @@ def test_only_gemms_that_are_linear_layers_read_as_linear(tmp_path, attrs, mappe
     graph = read_model(str(path)).graph
     assert (graph.layers["g1"].op == "linear") is mapped
     assert graph.layers["g2"].op == "linear" or "transA" in attrs  # (that model's shapes are not [N, C])
+
+
+# --- convmerge.load -------------------------------------------------------------------------------------
+
+
+def test_load_builds_a_fused_file_s_linear_layers(tmp_path):
+    import convmerge
+    from convmerge import model as cm_model
+
+    torch.manual_seed(6)
+    net = _random_norms(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32), torch.nn.Dropout(),
+                                            torch.nn.Linear(32, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3)))
+    src, out = tmp_path / "m.safetensors", tmp_path / "m.fused.safetensors"
+    convmerge.save(net, src)
+    cm_model.fuse_file(str(src), str(out))
+    doc, tensors = models.described(out)
+    assert [layer["op"] for layer in doc["layers"]] == ["linear", "relu", "linear"]
+    assert tensors["3.weight"].shape == (4, 16)
+    x = torch.randn(7, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = net.double()(x.double())
+        for path in (src, out):
+            got = convmerge.load(path)(x)
+            assert float((got.double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
