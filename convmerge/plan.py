@@ -998,7 +998,7 @@ def _check_sizes(graph: Graph, size_at: Mapping[str, Any], input_size: Optional[
     for name, layer in graph.layers.items():
         spec = graph.specs.get(name) or graph.pools.get(name)
         n = size_at.get(layer.inputs[0]) if spec is not None else None
-        problem = None if n is None or len(n) != spec.ndim else \
+        problem = None if n is None or (len(n) != spec.ndim and spec.ndim) else \
             size_problem(spec, n) if isinstance(spec, ConvSpec) else spec.size_problem(n)
         if problem:
             shown = "x".join(map(str, input_size or ()))

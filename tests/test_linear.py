@@ -348,3 +348,35 @@ def test_load_builds_a_fused_file_s_linear_layers(tmp_path):
         for path in (src, out):
             got = convmerge.load(path)(x)
             assert float((got.double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+# --- the command line -----------------------------------------------------------------------------------
+
+
+def test_the_cli_checks_explains_and_refuses_a_spatial_size_for_linear_layers(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    import convmerge
+    from convmerge.cli import app
+
+    torch.manual_seed(8)
+    net = _random_norms(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32), torch.nn.Linear(32, 4),
+                                            torch.nn.ReLU(), torch.nn.Linear(4, 64), torch.nn.Linear(64, 8)))
+    path = tmp_path / "mlp.safetensors"
+    convmerge.save(net, path)
+    run = lambda *args: CliRunner().invoke(app, [str(a) for a in args])  # noqa: E731
+    report = json.loads(run("check", path, "--json").stdout)
+    assert [m["layers"] for m in report["merges"]] == [["0", "1", "2"], ["4", "5"]]
+    for args in (("0", "2"), ("2",)):
+        shown = run("explain", path, *args)
+        assert shown.exit_code == 0, shown.output
+        assert "linear layers have no spatial axes" in shown.stdout and "exact" in shown.stdout
+    before = path.read_bytes()
+    refused = run("check", path, "--input-size", "8")
+    assert refused.exit_code == 2
+    assert refused.output.strip().splitlines() == [
+        "convmerge: error: --input-size 8: layer '0' cannot run there: a linear layer reads a [N, C] value, with no "
+        "spatial axes, not one of size 8"]
+    assert path.read_bytes() == before
