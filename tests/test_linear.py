@@ -104,6 +104,64 @@ def test_relu_between_linear_layers_stops_the_merge():
     assert [layer["op"] for layer in fused(p, tensors)[0]["layers"]] == ["linear", "relu", "linear"]
 
 
+@settings(max_examples=30, deadline=None)
+@given(c=st.integers(1, 8), outs=st.lists(st.integers(1, 8), min_size=1, max_size=3), concat=st.booleans(),
+       residual=st.booleans(), norm=st.booleans(), seed=st.integers(0, 2**16))
+def test_parallel_linear_branches_summed_or_concatenated_are_one_linear_layer(c, outs, concat, residual, norm, seed):
+    """x -> [batch norm] -> branches (linear, linear -> batch norm, the value itself) joined by add or concat ->
+    linear: the whole is one linear layer (RepVGG-style re-parameterisation of linear layers)."""
+    gen = torch.Generator().manual_seed(seed)
+    layers, tensors, start = [], {}, "x"
+    if norm:
+        layer, t = _bn("bn_in", "x", c, gen, affine=True)
+        layers.append(layer)
+        tensors.update(t)
+        start = "bn_in"
+    width = outs[0]
+    branches = []
+    for i, out in enumerate(outs):
+        out = out if concat else width
+        name = f"br{i}"
+        layers.append({"name": name, "op": "linear", "input": start})
+        tensors[f"{name}.weight"] = torch.randn(out, c, generator=gen, dtype=torch.float64)
+        if i % 2:
+            tensors[f"{name}.bias"] = torch.randn(out, generator=gen, dtype=torch.float64)
+            layer, t = _bn(f"{name}_bn", name, out, gen, affine=True)
+            layers.append(layer)
+            tensors.update(t)
+            name = f"{name}_bn"
+        branches.append((name, out))
+    if residual and (concat or width == c):
+        branches.append((start, c))
+    join = {"name": "join", "op": "concat" if concat else "add", "inputs": [n for n, _ in branches]}
+    if len(branches) == 1:
+        join = {"name": "join", "op": "identity", "input": branches[0][0]}
+    layers.append(join)
+    total = sum(w for _, w in branches) if concat else width
+    layers.append({"name": "head", "op": "linear", "input": "join"})
+    tensors["head.weight"] = torch.randn(3, total, generator=gen, dtype=torch.float64)
+    doc = describe(layers, ["head"])
+    p = build(doc, tensors, "all")
+    doc1, t1 = fused(p, tensors)
+    assert [layer["op"] for layer in doc1["layers"]] == ["linear"]
+    x = torch.randn(4, c, generator=gen, dtype=torch.float64)
+    want, got = models.evaluate(doc, tensors, x)[0], models.evaluate(doc1, t1, x)[0]
+    assert float((got - want).abs().max()) <= 1e-9 * max(1.0, float(want.abs().max()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(cin=st.integers(1, 600), mid=st.integers(1, 600), cout=st.integers(1, 600))
+def test_the_cheaper_policy_merges_two_linear_layers_when_that_saves_work_and_keeps_them_when_it_adds_much(
+        cin, mid, cout):
+    """Merged, a pair costs in*out multiply-adds and weights, against in*mid + mid*out: where merging saves both
+    (and a layer), it must merge; where it adds 100k or more of each, it must not."""
+    before, after = cin * mid + mid * cout, cin * cout
+    if before < after < before + 100_000:
+        return  # the cost model weighs the saved layer against the added work: no claim here
+    doc, tensors = linear_chain([cin, mid, cout], [[]], [True, False], dtype=torch.float32)
+    assert bool(build(doc, tensors, "cheaper").applied) is (after <= before)
+
+
 @pytest.mark.parametrize("widths, merged", [
     ([512, 2048, 10], True),  # ExpandNets' expanded classifier: 1.05M MACs as two layers, 5k as one
     ([512, 32, 512], False),  # an SVD-factorised layer: 33k MACs as two layers, 262k as one
