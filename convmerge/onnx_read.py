@@ -631,7 +631,9 @@ class _Reader:
                 (bias and attrs.float("beta", 1.0) != 1.0):
             return None
         dims, shape = tuple(self.constants[weight].dims), self.shapes.get(ins[0])
-        if len(dims) != 2 or shape is None or len(shape) != 2 or (bias and tuple(self.constants[bias].dims) != dims[:1]):
+        if len(dims) != 2 or shape is None or len(shape) != 2:
+            return None
+        if bias and tuple(self.constants[bias].dims) != dims[:1]:
             return None
         return {"op": "linear", "input": x}, {"weight": weight, **({"bias": bias} if bias else {})}
 

@@ -1,9 +1,9 @@
 """A module that runs the fused graph: the user's traced graph with each merged part replaced by one conv.
 
 The plan speaks in layer names; the trace knows which fx node computes each name.  Each applied
-merge becomes a standard `nn.Conv1d/2d/3d` (`nn.Linear` for linear layers) holding exactly the plan's verified tensors, called on
-the node its part read (after an explicit `F.pad` where the padding is asymmetric, which a Conv*d
-cannot express); every use of the part's output reads the conv instead, and the layers no one
+merge becomes a standard `nn.Conv1d/2d/3d` (an `nn.Linear` for linear layers) holding exactly the plan's
+verified tensors, called on the node its part read (after an explicit `F.pad` where the padding is asymmetric,
+which a Conv*d cannot express); every use of the part's output reads the conv instead, and the layers no one
 reads any more are removed.  The result is a `torch.fx.GraphModule`, whatever shape the original
 forward had (a RepVGG block's add has no module to swap, so swapping submodules cannot do this).
 It computes the inference form (batch norms folded with their running statistics), as traced.

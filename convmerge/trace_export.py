@@ -265,7 +265,8 @@ def example_input(module: nn.Module, example_size: Optional[Sequence[int]] = Non
     device = tensor.device if tensor is not None else torch.device("cpu")
     count = _positional_inputs(module)
     layers = [m for m in module.modules()
-              if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear)) and _channels(m) > 0]
+              if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear))
+              and _channels(m) > 0]
     if not layers:
         if example_size is None:
             raise TraceError("torch.export needs an example input size (no conv, batch norm or linear layer to guess "
@@ -899,7 +900,8 @@ class _Mapper:
         elif target is _LEAF:
             self._leaf(node)
         elif not any(target in ops and handle(node) for ops, handle in (
-                (_CONVS, self._conv), ({aten.linear.default}, self._linear), ({_BATCH_NORM, aten.batch_norm.default}, self._batch_norm), ({aten.add.Tensor}, self._add),
+                (_CONVS, self._conv), ({aten.linear.default}, self._linear),
+                ({_BATCH_NORM, aten.batch_norm.default}, self._batch_norm), ({aten.add.Tensor}, self._add),
                 ({aten.cat.default}, self._cat), (_POOLS, self._pool), (_PADS, self._pad))):
             self._opaque(node)
 

@@ -41,7 +41,8 @@ _PAD_MODES = {
     nn.CircularPad1d: "circular", nn.CircularPad2d: "circular", nn.CircularPad3d: "circular",
 }
 _PADS = tuple(_PAD_MODES)
-STRUCTURAL_MODULES = (nn.Linear,) + _CONVS + _PADDED_CONVS + _BATCH_NORMS + _DROPOUTS + _AVG_POOLS + _PADS + (nn.Identity,)
+STRUCTURAL_MODULES = (nn.Linear,) + _CONVS + _PADDED_CONVS + _BATCH_NORMS + _DROPOUTS + _AVG_POOLS + _PADS + (
+    nn.Identity,)
 
 
 class TraceError(ConvmergeError, ValueError):
