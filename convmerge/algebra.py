@@ -314,8 +314,8 @@ def _analyze(conv1: Conv, conv2: Conv, weight_dependence: bool) -> Verdict:
 
 def bias_check(conv1: Conv, conv2: Conv) -> Optional[BiasCheck]:
     """Where conv2 zero-pads, the pair misses conv1's bias by beta(o) = -sum(W2[c] b1) over padded taps c."""
-    if conv1.bias is None or not bool(torch.any(conv1.bias != 0)):
-        return None
+    if conv1.bias is None or conv2.spec.ndim == 0 or not bool(torch.any(conv1.bias != 0)):
+        return None  # no bias, or no padding for it to meet (linear layers)
     g2 = conv2.spec.groups
     w2 = conv2.weight.double()
     b1 = conv1.bias.double().view(g2, 1, -1, *([1] * conv2.spec.ndim))
@@ -377,6 +377,8 @@ def compose_kernels(conv1: Conv, conv2: Conv, groups: int) -> torch.Tensor:
 def _tap_index(axes1: tuple[Axis, ...], axes2: tuple[Axis, ...], extent: tuple[int, ...]) -> torch.Tensor:
     """For each (b, a) in row-major order of (conv2 taps, conv1 taps): the merged tap, flattened (cached:
     networks repeat their shapes; only ever read)."""
+    if not axes1:
+        return torch.zeros(1, dtype=torch.long)  # linear layers: one tap each
     grids_b = torch.meshgrid(*[torch.arange(a.kernel) for a in axes2], indexing="ij")
     grids_a = torch.meshgrid(*[torch.arange(a.kernel) for a in axes1], indexing="ij")
     index = torch.zeros(math.prod(a.kernel for a in axes2), math.prod(a.kernel for a in axes1), dtype=torch.long)
@@ -400,15 +402,18 @@ def merged_bias(conv1: Conv, conv2: Conv) -> Optional[torch.Tensor]:
         b = b + conv2.bias.double()
     if conv1.bias is not None:
         g2 = conv2.spec.groups
-        w2sum = conv2.weight.double().flatten(2).sum(2)  # [C2, C1/g2]
+        w2 = conv2.weight.double()
+        w2sum = w2.reshape(*w2.shape[:2], -1).sum(2)  # [C2, C1/g2] (a linear weight has no taps axis)
         b1 = conv1.bias.double().view(g2, 1, -1)
         b = b + (w2sum.view(g2, -1, w2sum.shape[1]) * b1).sum(2).flatten()
     return b
 
 
 def apply(conv: Conv, x: torch.Tensor) -> torch.Tensor:
-    """Run one conv exactly as PyTorch would (any padding mode, asymmetric padding)."""
+    """Run one conv exactly as PyTorch would (any padding mode, asymmetric padding; no spatial axes: F.linear)."""
     spec = conv.spec
+    if spec.ndim == 0:
+        return F.linear(x, conv.weight.to(x.dtype), None if conv.bias is None else conv.bias.to(x.dtype))
     pads = [p for a in reversed(spec.axes) for p in a.pad]
     if any(pads):
         x = F.pad(x, pads, mode=_PAD_MODE[spec.padding_mode])

@@ -173,6 +173,8 @@ def _pair_map(a: Conv, b: Conv, cand: Conv, size: Sequence[int]) -> Optional[lis
 
     Computed a band of rows at a time (`bands`): at 1024x1024 a whole evaluation would take gigabytes.
     """
+    if not size:
+        return None  # linear layers: no positions to map
     sizes = [tuple(size), a.spec.out_size(size), b.spec.out_size(a.spec.out_size(size))]
     out = sizes[-1]
     if cand.spec.out_size(size) != out or min(out) < 1:
@@ -194,6 +196,8 @@ def _pair_map(a: Conv, b: Conv, cand: Conv, size: Sequence[int]) -> Optional[lis
 def _error_map(run: Callable[[torch.Tensor], torch.Tensor], cand: Conv,
                size: Sequence[int]) -> Optional[list[list[float]]]:
     """|layers - candidate| per output position (max over channels), one 2-d slice of it."""
+    if not size:
+        return None  # linear layers: no positions to map
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, cand.spec.in_channels, *size, generator=gen, dtype=torch.float64)
     try:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-from . import ops, strictjson
+from . import linear, ops, strictjson
 from .errors import ConvmergeError, Kind
 from .spec import ConvSpec, PadSpec, PoolSpec, SpecError, pad_spec, padding_fields, pool_spec, spec_from_fields
 
@@ -109,6 +109,8 @@ class Graph:
     def out_size(self, layer: Layer, srcs: list[Optional[tuple[int, ...]]]) -> Optional[tuple[int, ...]]:
         src = srcs[0] if srcs else None
         op = layer.op
+        if op == linear.OP:
+            return ()  # a [N, C] value: no spatial axes, whatever came before
         if op in CONV_OPS or op in POOL_OPS:
             spec = self.specs.get(layer.name) or self.pools[layer.name]
             return spec.out_size(src) if src is not None and len(src) == spec.ndim else None
@@ -170,6 +172,8 @@ class Graph:
         for name in (first, second):
             if self.layers[name].fields.get("_not_float"):
                 return f"{name} has non-float weights"
+        if self.specs[first].ndim != self.specs[second].ndim:
+            return f"{second} has {self.specs[second].ndim} spatial axes, {first} {self.specs[first].ndim}"
         if self.specs[first].out_channels != self.specs[second].in_channels:
             return f"{second} takes {self.specs[second].in_channels} channels, {first} gives {self.specs[first].out_channels}"
         return None
@@ -301,10 +305,10 @@ def rewrite(graph: Graph, merges: Sequence[tuple[Sequence[str], str, str, str, C
             layers, name, source, spec = placed[raw["name"]]
             old = raws.get(name)
             new = dict(old) if old is not None and old.get("op") in CONV_OPS else {}
-            for key in ("inputs", "in_channels", "out_channels", "bias"):
+            for key in ("inputs", "in_channels", "out_channels", "in_features", "out_features", "bias"):
                 new.pop(key, None)
-            new.update({"name": name, "op": f"conv{spec.ndim}d", "input": gone.get(source, source),
-                        **padding_fields(spec)})
+            new.update({"name": name, "op": linear.op_name(spec.ndim), "input": gone.get(source, source),
+                        **(padding_fields(spec) if spec.ndim else {})})
             new["merged_from"] = list(new.get("merged_from", [])) + [n for n in layers if n != name]
             kept.append(new)
             continue
@@ -339,7 +343,8 @@ def _conv_spec(layer: Layer, tensors: Mapping[str, Any], where: str) -> ConvSpec
             raise GraphError(f"{at}: field '{key}': {_brief(layer.fields[key])} is out of range "
                              f"(PyTorch holds at most {MAX_INT})")
     try:
-        spec = spec_from_fields(layer.fields, shape, bias is not None)
+        spec = (linear.spec_from_fields if layer.op == linear.OP else spec_from_fields)(layer.fields, shape,
+                                                                                    bias is not None)
     except SpecError as e:
         raise GraphError(f"{at}: {_spec_message(e)}") from None
     if not weight.is_float or (bias is not None and not bias.is_float):

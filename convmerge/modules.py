@@ -65,7 +65,10 @@ def spec_of(module: ConvModule) -> ConvSpec:
 
 
 def conv_module(spec: ConvSpec, **factory: Any) -> nn.Module:
-    """An empty Conv*d for `spec` (a PaddedConv*d when the padding is asymmetric); `factory`: dtype, device."""
+    """An empty Conv*d for `spec` (a PaddedConv*d when the padding is asymmetric; an nn.Linear for a spec with no
+    spatial axes); `factory`: dtype, device."""
+    if spec.ndim == 0:
+        return nn.Linear(spec.in_channels, spec.out_channels, bias=spec.bias, **factory)
     kwargs = dict(stride=spec.stride, dilation=spec.dilation, groups=spec.groups, bias=spec.bias, **factory)
     if spec.symmetric:
         return _CONV_TYPES[spec.ndim](spec.in_channels, spec.out_channels, spec.kernel_size,

@@ -461,6 +461,7 @@ class _Reader:
         self.dequantized = {v for node in g.node if node.op_type == "DequantizeLinear" for v in node.output}
         self.quantized = {node.input[0] for node in g.node if node.op_type == "QuantizeLinear" and node.input}
         self._qdq: list[str] = []
+        self.makers = {node.output[0]: node for node in g.node if len(node.output) == 1}
 
     def describe(self) -> tuple[dict, dict[str, Info]]:
         inputs = []
@@ -560,6 +561,10 @@ class _Reader:
         x = self._data(ins[0]) if ins else None
         if op == "Conv":
             return self._conv(ins, x, attrs)
+        if op == "Gemm":
+            return self._gemm(ins, x, attrs)
+        if op == "MatMul":
+            return self._matmul(ins, x)
         if op == "BatchNormalization":
             if x is None or len(ins) != 5 or not all(self._const(v) for v in ins[1:]) or attrs.int("training_mode", 0):
                 return None
@@ -615,6 +620,35 @@ class _Reader:
         fields = {"op": f"conv{nd}d", "input": x, "kernel_size": attrs.ints("kernel_shape", nd, None) or kernel,
                   "stride": strides, "padding": pads, "dilation": dilations, "groups": group}
         return fields, {"weight": weight, **({"bias": bias} if bias else {})}
+
+    def _gemm(self, ins: list[str], x: Optional[str], attrs: "_Attrs") -> Optional[tuple[dict, dict[str, str]]]:
+        """Gemm(A, B, C) as nn.Linear exports it: A a [N, C] value, B a constant [out, in] read transposed (transB
+        1), C absent or a constant [out], alpha and beta 1.  Other forms (B to transpose, scaled) stay opaque."""
+        weight, bias = ins[1] if len(ins) > 1 else "", ins[2] if len(ins) > 2 else ""
+        if x is None or not self._const(weight) or (bias and not self._const(bias)):
+            return None
+        if attrs.int("transA", 0) or not attrs.int("transB", 0) or attrs.float("alpha", 1.0) != 1.0 or \
+                (bias and attrs.float("beta", 1.0) != 1.0):
+            return None
+        dims, shape = tuple(self.constants[weight].dims), self.shapes.get(ins[0])
+        if len(dims) != 2 or shape is None or len(shape) != 2:
+            return None
+        if bias and tuple(self.constants[bias].dims) != dims[:1]:
+            return None
+        return {"op": "linear", "input": x}, {"weight": weight, **({"bias": bias} if bias else {})}
+
+    def _matmul(self, ins: list[str], x: Optional[str]) -> Optional[tuple[dict, dict[str, str]]]:
+        """MatMul(A, Transpose(W)) as a bias-less nn.Linear exports it: A a [N, C] value, W a constant [out, in]
+        (the weight as it stands; a MatMul by any other constant would need it transposed, and stays opaque)."""
+        made = self.makers.get(ins[1]) if len(ins) == 2 else None
+        if x is None or made is None or made.op_type != "Transpose" or len(made.input) != 1:
+            return None
+        weight, perm = made.input[0], next((list(a.ints) for a in made.attribute if a.name == "perm"), [1, 0])
+        shape = self.shapes.get(ins[0])
+        if not self._const(weight) or len(self.constants[weight].dims) != 2 or perm != [1, 0] or \
+                shape is None or len(shape) != 2:
+            return None
+        return {"op": "linear", "input": x}, {"weight": weight}
 
     def _pads(self, value: str, attrs: "_Attrs", kernel: Sequence[int], strides: Sequence[int],
               dilations: Sequence[int]) -> Optional[list[list[int]]]:

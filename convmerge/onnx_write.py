@@ -1,4 +1,5 @@
-"""The fused ONNX model: each merged part of the plan becomes one Conv node, everything else stays.
+"""The fused ONNX model: each merged part of the plan becomes one Conv node (Gemm for linear layers), everything
+else stays.
 
 A unit of the plan replaces some nodes; one Conv (after a Pad node where the merged conv pads by
 reflection, replication or wrapping, which Conv cannot) reads the value the unit read and writes the
@@ -88,6 +89,10 @@ def _conv_nodes(unit: Unit, model: OnnxGraph, names: "_Names") -> tuple[list[onn
                                       mode=_PAD_MODE[spec.padding_mode]))
         inputs[0], lo, hi = padded, [0] * nd, [0] * nd
     merged_from = ", ".join(n for n in unit.layers)
+    if nd == 0:  # linear layers: Y = X W^T + b
+        nodes.append(helper.make_node("Gemm", inputs, [target], names.node(unit.name),
+                                      doc_string=f"convmerge: merged from {merged_from}", transB=1))
+        return nodes, inits
     nodes.append(helper.make_node(
         "Conv", inputs, [target], names.node(unit.name), doc_string=f"convmerge: merged from {merged_from}",
         kernel_shape=list(spec.kernel_size), strides=list(spec.stride), dilations=list(spec.dilation),

@@ -21,7 +21,7 @@ __all__ = ["OPS", "Kind", "Op", "get", "kind", "named", "of"]
 
 class Kind(enum.Enum):
     CONV = "conv"
-    """A convolution: `<name>.weight`, optional `<name>.bias`."""
+    """A convolution: `<name>.weight`, optional `<name>.bias`; a linear layer is one with no spatial axes."""
     POOL = "pool"
     """Average pooling: a conv with a box kernel where every window has the same divisor."""
     PAD = "pad"
@@ -67,11 +67,15 @@ class Op:
 
 _CONV_FIELDS = frozenset({"stride", "padding", "dilation", "groups", "padding_mode", "kernel_size", "in_channels",
                           "out_channels", "bias", "merged_from"})
+_LINEAR_FIELDS = frozenset({"in_features", "out_features", "bias", "merged_from"})
 _POOL_FIELDS = frozenset({"kernel_size", "stride", "padding", "count_include_pad", "ceil_mode", "divisor_override"})
 BN_TENSORS = ("running_mean", "running_var", "weight", "bias", "num_batches_tracked")
 
 _ROWS = [
     *(Op(f"conv{n}d", Kind.CONV, _CONV_FIELDS, ("weight", "bias"), n) for n in (1, 2, 3)),
+    # nn.Linear on a [N, C] value: a conv with no spatial axes (weight [out, in]), so it pairs, chains, joins and
+    # folds batch norms as convs do; with no border it is exact at every size (convmerge/linear.py).
+    Op("linear", Kind.CONV, _LINEAR_FIELDS, ("weight", "bias"), 0),
     *(Op(f"avg_pool{n}d", Kind.POOL, _POOL_FIELDS, (), n) for n in (1, 2, 3)),
     Op("pad", Kind.PAD, frozenset({"padding", "mode", "value"}), ("value",)),
     Op("batch_norm", Kind.AFFINE, frozenset({"eps", "affine", "momentum", "num_features", "track_running_stats"}),

@@ -240,7 +240,7 @@ def build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]] = 
 def _build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]], policy: str,
            on_region: Optional[Callable[[], None]], verify_later: bool) -> Plan:
     if input_size is not None:
-        dims = sorted({spec.ndim for spec in graph.specs.values()}) or [len(input_size)]
+        dims = sorted({spec.ndim for spec in graph.specs.values()} - {0}) or [len(input_size)]
         input_size = fit_size(input_size, dims[0])
     size_at = graph.sizes(input_size)
     _check_sizes(graph, size_at, input_size)
@@ -320,6 +320,8 @@ class _Planner:
             return f"{bad[0]} has NaN or Inf in its tensors, so the region is not merged"
         for name in self.region.layers:
             layer = self.graph.layers[name]
+            if layer.op == "pad" and self.ndim == 0:
+                return f"pad {name} pads a value with no spatial axes (the linear layers' [N, C])"
             if layer.op == "pad" and self.graph.pads[name].axes_given() not in (None, self.ndim):
                 return f"pad {name} names {self.graph.pads[name].axes_given()} axes but the convs have {self.ndim}"
             if layer.op in POOL_OPS and self.graph.pools[name].ndim != self.ndim:
@@ -783,7 +785,7 @@ def _dtype_of(info: Any) -> torch.dtype:
 def _nominal(graph: Graph, input_size: Optional[Sequence[int]]) -> Optional[tuple[int, ...]]:
     if input_size:
         return tuple(input_size)
-    dims = {spec.ndim for spec in graph.specs.values()}
+    dims = {spec.ndim for spec in graph.specs.values()} - {0}  # linear layers have no size to assume
     return (DEFAULT_COST_SIZE,) * dims.pop() if len(dims) == 1 else None
 
 
@@ -794,7 +796,7 @@ def _check_sizes(graph: Graph, size_at: Mapping[str, Any], input_size: Optional[
     for name, layer in graph.layers.items():
         spec = graph.specs.get(name) or graph.pools.get(name)
         n = size_at.get(layer.inputs[0]) if spec is not None else None
-        problem = None if n is None or len(n) != spec.ndim else \
+        problem = None if n is None or (len(n) != spec.ndim and spec.ndim) else \
             size_problem(spec, n) if isinstance(spec, ConvSpec) else spec.size_problem(n)
         if problem:
             shown = "x".join(map(str, input_size or ()))

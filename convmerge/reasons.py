@@ -58,6 +58,8 @@ class Why:
 SENTENCES: dict[str, tuple[frozenset[Outcome], str]] = {
     # Pairs that merge at every size.
     "no-padding-read": (EXACT, "conv2 reads no padding, so the convolved kernels are exact at every size"),
+    "linear-product": (EXACT, "linear layers have no spatial axes (no border), so the product of their weights is "
+                              "exact for every input"),
     "pointwise-commutes": (EXACT, "conv1 is pointwise, so it commutes with conv2's {mode} padding"),
     "padding-covers": (EXACT, "conv1's padding covers every border cell conv2 pads, so the merge is exact at every size"),
     "zero-kernel": (EXACT, "{which} is all zeros, so the pair is a constant map that one conv's bias reproduces"),

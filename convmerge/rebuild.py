@@ -1,9 +1,9 @@
 """A module that runs the fused graph: the user's traced graph with each merged part replaced by one conv.
 
 The plan speaks in layer names; the trace knows which fx node computes each name.  Each applied
-merge becomes a standard `nn.Conv1d/2d/3d` holding exactly the plan's verified tensors, called on
-the node its part read (after an explicit `F.pad` where the padding is asymmetric, which a Conv*d
-cannot express); every use of the part's output reads the conv instead, and the layers no one
+merge becomes a standard `nn.Conv1d/2d/3d` (an `nn.Linear` for linear layers) holding exactly the plan's
+verified tensors, called on the node its part read (after an explicit `F.pad` where the padding is asymmetric,
+which a Conv*d cannot express); every use of the part's output reads the conv instead, and the layers no one
 reads any more are removed.  The result is a `torch.fx.GraphModule`, whatever shape the original
 forward had (a RepVGG block's add has no module to swap, so swapping submodules cannot do this).
 It computes the inference form (batch norms folded with their running statistics), as traced.
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .modules import to_module
 from .plan import Plan, Unit
 from .trace_fx import mutates
 from .trace_layers import TraceError, Traced
@@ -178,6 +179,8 @@ def sized_merges(plan: Plan, inputs: int) -> Optional[InputShapeCheck]:
 
 def _conv(unit: Unit) -> nn.Module:
     spec, stored = unit.spec, unit.stored
+    if spec.ndim == 0:
+        return to_module(stored)  # an nn.Linear
     symmetric = spec.symmetric
     conv = _CONV[spec.ndim](spec.in_channels, spec.out_channels, spec.kernel_size, stride=spec.stride,
                             padding=tuple(a.pad[0] for a in spec.axes) if symmetric else 0,

@@ -147,6 +147,8 @@ def conv_words(fields: Optional[dict[str, Any]]) -> str:
     """'4x4 s2 p[1,1][1,1]' style summary of a conv's fields."""
     if not fields:
         return "-"
+    if not fields["kernel_size"]:
+        return "linear"  # no spatial axes
     k = "x".join(map(str, fields["kernel_size"]))
     s = _axes(fields["stride"])
     pads = fields["padding"]
@@ -357,16 +359,16 @@ def explain(console: Console, e: dict[str, Any]) -> None:
         Column(name, lambda r, name=name: r[name]) for name, _ in convs)
     spec_rows = [dict(label=label, **{name: show(f) for name, f in convs}) for label, show in SPEC_ROWS]
     title = f"{e['first']} ->{GLUE}{e['second']}" + (f" (via{GLUE}{', '.join(e['via'])})" if e["via"] else "")
-    size = "x".join(map(str, e["size"]))
+    size = "x".join(map(str, e["size"])) or "[N, C] (no spatial axes)"
     verdict = Text(e["verdict"], style=VERDICT_STYLE.get(e["verdict"], ""))
     lines = [Text.assemble("verdict: ", verdict, f" - {e['reason']}"),
              Text(f"at input size {size}: {'exact' if e['exact_at_size'] else 'differs'}; MACs {_macs(e['macs'])}")]
     if e["counterexample"]:
         ce = e["counterexample"]
         lines.append(Text(counterexample_words(ce, "pair")))
-    console.print(grid(console, title, spec_columns, spec_rows),
-                  grid(console, "Border conditions (per axis and side)", CONDITION_COLUMNS, e["conditions"]),
-                  Group(*lines))
+    borders = [grid(console, "Border conditions (per axis and side)", CONDITION_COLUMNS, e["conditions"])] \
+        if e["conditions"] else []  # linear layers have no border
+    console.print(grid(console, title, spec_columns, spec_rows), *borders, Group(*lines))
     _error_map(console, e, "pair")
     notes(console, e.get("notes"))
 
@@ -394,7 +396,7 @@ def explain_region(console: Console, e: dict[str, Any]) -> None:
         console.print(_wrap(Text(title, style="bold"), console.width))
     if e["steps"]:
         console.print(grid(console, "Steps (each move of the reduction, in order)", STEP_COLUMNS, e["steps"]))
-    size = "x".join(map(str, e["size"]))
+    size = "x".join(map(str, e["size"])) or "[N, C] (no spatial axes)"
     verdict = Text(e["verdict"], style=VERDICT_STYLE.get(e["verdict"], ""))
     lines = [Text.assemble("verdict: ", verdict, f" - {e['reason']}"),
              Text(f"candidate: {conv_words(e['candidate'])}"),

@@ -256,7 +256,7 @@ def decide(
 ) -> Verdict:
     """Mergeable at every size, at some sizes, or at none; with the reason as data (`Verdict.why`)."""
     an = Analysis(spec1, spec2, sup1, sup2, bias_ok)
-    longest = max(an.start[k] + an.period[k] for k in range(spec1.ndim))
+    longest = max((an.start[k] + an.period[k] for k in range(spec1.ndim)), default=0)
     if longest > MAX_SIZES:
         return Verdict(Outcome.UNDECIDED, Why.of("undecided", sizes=longest, limit=MAX_SIZES), None, an.cand, an)
     verdict = _classify(an)
@@ -336,6 +336,8 @@ def full_support(spec: ConvSpec) -> Support:
 def _why(an: Analysis, verdict: Outcome, bias_blocks: bool) -> Why:
     s1, s2 = an.spec1, an.spec2
     if verdict is Outcome.MERGEABLE:
+        if s1.ndim == 0:
+            return Why.of("linear-product")
         if not any(an.sup1) or not any(an.sup2):
             return Why.of("zero-kernel", which="conv1" if not all(an.sup1) else "conv2")
         if not reads_padding(s2, an.sup2):

@@ -60,7 +60,7 @@ class ConvSpec:
 
     @property
     def axis_names(self) -> tuple[str, ...]:
-        return AXIS_NAMES[self.ndim]
+        return AXIS_NAMES.get(self.ndim, ())  # a linear layer has none
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
@@ -338,6 +338,8 @@ def pad_fits(mode: str, pad: tuple[int, int], n: int) -> bool:
 
 def size_problem(spec: ConvSpec, size: Sequence[int]) -> Optional[str]:
     """Why this conv cannot run on an input of this spatial size (None when it can), as PyTorch decides."""
+    if spec.ndim == 0 and len(size):
+        return f"a linear layer reads a [N, C] value, with no spatial axes, not one of size {'x'.join(map(str, size))}"
     for name, axis, n in zip(spec.axis_names, spec.axes, size):
         pad = max(axis.pad)
         if not pad_fits(spec.padding_mode, axis.pad, n):

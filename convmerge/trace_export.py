@@ -49,7 +49,7 @@ from .trace_layers import (STRUCTURAL_MODULES, STRUCTURAL_OPS, TraceError, Trace
 __all__ = ["describe", "example_input"]
 
 aten = torch.ops.aten
-_DEFAULT_SIDE = {1: 224, 2: 224, 3: 32}
+_DEFAULT_SIDE = {0: 1, 1: 224, 2: 224, 3: 32}
 """Spatial size of a guessed example input: 224 fits most image classifiers' fixed heads."""
 
 # --- opaque leaves ----------------------------------------------------------------------------
@@ -258,7 +258,8 @@ def example_input(module: nn.Module, example_size: Optional[Sequence[int]] = Non
 
     ``given`` are used as they are.  Else ``example_size`` is a full shape (batch, channels, *spatial)
     or only the spatial size (224 per axis when None); the channels (and spatial rank) are those of the
-    first conv or batch norm the module's forward calls, found by calling it (and stopping there).
+    first conv, batch norm or linear layer (a [N, C] input) the module's forward calls, found by calling it (and
+    stopping there).
     A forward with several required positional inputs gets one such tensor for each.
     """
     if given is not None:
@@ -268,10 +269,12 @@ def example_input(module: nn.Module, example_size: Optional[Sequence[int]] = Non
     device = tensor.device if tensor is not None else torch.device("cpu")
     count = _positional_inputs(module)
     layers = [m for m in module.modules()
-              if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)) and _channels(m) > 0]
+              if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear))
+              and _channels(m) > 0]
     if not layers:
         if example_size is None:
-            raise TraceError("torch.export needs an example input size (no conv or batch norm to guess one from)")
+            raise TraceError("torch.export needs an example input size (no conv, batch norm or linear layer to guess "
+                             "one from)")
         return _inputs(tuple(example_size), count, dtype, device), " (as given)"
     first, where = layers[0], "registered (the forward did not get that far)"
     for _ in range(3):  # the guess, then the layer the forward really calls first (and once more if that moves)
@@ -286,12 +289,13 @@ def example_input(module: nn.Module, example_size: Optional[Sequence[int]] = Non
     shape = _shape_for(first, example_size)
     size = "as given" if example_size is not None else "the default"
     origin = (f" (spatial size {size}; channels of {type(first).__name__} {_qualname(module, first)!r}, the first "
-              f"conv or batch norm {where}; give input_size or example inputs if it is wrong)")
+              f"conv, batch norm or linear layer {where}; give input_size or example inputs if it is wrong)")
     return _inputs(shape, count, dtype, device), origin
 
 
 def _shape_for(first: nn.Module, example_size: Optional[Sequence[int]]) -> tuple[int, ...]:
-    nd = len(first.kernel_size) if isinstance(first, nn.modules.conv._ConvNd) else _bn_rank(first)
+    nd = len(first.kernel_size) if isinstance(first, nn.modules.conv._ConvNd) else \
+        0 if isinstance(first, nn.Linear) else _bn_rank(first)
     if example_size is None:
         return (1, _channels(first), *([_DEFAULT_SIDE[nd]] * nd))
     if len(example_size) == nd + 2:
@@ -322,7 +326,7 @@ def _positional_inputs(module: nn.Module) -> int:
 
 
 class _Called(Exception):
-    """Stops a forward at its first conv or batch norm."""
+    """Stops a forward at its first conv, batch norm or linear layer."""
 
 
 def _first_called(module: nn.Module, inputs: tuple[torch.Tensor, ...], layers: list[nn.Module]) -> Optional[nn.Module]:
@@ -346,6 +350,8 @@ def _first_called(module: nn.Module, inputs: tuple[torch.Tensor, ...], layers: l
 
 
 def _channels(m: nn.Module) -> int:
+    if isinstance(m, nn.Linear):
+        return int(m.in_features)
     return int(m.in_channels if isinstance(m, nn.modules.conv._ConvNd) else m.num_features)
 
 
@@ -895,6 +901,8 @@ class _Mapper:
         if len(inputs) != 1:
             return False
         rank = inputs[0].meta["val"].dim()
+        if fields["op"] == "linear":
+            return rank == 2  # nn.Linear on [N, *, C] maps the last axis: not a conv of channels
         axes = fields.get("kernel_size", fields.get("padding"))
         return rank >= 2 if axes is None else rank == len(axes) + 2
 
@@ -908,7 +916,8 @@ class _Mapper:
         elif target is _LEAF:
             self._leaf(node)
         elif not any(target in ops and handle(node) for ops, handle in (
-                (_CONVS, self._conv), ({_BATCH_NORM, aten.batch_norm.default}, self._batch_norm), ({aten.add.Tensor}, self._add),
+                (_CONVS, self._conv), ({aten.linear.default}, self._linear),
+                ({_BATCH_NORM, aten.batch_norm.default}, self._batch_norm), ({aten.add.Tensor}, self._add),
                 ({aten.cat.default}, self._cat), (_POOLS, self._pool), (_PADS, self._pad))):
             self._opaque(node)
 
@@ -941,6 +950,18 @@ class _Mapper:
             return False
         name = self._tensor_layer(node, f"conv{nd}d", {"weight": weight, "bias": bias})
         self._emit(node, name, {"op": f"conv{nd}d", **padding_fields(spec)}, [x])
+        return True
+
+    def _linear(self, node: fx.Node) -> bool:
+        """``F.linear(x, w, b)`` of a [N, C] input by a weight that is a parameter or computed from parameters."""
+        a = _bind(node)
+        x, weight, bias = a["input"], a["weight"], a["bias"]
+        if not self._active(x) or self._active(weight) or self._active(bias):
+            return False
+        if x.meta["val"].dim() != 2 or weight.meta["val"].dim() != 2:
+            return False
+        name = self._tensor_layer(node, "linear", {"weight": weight, "bias": bias})
+        self._emit(node, name, {"op": "linear"}, [x])
         return True
 
     def _batch_norm(self, node: fx.Node) -> bool:

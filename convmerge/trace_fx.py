@@ -109,6 +109,8 @@ def describe_node(node: fx.Node, root: nn.Module, names: dict[fx.Node, str], sha
             fields = {"op": "shared_" + type(module).__name__.lower()}
         else:
             fields = module_fields(module)
+            if fields["op"] == "linear" and not _two_d(node.args[0], root):
+                fields = {"op": opaque("linear")}
     elif node.op == "get_attr":
         fields = {"op": "get_attr"}
     elif node.op == "call_method":
@@ -119,6 +121,29 @@ def describe_node(node: fx.Node, root: nn.Module, names: dict[fx.Node, str], sha
     producers = _input_names(node, names)
     wiring = {"input": producers[0]} if len(producers) == 1 else {"inputs": producers}
     return {"name": names[node], "op": fields.pop("op"), **wiring, **fields}
+
+
+def _two_d(node: Any, root: nn.Module) -> bool:
+    """Whether fx, which sees no shapes, can still tell a value is [N, C]: a flatten from axis 1 to the last, or
+    a linear, batch norm, dropout or identity module reading such a value (what an nn.Linear is structural on)."""
+    while isinstance(node, fx.Node):
+        if node.op == "call_module":
+            fields = module_fields(root.get_submodule(str(node.target)))
+            if fields["op"] == "flatten":
+                return fields["start_dim"] == 1 and fields["end_dim"] == -1
+            if fields["op"] not in ("linear", "batch_norm", "dropout", "identity") or len(node.args) != 1:
+                return False
+            node = node.args[0]
+            continue
+        bound = None
+        if node.op == "call_function" and node.target is torch.flatten:
+            bound = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+        kw = bound.kwargs if bound is not None else {}
+        if node.op == "call_method" and node.target == "flatten":
+            kw = {"start_dim": node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0),
+                  "end_dim": node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)}
+        return kw.get("start_dim") == 1 and kw.get("end_dim", -1) == -1
+    return False
 
 
 def _function_fields(node: fx.Node, active: set[fx.Node]) -> dict[str, Any]:

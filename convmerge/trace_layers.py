@@ -41,7 +41,8 @@ _PAD_MODES = {
     nn.CircularPad1d: "circular", nn.CircularPad2d: "circular", nn.CircularPad3d: "circular",
 }
 _PADS = tuple(_PAD_MODES)
-STRUCTURAL_MODULES = _CONVS + _PADDED_CONVS + _BATCH_NORMS + _DROPOUTS + _AVG_POOLS + _PADS + (nn.Identity,)
+STRUCTURAL_MODULES = (nn.Linear,) + _CONVS + _PADDED_CONVS + _BATCH_NORMS + _DROPOUTS + _AVG_POOLS + _PADS + (
+    nn.Identity,)
 
 
 class TraceError(ConvmergeError, ValueError):
@@ -120,6 +121,8 @@ def module_fields(module: nn.Module) -> dict[str, Any]:
     """
     if is_plain(module, _CONVS + _PADDED_CONVS):
         return {"op": f"conv{len(module.kernel_size)}d", **padding_fields(spec_of(module))}
+    if is_plain(module, (nn.Linear,)):
+        return {"op": "linear"}  # structural on a [N, C] input only: the tracers check the input's rank
     if is_plain(module, _BATCH_NORMS):
         if module.track_running_stats and module.running_mean is not None:
             return {"op": "batch_norm", "eps": float(module.eps), "affine": bool(module.affine)}

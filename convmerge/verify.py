@@ -194,6 +194,8 @@ def sizes(graph: Graph, layers: Sequence[str], start: str, merged: ConvSpec,
     """Small sizes per axis covering every residue of the merged stride near the borders, the smallest size
     where an output reads every tap inside the input (`covers`), and one past the borders; for a merge exact
     only at `size`, a congruent size past the border interactions stands in."""
+    if merged.ndim == 0:
+        return [()]  # linear layers: one size, none
     per_axis, cover = [], []
     for k in range(merged.ndim):
         a = merged.axes[k]

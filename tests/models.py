@@ -224,6 +224,9 @@ def evaluate(description: dict, tensors: Mapping[str, torch.Tensor], x: torch.Te
             out = opaque[name](*args)
         elif op in ("conv1d", "conv2d", "conv3d"):
             out = _conv(layer, args[0], tensors)
+        elif op == "linear":  # FORMAT.md: nn.Linear on a [N, C] value
+            bias = tensors.get(f"{name}.bias")
+            out = F.linear(args[0], tensors[f"{name}.weight"].double(), None if bias is None else bias.double())
         elif op == "relu":
             out = F.relu(args[0])
         elif op == "relu6":

@@ -72,7 +72,7 @@ def test_an_in_place_update_through_an_alias_is_kept() -> None:
 def test_the_example_input_takes_its_channels_from_the_first_conv_called() -> None:
     example, origin = trace_export.example_input(HeadFirst(), (16, 16))
     assert [tuple(t.shape) for t in example] == [(1, 3, 16, 16)]
-    assert "channels of Conv2d 'stem', the first conv or batch norm called" in origin
+    assert "channels of Conv2d 'stem', the first conv, batch norm or linear layer called" in origin
 
 
 def test_the_fx_fallback_keeps_in_place_updates_and_merges_nothing_across_them(monkeypatch) -> None:

@@ -178,8 +178,8 @@ def test_random_descriptions_load_to_what_they_describe(described, batch):
 
 class Head(nn.Module):
     """Convs, then layers a description cannot define: arguments it drops (GELU's approximation, a leaky slope,
-    softplus's beta), a pooling to a size, a linear layer and a PReLU called twice (shared); and an nn.Flatten,
-    which the description does define (its start_dim and end_dim)."""
+    softplus's beta), a pooling to a size and a PReLU called twice (shared); and an nn.Flatten and an nn.Linear on
+    its [N, C] output, which the description does define (its start_dim and end_dim; its weight)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -212,7 +212,7 @@ def test_opaque_layers_are_refused_by_name_with_the_file(tmp_path):
     with pytest.raises(ValueError) as e:
         convmerge.load(out)
     message = str(e.value)
-    assert str(out) in message and "7 opaque layer(s)" in message and "and 2 more" in message
+    assert str(out) in message and "6 opaque layer(s)" in message and "and 1 more" in message
     for shown in ("'act' (gelu)", "'leaky' (leakyrelu)", "'soft' (softplus)"):
         assert shown in message
     assert "arch=" in message and "\n" not in message
@@ -242,7 +242,7 @@ def test_arch_supplies_the_opaque_layers(tmp_path, how):
 
 def test_arch_without_a_submodule_of_that_name_still_refuses(tmp_path):
     _, out = _head_file(tmp_path)
-    with pytest.raises(ValueError, match=r"7 opaque layer\(s\).*arch has no submodule"):
+    with pytest.raises(ValueError, match=r"6 opaque layer\(s\).*arch has no submodule"):
         convmerge.load(out, arch=nn.Sequential(nn.ReLU()))
 
 

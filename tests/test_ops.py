@@ -46,6 +46,7 @@ EXAMPLES: dict[str, Example] = {
     "conv1d": None,  # type: ignore[dict-item]  # the convs themselves: every test here is built of conv2d
     "conv2d": None,  # type: ignore[dict-item]
     "conv3d": None,  # type: ignore[dict-item]
+    "linear": None,  # type: ignore[dict-item]  # no spatial axes, so not between conv2ds: tests/test_linear.py
     "avg_pool1d": None,  # type: ignore[dict-item]  # pooling of other ranks: tests/test_regions.py
     "avg_pool3d": None,  # type: ignore[dict-item]
     "avg_pool2d": _single({"op": "avg_pool2d", "kernel_size": 3, "stride": 1}),

@@ -240,8 +240,8 @@ class Functional(nn.Module):
 
 def test_functions_and_methods_without_an_input_size_are_traced_by_fx() -> None:
     traced = trace_module(Functional())
-    assert traced.notes[0] == ("traced with torch.fx (torch.export needs an example input size (no conv or batch "
-                               "norm to guess one from))")
+    assert traced.notes[0] == ("traced with torch.fx (torch.export needs an example input size (no conv, batch "
+                               "norm or linear layer to guess one from))")
     description = traced.doc
     assert ops(description) == {
         "relu_1": "relu", "relu_2": "relu", "relu": "relu", "add": "opaque_add", "add_1": "opaque_add",

@@ -683,8 +683,8 @@ def test_generated_branches_are_traced_exactly(model: Generated, seed: int) -> N
 def test_example_input_is_guessed_from_the_first_conv_or_given() -> None:
     model = nn.Sequential(nn.Conv3d(2, 3, 1), nn.ReLU())
     assert trace(model).notes[0] == ("traced with torch.export on an input of shape [1, 2, 32, 32, 32] (spatial size "
-                                     "the default; channels of Conv3d '0', the first conv or batch norm called; give "
-                                     "input_size or example inputs if it is wrong)")
+                                     "the default; channels of Conv3d '0', the first conv, batch norm or linear layer "
+                                     "called; give input_size or example inputs if it is wrong)")
     assert trace(model, example_size=(4, 5, 6)).notes[0].startswith(
         "traced with torch.export on an input of shape [1, 2, 4, 5, 6] (spatial size as given;")
     assert trace(model, example_size=(2, 2, 4, 5, 6)).notes[0].startswith(
