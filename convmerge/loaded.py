@@ -25,7 +25,7 @@ from torch import nn
 
 from . import argument_ops, io, model, reference, trace
 from .graph import CONV_OPS, POOL_OPS, Graph, GraphError
-from .modules import conv_module
+from .modules import Affine, conv_module
 from .spec import PadSpec
 
 __all__ = ["FUNCTIONS", "BatchNorm", "Loaded", "Pad", "load"]
@@ -77,7 +77,7 @@ class Pad(nn.Module):
 @dataclass(frozen=True)
 class Step:
     """One layer: `kind` is module (call the submodule at `target`), function (FUNCTIONS[target]),
-    argument (the argument_ops op `target`, `arg` its fields), add, concat (`arg` the axis), pool (`arg` a PoolSpec) or same (identity, dropout); `inputs` are
+    argument (the argument_ops op `target`, `arg` its fields), add, sub, concat (`arg` the axis), pool (`arg` a PoolSpec) or same (identity, dropout); `inputs` are
     value slots, `free` the slots no later step reads."""
 
     kind: str
@@ -119,6 +119,8 @@ class Loaded(nn.Module):
             return argument_ops.run(step.target, args[0], step.arg)
         if kind == "add":
             return sum(args[1:], args[0])
+        if kind == "sub":
+            return args[0] - args[1]
         if kind == "concat":
             return torch.cat(args, dim=step.arg)
         if kind == "pool":
@@ -211,7 +213,7 @@ def _plan(graph: Graph, header: io.Header, source: Optional[nn.Module]) -> _Plan
         slots[name] = len(slots)
         op = layer.op
         step = Step("module", name, inputs)
-        if layer.fields.get("_not_float") and op in (*CONV_OPS, "batch_norm", "pad"):
+        if layer.fields.get("_not_float") and op in (*CONV_OPS, "batch_norm", "pad", "affine"):
             raise ValueError(f"{header.path}: layer {name!r}: its tensors are not floating point; "
                              "convmerge.load builds float modules")
         if op in CONV_OPS:
@@ -221,9 +223,13 @@ def _plan(graph: Graph, header: io.Header, source: Optional[nn.Module]) -> _Plan
         elif op == "pad":
             value = header.tensors.get(f"{name}.value")
             modules[name] = Pad(graph.pads[name], None if value is None else value.shape[0])
+        elif op == "affine":
+            sizes = [header.tensors[f"{name}.{s}"].shape[0] if f"{name}.{s}" in header.tensors else None
+                     for s in ("weight", "bias")]
+            modules[name] = Affine(*sizes, device="meta")
         elif op in ("identity", "dropout"):
             step = Step("same", name, inputs)
-        elif op in ("add", "concat"):
+        elif op in ("add", "sub", "concat"):
             step = Step(op, name, inputs, layer.fields.get("dim", 1) if op == "concat" else None)
         elif op in POOL_OPS:
             step = Step("pool", name, inputs, graph.pools[name])

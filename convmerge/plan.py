@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import numpy
 import torch
 
-from . import algebra, ops, reference
+from . import affine, algebra, ops, reference
 from .algebra import BatchNorm, Conv, Counterexample
 from .errors import ConvmergeError, Kind
 from .graph import CONV_OPS, JOIN_OPS, LINEAR_OPS, PASSTHROUGH_OPS, POOL_OPS, Graph, GraphError
@@ -90,6 +90,9 @@ class Loader:
         return Conv(self.graph.specs[name], self._get(f"{name}.weight"), self._get(f"{name}.bias"))
 
     def bn(self, name: str) -> BatchNorm:
+        if self.graph.layers[name].op == "affine":
+            return affine.batch_norm(self._get(f"{name}.weight"), self._get(f"{name}.bias"),
+                                     self.graph.channels.get(name))
         eps = float(self.graph.layers[name].fields.get("eps", 1e-5))
         return BatchNorm(self._get(f"{name}.running_mean"), self._get(f"{name}.running_var"), eps,
                          self._get(f"{name}.weight"), self._get(f"{name}.bias"))
@@ -952,7 +955,8 @@ def _storage_dtype(tensors: Tensors, convs: Sequence[str], others: Sequence[str]
     """The dtype merged weights are stored in: the convs' weights' (promoted), else the other layers'
     tensors' (a pooling and a batch norm merged without a conv), else (pools, pads and adds alone) the
     model's: the first floating-point tensor's."""
-    keys = [f"{n}.weight" for n in convs] or [k for n in others for k in (f"{n}.running_var", f"{n}.value")]
+    keys = [f"{n}.weight" for n in convs] or [k for n in others for k in (f"{n}.running_var", f"{n}.value",
+                                                                          f"{n}.weight", f"{n}.bias")]
     dtype = None
     for key in keys:
         info = tensors.info.get(key)
