@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the description's checks (graph.py) run without torch
 
     from .algebra import BatchNorm, Conv
 
-__all__ = ["batch_norm", "channel_values", "check", "count", "negated", "per_channel"]
+__all__ = ["arithmetic", "batch_norm", "channel_values", "check", "count", "negated", "per_channel"]
 
 TENSORS = ("weight", "bias")
 
@@ -81,3 +81,18 @@ def per_channel(value: Sequence[int], constant: Sequence[int]) -> bool:
 def channel_values(t: torch.Tensor) -> torch.Tensor:
     """A per-channel constant (`per_channel`) as the [C] or [1] tensor an affine layer holds."""
     return t.detach().reshape(-1).clone() if t.numel() > 1 else t.detach().reshape(1).clone()
+
+
+def arithmetic(op: str, c: Any, alpha: float = 1, constant_first: bool = False) -> Optional[tuple[Any, Any]]:
+    """`x op c` (`c op x` with `constant_first`; `alpha` scales the second operand as in torch.add/sub) as the
+    (weight, bias) of x * weight + bias, None for an absent one; None where it is not affine in x (c / x)."""
+    if op == "mul":
+        return c, None
+    if op == "div":
+        return None if constant_first else (1 / c, None)
+    if op == "add":
+        return (None if alpha == 1 else alpha, c) if constant_first else (None, c * alpha)
+    if op == "sub":
+        return (-alpha, c) if constant_first else (None, c * -alpha)
+    return None
+
