@@ -331,20 +331,6 @@ class Leaf(nn.Module):
         return x * torch.sigmoid(x)
 
 
-class LayerScale(nn.Module):
-    """timm's LayerScale2d forms: `x.mul_(gamma)` with gamma [C, 1, 1], `x * gamma.view(1, -1, 1, 1)`, a scalar."""
-
-    def __init__(self, c: int, form: str) -> None:
-        super().__init__()
-        self.form = form
-        self.gamma = nn.Parameter(torch.randn(*{"inplace": (c, 1, 1), "view": (c,), "scalar": (1,)}[form]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.form == "inplace":
-            return x.mul_(self.gamma)
-        return x * (self.gamma.view(1, -1, 1, 1) if self.form == "view" else self.gamma)
-
-
 ARITHMETIC = {
     "x*2+1": lambda m, x: x * 2 + 1, "2-x": lambda m, x: 2 - x, "x/3-0.5": lambda m, x: x / 3 - 0.5,
     "x-buffer": lambda m, x: x - m.shift, "buffer+x": lambda m, x: m.shift + x, "x/buffer": lambda m, x: x / m.shift,
@@ -364,20 +350,6 @@ class Arithmetic(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ARITHMETIC[self.which](self, self.conv(x))
-
-
-class RepMixer(nn.Module):
-    """FastViT's token mixer, `x + ls * (mixer(x) - norm(x))`: a depthwise conv-BN plus a BN (MobileOne's mixer),
-    minus a BN, scaled per channel, plus the input; all linear, so one depthwise conv."""
-
-    def __init__(self, c: int, inplace: bool = False) -> None:
-        super().__init__()
-        self.dw = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c))
-        self.skip, self.norm = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
-        self.ls = LayerScale(c, "inplace" if inplace else "view")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.ls((self.dw(x) + self.skip(x)) - self.norm(x))
 
 
 @st.composite
@@ -422,11 +394,11 @@ def random_modules(draw: Any) -> tuple[Random, int]:
             block = Leaf()
         elif kind == "scale":
             block = nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2),
-                                  LayerScale(c, draw(st.sampled_from(["inplace", "view", "scalar"]))))
+                                  nets.LayerScale(c, draw(st.sampled_from(["inplace", "view", "scalar"]))))
         elif kind == "arithmetic":
             block = Arithmetic(c, draw(st.sampled_from(sorted(ARITHMETIC))))
         elif kind == "repmixer":
-            block = RepMixer(c, draw(st.booleans()))
+            block = nets.RepMixer(c, draw(st.booleans()))
         elif kind == "sub":
             block = nn.ModuleList([nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 3, padding=1)])
         else:
@@ -464,7 +436,7 @@ def test_random_modules_compute_what_the_original_does(drawn: tuple[Random, int]
 def test_a_repmixer_block_becomes_one_depthwise_conv_with_no_batch_norm_left(inplace: bool) -> None:
     """FastViT's RepMixer (issue 20): its three batch norms, layer scale, subtraction and residual add are
     one depthwise 3x3 conv, exact at every size (1 to 14 here, odd and even, against the original)."""
-    model = prepared(RepMixer(4, inplace))
+    model = prepared(nets.RepMixer(4, inplace))
     fused = convmerge.fuse(model, input_size=(8, 8))
     kinds = [type(m) for m in fused.modules()]
     assert nn.BatchNorm2d not in kinds and conv_calls(fused) == 1
