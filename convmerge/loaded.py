@@ -25,7 +25,7 @@ from torch import nn
 
 from . import argument_ops, io, model, reference, trace
 from .graph import CONV_OPS, POOL_OPS, Graph, GraphError
-from .modules import Affine, conv_module
+from .modules import conv_module
 from .spec import PadSpec
 
 __all__ = ["FUNCTIONS", "BatchNorm", "Loaded", "Pad", "load"]
@@ -56,6 +56,21 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.num_batches_tracked is None:  # not in the file: torch would add one for an old (version 1) state dict
             local_metadata = dict(local_metadata, version=self._version)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *rest)
+
+
+class Affine(nn.Module):
+    """An affine layer (affine.py): x * weight + bias per channel, each optional, each [C] or [1]."""
+
+    def __init__(self, weight: Optional[int], bias: Optional[int]) -> None:
+        super().__init__()
+        self.weight = None if weight is None else nn.Parameter(torch.empty(weight, device="meta"))
+        self.bias = None if bias is None else nn.Parameter(torch.empty(bias, device="meta"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        if self.weight is not None:
+            x = x * self.weight.view(shape)
+        return x if self.bias is None else x + self.bias.view(shape)
 
 
 class Pad(nn.Module):
@@ -226,7 +241,7 @@ def _plan(graph: Graph, header: io.Header, source: Optional[nn.Module]) -> _Plan
         elif op == "affine":
             sizes = [header.tensors[f"{name}.{s}"].shape[0] if f"{name}.{s}" in header.tensors else None
                      for s in ("weight", "bias")]
-            modules[name] = Affine(*sizes, device="meta")
+            modules[name] = Affine(*sizes)
         elif op in ("identity", "dropout"):
             step = Step("same", name, inputs)
         elif op in ("add", "sub", "concat"):

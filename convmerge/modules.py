@@ -8,7 +8,7 @@ then convolves with padding 0.  Being a subclass, it keeps the parameter names `
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
@@ -104,18 +104,3 @@ def conv_calls(module: nn.Module) -> int:
         elif node.op == "call_function":
             count += node.target in _CONV_CALLS
     return count
-
-
-class Affine(nn.Module):
-    """An `affine` layer (affine.py) as a module: x * weight + bias per channel, each optional, each [C] or [1]."""
-
-    def __init__(self, weight: Optional[int], bias: Optional[int], **factory: Any) -> None:
-        super().__init__()
-        self.weight = None if weight is None else nn.Parameter(torch.empty(weight, **factory))
-        self.bias = None if bias is None else nn.Parameter(torch.empty(bias, **factory))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        if self.weight is not None:
-            x = x * self.weight.view(shape)
-        return x if self.bias is None else x + self.bias.view(shape)

@@ -86,7 +86,7 @@ _ROWS = [
         "relu", "relu6", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "elu", "mish",
         "neg", "prelu", "clamp", "hardtanh", "softplus")),
     *(Op(n, Kind.BROADCAST, inputs=(1, None)) for n in (
-        "mul", "div", "truediv", "iadd", "imul", "isub", "mul_", "add_")),
+        "mul", "div", "truediv", "iadd", "imul", "isub", "mul_", "add_", "opaque_sub")),
 ]
 
 OPS: dict[str, Op] = {op.name: op for op in _ROWS}

@@ -1028,7 +1028,7 @@ BN_NOTES = 20  # batch norms named one by one; the rest are counted
 
 def _batch_norm_notes(plan: Plan) -> None:
     """Name each batch norm left unfolded, with the op that stops it (what a user compares with a deploy
-    conversion that folds more, e.g. a BN after a Linear or a layer-scale multiply)."""
+    conversion that folds more, e.g. a BN after a Linear)."""
     graph = plan.graph
     folded = {name for u in plan.applied for name in u.layers}
     left = [n for n, layer in graph.layers.items() if layer.op == "batch_norm" and n not in folded]
