@@ -448,6 +448,20 @@ def test_a_repmixer_block_becomes_one_depthwise_conv_with_no_batch_norm_left(inp
         same(model, fused, x(2, 4, n, 15 - n))
 
 
+def test_the_fx_fallback_keeps_arithmetic_with_constants_and_sub_opaque(monkeypatch) -> None:
+    """The fx tracer sees no shapes, so it cannot tell `x * gamma` per channel from a broadcast: opaque there."""
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise trace_export.TraceError("torch.export: refused for the test")
+
+    monkeypatch.setattr(trace_export, "describe", refuse)
+    model = prepared(nets.RepMixer(4))
+    fused = convmerge.fuse(model)
+    ops = {node.target for node in fused.graph.nodes if node.op == "call_function"}
+    assert {"sub", "mul"} <= {getattr(op, "__name__", str(op)) for op in ops}, ops
+    for n in (1, 6, 13):
+        same(model, fused, x(2, 4, n, 14 - n))
+
+
 @pytest.mark.parametrize("which", sorted(ARITHMETIC))
 def test_a_conv_then_arithmetic_with_a_constant_is_one_conv(which: str) -> None:
     model = prepared(Arithmetic(3, which))
