@@ -62,7 +62,7 @@ _UNARY = {"Relu": "relu", "LeakyRelu": "leaky_relu", "Sigmoid": "sigmoid", "Tanh
           "Clip": "clamp", "PRelu": "prelu", "Gelu": "gelu"}
 """Element-wise ops whose output has their first input's shape: named as descriptions name them, so
 sizes carry across them (they stay opaque: convmerge never merges across one)."""
-_BINARY = {"Mul": "mul", "Div": "div"}
+_BINARY = {"Mul": "mul", "Sub": "opaque_sub", "Div": "div"}
 _ARITHMETIC = {"Mul": "mul", "Add": "add", "Sub": "sub", "Div": "div"}
 """Affine in a layer value where the other input is a constant holding one value per channel (affine.arithmetic)."""
 _NEUTRAL = {"Add": (0.0, (0, 1)), "Sub": (0.0, (1,)), "Mul": (1.0, (0, 1)), "Div": (1.0, (1,))}
@@ -587,9 +587,8 @@ class _Reader:
                 return found
         if op == "Add":
             return self._add(ins)
-        if op == "Sub":
-            found = self._add(ins)  # two layer values of one shape, as Add
-            return None if found is None else ({**found[0], "op": "sub"}, {})
+        if op == "Sub" and (same := self._add(ins)) is not None:  # two layer values of one shape, as Add
+            return {**same[0], "op": "sub"}, {}
         if op == "Concat":
             return self._concat(ins, attrs)
         if op == "AveragePool":
