@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-from . import linear, ops, strictjson
+from . import affine, linear, ops, strictjson
 from .errors import ConvmergeError, Kind
 from .spec import ConvSpec, PadSpec, PoolSpec, SpecError, pad_spec, padding_fields, pool_spec, spec_from_fields
 
@@ -167,7 +167,7 @@ class Graph:
             if len(self.consumers.get(name, [])) > 1:
                 return f"{name} has {len(self.consumers[name])} consumers"
         for name in via:
-            if self.layers[name].op == "batch_norm" and self.layers[name].fields.get("_not_float"):
+            if self.layers[name].fields.get("_not_float"):  # a batch norm's or an affine layer's tensors
                 return f"{name} has non-float statistics"
         for name in (first, second):
             if self.layers[name].fields.get("_not_float"):
@@ -270,6 +270,8 @@ def parse(doc: dict, tensors: Mapping[str, Any], where: str = "description") -> 
             graph.specs[layer.name] = _conv_spec(layer, tensors, where)
         elif layer.op == "batch_norm":
             _check_bn(layer, tensors, where)
+        elif layer.op == "affine":
+            _check_affine(layer, tensors, where)
         elif layer.op in POOL_OPS:
             graph.pools[layer.name] = _checked(layer, where, lambda f: pool_spec(POOL_OPS[layer.op], f))
         elif layer.op == "pad":
@@ -406,6 +408,19 @@ def _check_bn(layer: Layer, tensors: Mapping[str, Any], where: str) -> None:
         raise GraphError(f"{at}: its tensors disagree on the channel count ({detail})")
 
 
+def _check_affine(layer: Layer, tensors: Mapping[str, Any], where: str) -> None:
+    at = f"{where}: layer {_q(layer.name)}"
+    for key in affine.TENSORS:
+        if key in layer.fields:
+            raise GraphError(f"{at}: field '{key}': an affine layer's {key} is the tensor {_q(layer.name + '.' + key)} "
+                             "([C] or [1]), not a field")
+    problem = affine.check(layer.name, tensors, at, _q)
+    if problem:
+        raise GraphError(problem)
+    if any(not tensors[f"{layer.name}.{s}"].is_float for s in affine.TENSORS if f"{layer.name}.{s}" in tensors):
+        layer.fields["_not_float"] = True  # type: ignore[index]
+
+
 def _check_channels(graph: Graph, tensors: Mapping[str, Any], where: str) -> None:
     """Channel counts must agree along every edge where both ends are known (convs, batch norms and
     the single-input ops between them): a description that contradicts its weights is an error, not
@@ -432,6 +447,12 @@ def _check_channels(graph: Graph, tensors: Mapping[str, Any], where: str) -> Non
                     f"has {count}"
                 )
             channels[name] = count if count is not None else src_channels
+        elif layer.op == "affine" and affine.count(name, tensors) is not None:
+            count = affine.count(name, tensors)
+            if src_channels is not None and src_channels != count:
+                raise GraphError(f"{at}: {_q(layer.inputs[0])} gives {src_channels} channels, but the tensors of "
+                                 f"{_q(name)} hold {count} values")
+            channels[name] = count
         elif layer.op == "pad" and f"{name}.value" in tensors:
             count = int(tensors[f"{name}.value"].shape[0])
             if src_channels is not None and src_channels != count:
@@ -440,9 +461,9 @@ def _check_channels(graph: Graph, tensors: Mapping[str, Any], where: str) -> Non
             channels[name] = count
         elif layer.op in CHANNEL_OPS and len(got) == 1:
             channels[name] = src_channels
-        elif layer.op == "add" and len({c for c in got if c is not None}) > 1:
+        elif layer.op in ("add", "sub") and len({c for c in got if c is not None}) > 1:
             shown = ", ".join(f"{_q(src)} gives {c}" for src, c in zip(layer.inputs, got) if c is not None)
-            raise GraphError(f"{at}: add needs equal shapes, but the channel counts differ ({shown})")
+            raise GraphError(f"{at}: {layer.op} needs equal shapes, but the channel counts differ ({shown})")
         elif layer.op == "concat" and layer.fields.get("dim", 1) == 1:
             channels[name] = sum(got) if got and None not in got else None  # type: ignore[arg-type]
         elif layer.op in SHAPE_PRESERVING_OPS and got and None not in got and len(set(got)) == 1:
@@ -470,6 +491,8 @@ def _read_channels(graph: Graph, tensors: Mapping[str, Any], value: str) -> Opti
             count = tensors.get(f"{c}.running_mean" if layer.op == "batch_norm" else f"{c}.value")
             if layer.op in ("batch_norm", "pad") and count is not None:
                 return int(count.shape[0])
+            if layer.op == "affine" and affine.count(c, tensors) is not None:
+                return affine.count(c, tensors)
             if layer.op in CHANNEL_OPS:
                 stack.append(c)
     return None
@@ -501,8 +524,10 @@ def _layer(raw: Any, i: int, where: str, unknown: list[str]) -> Layer:
     if op == "add" and len(inputs) < least:
         raise GraphError(f"{at}: field 'inputs': add sums two or more layers, got {len(inputs)} "
                          "(adding a constant is another op)")
-    if len(inputs) < least:
-        raise GraphError(f"{at}: field 'input': {op} needs an input, got none")
+    if len(inputs) < least or (most is not None and len(inputs) > most):
+        wanted = f"exactly {least}" if least == most else f"at least {least}" if len(inputs) < least else f"at most {most}"
+        raise GraphError(f"{at}: field 'inputs': {op} takes {wanted} inputs, got {len(inputs)}" if least > 1 else
+                         f"{at}: field 'input': {op} needs an input, got none")
     if row is not None and row.linear:
         for key in raw:
             if key in _WIRING or key in row.fields or not isinstance(key, str):

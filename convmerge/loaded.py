@@ -58,6 +58,21 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *rest)
 
 
+class Affine(nn.Module):
+    """An affine layer (affine.py): x * weight + bias per channel, each optional, each [C] or [1]."""
+
+    def __init__(self, weight: Optional[int], bias: Optional[int]) -> None:
+        super().__init__()
+        self.weight = None if weight is None else nn.Parameter(torch.empty(weight, device="meta"))
+        self.bias = None if bias is None else nn.Parameter(torch.empty(bias, device="meta"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        if self.weight is not None:
+            x = x * self.weight.view(shape)
+        return x if self.bias is None else x + self.bias.view(shape)
+
+
 class Pad(nn.Module):
     """A pad layer (`reference.pad`); `value`, when the file has `NAME.value`, holds one constant per channel."""
 
@@ -77,7 +92,7 @@ class Pad(nn.Module):
 @dataclass(frozen=True)
 class Step:
     """One layer: `kind` is module (call the submodule at `target`), function (FUNCTIONS[target]),
-    argument (the argument_ops op `target`, `arg` its fields), add, concat (`arg` the axis), pool (`arg` a PoolSpec) or same (identity, dropout); `inputs` are
+    argument (the argument_ops op `target`, `arg` its fields), add, sub, concat (`arg` the axis), pool (`arg` a PoolSpec) or same (identity, dropout); `inputs` are
     value slots, `free` the slots no later step reads."""
 
     kind: str
@@ -119,6 +134,8 @@ class Loaded(nn.Module):
             return argument_ops.run(step.target, args[0], step.arg)
         if kind == "add":
             return sum(args[1:], args[0])
+        if kind == "sub":
+            return args[0] - args[1]
         if kind == "concat":
             return torch.cat(args, dim=step.arg)
         if kind == "pool":
@@ -211,7 +228,7 @@ def _plan(graph: Graph, header: io.Header, source: Optional[nn.Module]) -> _Plan
         slots[name] = len(slots)
         op = layer.op
         step = Step("module", name, inputs)
-        if layer.fields.get("_not_float") and op in (*CONV_OPS, "batch_norm", "pad"):
+        if layer.fields.get("_not_float") and op in (*CONV_OPS, "batch_norm", "pad", "affine"):
             raise ValueError(f"{header.path}: layer {name!r}: its tensors are not floating point; "
                              "convmerge.load builds float modules")
         if op in CONV_OPS:
@@ -221,9 +238,13 @@ def _plan(graph: Graph, header: io.Header, source: Optional[nn.Module]) -> _Plan
         elif op == "pad":
             value = header.tensors.get(f"{name}.value")
             modules[name] = Pad(graph.pads[name], None if value is None else value.shape[0])
+        elif op == "affine":
+            sizes = [header.tensors[f"{name}.{s}"].shape[0] if f"{name}.{s}" in header.tensors else None
+                     for s in ("weight", "bias")]
+            modules[name] = Affine(*sizes)
         elif op in ("identity", "dropout"):
             step = Step("same", name, inputs)
-        elif op in ("add", "concat"):
+        elif op in ("add", "sub", "concat"):
             step = Step(op, name, inputs, layer.fields.get("dim", 1) if op == "concat" else None)
         elif op in POOL_OPS:
             step = Step("pool", name, inputs, graph.pools[name])

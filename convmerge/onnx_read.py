@@ -28,6 +28,7 @@ import torch
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
+from . import affine
 from .graph import CONV_OPS, Graph, GraphError, parse
 from .io import ModelFileError
 from .plan import Tensors
@@ -61,7 +62,9 @@ _UNARY = {"Relu": "relu", "LeakyRelu": "leaky_relu", "Sigmoid": "sigmoid", "Tanh
           "Clip": "clamp", "PRelu": "prelu", "Gelu": "gelu"}
 """Element-wise ops whose output has their first input's shape: named as descriptions name them, so
 sizes carry across them (they stay opaque: convmerge never merges across one)."""
-_BINARY = {"Mul": "mul", "Sub": "sub", "Div": "div"}
+_BINARY = {"Mul": "mul", "Sub": "opaque_sub", "Div": "div"}
+_ARITHMETIC = {"Mul": "mul", "Add": "add", "Sub": "sub", "Div": "div"}
+"""Affine in a layer value where the other input is a constant holding one value per channel (affine.arithmetic)."""
 _NEUTRAL = {"Add": (0.0, (0, 1)), "Sub": (0.0, (1,)), "Mul": (1.0, (0, 1)), "Div": (1.0, (1,))}
 """x + 0, 0 + x, x - 0, x * 1, 1 * x, x / 1: the identity, where the constant leaves x's shape as it is (timm's
 MobileOne writes `scale_out + 0`, which the TorchScript exporter keeps).  op: (the neutral value, its sides)."""
@@ -131,7 +134,7 @@ def read_model(path: str, input_size: Optional[Sequence[int]] = None) -> OnnxGra
         notes.append(f"{fed} initializer(s) are also graph inputs, which a caller may replace, so the layers "
                      "reading them stay opaque (export with keep_initializers_as_inputs=False)")
     static = _static_size(proto.graph, notes)
-    reader = _Reader(proto.graph, shown, constants, shapes, static)
+    reader = _Reader(proto.graph, shown, constants, shapes, static, base)
     doc, infos = reader.describe()
     graph = parse(doc, infos, shown)
     tensors = Tensors(infos, lambda key: tensor_of(constants[reader.tensors[key]], base, shown))
@@ -447,9 +450,10 @@ def _input_size(static: Optional[tuple[int, ...]], graph: Graph, given: Optional
 class _Reader:
     """Walks the nodes once, in their (topological) order, writing one description layer per node."""
 
-    def __init__(self, g: onnx.GraphProto, shown: str, constants: Mapping[str, TensorProto],
-                 shapes: Mapping[str, Shape], static: Optional[tuple[int, ...]]) -> None:
+    def __init__(self, g: onnx.GraphProto, shown: str, constants: dict[str, TensorProto],
+                 shapes: Mapping[str, Shape], static: Optional[tuple[int, ...]], base: str = "") -> None:
         self.g, self.shown, self.constants, self.shapes, self.static = g, shown, constants, shapes, static
+        self.base = base  # where external data lies (an affine layer's tensors are computed from constants)
         self.names: dict[str, str] = {}  # ONNX value -> description name
         self.values: dict[str, str] = {}  # description name -> ONNX value
         self.nodes: dict[str, int] = {}
@@ -582,8 +586,14 @@ class _Reader:
             same = self._neutral(op, ins)
             if same is not None:
                 return {"op": "identity", "input": same}, {}
+        if op in _ARITHMETIC and len(ins) == 2:
+            found = self._affine(op, ins, name)
+            if found is not None:
+                return found
         if op == "Add":
             return self._add(ins)
+        if op == "Sub" and (same := self._add(ins)) is not None:  # two layer values of one shape, as Add
+            return {**same[0], "op": "sub"}, {}
         if op == "Concat":
             return self._concat(ins, attrs)
         if op == "AveragePool":
@@ -688,6 +698,39 @@ class _Reader:
         if any(m != n for m, n in zip(a, b)):
             return None
         return {"op": "add", "inputs": [self._data(ins[0]), self._data(ins[1])]}, {}
+
+    def _affine(self, op: str, ins: list[str], name: str) -> Optional[tuple[dict, dict[str, str]]]:
+        """Mul, Add, Sub or Div of a layer value x and a constant c holding one value per channel of x or one for
+        all (a LayerScale, a normalisation, `x * 2 + 1`), leaving x's shape: an affine layer whose weight and bias
+        (affine.arithmetic: 1 / c, -c...) are new constants beside the model's (not written into it)."""
+        k = 0 if self._data(ins[0]) is not None else 1
+        x, c = self._data(ins[k]), ins[1 - k]
+        shape = self.shapes.get(ins[k])
+        if x is None or not self._const(c) or shape is None or self.constants[c].data_type not in _FLOATS:
+            return None
+        dims = tuple(self.constants[c].dims)
+        if self.constants[c].data_type == TensorProto.BFLOAT16 or not affine.per_channel(shape, dims):
+            return None
+        value = tensor_of(self.constants[c], self.base, self.shown)
+        terms = affine.arithmetic(_ARITHMETIC[op], value.double(), constant_first=k == 1)
+        if terms is None:
+            return None
+        tensors = {}
+        for suffix, term in zip(affine.TENSORS, terms):
+            if term is not None:
+                t = affine.channel_values(torch.as_tensor(term, dtype=torch.float64)).to(value.dtype)
+                key = self._computed(f"{name}.{suffix}")
+                self.constants[key] = numpy_helper.from_array(t.numpy(), key)
+                tensors[suffix] = key
+        return {"op": "affine", "input": x}, tensors
+
+    def _computed(self, want: str) -> str:
+        """A name for a computed constant that no ONNX value has."""
+        cand, k = f"convmerge:{want}", 1
+        while cand in self.constants or cand in self.read or cand in self.names:
+            k += 1
+            cand = f"convmerge:{want}_{k}"
+        return cand
 
     def _neutral(self, op: str, ins: list[str]) -> Optional[str]:
         """The layer x where the node is x + 0, x * 1 and the like (_NEUTRAL); None otherwise."""

@@ -84,11 +84,13 @@ _ROWS = [
     Op("dropout", Kind.PASS, frozenset({"p", "inplace"})),
     Op("add", Kind.JOIN, inputs=(2, None)),
     Op("concat", Kind.JOIN, frozenset({"dim"}), inputs=(1, None)),
+    Op("affine", Kind.AFFINE, tensors=("weight", "bias")),  # x * weight + bias, per channel (affine.py)
+    Op("sub", Kind.JOIN, inputs=(2, 2)),  # a - b, of one shape
     *(Op(n, Kind.ELEMENTWISE, inputs=(1, None)) for n in (
         "relu", "relu6", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "elu", "mish",
         "neg", "prelu", "clamp", "hardtanh", "softplus")),
     *(Op(n, Kind.BROADCAST, inputs=(1, None)) for n in (
-        "sub", "mul", "div", "truediv", "iadd", "imul", "isub", "mul_", "add_")),
+        "mul", "div", "truediv", "iadd", "imul", "isub", "mul_", "add_", "opaque_sub")),
 ]
 
 OPS: dict[str, Op] = {op.name: op for op in _ROWS}

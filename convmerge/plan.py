@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import numpy
 import torch
 
-from . import algebra, ops, reference
+from . import affine, algebra, ops, reference
 from .algebra import BatchNorm, Conv, Counterexample
 from .errors import ConvmergeError, Kind
 from .graph import CONV_OPS, JOIN_OPS, LINEAR_OPS, PASSTHROUGH_OPS, POOL_OPS, Graph, GraphError
@@ -84,6 +84,9 @@ class Loader:
         return Conv(self.graph.specs[name], self._get(f"{name}.weight"), self._get(f"{name}.bias"))
 
     def bn(self, name: str) -> BatchNorm:
+        if self.graph.layers[name].op == "affine":
+            return affine.batch_norm(self._get(f"{name}.weight"), self._get(f"{name}.bias"),
+                                     self.graph.channels.get(name))
         eps = float(self.graph.layers[name].fields.get("eps", 1e-5))
         return BatchNorm(self._get(f"{name}.running_mean"), self._get(f"{name}.running_var"), eps,
                          self._get(f"{name}.weight"), self._get(f"{name}.bias"))
@@ -765,7 +768,8 @@ def _storage_dtype(tensors: Tensors, convs: Sequence[str], others: Sequence[str]
     """The dtype merged weights are stored in: the convs' weights' (promoted), else the other layers'
     tensors' (a pooling and a batch norm merged without a conv), else (pools, pads and adds alone) the
     model's: the first floating-point tensor's."""
-    keys = [f"{n}.weight" for n in convs] or [k for n in others for k in (f"{n}.running_var", f"{n}.value")]
+    keys = [f"{n}.weight" for n in convs] or [k for n in others for k in (f"{n}.running_var", f"{n}.value",
+                                                                          f"{n}.weight", f"{n}.bias")]
     dtype = None
     for key in keys:
         info = tensors.info.get(key)
@@ -826,7 +830,7 @@ BN_NOTES = 20  # batch norms named one by one; the rest are counted
 
 def _batch_norm_notes(plan: Plan) -> None:
     """Name each batch norm left unfolded, with the op that stops it (what a user compares with a deploy
-    conversion that folds more, e.g. a BN after a Linear or a layer-scale multiply)."""
+    conversion that folds more, e.g. a BN after a Linear)."""
     graph = plan.graph
     folded = {name for u in plan.applied for name in u.layers}
     left = [n for n, layer in graph.layers.items() if layer.op == "batch_norm" and n not in folded]

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import algebra, joins, ops
+from . import affine, algebra, joins, ops
 from .algebra import Conv
 from .graph import CONV_OPS, JOIN_OPS, POOL_OPS, Graph
 from .reasons import Outcome, Why
@@ -258,6 +258,8 @@ def _join(graph: Graph, name: str, parts: list[tuple[Optional[Conv], tuple[Check
     if any(conv is None and cs for conv, cs in parts):
         return None, tuple(checks)
     convs = [conv if conv is not None else algebra.identity(channels, ndim) for conv, _ in parts]
+    if graph.layers[name].op == "sub":
+        convs[1] = affine.negated(convs[1])
     concat = graph.layers[name].op == "concat"
     j = joins.decide_join([c.spec for c in convs], [algebra.support(c.weight) for c in convs], list(inputs), concat)
     start = tuple(joins.periodic_from(j.candidate, k) if j.candidate else 1 for k in range(ndim))

@@ -78,6 +78,8 @@ def _op(graph: Graph, params: Params, name: str, op: str, args: list[torch.Tenso
         return x
     if op == "add":
         return sum(args[1:], x)
+    if op == "sub":  # the magnitudes of a - b are those of a + b
+        return x + args[1] if isinstance(params, Magnitudes) else x - args[1]
     if op == "concat":
         return torch.cat(args, dim=graph.layers[name].fields.get("dim", 1))
     if op in POOL_OPS:

@@ -40,7 +40,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental import _config as fx_config
 from torch.utils import _pytree as pytree
 
-from . import argument_ops
+from . import affine, argument_ops
 from .spec import SpecError, conv_spec, padding_fields
 from .trace_layers import (STRUCTURAL_MODULES, STRUCTURAL_OPS, TraceError, Traced, avg_pool_fields, first_line,
                            is_leaf_class, is_plain, model_dtype,
@@ -706,6 +706,10 @@ _PADS = {aten.constant_pad_nd.default: "constant", aten.pad.default: "", aten._p
          aten.reflection_pad1d.default: "reflect", aten.reflection_pad2d.default: "reflect",
          aten.reflection_pad3d.default: "reflect", aten.replication_pad1d.default: "replicate",
          aten.replication_pad2d.default: "replicate", aten.replication_pad3d.default: "replicate"}
+_ARITHMETIC = {aten.mul.Tensor: "mul", aten.mul.Scalar: "mul", aten.div.Tensor: "div", aten.div.Scalar: "div",
+               aten.add.Tensor: "add", aten.add.Scalar: "add", aten.sub.Tensor: "sub", aten.sub.Scalar: "sub",
+               aten.rsub.Tensor: "rsub", aten.rsub.Scalar: "rsub"}
+"""Element-wise ops that are affine in a layer value when the other operand is a constant (affine.arithmetic)."""
 _ALIASES = {aten.clone.default, aten.alias.default, aten.detach.default, aten.contiguous.default}
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 """Views with fixed sizes: a flatten (argument_ops) where the output is the input with one run of axes collapsed."""
@@ -918,6 +922,7 @@ class _Mapper:
         elif not any(target in ops and handle(node) for ops, handle in (
                 (_CONVS, self._conv), ({aten.linear.default}, self._linear),
                 ({_BATCH_NORM, aten.batch_norm.default}, self._batch_norm), ({aten.add.Tensor}, self._add),
+                ({aten.sub.Tensor}, self._sub), (_ARITHMETIC, self._affine),
                 ({aten.cat.default}, self._cat), (_POOLS, self._pool), (_PADS, self._pad))):
             self._opaque(node)
 
@@ -991,6 +996,61 @@ class _Mapper:
         if not (l.shape == r.shape == out.shape and l.dtype == r.dtype == out.dtype):
             return False
         self._emit(node, self._fresh(node, "add"), {"op": "add"}, [left, right])
+        return True
+
+    def _sub(self, node: fx.Node) -> bool:
+        """``a - b`` of two layer values of one shape and dtype (as ``_add``)."""
+        a = _bind(node)
+        left, right, alpha = a["self"], a["other"], a["alpha"]
+        if type(alpha) not in (int, float) or alpha != 1 or not (self._active(left) and self._active(right)):
+            return False
+        out, l, r = node.meta["val"], left.meta["val"], right.meta["val"]
+        if not (l.shape == r.shape == out.shape and l.dtype == r.dtype == out.dtype):
+            return False
+        self._emit(node, self._fresh(node, "sub"), {"op": "sub"}, [left, right])
+        return True
+
+    def _affine(self, node: fx.Node) -> bool:
+        """``x * c``, ``x / c``, ``x + c``, ``x - c``, ``c - x`` (either order where it commutes) of a layer value
+        x and a constant c (a number, or a tensor from parameters, buffers and constants) holding one number per
+        channel of x or one for all (LayerScale's ``x * gamma``), keeping x's shape and dtype: an affine layer,
+        its weight and bias (affine.arithmetic) stored beside the description."""
+        a = _bind(node)
+        op = _ARITHMETIC[node.target]
+        left, right, alpha = a["self"], a["other"], a.get("alpha", 1)
+        if op == "rsub":  # rsub(p, q) = q - alpha * p
+            op, left, right = "sub", right, left
+        if type(alpha) not in (int, float) or a.get("rounding_mode") is not None:
+            return False
+        x, c = (left, right) if self._active(left) else (right, left)
+        if not self._active(x) or self._active(c):
+            return False
+        value, out = x.meta["val"], node.meta["val"]
+        if not (isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape == out.shape
+                and value.dtype == out.dtype and value.dtype.is_floating_point):
+            return False
+        if isinstance(c, fx.Node):
+            shape = c.meta["val"].shape if isinstance(c.meta.get("val"), torch.Tensor) else None
+            if shape is None or c.meta["val"].dtype.is_complex or not affine.per_channel(value.shape, shape):
+                return False
+        elif type(c) not in (int, float):
+            return False
+        try:
+            constant = torch.as_tensor(self._value(c, stand_in=False), dtype=torch.float64)
+        except _NoWeights:
+            constant = torch.ones(c.meta["val"].shape, dtype=torch.float64)
+            missing = True
+        else:
+            missing = False
+        terms = affine.arithmetic(op, constant, alpha, constant_first=c is left)
+        if terms is None:
+            return False
+        name = self._fresh(node, op)
+        for suffix, term in zip(affine.TENSORS, terms):
+            if term is not None:
+                t = affine.channel_values(torch.as_tensor(term, dtype=torch.float64)).to(value.dtype)
+                self._store(f"{name}.{suffix}", _NoWeights if missing else t)
+        self._emit(node, name, {"op": "affine"}, [x])
         return True
 
     def _cat(self, node: fx.Node) -> bool:

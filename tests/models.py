@@ -245,6 +245,17 @@ def evaluate(description: dict, tensors: Mapping[str, torch.Tensor], x: torch.Te
             out = _pad(layer, args[0], tensors.get(f"{name}.value"))
         elif op == "mul":
             out = args[0] * args[1]
+        elif op == "sub":  # FORMAT.md: two inputs of one shape
+            if args[0].shape != args[1].shape:
+                raise RuntimeError(f"sub {name}: shapes differ: {[list(a.shape) for a in args]}")
+            out = args[0] - args[1]
+        elif op == "affine":  # x * weight + bias, each [C] or [1] along the channel axis
+            view = (1, -1) + (1,) * (args[0].dim() - 2)
+            out = args[0]
+            if f"{name}.weight" in tensors:
+                out = out * tensors[f"{name}.weight"].double().view(view)
+            if f"{name}.bias" in tensors:
+                out = out + tensors[f"{name}.bias"].double().view(view)
         elif op == "batch_norm":
             get = lambda s: tensors[f"{name}.{s}"].double() if f"{name}.{s}" in tensors else None  # noqa: E731
             out = F.batch_norm(args[0], get("running_mean"), get("running_var"), get("weight"), get("bias"),

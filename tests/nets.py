@@ -304,3 +304,31 @@ class InvertedResidual(nn.Module):
 def inverted_residuals(c: int = 4) -> nn.Module:
     return nn.Sequential(InvertedResidual(c, c), InvertedResidual(c, 2 * c, stride=2), InvertedResidual(2 * c, 2 * c),
                          InvertedResidual(2 * c, 2 * c))
+
+
+class LayerScale(nn.Module):
+    """timm's LayerScale2d forms: `x.mul_(gamma)` with gamma [C, 1, 1], `x * gamma.view(1, -1, 1, 1)`, a scalar."""
+
+    def __init__(self, c: int, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.gamma = nn.Parameter(torch.randn(*{"inplace": (c, 1, 1), "view": (c,), "scalar": (1,)}[form]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "inplace":
+            return x.mul_(self.gamma)
+        return x * (self.gamma.view(1, -1, 1, 1) if self.form == "view" else self.gamma)
+
+
+class RepMixer(nn.Module):
+    """FastViT's token mixer, `x + ls * (mixer(x) - norm(x))`: a depthwise conv-BN plus a BN (MobileOne's mixer),
+    minus a BN, scaled per channel, plus the input; all linear, so one depthwise conv."""
+
+    def __init__(self, c: int, inplace: bool = False) -> None:
+        super().__init__()
+        self.dw = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c))
+        self.skip, self.norm = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+        self.ls = LayerScale(c, "inplace" if inplace else "view")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ls((self.dw(x) + self.skip(x)) - self.norm(x))

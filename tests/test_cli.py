@@ -915,6 +915,13 @@ def _missing_weight(desc: dict, tensors: dict) -> None:
     del tensors["c4.weight"]
 
 
+def _affine_after(desc: dict, tensors: dict, shapes: dict) -> None:
+    """An affine layer `s` after c1 (which c2 then reads), its tensors of the given shapes."""
+    desc["layers"].insert(1, {"name": "s", "op": "affine", "input": "c1"})
+    _layer(desc, "c2")["input"] = "s"
+    tensors.update({f"s.{k}": torch.ones(shape) for k, shape in shapes.items()})
+
+
 def _duplicate(desc: dict, tensors: dict) -> None:
     _layer(desc, "c3")["name"] = "c2"
 
@@ -950,6 +957,14 @@ BAD_FILES: dict[str, tuple[Callable[[Path], Path], list[str]]] = {
     "conv1d op on a 2-d weight": (_bad_description(lambda d, t: _layer(d, "c2").update(op="conv1d")), ["c2", "op"]),
     "bias of the wrong shape": (_bad_description(lambda d, t: t.update({"c2.bias": torch.zeros(3)})),
                                 ["c2", "c2.bias"]),
+    "affine scale of the wrong shape": (_bad_description(lambda d, t: _affine_after(d, t, {"weight": (2, 3)})),
+                                        ["'s'", "s.weight", "[2, 3]"]),
+    "affine scale as a field": (_bad_description(lambda d, t: (_affine_after(d, t, {}),
+                                                               _layer(d, "s").update(weight=2.0))),
+                                ["'s'", "field 'weight'", "s.weight"]),
+    "sub of three": (_bad_description(lambda d, t: d["layers"].append({"name": "d", "op": "sub",
+                                                                       "inputs": ["c1", "c2", "c3"]})),
+                     ["'d'", "inputs", "exactly 2"]),
     "description not JSON": (lambda p: save(p / "bad.safetensors", stack_parts()[1], None,
                                             {GRAPH_KEY: "{not json"}), ["JSON"]),
     "description is a list": (lambda p: save(p / "bad.safetensors", stack_parts()[1], None,

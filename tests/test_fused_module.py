@@ -319,6 +319,8 @@ class Random(nn.Module):
                 x = block[2](y)
             elif kind == "concat":
                 x = torch.cat([block[0](x), block[1](x)], 1)
+            elif kind == "sub":
+                x = block[0](x) - block[1](x)
             else:
                 x = block(x)
         return x
@@ -329,13 +331,35 @@ class Leaf(nn.Module):
         return x * torch.sigmoid(x)
 
 
+ARITHMETIC = {
+    "x*2+1": lambda m, x: x * 2 + 1, "2-x": lambda m, x: 2 - x, "x/3-0.5": lambda m, x: x / 3 - 0.5,
+    "x-buffer": lambda m, x: x - m.shift, "buffer+x": lambda m, x: m.shift + x, "x/buffer": lambda m, x: x / m.shift,
+    "scale*x": lambda m, x: m.scale * x, "rsub": lambda m, x: torch.rsub(x, m.shift, alpha=2),
+    "add alpha": lambda m, x: torch.add(x, m.shift, alpha=-0.5), "x-=1": lambda m, x: x.sub_(1),
+}
+
+
+class Arithmetic(nn.Module):
+    """A conv, then one element-wise op with a constant (ARITHMETIC): per-channel and scalar tensors, numbers."""
+
+    def __init__(self, c: int, which: str) -> None:
+        super().__init__()
+        self.conv, self.which = nn.Conv2d(c, c, 3, padding=1), which
+        self.register_buffer("shift", torch.rand(1, c, 1, 1) + 0.5)
+        self.scale = nn.Parameter(torch.randn(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ARITHMETIC[self.which](self, self.conv(x))
+
+
 @st.composite
 def random_modules(draw: Any) -> tuple[Random, int]:
     c = channels = draw(st.integers(1, 3))
     blocks: list[tuple[str, Any]] = []
     for _ in range(draw(st.integers(1, 4))):
         kind = draw(st.sampled_from(["conv", "conv_bn", "dw", "strided", "residual", "alias", "concat", "pool",
-                                     "ceil_pool", "pad", "relu", "relu_", "leaf", "bn"]))
+                                     "ceil_pool", "pad", "relu", "relu_", "leaf", "bn", "scale", "arithmetic",
+                                     "repmixer", "sub"]))
         k = draw(st.sampled_from([1, 3]))
         if kind == "conv":
             mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
@@ -368,6 +392,15 @@ def random_modules(draw: Any) -> tuple[Random, int]:
             block = nn.ReLU(inplace=True)
         elif kind == "leaf":
             block = Leaf()
+        elif kind == "scale":
+            block = nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2),
+                                  nets.LayerScale(c, draw(st.sampled_from(["inplace", "view", "scalar"]))))
+        elif kind == "arithmetic":
+            block = Arithmetic(c, draw(st.sampled_from(sorted(ARITHMETIC))))
+        elif kind == "repmixer":
+            block = nets.RepMixer(c, draw(st.booleans()))
+        elif kind == "sub":
+            block = nn.ModuleList([nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 3, padding=1)])
         else:
             block = nn.BatchNorm2d(c)
         blocks.append((kind, block))
@@ -397,3 +430,43 @@ def test_random_modules_compute_what_the_original_does(drawn: tuple[Random, int]
         same(model, fused, *inputs)
     except ValueError as e:  # only a module restricted to its traced shape may refuse, and it says so
         assert "runs only at input shape" in str(e)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_repmixer_block_becomes_one_depthwise_conv_with_no_batch_norm_left(inplace: bool) -> None:
+    """FastViT's RepMixer (issue 20): its three batch norms, layer scale, subtraction and residual add are
+    one depthwise 3x3 conv, exact at every size (1 to 14 here, odd and even, against the original)."""
+    model = prepared(nets.RepMixer(4, inplace))
+    fused = convmerge.fuse(model, input_size=(8, 8))
+    kinds = [type(m) for m in fused.modules()]
+    assert nn.BatchNorm2d not in kinds and conv_calls(fused) == 1
+    (conv,) = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    assert conv.groups == 4 and conv.kernel_size == (3, 3)
+    ops = {n.target for n in fused.graph.nodes if n.op == "call_function"}
+    assert not ops & {torch.ops.aten.mul.Tensor, torch.ops.aten.sub.Tensor, torch.ops.aten.add.Tensor}
+    for n in range(1, 15):
+        same(model, fused, x(2, 4, n, 15 - n))
+
+
+def test_the_fx_fallback_keeps_arithmetic_with_constants_and_sub_opaque(monkeypatch) -> None:
+    """The fx tracer sees no shapes, so it cannot tell `x * gamma` per channel from a broadcast: opaque there."""
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise trace_export.TraceError("torch.export: refused for the test")
+
+    monkeypatch.setattr(trace_export, "describe", refuse)
+    model = prepared(nets.RepMixer(4))
+    fused = convmerge.fuse(model)
+    ops = {node.target for node in fused.graph.nodes if node.op == "call_function"}
+    assert {"sub", "mul"} <= {getattr(op, "__name__", str(op)) for op in ops}, ops
+    for n in (1, 6, 13):
+        same(model, fused, x(2, 4, n, 14 - n))
+
+
+@pytest.mark.parametrize("which", sorted(ARITHMETIC))
+def test_a_conv_then_arithmetic_with_a_constant_is_one_conv(which: str) -> None:
+    model = prepared(Arithmetic(3, which))
+    fused = convmerge.fuse(model, input_size=(6, 6))
+    assert conv_calls(fused) == 1 and len([n for n in fused.graph.nodes if n.op == "call_function"]) == 0
+    for n in (1, 2, 5, 9):
+        same(model, fused, x(2, 3, n, n + 1))
+

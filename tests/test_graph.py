@@ -157,3 +157,56 @@ def test_readers_of_one_input_that_take_different_channel_counts_are_an_error():
     l2, t2 = models.conv("b", "x", 5, 4, 3)
     with pytest.raises(GraphError, match="layer 'b'.*'x' gives 3 channels.*takes 5"):
         parse(models.describe([l1, l2], ["a", "b"]), infos({**t1, **t2}))
+
+
+# --- affine and sub (issue 20) ------------------------------------------------------------------------
+
+
+def _with_affine(**shapes) -> tuple[dict, dict]:
+    doc, tensors = two_convs()
+    doc["layers"].insert(1, {"name": "s", "op": "affine", "input": "a"})
+    doc["layers"][2]["input"] = "s"
+    tensors.update({f"s.{k}": torch.ones(shape) for k, shape in shapes.items()})
+    return doc, tensors
+
+
+@pytest.mark.parametrize("shapes, words", [
+    ({"weight": (3, 1, 1)}, "tensor 's.weight' has shape [3, 1, 1], expected [C]"),
+    ({"bias": ()}, "tensor 's.bias' has shape [], expected [C]"),
+    ({"weight": (0,)}, "tensor 's.weight' has shape [0]"),
+    ({"weight": (3,), "bias": (2,)}, "disagree on the channel count (weight [3], bias [2])"),
+    ({"weight": (4,)}, "field 'input': 'a' gives 3 channels, but the tensors of 's' hold 4 values"),
+    ({"bias": (5,), "weight": (1,)}, "'a' gives 3 channels"),
+])
+def test_an_affine_layer_with_tensors_of_the_wrong_shape_is_an_error_naming_layer_and_tensor(shapes, words):
+    doc, tensors = _with_affine(**shapes)
+    with pytest.raises(GraphError) as e:
+        parse(doc, infos(tensors))
+    assert "layer 's'" in str(e.value) and words in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("shapes", [{}, {"weight": (1,)}, {"bias": (3,)}, {"weight": (3,), "bias": (1,)}])
+def test_an_affine_layer_takes_per_channel_or_single_values(shapes):
+    doc, tensors = _with_affine(**shapes)
+    graph = parse(doc, infos(tensors))
+    assert graph.channels["s"] == 3
+    assert [p.via for p in graph.pairs()] == [("s",)]  # a pair through it, as through a batch norm
+
+
+@pytest.mark.parametrize("key", ["weight", "bias"])
+def test_an_affine_scale_given_as_a_field_is_an_error_not_an_identity(key):
+    doc, tensors = _with_affine()
+    doc["layers"][1][key] = 2.0
+    with pytest.raises(GraphError, match=f"layer 's': field '{key}': .* the tensor 's.{key}'"):
+        parse(doc, infos(tensors))
+
+
+@pytest.mark.parametrize("inputs, words", [
+    (["a"], "sub takes exactly 2 inputs, got 1"), (["a", "a", "a"], "sub takes exactly 2 inputs, got 3"),
+    (["a", "b"], "sub needs equal shapes, but the channel counts differ ('a' gives 3, 'b' gives 2)")])
+def test_a_sub_takes_two_inputs_of_one_shape(inputs, words):
+    doc, tensors = two_convs()
+    doc["layers"].append({"name": "d", "op": "sub", "inputs": inputs})
+    with pytest.raises(GraphError) as e:
+        parse(doc, infos(tensors))
+    assert "layer 'd'" in str(e.value) and words in str(e.value), str(e.value)

@@ -283,7 +283,7 @@ def test_parameter_free_activations_load_by_name(tmp_path):
     (lambda y: torch.nn.functional.hardtanh(y, -0.5, 2.0), "hardtanh"),
     (lambda y: torch.nn.functional.leaky_relu(y, 0.2), "leaky_relu"),
     (lambda y: y.clamp(0, 1), "clamp"),
-    (lambda y: y * 2, "mul"),
+    (lambda y: y ** 3, "pow"),
 ])
 def test_an_op_whose_arguments_the_description_drops_is_refused(tmp_path, body, op):
     class Net(nn.Module):
@@ -404,3 +404,32 @@ def test_a_loaded_module_runs_on_a_gpu(tmp_path):
     want = _mixed_oracle(path, a, b)
     got = loaded.cuda()(a.cuda(), b.cuda())
     assert all(g.is_cuda and torch.allclose(g.cpu(), w, rtol=1e-9, atol=1e-9) for g, w in zip(got, want))
+
+
+class AffineAndSub(nn.Module):
+    """x * 2 + 1, a per-channel scale, a scalar one, and a difference of two convs: affine and sub layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+        self.gamma = nn.Parameter(torch.randn(4, 1, 1))
+        self.s = nn.Parameter(torch.randn(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x) * 2 + 1) - self.b(x)
+        return torch.relu(y * self.gamma) * self.s
+
+
+def test_affine_and_sub_layers_load_from_the_file_and_its_fused_form(tmp_path):
+    net = AffineAndSub().double().eval()
+    src, out = tmp_path / "m.safetensors", tmp_path / "o.safetensors"
+    convmerge.save(net, src)
+    ops = [layer["op"] for layer in models.description_of(src)["layers"]]
+    assert ops.count("affine") == 4 and ops.count("sub") == 1
+    model.fuse_file(str(src), str(out))
+    assert [layer["op"] for layer in models.description_of(out)["layers"]].count("affine") < 4
+    for path in (src, out):
+        loaded = convmerge.load(path)
+        x = torch.randn(2, 3, 9, 7, dtype=torch.float64)
+        assert torch.allclose(loaded(x), net(x), rtol=1e-9, atol=1e-9)
+

@@ -377,7 +377,7 @@ def test_pool_dropout_identity_concat(tmp_path: Path) -> None:
 
 
 def test_opaque_nodes_block_merges(tmp_path: Path) -> None:
-    """Add of a constant or of a broadcast value, asymmetric pooling, a Split's two outputs, a value read
+    """Add of a constant varying along the spatial axes or of a broadcast value, asymmetric pooling, a Split's two outputs, a value read
     inside an If's branch: none may be merged across."""
     w = weights(4, 4, 3, 3)
     cases = {
@@ -399,7 +399,7 @@ def test_opaque_nodes_block_merges(tmp_path: Path) -> None:
     }
     for name, nodes in cases.items():
         opset = 18 if name == "split" else 17
-        inits = {"w": w, "k": np.ones((1, 4, 1, 1), np.float32), "w2": weights(4, 2, 3, 3)}
+        inits = {"w": w, "k": weights(1, 4, 8, 8, seed=3), "w2": weights(4, 2, 3, 3)}  # k: one value per position
         used = {v for n in nodes for v in n.input}
         proto = build(nodes, {k: v for k, v in inits.items() if k in used}, [1, 4, 8, 8], opset=opset)
         path = save(proto, tmp_path / f"{name}.onnx")

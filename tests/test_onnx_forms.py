@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
@@ -48,20 +50,27 @@ IDENTITIES = {  # each is x
     "add_minus_zero": ("Add", -0.0, False), "sub_zero": ("Sub", np.zeros(1), False),
     "mul_one": ("Mul", np.ones((4, 1, 1)), False), "one_mul": ("Mul", 1.0, True), "div_one": ("Div", 1.0, False),
 }
-NOT_IDENTITIES = {  # each changes x (or its shape): stays opaque
+AFFINE = {  # each is x * weight + bias per channel (issue 20): the chain is one conv
     "add_half": ("Add", 0.5, False), "mul_two": ("Mul", np.array([1, 1, 2, 1]).reshape(1, 4, 1, 1), False),
-    "zero_sub": ("Sub", 0.0, True), "one_div": ("Div", 1.0, True),
+    "zero_sub": ("Sub", 0.0, True), "div_per_channel": ("Div", np.array([1, 2, 4, 8]).reshape(4, 1, 1), False),
+    "sub_per_channel": ("Sub", np.arange(4.0).reshape(4, 1, 1), False),
+    "per_channel_minus_x": ("Sub", np.arange(4.0).reshape(1, 4, 1, 1), True), "mul_rank0": ("Mul", 3.0, True),
+}
+NOT_IDENTITIES = {  # each is not affine per channel in x (or changes its shape): stays opaque
+    "one_div": ("Div", 1.0, True),
     "add_zero_batch": ("Add", np.zeros((2, 1, 1, 1)), False),  # broadcasts x to batch 2
     "mul_one_rank5": ("Mul", np.ones((1, 1, 1, 1, 1)), False),
+    "mul_per_column": ("Mul", np.arange(8.0), False),  # [8] lines up with the last axis, not the channels
+    "add_per_row": ("Add", np.arange(8.0).reshape(8, 1), False),
 }
 
 
-@pytest.mark.parametrize("name", sorted(IDENTITIES) + sorted(NOT_IDENTITIES))
+@pytest.mark.parametrize("name", sorted(IDENTITIES) + sorted(AFFINE) + sorted(NOT_IDENTITIES))
 def test_adding_zero_and_multiplying_by_one_are_the_identity(tmp_path: Path, name: str) -> None:
-    op, value, left = {**IDENTITIES, **NOT_IDENTITIES}[name]
+    op, value, left = {**IDENTITIES, **AFFINE, **NOT_IDENTITIES}[name]
     path = save(neutral_chain(op, value, left=left), tmp_path / "m.onnx")
     out, report = fuse(path, policy="all")
-    if name in IDENTITIES:
+    if name in IDENTITIES or name in AFFINE:
         assert ops(out) == ["Conv"], report["regions"]
         assert not onnx.load(str(out)).graph.initializer[0].name.startswith("w")  # only the merged weights
         assert_round_trip(path, out, (1, 4, 8, 8))
@@ -275,3 +284,67 @@ def test_old_opsets_are_converted(tmp_path: Path, opset: int) -> None:
     assert any(f"opset {opset} converted to opset 11" in n for n in report["notes"]), report["notes"]
     assert onnx.load(str(out)).opset_import[0].version == 11
     assert_round_trip(path, out, (1, 3, 32, 32), module)
+
+
+# --- issue 20: Mul/Add/Sub/Div by per-channel constants, Sub of two values --------------------------------------
+
+
+CONSTANT_SHAPES = [(), (1,), (4, 1, 1), (1, 4, 1, 1), (1, 1, 1), (1, 4, 1, 1)]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["Mul", "Add", "Sub", "Div"]), st.sampled_from(CONSTANT_SHAPES),
+                          st.booleans()), min_size=1, max_size=3),
+       st.booleans(), st.integers(0, 2**16))
+def test_arithmetic_with_constants_between_convs_is_one_conv_at_every_size(tmp_path_factory, steps, subtract,
+                                                                           seed) -> None:
+    """Conv, then Mul/Add/Sub/Div by random per-channel or scalar constants (on either side where that stays
+    affine), then a Conv minus a 1x1 Conv of the input where `subtract`: one Conv, equal under onnxruntime at
+    every spatial size 1 to 14 (the model's sizes are symbolic)."""
+    gen = np.random.default_rng(seed)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["v0"], name="c1", pads=[1, 1, 1, 1])]
+    inits = {"w1": weights(4, 4, 3, 3, seed=seed)}
+    for i, (op, shape, left) in enumerate(steps):
+        left = left and op != "Div"
+        value = (gen.uniform(0.5, 2.0, shape) * gen.choice([-1, 1], shape)).astype(np.float32)
+        inits[f"k{i}"] = value
+        args = [f"k{i}", f"v{i}"] if left else [f"v{i}", f"k{i}"]
+        nodes.append(helper.make_node(op, args, [f"v{i + 1}"], name=f"op{i}"))
+    last = f"v{len(steps)}"
+    nodes.append(helper.make_node("Conv", [last, "w2", "b2"], ["y" if not subtract else "c"], name="c2"))
+    inits.update({"w2": weights(4, 4, 1, 1, seed=seed + 1), "b2": weights(4, seed=seed + 2)})
+    if subtract:
+        nodes += [helper.make_node("Conv", ["x", "w3"], ["d"], name="c3"),
+                  helper.make_node("Sub", ["c", "d"], ["y"], name="minus")]
+        inits["w3"] = weights(4, 4, 1, 1, seed=seed + 3)
+    path = save(build(nodes, inits, ["n", 4, "h", "w"]), tmp_path_factory.mktemp("a") / "m.onnx")
+    out, report = fuse(path, policy="all")
+    assert ops(out) == ["Conv"], report["regions"]
+    for n in range(1, 15):
+        x = gen.standard_normal((2, 4, n, 15 - n)).astype(np.float32)
+        want, got = run(path, x)[0], run(out, x)[0]
+        assert want.shape == got.shape and relative(want, got) <= F32_TOL, n
+
+
+def test_sub_of_values_of_different_shapes_stays_opaque(tmp_path: Path) -> None:
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceMean", ["a"], ["m"], name="mean", axes=[2, 3], keepdims=1),
+             helper.make_node("Sub", ["a", "m"], ["b"], name="centre"),
+             helper.make_node("Conv", ["b", "w2"], ["y"], name="c2")]
+    path = save(build(nodes, {"w1": weights(4, 4, 3, 3), "w2": weights(4, 4, 1, 1, seed=1)}, [1, 4, 8, 8]),
+                tmp_path / "m.onnx")
+    out, _ = fuse(path, policy="all")
+    assert ops(out) == ops(path)
+    assert_round_trip(path, out, (1, 4, 8, 8))
+
+
+def test_an_exported_repmixer_block_is_one_depthwise_conv(tmp_path: Path) -> None:
+    module = nets.randomize_bn(nets.RepMixer(4)).eval()
+    path = export(module, (1, 4, 8, 8), tmp_path / "m.onnx", dynamic=True)
+    assert ops(path).count("BatchNormalization") == 3
+    out, report = fuse(path)
+    assert ops(out) == ["Conv"], report["regions"]
+    (conv,) = onnx.load(str(out)).graph.node
+    assert next(a.i for a in conv.attribute if a.name == "group") == 4
+    for shape in [(1, 4, 8, 8), (2, 4, 5, 11), (1, 4, 1, 1)]:
+        assert_round_trip(path, out, shape, module)

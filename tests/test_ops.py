@@ -56,6 +56,9 @@ EXAMPLES: dict[str, Example] = {
     "dropout": _single({"op": "dropout", "p": 0.5}),
     "add": _join({"op": "add"}),
     "concat": _join({"op": "concat", "dim": 1}),
+    "affine": _single({"op": "affine"}, lambda g: {"op.weight": torch.randn(C, generator=g),
+                                                   "op.bias": torch.randn(1, generator=g)}),
+    "sub": _join({"op": "sub"}),
 }
 
 

@@ -3,6 +3,8 @@ tensors written are the tensors verified."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -182,7 +184,7 @@ def _bn(gen: torch.Generator, c: int, fresh: bool) -> BatchNorm:
 @given(st.data())
 def test_written_tensors_are_the_verified_tensors_with_batch_norms_anywhere(tmp_path_factory, data):
     """Issue: a batch norm between convs was folded into the verified conv but not into the written one.
-    Random chains with batch norms at random places (fresh or trained), both policies: the fused file
+    Random chains with batch norms and affine layers at random places (fresh or trained), both policies: the fused file
     computes what the original does, at two sizes, and its merged tensors are the plan's, bit for bit."""
     n = data.draw(st.integers(2, 5))
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 10_000)))
@@ -195,7 +197,7 @@ def test_written_tensors_are_the_verified_tensors_with_batch_norms_anywhere(tmp_
         convs.append(mk((k, k), chans[i], chans[i + 1], int(torch.randint(0, 999, (1,), generator=gen)),
                         padding=pad, groups=groups, bias=data.draw(st.booleans())))
     bns = {i: _bn(gen, chans[i + 1], data.draw(st.booleans())) for i in range(n) if data.draw(st.booleans())}
-    doc, tensors = chain_of(convs, bns)
+    doc, tensors = _with_affines(*chain_of(convs, bns), chans, data, gen)
     policy = data.draw(st.sampled_from(plan.POLICIES))
     path = tmp_path_factory.mktemp("bn") / "m.safetensors"
     models.save(path, {k: v.float() for k, v in tensors.items()}, doc)
@@ -215,6 +217,23 @@ def test_written_tensors_are_the_verified_tensors_with_batch_norms_anywhere(tmp_
     assert len(rep.merges) == len(again.applied)
     # fuse verified its merges beside the copy (Plan.verify): the same errors as verifying inline, bit for bit
     assert [(m.max_error, m.rounding_error) for m in rep.merges] == [(u.error, u.rounding) for u in again.applied]
+
+
+def _with_affines(doc: dict, tensors: dict, chans: list[int], data: Any, gen: torch.Generator) -> tuple[dict, dict]:
+    """The chain with affine layers (x * weight + bias: per channel, one value, or absent) after random layers."""
+    layers = []
+    for layer in doc["layers"]:
+        if layers and layers[-1]["op"] == "affine":
+            layer = {**layer, "input": layers[-1]["name"]}
+        layers.append(layer)
+        if data.draw(st.integers(0, 2)) == 0:
+            name, c = f"s{len(layers)}", chans[int(layer["name"].lstrip("cbn")) + 1]
+            layers.append({"name": name, "op": "affine", "input": layer["name"]})
+            for suffix in ("weight", "bias"):
+                size = data.draw(st.sampled_from([c, 1, 0]))
+                if size:
+                    tensors[f"{name}.{suffix}"] = torch.randn(size, generator=gen, dtype=torch.float64)
+    return {**doc, "layers": layers, "outputs": [layers[-1]["name"]]}, tensors
 
 
 @pytest.mark.parametrize("mode,padding,groups", [("zeros", 0, 1), ("zeros", 1, 1), ("reflect", 1, 2),
@@ -470,9 +489,9 @@ def test_the_search_also_stops_at_its_time_bound(monkeypatch):
 
 
 class LeftoverNorms(torch.nn.Module):
-    """Batch norms a deploy conversion may fold but convmerge cannot (yet): after a layer-scale multiply and
-    after a conv whose output another layer also reads; two it folds, one after a conv and a BatchNorm1d after a
-    Linear (issue 20)."""
+    """Batch norms a deploy conversion may fold but convmerge cannot (yet): after a squeeze-excitation multiply and
+    after a conv whose output another layer also reads; those it folds: one after a conv, a BatchNorm1d after a
+    Linear, and a layer-scale multiply (an affine layer) folds into the conv before it (issue 20)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -487,7 +506,8 @@ class LeftoverNorms(torch.nn.Module):
         self.head_bn = torch.nn.BatchNorm1d(4)
 
     def forward(self, x):
-        y = torch.relu(self.norm(self.conv(x) * self.scale))  # (a conv after it would take it in)
+        y = self.conv(x) * self.scale
+        y = torch.relu(self.norm(y * torch.sigmoid(y.mean((2, 3), keepdim=True))))  # (a conv after it would take it in)
         s = self.shared(y)
         y = torch.relu(self.shared_bn(s)) + s
         y = self.last_bn(self.last(y))
@@ -499,7 +519,7 @@ def test_check_names_each_batch_norm_left_unfolded_and_what_stops_it(tmp_path):
     rep = convmerge.check(net, input_size=(12, 12))
     left = {n.split("'")[1]: n for n in rep["notes"] if n.startswith("batch norm '")}
     assert set(left) == {"norm", "shared_bn"}, rep["notes"]
-    assert left["norm"].endswith("it reads 'mul' (mul), which convmerge treats as opaque (not linear here)")
+    assert left["norm"].endswith("it reads 'mul_1' (mul), which convmerge treats as opaque (not linear here)")
     assert ["fc", "head_bn"] in [m["layers"] for m in rep["merges"]]
     assert "its input 'shared' is also read by 'add'" in left["shared_bn"], left["shared_bn"]
     # the notes say what the fused file holds: exactly these batch norms are left in it

@@ -68,6 +68,17 @@ class Builder:
                                                                                         dtype=torch.float64)})
         return n
 
+    def affine(self, src: str, c: int, draw: Any) -> str:
+        """x * weight + bias, each absent, one value for all channels ([1]) or one per channel ([C])."""
+        n = self.name("affine")
+        self.layers.append({"name": n, "op": "affine", "input": src})
+        for suffix in ("weight", "bias"):
+            form = draw(st.sampled_from(["per-channel", "per-channel", "scalar", "absent"]))
+            if form != "absent":
+                self.tensors[f"{n}.{suffix}"] = torch.randn(c if form == "per-channel" else 1, generator=self.gen,
+                                                            dtype=torch.float64)
+        return n
+
     def op(self, op: str, inputs: list[str], **fields: Any) -> str:
         n = self.name(op.split("_")[0])
         wiring = {"input": inputs[0]} if len(inputs) == 1 and op != "concat" else {"inputs": inputs}
@@ -83,9 +94,9 @@ def branch(draw, b: Builder, src: str, cin: int, cout: int, stride: int, grid: O
     """One branch from `src`: a conv (maybe with a BN, a 1x1 before it, a pad before it), an identity,
     a BN alone, or an average pooling.  `grid`: the c = l + r - e every axis should have (None: random)."""
     nd = b.nd
-    kinds = ["conv", "conv", "conv_bn", "chain", "pad_conv"]
+    kinds = ["conv", "conv", "conv_bn", "conv_affine", "chain", "pad_conv"]
     if stride == 1 and cin == cout and grid in (None, -1):
-        kinds += ["identity", "bn"]
+        kinds += ["identity", "bn", "affine"]
     if cin == cout:
         kinds += ["pool"]
     kind = draw(st.sampled_from(kinds))
@@ -93,6 +104,8 @@ def branch(draw, b: Builder, src: str, cin: int, cout: int, stride: int, grid: O
         return src
     if kind == "bn":
         return b.bn(src, cin, fresh=draw(st.booleans()))
+    if kind == "affine":
+        return b.affine(src, cin, draw)
     if kind == "pool":
         k = draw(st.integers(1, 3))
         p = draw(st.integers(0, k // 2))
@@ -123,6 +136,8 @@ def branch(draw, b: Builder, src: str, cin: int, cout: int, stride: int, grid: O
     out = b.conv(src, cin, cout, kernel, [stride] * nd, pads, dilation, g, mode, bias)
     if kind == "conv_bn":
         out = b.bn(out, cout, fresh=draw(st.booleans()))
+    if kind == "conv_affine":
+        out = b.affine(out, cout, draw)
     return out
 
 
@@ -143,10 +158,13 @@ def regions(draw):
         if out == "x":
             out = b.conv("x", cin, cout, [1] * nd, [1] * nd, [[0, 0]] * nd, [1] * nd)
     else:
-        out = b.op("concat" if concat else "add", outs)
+        join = "concat" if concat else "sub" if count == 2 and draw(st.booleans()) else "add"
+        out = b.op(join, outs)
+    channels = cout * (count if concat and count > 1 else 1)
     if draw(st.booleans()):
-        channels = cout * (count if concat and count > 1 else 1)
         out = b.bn(out, channels)
+    if draw(st.integers(0, 3)) == 0:
+        out = b.affine(out, channels, draw)
     return b, cin, out
 
 

@@ -202,16 +202,21 @@ def test_module_called_twice_is_opaque_and_uniquely_named() -> None:
 
 def test_conv_whose_weight_is_read_elsewhere_is_opaque() -> None:
     class ReadsWeight(nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, channels: int) -> None:
             super().__init__()
-            self.conv = nn.Conv2d(1, 1, 1)
+            self.conv = nn.Conv2d(channels, channels, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.conv(x) * self.conv.weight
+            return self.conv(x) * self.conv.weight  # [2, 2, 1, 1]: broadcasts the batch axis
 
-    description = describe_module(ReadsWeight())
+    description = describe_module(ReadsWeight(2))
     assert ops(description) == {"conv": "shared_conv2d", "conv_weight": "get_attr", "mul": "mul"}
     assert layer(description, "conv_weight")["inputs"] == []
+    # One value for all channels is an affine layer holding its own copy: the conv may merge away.
+    model = ReadsWeight(1)
+    traced = trace_module(model)
+    assert ops(traced.doc) == {"conv": "conv2d", "mul": "affine"}
+    assert torch.equal(traced.tensors["mul.weight"], model.conv.weight.detach().reshape(1))
 
 
 def test_norm_identity_dropout_and_opaque_modules() -> None:

@@ -237,17 +237,20 @@ STRUCTURAL_JOINS = {
     "torch.add": (lambda m, a, b: torch.add(a, b), "add", {}),
     "method add": (lambda m, a, b: a.add(b), "add", {}),
     "in place": (_in_place, "add", {}),
+    "sub": (lambda m, a, b: a - b, "sub", {}),
     "cat": (lambda m, a, b: torch.cat((a, b), 1), "concat", {"dim": 1}),
     "cat last axis": (lambda m, a, b: torch.cat([a, b], dim=-1), "concat", {"dim": 3}),
     "cat batch": (lambda m, a, b: torch.cat([a, b]), "concat", {"dim": 0}),
 }
 
 OPAQUE_JOINS = {
-    "plus one": (lambda m, a, b: a + 1, "opaque_add"),
     "alpha": (lambda m, a, b: torch.add(a, b, alpha=2), "opaque_add"),
     "broadcast": (lambda m, a, b: a + F.adaptive_avg_pool2d(b, 1), "opaque_add"),
     "constant operand": (lambda m, a, b: a + m.scale, "opaque_add"),
-    "sub": (lambda m, a, b: a - b, "sub"),
+    "sub alpha": (lambda m, a, b: torch.sub(a, b, alpha=2), "opaque_sub"),
+    "constant over x": (lambda m, a, b: m.scale[:, :, :1, :1] / a, "div"),
+    "constant along the last axis": (lambda m, a, b: a * m.scale[0, 0, 0], "mul"),
+    "constant per position": (lambda m, a, b: a * m.scale, "mul"),
     "cat of a constant": (lambda m, a, b: torch.cat([a, m.scale], 1), "opaque_cat"),
     "negative pad": (lambda m, a, b: F.pad(a, (-1, 1, 0, 0)), "opaque_pad"),
     "pad of channels": (lambda m, a, b: F.pad(a, (1, 1, 1, 1, 1, 1)), "opaque_pad"),
@@ -270,7 +273,7 @@ def test_anything_else_is_opaque(case: str) -> None:
     join, op = OPAQUE_JOINS[case]
     traced = trace(prepared(Two(join)), example_size=(1, 2, 4, 4))
     assert op in [layer["op"] for layer in traced.doc["layers"]]
-    structural = {"add", "concat", "pad", "avg_pool2d"}
+    structural = {"add", "sub", "affine", "concat", "pad", "avg_pool2d"}
     assert not structural & {layer["op"] for layer in traced.doc["layers"]}
 
 
@@ -536,7 +539,7 @@ def test_leaf_with_several_outputs() -> None:
     model = prepared(Model())
     traced = trace(model)
     assert ops(traced) == [("conv", "conv2d"), ("split", "split"), ("split.getitem", "getitem"),
-                           ("split.getitem_1", "getitem"), ("concat", "concat"), ("mul", "mul")]
+                           ("split.getitem_1", "getitem"), ("concat", "concat"), ("mul", "affine")]
     assert layer(traced, "concat")["inputs"] == ["split.getitem", "split.getitem_1"]
     x = torch.randn(1, 2, 3, 3, dtype=torch.float64)
     pick = {"split.getitem": lambda t: t[0], "split.getitem_1": lambda t: t[2]}
@@ -753,3 +756,53 @@ def test_one_export_serves_planning_and_the_module(view: bool, monkeypatch: pyte
     for shape in [(1, 3, 6, 7), (2, 3, 9, 4), (1, 3, 1, 1)]:
         x = torch.randn(shape, dtype=torch.float64)
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+# --- arithmetic with constants (issue 20) ----------------------------------------------------------
+
+
+class Scaled(nn.Module):
+    """A conv, then ``op`` of its value and constants; a float32 module unless prepared."""
+
+    def __init__(self, op: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.gamma = nn.Parameter(torch.randn(3, 1, 1))
+        self.register_buffer("shift", torch.randn(1, 3, 1, 1))
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(self, self.conv(x))
+
+
+AFFINE_FORMS = {
+    "layer scale in place": (lambda m, y: y.mul_(m.gamma), [("weight", [3])]),
+    "viewed": (lambda m, y: y * m.gamma.view(1, -1, 1, 1), [("weight", [3])]),
+    "flattened then viewed": (lambda m, y: m.gamma.flatten().view(3, 1, 1) * y, [("weight", [3])]),
+    "times a number": (lambda m, y: y * 2.5, [("weight", [1])]),
+    "plus a buffer": (lambda m, y: y + m.shift, [("bias", [3])]),
+    "minus a number": (lambda m, y: y - 1, [("bias", [1])]),
+    "number minus": (lambda m, y: 2 - y, [("weight", [1]), ("bias", [1])]),
+    "over a buffer": (lambda m, y: y / m.shift, [("weight", [3])]),
+    "in place minus": (lambda m, y: y.sub_(m.shift, alpha=3), [("bias", [3])]),
+    "a 0-d constant": (lambda m, y: y * torch.tensor(0.5, dtype=y.dtype), [("weight", [1])]),
+}
+
+
+@pytest.mark.parametrize("form", AFFINE_FORMS)
+def test_arithmetic_with_a_per_channel_or_scalar_constant_is_an_affine_layer(form: str) -> None:
+    op, tensors = AFFINE_FORMS[form]
+    model = prepared(Scaled(op))
+    traced = trace(model, example_size=(1, 2, 5, 5))
+    (name, kind), = ops(traced)[1:]
+    assert kind == "affine" and layer(traced, name)["input"] == "conv"
+    assert {k: list(v.shape) for k, v in traced.tensors.items()} == {f"{name}.{s}": shape for s, shape in tensors}
+    for size in [(1, 1), (4, 7)]:
+        assert_same_function(model, traced, torch.randn(2, 2, *size, dtype=torch.float64))
+
+
+def test_a_constant_that_changes_the_dtype_stays_opaque() -> None:
+    model = Scaled(lambda m, y: y * m.gamma.double()).eval()  # float32 times float64 [3, 1, 1]: float64
+    traced = trace(model, example_size=(1, 2, 5, 5))
+    assert "affine" not in [op for _, op in ops(traced)]
+
