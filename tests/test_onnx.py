@@ -565,6 +565,30 @@ def test_external_data_is_written_tensor_by_tensor(tmp_path: Path, keep_bytes: O
     assert set(written) - untouched  # the merged weights
 
 
+class _Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.fc = nets.randomize_bn(nets.TinyRepVGG()), nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).reshape(1, -1)).reshape(2, 5)  # Reshapes to constant shapes: data propagation
+
+
+def test_shapes_are_inferred_without_the_weights(tmp_path: Path) -> None:
+    """Shape inference reads the weights as typed inputs, not their data: every value gets the shape onnx gives
+    it with the weights (the oracle), data propagation through constant shapes included."""
+    from convmerge import onnx_read
+
+    torch.manual_seed(0)
+    proto = onnx.load(str(export(_Head(), (1, 3, 32, 32), tmp_path / "head.onnx")))
+    full = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True).graph
+    want = {vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
+            for vi in (*full.value_info, *full.output)}
+    got, notes = onnx_read._shapes(proto)
+    assert not notes and want and {k: got.get(k) for k in want} == want
+    assert want["y"] == (2, 5)
+
+
 def test_onnxruntime_holds_one_model_at_a_time(repvgg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The original's outputs are taken and its session let go before the fused model is loaded."""
     import gc
