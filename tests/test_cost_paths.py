@@ -176,3 +176,57 @@ def test_one_thread_runs_give_back_the_callers_thread_count() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+class _Branches(torch.nn.Module):
+    """RepVGG's block: 3x3 + BN and 1x1 + BN of the input, and (same widths) a BN of the input, summed."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.dense = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout))
+        self.point = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.skip = nn.BatchNorm2d(cin) if cin == cout else None
+        gen = torch.Generator().manual_seed(0)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                with torch.no_grad():
+                    m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
+                    m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                    m.weight.copy_(torch.randn(m.num_features, generator=gen))
+                    m.bias.copy_(torch.randn(m.num_features, generator=gen))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dense(x) + self.point(x)
+        return y + self.skip(x) if self.skip is not None else y
+
+
+@pytest.mark.parametrize("cin", [12, 20])  # with the BN of the input (one channel set for both sides), without
+def test_narrowed_verification_of_summed_branches(monkeypatch: pytest.MonkeyPatch, cin: int) -> None:
+    """A sum of branches is verified on a few channels at large sizes too (each conv's input and output and each
+    batch norm cut alike); a right merge passes, and a wrong one is still caught."""
+    import convmerge
+
+    monkeypatch.setattr(plan, "FULL_VERIFY_MACS", 0)  # every size narrowed
+    cut: list[tuple] = []
+    real = plan._Narrow
+    monkeypatch.setattr(plan, "_Narrow", lambda *args: cut.append(args) or real(*args))
+    module = _Branches(cin, 12).double().eval()
+    fused = convmerge.fuse(module, input_size=(9, 9))
+    (args,) = cut
+    _, convs, keep_in, lasts, norms, keep_out = args
+    assert len(convs) == 2 and lasts == convs and len(norms) == (3 if cin == 12 else 2)
+    assert len(keep_out) == plan.NARROW_OUT and len(keep_in) == (plan.NARROW_OUT if cin == 12 else plan.NARROW_IN)
+    assert cin != 12 or torch.equal(keep_in, keep_out)
+    x = torch.randn(2, cin, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(fused.double()(x), module(x), rtol=0, atol=1e-9)
+    joined = algebra.join
+
+    def broken(*args: object, **kwargs: object) -> Conv:
+        m = joined(*args, **kwargs)  # type: ignore[arg-type]
+        return Conv(m.spec, m.weight * (1 + 1e-6), m.bias)
+
+    monkeypatch.setattr(algebra, "join", broken)
+    with pytest.raises(plan.VerificationError):
+        convmerge.fuse(module, input_size=(9, 9))
