@@ -1,12 +1,12 @@
 """`convmerge check/fuse model.onnx`: the ONNX file read as a description (onnx_read), planned by the one
-planner, written back (onnx_write), and run under onnxruntime beside the original before anything is
-written.
+planner, written back (onnx_write) into a hidden folder beside the output, and run under onnxruntime
+beside the original before it is moved into place.
 
 The plan checks every merge in float64 against the layers it replaces, as for safetensors.  The
 end-to-end run adds what that check cannot see: that the rewritten graph is wired right.  It feeds the
 original and the fused model the same random inputs at the model's static size (or a few sizes where
-the size is symbolic); a difference beyond the dtype's rounding is a VerificationError (exit 3) and
-nothing is written.
+the size is symbolic), one model loaded at a time; a difference beyond the dtype's rounding is a
+VerificationError (exit 3) and no output appears.
 """
 
 from __future__ import annotations
