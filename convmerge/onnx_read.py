@@ -293,7 +293,7 @@ def tensor_of(t: TensorProto, base_dir: str, shown: str) -> torch.Tensor:
                                  f"of {name} ({want} bytes)")
         if not raw:
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).clone()
+        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)  # its own copy of the bytes
     try:
         array = numpy_helper.to_array(t)
     except Exception as e:  # noqa: BLE001 - onnx raises many kinds for malformed typed fields
