@@ -531,17 +531,17 @@ class _Planner:
 class _Narrow:
     """The layers' tensors with the part's input and output channels cut to a random few (reference.Params)."""
 
-    def __init__(self, loader: Loader, readers: set[str], keep_in: Optional[torch.Tensor], lasts: set[str],
+    def __init__(self, loader: Loader, readers: set[str], keep_in: Optional[torch.Tensor], last: Optional[str],
                  tail: set[str], keep_out: Optional[torch.Tensor]) -> None:
-        self.loader, self.readers, self.keep_in, self.lasts, self.tail, self.keep_out = \
-            loader, readers, keep_in, lasts, tail, keep_out
+        self.loader, self.readers, self.keep_in, self.last, self.tail, self.keep_out = \
+            loader, readers, keep_in, last, tail, keep_out
 
     def conv(self, name: str) -> Conv:
         c = self.loader.conv(name)
         spec, w, b = c.spec, c.weight, c.bias
         if self.keep_in is not None and name in self.readers:
             spec, w = replace(spec, in_channels=len(self.keep_in)), w[:, self.keep_in]
-        if self.keep_out is not None and name in self.lasts:
+        if self.keep_out is not None and name == self.last:
             spec, w = replace(spec, out_channels=len(self.keep_out)), w[self.keep_out]
             b = None if b is None else b[self.keep_out]
         return Conv(spec, w, b)
@@ -572,16 +572,6 @@ def _narrowed(graph: Graph, loader: Loader, start: str, layers: Sequence[str], e
     readers = {n for n in layers if start in graph.layers[n].inputs}
     keep_in = None
     cin, cout = merged[0].spec.in_channels, merged[0].spec.out_channels
-    branches = _branch_sum(graph, start, layers, end)
-    if branches is not None:
-        convs, norms, shared = branches
-        if shared and cin == cout and cout > NARROW_OUT:
-            keep_in = keep_out = torch.randperm(cout, generator=gen)[:NARROW_OUT]
-        elif not shared:
-            keep_in = torch.randperm(cin, generator=gen)[:NARROW_IN] if cin > NARROW_IN else None
-            keep_out = torch.randperm(cout, generator=gen)[:NARROW_OUT] if cout > NARROW_OUT else None
-        if keep_in is not None or keep_out is not None:
-            return _Narrow(loader, convs, keep_in, convs, norms, keep_out), _sliced(merged, keep_in, keep_out)
     if cin > NARROW_IN and readers and all(graph.layers[n].op in CONV_OPS and graph.specs[n].groups == 1
                                            for n in readers):
         keep_in = torch.randperm(cin, generator=gen)[:NARROW_IN]
@@ -595,11 +585,6 @@ def _narrowed(graph: Graph, loader: Loader, start: str, layers: Sequence[str], e
     keep_out = torch.randperm(cout, generator=gen)[:NARROW_OUT] if last and alone and cout > NARROW_OUT else None
     if keep_in is None and keep_out is None:
         return loader, merged
-    return _Narrow(loader, readers, keep_in, {last} if last else set(), set(path), keep_out), \
-        _sliced(merged, keep_in, keep_out)
-
-
-def _sliced(merged: list[Conv], keep_in: Optional[torch.Tensor], keep_out: Optional[torch.Tensor]) -> list[Conv]:
     out = []
     for m in merged:
         spec, w, b = m.spec, m.weight, m.bias
@@ -608,46 +593,7 @@ def _sliced(merged: list[Conv], keep_in: Optional[torch.Tensor], keep_out: Optio
         if keep_out is not None:
             spec, w, b = replace(spec, out_channels=len(keep_out)), w[keep_out], None if b is None else b[keep_out]
         out.append(Conv(spec, w, b))
-    return out
-
-
-_CHANNELWISE = ("batch_norm", "identity", "dropout")
-
-
-def _branch_sum(graph: Graph, start: str, layers: Sequence[str],
-                end: str) -> Optional[tuple[set[str], set[str], bool]]:
-    """Where the part is a sum of branches (RepVGG, ACNet, DBB's 1x1 and kxk): dense convs that read the part's
-    input, batch norms, identities and adds, with no conv after another.  Its convs, its batch norms, and
-    whether an input channel reaches the output without a conv (a batch norm or identity of the input added to
-    a conv's output), so one channel set must stand for both sides.  None for any other part.
-
-    Every layer but a conv works channel by channel, so cutting the convs' input and output channels, and each
-    batch norm's to the channels of its side, computes exactly those channels of the part (given zeros on the
-    others)."""
-    side = {start: "in"}
-    convs, norms, shared = set(), set(), False
-    for name in layers:
-        layer = graph.layers[name]
-        if any(v not in side for v in layer.inputs):
-            return None
-        if layer.op in CONV_OPS:
-            if tuple(layer.inputs) != (start,) or graph.specs[name].groups != 1:
-                return None
-            convs.add(name)
-            side[name] = "out"
-        elif layer.op in _CHANNELWISE and len(layer.inputs) == 1:
-            if layer.op == "batch_norm":
-                norms.add(name)
-            side[name] = side[layer.inputs[0]]
-        elif layer.op == "add":
-            sides = {side[v] for v in layer.inputs}
-            shared = shared or len(sides) > 1
-            side[name] = "out" if "out" in sides else "in"
-        else:
-            return None
-    if not convs or side.get(end) != "out":
-        return None
-    return convs, norms, shared or any(side[n] == "in" for n in norms)
+    return _Narrow(loader, readers, keep_in, last, set(path), keep_out), out
 
 
 Found = tuple[Optional[Counterexample], str]
