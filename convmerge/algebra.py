@@ -646,22 +646,28 @@ def join(convs: Sequence[Conv], cand: ConvSpec, offsets: Sequence[Sequence[int]]
     """
     g = cand.groups
     parts = []
+    # a sum is taken branch by branch in one kernel (no kernel-sized copy per branch): the same additions
+    total = None if concat else torch.zeros(cand.out_channels, cand.in_channels // g, *cand.kernel_size,
+                                            dtype=torch.float64)
     for conv, offset in zip(convs, offsets):
         w = _regroup(conv.weight.double(), conv.spec.groups, g)
-        out = torch.zeros(conv.spec.out_channels, cand.in_channels // g, *cand.kernel_size, dtype=torch.float64)
         index: list[slice] = [slice(None), slice(None)]
         for a, am, off in zip(conv.spec.axes, cand.axes, offset):
             step = a.dilation // am.dilation if a.kernel > 1 else 1
             start = off // am.dilation
             index.append(slice(start, start + step * (a.kernel - 1) + 1, step))
+        if total is not None:
+            total[tuple(index)] += w
+            continue
+        out = torch.zeros(conv.spec.out_channels, cand.in_channels // g, *cand.kernel_size, dtype=torch.float64)
         out[tuple(index)] = w
         parts.append(out)
     biases = [c.bias.double() if c.bias is not None else torch.zeros(c.spec.out_channels, dtype=torch.float64)
               for c in convs]
-    if concat:
+    if total is None:
         weight, bias = torch.cat(parts), torch.cat(biases)
     else:
-        weight, bias = sum(parts[1:], parts[0]), sum(biases[1:], biases[0])
+        weight, bias = total, sum(biases[1:], biases[0])
     return Conv(cand.with_bias(any(c.bias is not None for c in convs)), weight,
                 bias if any(c.bias is not None for c in convs) else None)
 

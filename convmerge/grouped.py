@@ -50,6 +50,13 @@ def grouped_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 class fast_grouped(TorchDispatchMode):
     """While active, every float64 CPU convolution with groups > 1 of a batched input runs `grouped_conv`."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """No: TorchDispatchMode would otherwise wrap `__torch_dispatch__` in torch._dynamo.disable, whose first
+        call imports torch._dynamo (about as long as importing torch itself) in every check and fuse.  Nothing
+        compiles the code this mode runs under (convmerge's own float64 checks, run eagerly)."""
+        return False
+
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
         if func is _CONVOLUTION and not kwargs:

@@ -18,9 +18,11 @@ import os
 import re
 import signal
 import secrets
+import shutil
 import stat
 import struct
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
@@ -41,8 +43,10 @@ __all__ = [
     "check_outputs",
     "TensorInfo",
     "dtype_name",
+    "publish",
     "read_header",
     "read_tensor",
+    "staging_folder",
     "torch_dtype",
     "write_bytes",
     "write_counterexamples",
@@ -234,6 +238,36 @@ def write_bytes(out: str | os.PathLike[str], data: bytes, *, force: bool = False
     shown = _show(out_path)
     _check_target(out_path, shown, None, force)
     _write_atomic(out_path, shown, force, lambda fd: _write_at(fd, memoryview(data), 0))
+
+
+@contextmanager
+def staging_folder(out: str | os.PathLike[str]) -> Iterator[str]:
+    """A new hidden folder beside ``out``, removed with all it holds on the way out (``kill -TERM`` included):
+    files are written there under their final names, checked, then moved into place by `publish`, a rename
+    on the same filesystem (no second copy of the bytes)."""
+    out_path = os.fsdecode(out)
+    directory = os.path.dirname(out_path) or "."
+    with _terminating_as_interrupt():
+        try:
+            folder = tempfile.mkdtemp(prefix=f".{os.path.basename(out_path)[:64]}.tmp-", dir=directory)
+        except OSError as e:
+            raise ModelFileError(f"cannot write {_show(out_path)}: {e.strerror or e}") from None
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def publish(staged: str, out: str | os.PathLike[str], *, force: bool = False) -> None:
+    """Move a file written and fsynced in `staging_folder` into place; without ``force`` never over an existing
+    file (`OutputExists`)."""
+    out_path = os.fsdecode(out)
+    shown = _show(out_path)
+    try:
+        _publish(staged, out_path, shown, force)
+        _fsync_dir(os.path.dirname(out_path) or ".")
+    except OSError as e:
+        raise ModelFileError(f"cannot write {shown}: {e.strerror or e}") from None
 
 
 def write_in_folder(

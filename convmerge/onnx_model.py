@@ -1,18 +1,17 @@
 """`convmerge check/fuse model.onnx`: the ONNX file read as a description (onnx_read), planned by the one
-planner, written back (onnx_write), and run under onnxruntime beside the original before anything is
-written.
+planner, written back (onnx_write) into a hidden folder beside the output, and run under onnxruntime
+beside the original before it is moved into place.
 
 The plan checks every merge in float64 against the layers it replaces, as for safetensors.  The
 end-to-end run adds what that check cannot see: that the rewritten graph is wired right.  It feeds the
 original and the fused model the same random inputs at the model's static size (or a few sizes where
-the size is symbolic); a difference beyond the dtype's rounding is a VerificationError (exit 3) and
-nothing is written.
+the size is symbolic), one model loaded at a time; a difference beyond the dtype's rounding is a
+VerificationError (exit 3) and no output appears.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -23,7 +22,7 @@ from onnx import TensorProto
 
 from . import endtoend, io, plan as planning
 from .onnx_read import OnnxGraph, read_model
-from .onnx_write import fused_model, serialize
+from .onnx_write import fused_model, write
 from .plan import VerificationError
 from .report import Report
 
@@ -75,22 +74,19 @@ def fuse_file(path: str, out: str, *, input_size: Optional[Sequence[int]] = None
     report = _report(model, plan, path)
     report.output = os.fspath(out)
     fused = fused_model(model, plan)
-    data, external = serialize(fused, out, model.external, model)
-    if external is not None:
+    external = fused.external(model)
+    if external:
         io.check_outputs([_data_path(out)], inputs, force)
-    with tempfile.TemporaryDirectory(prefix="convmerge-onnx-") as tmp:
-        staged = os.path.join(tmp, os.path.basename(out))
-        with open(staged, "wb") as f:
-            f.write(data)
-        if external is not None:
-            with open(_data_path(staged), "wb") as f:
-                f.write(external)
+    with io.staging_folder(out) as folder:  # beside the output: publishing is a rename, not a second copy
+        staged = os.path.join(folder, os.path.basename(out))
+        write(fused, staged, external, model)
+        del fused  # on disk now: the checks below read it from there
         report.notes += _checked(staged, path, bool(plan.applied))
         only = model.input_size if any(not u.every_size for u in plan.applied) else None
         report.onnxruntime = _compare(path, staged, report.notes, only, _arithmetic(model)) if plan.applied else None
-    if before_write is not None:
-        before_write(report, plan.description())
-    _write(out, data, external, force)
+        if before_write is not None:
+            before_write(report, plan.description())
+        _publish(staged, out, external, force)
     return report
 
 
@@ -102,17 +98,17 @@ def _report(model: OnnxGraph, plan: planning.Plan, path: str) -> OnnxReport:
 
 
 def _data_path(out: str) -> str:
-    return out + ".data"  # the name onnx_write.serialize gives the model's external data
+    return out + ".data"  # the name onnx_write.write gives the model's external data
 
 
-def _write(out: str, data: bytes, external: Optional[bytes], force: bool) -> None:
+def _publish(staged: str, out: str, external: bool, force: bool) -> None:
     """The data file first, then the model that names it: a crash in between leaves no model at all."""
-    if external is None:
-        io.write_bytes(out, data, force=force)
+    if not external:
+        io.publish(staged, out, force=force)
         return
-    io.write_bytes(_data_path(out), external, force=force)
+    io.publish(_data_path(staged), _data_path(out), force=force)
     try:
-        io.write_bytes(out, data, force=force)
+        io.publish(staged, out, force=force)
     except BaseException:
         os.unlink(_data_path(out))
         raise
@@ -170,43 +166,46 @@ def _compare(original: str, fused: str, notes: list[str], only: Optional[Sequenc
     except Exception as e:  # noqa: BLE001 - the original is not ours to fix
         notes.append(f"onnxruntime cannot load the original model ({_line(e)}); the fused graph was not run")
         return None
+    runs: list[tuple[dict[str, np.ndarray], list[Any]]] = []  # the original's inputs and outputs, two sizes at most
+    failures: list[str] = []
+    for size in _sizes(before, only):
+        if len(runs) == 2:
+            break
+        feeds = _inputs(before, size)
+        try:
+            runs.append((feeds, before.run(None, feeds)))
+        except Exception as e:  # noqa: BLE001
+            failures.append(_line(e))
+    metas = [(m.name, m.type) for m in before.get_outputs()]
+    del before  # one model in onnxruntime's memory at a time
     try:
         after = ort.InferenceSession(fused, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
         raise VerificationError(f"onnxruntime loads the original model but not the fused one: {_line(e)}") from None
     worst = absolute = tolerance = 0.0
     shapes: list[str] = []
-    failures: list[str] = []
-    for size in _sizes(before, only):
-        if len(shapes) == 2:
-            break
-        feeds = _inputs(before, size)
-        try:
-            want = before.run(None, feeds)
-        except Exception as e:  # noqa: BLE001
-            failures.append(_line(e))
-            continue
+    for feeds, want in runs:
         try:
             got = after.run(None, feeds)
         except Exception as e:  # noqa: BLE001
             raise VerificationError(f"onnxruntime runs the original model but not the fused one at "
                                     f"{_shape_text(feeds)}: {_line(e)}") from None
         shapes.append(_shape_text(feeds))
-        for meta, a, b in zip(before.get_outputs(), want, got):
+        for (name, declared), a, b in zip(metas, want, got):
             a, b = np.asarray(a), np.asarray(b)
             if a.shape == b.shape and not np.issubdtype(a.dtype, np.floating):
                 if not np.array_equal(a, b):  # argmax and the like flip on rounding: worth a word, not a failure
-                    notes.append(f"onnxruntime: output {meta.name!r} ({meta.type}) differs in "
+                    notes.append(f"onnxruntime: output {name!r} ({declared}) differs in "
                                  f"{int(np.sum(a != b))} element(s) at {_shape_text(feeds)} (rounding of the "
                                  "float values it is computed from)")
                 continue
             diff, rel = endtoend.relative_difference(torch.from_numpy(a), torch.from_numpy(b))
-            kind = max((k for k in (meta.type, computed_in) if k in TOLERANCE), key=TOLERANCE.__getitem__,
-                       default=meta.type)
+            kind = max((k for k in (declared, computed_in) if k in TOLERANCE), key=TOLERANCE.__getitem__,
+                       default=declared)
             allowed = TOLERANCE.get(kind, 0.0)
             tolerance = max(tolerance, allowed)
             if not rel <= allowed:
-                raise VerificationError(f"output {meta.name!r} of the fused model differs from the original by "
+                raise VerificationError(f"output {name!r} of the fused model differs from the original by "
                                         f"{rel:.3g} (relative; {diff:.3g} absolute) at {_shape_text(feeds)} under "
                                         f"onnxruntime, more than {kind} rounding ({allowed:g})")
             worst, absolute = max(worst, rel), max(absolute, diff)

@@ -41,6 +41,9 @@ OLDEST_OPSET = 9
 MAX_PROTO_BYTES = 2**31 - 1
 """protobuf's limit on one message: a larger model keeps its weights as external data."""
 DEFAULT_DOMAINS = ("", "ai.onnx")
+_INFERRED_VALUES = 1024
+"""Initializers of at most this many values keep their data for shape inference (data propagation reads
+shapes, axes, pads from them); larger ones are weights, given to it as typed inputs."""
 
 DTYPES: dict[int, tuple[str, Optional[torch.dtype]]] = {
     TensorProto.FLOAT: ("F32", torch.float32),
@@ -233,10 +236,8 @@ def _check(proto: onnx.ModelProto, path: str, shown: str) -> None:
     """onnx.checker catches what the spec forbids (unsorted or cyclic graphs, missing inputs, wrong input
     counts, mistyped attributes); its first line names the node."""
     try:
-        if any(_is_external(t) for t in proto.graph.initializer):
-            onnx.checker.check_model(path)  # by path: it checks the external data files beside the model
-        else:
-            onnx.checker.check_model(proto)
+        onnx.checker.check_model(path)  # by path: it checks the external data files beside the model, and the
+        # weights are not serialized again to reach the checker
     except Exception as e:  # noqa: BLE001 - ValidationError, and whatever else a hostile model makes it raise
         text = " ".join(str(e).split("==> Context")[0].split()) or type(e).__name__
         raise GraphError(f"{shown}: onnx.checker: {text if len(text) <= 300 else text[:297] + '...'}") from None
@@ -295,7 +296,7 @@ def tensor_of(t: TensorProto, base_dir: str, shown: str) -> torch.Tensor:
                                  f"of {name} ({want} bytes)")
         if not raw:
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).clone()
+        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)  # its own copy of the bytes
     try:
         array = numpy_helper.to_array(t)
     except Exception as e:  # noqa: BLE001 - onnx raises many kinds for malformed typed fields
@@ -388,7 +389,7 @@ def _shapes(proto: onnx.ModelProto) -> tuple[dict[str, Shape], list[str]]:
     notes: list[str] = []
     g = proto.graph
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True).graph
+        inferred = onnx.shape_inference.infer_shapes(_weightless(proto), strict_mode=False, data_prop=True).graph
         infos = list(inferred.value_info) + list(inferred.input) + list(inferred.output)
     except Exception as e:  # noqa: BLE001 - a model shape inference cannot handle still has its own shapes
         notes.append(f"ONNX shape inference failed ({_line(e)}); adds of unknown shapes stay opaque")
@@ -402,6 +403,34 @@ def _shapes(proto: onnx.ModelProto) -> tuple[dict[str, Shape], list[str]]:
     for t in g.initializer:
         shapes.setdefault(t.name, tuple(t.dims))
     return shapes, notes
+
+
+def _weightless(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with each initializer of more than _INFERRED_VALUES values as a graph input of its type and
+    shape: shape inference gives every value the same shape (data propagation reads small constants only:
+    shapes, axes, pads) and neither copies nor serializes the weights."""
+    light = onnx.ModelProto()
+    _copy_fields(proto, light, skip="graph")
+    _copy_fields(proto.graph, light.graph, skip="initializer")
+    inputs = {i.name for i in proto.graph.input}
+    for t in proto.graph.initializer:
+        if math.prod(t.dims) <= _INFERRED_VALUES and not _is_external(t):
+            light.graph.initializer.append(t)
+        elif t.name not in inputs:
+            light.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light
+
+
+def _copy_fields(source: Any, into: Any, skip: str) -> None:
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if hasattr(value, "extend"):  # repeated
+            getattr(into, field.name).extend(value)
+        elif hasattr(value, "CopyFrom"):  # a message
+            getattr(into, field.name).CopyFrom(value)
+        else:
+            setattr(into, field.name, value)
 
 
 def _static_size(g: onnx.GraphProto, notes: list[str]) -> Optional[tuple[int, ...]]:

@@ -8,12 +8,15 @@ node stood, which keeps the node order topological.  Initializers, Constant node
 constants from constants that only the replaced nodes read are removed, and so is the value_info of
 values that no longer exist; node order, metadata, opset imports, doc strings and everything else are
 kept as they were.
+
+The merged weights are not put in the model until it is written (`write`), one at a time, straight to the
+file: a model with external data never holds its weights in memory, only the tensor being written.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import BinaryIO, Callable, Optional
 
 import onnx
 import torch
@@ -23,7 +26,7 @@ from .graph import GraphError
 from .onnx_read import DEFAULT_DOMAINS, DTYPES, MAX_PROTO_BYTES, OnnxGraph, node_reads, raw_bytes
 from .plan import Plan, Unit
 
-__all__ = ["EXTERNAL_THRESHOLD", "fused_model", "serialize"]
+__all__ = ["EXTERNAL_THRESHOLD", "Fused", "fused_model", "write"]
 
 EXTERNAL_THRESHOLD = 1024
 """Tensors of at least this many bytes go to the external data file (onnx's own default)."""
@@ -31,8 +34,23 @@ _PAD_MODE = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 _ONNX_TYPE = {dtype: code for code, (_, dtype) in DTYPES.items()}
 
 
-def fused_model(model: OnnxGraph, plan: Plan) -> onnx.ModelProto:
-    """A copy of the model with the plan's applied units in place of their nodes."""
+class Fused:
+    """The fused model without its merged weights' data, and where each comes from."""
+
+    def __init__(self, proto: onnx.ModelProto, weights: dict[str, Unit]) -> None:
+        self.proto = proto
+        self.weights = weights  # initializer name -> the unit whose stored weight it is (read when written)
+
+    def external(self, source: OnnxGraph) -> bool:
+        """Whether the weights go to an external data file: where the input kept its weights outside, or the
+        model would pass protobuf's 2 GiB limit."""
+        size = self.proto.ByteSize() + sum(u.kept.weight.numel() * u.kept.weight.element_size()
+                                           for u in self.weights.values())
+        return source.external or size >= MAX_PROTO_BYTES - (64 << 20)
+
+
+def fused_model(model: OnnxGraph, plan: Plan) -> Fused:
+    """A copy of the model with the plan's applied units in place of their nodes (their weights left empty)."""
     out = onnx.ModelProto()
     out.CopyFrom(model.proto)
     g = out.graph
@@ -43,6 +61,7 @@ def fused_model(model: OnnxGraph, plan: Plan) -> onnx.ModelProto:
         replaced[model.nodes[unit.output]] = unit
     names = _Names(g, set(replaced))
     nodes, inits = [], []
+    weights: dict[str, Unit] = {}
     for index, node in enumerate(g.node):
         if index not in replaced:
             nodes.append(node)
@@ -52,6 +71,7 @@ def fused_model(model: OnnxGraph, plan: Plan) -> onnx.ModelProto:
             new_nodes, new_inits = _conv_nodes(unit, model, names)
             nodes += new_nodes
             inits += new_inits
+            weights[new_inits[0].name] = unit
     gone = [v for i in replaced for v in g.node[i].output if v]
     del g.node[:]
     g.node.extend(nodes)
@@ -61,19 +81,19 @@ def fused_model(model: OnnxGraph, plan: Plan) -> onnx.ModelProto:
     kept = [vi for vi in g.value_info if vi.name in live or vi.name not in gone]
     del g.value_info[:]
     g.value_info.extend(kept)
-    return out
+    return Fused(out, weights)
 
 
 def _conv_nodes(unit: Unit, model: OnnxGraph, names: "_Names") -> tuple[list[onnx.NodeProto], list[TensorProto]]:
     spec = unit.spec
     nd = spec.ndim
     source, target = model.values[unit.input], model.values[unit.output]
-    stored = unit.stored  # read once: a dropped weight is computed again on each read (plan.KEEP_BYTES)
-    weight = _tensor(names.value(f"{unit.name}.weight"), stored.weight)
+    kept = unit.kept  # the weight's data comes when the file is written (`write`): see Fused
+    weight = _tensor(names.value(f"{unit.name}.weight"), kept.weight, data=False)
     inits = [weight]
     inputs = [source, weight.name]
-    if stored.bias is not None:
-        bias = _tensor(names.value(f"{unit.name}.bias"), stored.bias)
+    if kept.bias is not None:  # kept even where the weight is dropped (plan.KEEP_BYTES), and verified with it
+        bias = _tensor(names.value(f"{unit.name}.bias"), kept.bias)
         inits.append(bias)
         inputs.append(bias.name)
     lo, hi = [a.pad[0] for a in spec.axes], [a.pad[1] for a in spec.axes]
@@ -100,15 +120,22 @@ def _conv_nodes(unit: Unit, model: OnnxGraph, names: "_Names") -> tuple[list[onn
     return nodes, inits
 
 
-def _tensor(name: str, t: torch.Tensor) -> TensorProto:
-    """A tensor stored as raw little-endian bytes, in its own dtype (bfloat16 included)."""
+def _tensor(name: str, t: torch.Tensor, data: bool = True) -> TensorProto:
+    """A tensor stored as raw little-endian bytes, in its own dtype (bfloat16 included); without `data`, its
+    name, type and shape only."""
     out = TensorProto()
     out.name = name
     out.data_type = _ONNX_TYPE[t.dtype]
     out.dims.extend(t.shape)
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    out.raw_data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    if data:
+        out.raw_data = _raw(t).tobytes()
     return out
+
+
+def _raw(t: torch.Tensor) -> "memoryview":
+    """The tensor's bytes, little-endian, without a copy where it is contiguous on the CPU."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy() if flat.numel() else b"")
 
 
 class _Names:
@@ -166,29 +193,50 @@ def _drop_dead(g: onnx.GraphProto, candidates: set[str], constants: set[str]) ->
             g.initializer.extend(kept)
 
 
-def serialize(model: onnx.ModelProto, out: str, external: bool, source: OnnxGraph) -> tuple[bytes, Optional[bytes]]:
-    """The model file's bytes, and the external data file's (`<out name>.data`) where the input kept its
-    weights outside, or the model would pass protobuf's 2 GiB limit."""
-    if not external and model.ByteSize() < MAX_PROTO_BYTES - (64 << 20):
-        return model.SerializeToString(), None
-    location = os.path.basename(out) + ".data"
-    data = bytearray()
-    for t in model.graph.initializer:
-        raw = raw_bytes(t, source.base_dir, source.path)
-        if raw is None or len(raw) < EXTERNAL_THRESHOLD:
-            if raw is not None and t.data_location == TensorProto.EXTERNAL:
-                _inline(t, raw)
-            continue
-        data += b"\0" * (-len(data) % 64)  # aligned, so a runtime may map it
-        offset = len(data)
-        data += raw
-        t.ClearField("raw_data")
-        del t.external_data[:]
-        t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, value
-    return model.SerializeToString(), bytes(data)
+def write(fused: Fused, path: str, external: bool, source: OnnxGraph) -> None:
+    """Write the model to `path` and, where `external`, its weights to `<path>.data` (the name the model gives
+    them), one tensor at a time: each merged weight as the plan stored it (read once: a dropped one is computed
+    again on each read), each other one from the input model or its data file.  Both files are fsynced."""
+    g = fused.proto.graph
+    if not external:
+        for t in g.initializer:
+            unit = fused.weights.get(t.name)
+            if unit is not None:
+                t.raw_data = _raw(unit.stored.weight).tobytes()
+        _write_file(path, lambda f: f.write(fused.proto.SerializeToString()))
+        return
+    location = os.path.basename(path) + ".data"
+
+    def fill(f: BinaryIO) -> None:
+        offset = 0
+        for t in g.initializer:
+            unit = fused.weights.get(t.name)
+            raw = _raw(unit.stored.weight) if unit is not None else raw_bytes(t, source.base_dir, source.path)
+            if raw is None or len(raw) < EXTERNAL_THRESHOLD:
+                if raw is not None and (unit is not None or t.data_location == TensorProto.EXTERNAL):
+                    _inline(t, bytes(raw))
+                continue
+            pad = -offset % 64  # aligned, so a runtime may map it
+            f.write(b"\0" * pad)
+            offset += pad
+            f.write(raw)
+            t.ClearField("raw_data")
+            del t.external_data[:]
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(raw)
+
+    _write_file(path + ".data", fill)
+    _write_file(path, lambda f: f.write(fused.proto.SerializeToString()))
+
+
+def _write_file(path: str, fill: Callable[[BinaryIO], object]) -> None:
+    with open(path, "xb") as f:
+        fill(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _inline(t: TensorProto, raw: bytes) -> None:

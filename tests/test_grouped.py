@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -54,3 +55,24 @@ def test_only_float64_grouped_convolutions_are_routed(monkeypatch) -> None:
         F.conv2d(x, torch.randn(4, 4, 3, 3, dtype=torch.float64))  # dense: torch's own
         F.conv2d(x, torch.randn(4, 1, 3, 3, dtype=torch.float64), groups=4)
     assert len(calls) == 1
+
+
+def test_routing_does_not_import_torch_dynamo() -> None:
+    """The mode's dispatch is not wrapped in torch._dynamo.disable, whose first call imports torch._dynamo (about
+    as long as importing torch): every check and fuse runs under the mode."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, torch.nn.functional as F\n"
+            "from convmerge.grouped import fast_grouped\n"
+            "before = 'torch._dynamo' in sys.modules\n"
+            "x = torch.randn(1, 4, 5, 5, dtype=torch.float64)\n"
+            "w = torch.randn(4, 1, 3, 3, dtype=torch.float64)\n"
+            "with fast_grouped():\n"
+            "    got = F.conv2d(x, w, groups=4)\n"
+            "assert torch.allclose(got, F.conv2d(x, w, groups=4))\n"
+            "print(before, 'torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    if out[0] == "True":
+        pytest.skip("this torch imports torch._dynamo with torch")
+    assert out == ["False", "False"]

@@ -520,6 +520,97 @@ def test_external_data_in_and_out(tmp_path: Path) -> None:
         cm_model.fuse_file(str(path), str(out))
 
 
+def _initializers(path: Path) -> dict[str, bytes]:
+    """Each initializer's bytes as onnx reads them (from the external data file where it is there)."""
+    return {t.name: numpy_helper.to_array(t).tobytes() for t in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.mark.parametrize("keep_bytes", [None, 0])
+def test_external_data_is_written_tensor_by_tensor(tmp_path: Path, keep_bytes: Optional[int],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data file holds every large tensor at an aligned offset inside it; untouched tensors are the input's
+    bytes, merged ones the bytes an inline output gets; with a memory budget of 0 (plan.KEEP_BYTES) every
+    merged weight is dropped after verification and computed again when written, to the same bytes."""
+    from convmerge import plan as planning
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nets.randomize_bn(nets.TinyRepVGG()), nn.Sigmoid(), nn.Conv2d(16, 4, 3))  # left alone
+    inline = export(module, (1, 3, 32, 32), tmp_path / "inline.onnx")
+    inline_out, _ = fuse(inline)
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    onnx.save(onnx.load(str(inline)), str(folder / "m.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="m.weights", size_threshold=0)
+    if keep_bytes is not None:
+        monkeypatch.setattr(planning, "KEEP_BYTES", keep_bytes)
+    out, report = fuse(folder / "m.onnx")
+    assert report["summary"]["regions_merged"] == 4
+    assert sorted(os.listdir(folder)) == ["m.fused.onnx", "m.fused.onnx.data", "m.onnx", "m.weights"]
+    size = (folder / "m.fused.onnx.data").stat().st_size
+    spans = []
+    for t in onnx.load(str(out), load_external_data=False).graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            where = {e.key: e.value for e in t.external_data}
+            offset, length = int(where["offset"]), int(where["length"])
+            assert where["location"] == "m.fused.onnx.data" and offset % 64 == 0 and offset + length <= size
+            spans.append((offset, offset + length))
+        else:
+            assert len(t.raw_data) < 1024
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no two tensors share bytes
+    written, original, merged = _initializers(out), _initializers(folder / "m.onnx"), _initializers(inline_out)
+    assert written == merged
+    untouched = set(written) & set(original)
+    assert untouched and all(written[k] == original[k] for k in untouched)
+    assert set(written) - untouched  # the merged weights
+
+
+class _Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.fc = nets.randomize_bn(nets.TinyRepVGG()), nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).reshape(1, -1)).reshape(2, 5)  # Reshapes to constant shapes: data propagation
+
+
+def test_shapes_are_inferred_without_the_weights(tmp_path: Path) -> None:
+    """Shape inference reads the weights as typed inputs, not their data: every value gets the shape onnx gives
+    it with the weights (the oracle), data propagation through constant shapes included."""
+    from convmerge import onnx_read
+
+    torch.manual_seed(0)
+    proto = onnx.load(str(export(_Head(), (1, 3, 32, 32), tmp_path / "head.onnx")))
+    full = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True).graph
+    want = {vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
+            for vi in (*full.value_info, *full.output)}
+    got, notes = onnx_read._shapes(proto)
+    assert not notes and want and {k: got.get(k) for k in want} == want
+    assert want["y"] == (2, 5)
+
+
+def test_onnxruntime_holds_one_model_at_a_time(repvgg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The original's outputs are taken and its session let go before the fused model is loaded."""
+    import gc
+    import weakref
+
+    live: list[Any] = []
+    most = [0]
+    real = ort.InferenceSession
+
+    def session(*args: Any, **kwargs: Any) -> Any:
+        gc.collect()
+        live[:] = [r for r in live if r() is not None]
+        made = real(*args, **kwargs)
+        live.append(weakref.ref(made))
+        most[0] = max(most[0], len(live))
+        return made
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    _, report = fuse(repvgg)
+    assert report["onnxruntime"]["relative_difference"] <= F32_TOL and most[0] == 1
+
+
 # --- the command line -------------------------------------------------------------------------------
 
 
