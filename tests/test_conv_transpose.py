@@ -1,0 +1,233 @@
+"""Transposed convolutions (issue 20): the op-table rows, their validation and sizes, both readers
+(torch.export and ONNX), checked against torch.nn.functional and onnxruntime."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from convmerge.graph import GraphError, parse
+from convmerge.trace_export import describe
+
+from . import models
+from .models import evaluate, infos
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+import numpy as np  # noqa: E402
+from onnx import helper, numpy_helper, TensorProto  # noqa: E402
+
+from convmerge.onnx_read import read_model  # noqa: E402
+
+CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def transpose_layer(name: str, inp: str, cin: int, cout: int, kernel: list[int], *, groups: int = 1,
+                    bias: bool = True, seed: int = 0, **fields) -> tuple[dict, dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    nd = len(kernel)
+    layer = {"name": name, "op": f"conv_transpose{nd}d", "input": inp, "groups": groups, **fields}
+    tensors = {f"{name}.weight": torch.randn(cin, cout // groups, *kernel, generator=gen, dtype=torch.float64)}
+    if bias:
+        tensors[f"{name}.bias"] = torch.randn(cout, generator=gen, dtype=torch.float64)
+    return layer, tensors
+
+
+@st.composite
+def transposes(draw, nd=None):
+    nd = nd or draw(st.sampled_from([1, 1, 2, 3]))
+    kernel = [draw(st.integers(1, 4)) for _ in range(nd)]
+    stride = [draw(st.integers(1, 3)) for _ in range(nd)]
+    dilation = [draw(st.integers(1, 3)) for _ in range(nd)]
+    padding = [draw(st.integers(0, 4)) for _ in range(nd)]
+    extra = [draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation)]
+    groups = draw(st.sampled_from([1, 1, 2]))
+    cin, cout = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    return transpose_layer("t", "x", cin, cout, kernel, groups=groups, bias=draw(st.booleans()),
+                           seed=draw(st.integers(0, 999)), stride=stride, padding=padding, output_padding=extra,
+                           dilation=dilation)
+
+
+# --- the description: sizes and validation ----------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(transposes(), st.integers(1, 14))
+def test_sizes_through_a_conv_transpose_are_pytorchs(layer_tensors, n):
+    layer, tensors = layer_tensors
+    doc = models.describe([layer], ["t"])
+    graph = parse(doc, infos(tensors))
+    nd = len(layer["stride"])
+    x = torch.randn(1, tensors["t.weight"].shape[0], *[n] * nd, dtype=torch.float64)
+    try:
+        want = tuple(evaluate(doc, tensors, x)[0].shape[2:])
+    except RuntimeError:  # PyTorch refuses an empty output
+        assert min(graph.sizes([n] * nd)["t"]) < 1
+        return
+    assert graph.sizes([n] * nd)["t"] == want
+    assert graph.channels["t"] == tensors["t.weight"].shape[1] * layer["groups"]
+
+
+def _parse_one(**change) -> None:
+    layer, tensors = transpose_layer("up", "x", 4, 6, [3, 3], stride=2, padding=1, output_padding=1)
+    tensor_change = change.pop("tensors", {})
+    layer.update(change)
+    tensors.update(tensor_change)
+    parse(models.describe([layer], ["up"]), infos(tensors))
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"output_padding": 2}, "output_padding"),  # not below max(stride, dilation)
+    ({"output_padding": -1}, "output_padding"),
+    ({"padding": [[1, 0], [1, 0]]}, "padding"),  # PyTorch crops both sides alike
+    ({"padding": "same"}, "padding"),
+    ({"stride": 0}, "stride"),
+    ({"padding_mode": "reflect"}, "padding_mode"),
+    ({"groups": 4}, "bias"),  # weight [4, 6, 3, 3] in 4 groups gives 24 outputs: the 6 biases contradict it
+    ({"groups": 3}, "groups"),  # does not divide the 4 inputs
+    ({"in_channels": 6}, "in_channels"),  # the weight is [in, out/groups, k]: a conv's reading is wrong
+    ({"kernel_size": [2, 2]}, "kernel_size"),
+    ({"output_pading": 1}, "output_pading"),  # misspelled: an error, not a default
+    ({"tensors": {"up.weight": torch.zeros(4, 6, 3)}}, "op"),
+    ({"tensors": {"up.bias": torch.zeros(4)}}, "bias"),
+])
+def test_a_bad_conv_transpose_is_a_graph_error_naming_layer_and_field(change, field):
+    with pytest.raises(GraphError) as e:
+        _parse_one(**change)
+    message = str(e.value)
+    assert "layer 'up'" in message and (f"'{field}'" in message or f"'up.{field}'" in message), message
+    assert "\n" not in message
+
+
+def test_a_conv_transpose_reading_the_wrong_channel_count_is_an_error():
+    conv, t1 = models.conv("c", "x", 3, 5, 3, padding=1)
+    layer, t2 = transpose_layer("up", "c", 4, 2, [2, 2], stride=2)
+    with pytest.raises(GraphError, match=r"layer 'up': field 'input': 'c' gives 5 channels.*takes 4"):
+        parse(models.describe([conv, layer], ["up"]), infos({**t1, **t2}))
+
+
+# --- torch.export ----------------------------------------------------------------------------------
+
+
+class Generator(nn.Module):
+    """DCGAN's generator blocks: convT -> BN -> ReLU, twice, then a convT and tanh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(8, 6, 4, 1, 0, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+            nn.ConvTranspose2d(6, 4, 4, 2, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.ConvTranspose2d(4, 3, 4, 2, 1, bias=False), nn.Tanh())
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class UpBlock(nn.Module):
+    """A UNet up block: upsample by a strided convT to the skip's size, concat, conv -> BN -> ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(6, 3, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(6, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        skip = x
+        y = self.up(self.down(x), output_size=skip.shape[2:])  # output_padding chosen from the size
+        return torch.relu(self.bn(self.conv(torch.cat([y, skip], 1))))
+
+
+def _randomised(module: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 2)
+            m.bias.data.uniform_(-1, 1)
+    return module.eval()
+
+
+def test_the_tracer_reads_a_dcgan_generator_and_its_description_computes_the_module():
+    module = _randomised(Generator())
+    traced = describe(module, example_size=(1, 1))
+    ops = [layer["op"] for layer in traced.doc["layers"]]
+    assert ops == ["conv_transpose2d", "batch_norm", "relu"] * 2 + ["conv_transpose2d", "tanh"]
+    assert traced.doc["layers"][3]["stride"] == [2, 2] and traced.doc["layers"][3]["padding"] == [1, 1]
+    graph = parse(traced.doc, infos(module.state_dict()))
+    assert graph.sizes([1, 1])["net.6"] == (16, 16)
+    x = torch.randn(2, 8, 1, 1)
+    described = dict(traced.doc, layers=traced.doc["layers"][:-1], outputs=["net.6"])
+    with torch.no_grad():
+        want = module.double().net[:-1](x.double())
+    assert torch.allclose(evaluate(described, module.state_dict(), x)[0], want, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [8, 9])
+def test_the_tracer_reads_the_output_padding_an_output_size_argument_chooses(n):
+    module = _randomised(UpBlock())
+    traced = describe(module, example_size=(n, n), symbolic=False)
+    up = next(layer for layer in traced.doc["layers"] if layer["op"] == "conv_transpose2d")
+    assert up["output_padding"] == [1 - n % 2] * 2  # 8 -> 4 -> 8 needs one more cell; 9 -> 5 -> 9 none
+    graph = parse(traced.doc, infos(module.state_dict()))
+    assert graph.sizes([n, n])[up["name"]] == (n, n)
+
+
+# --- ONNX ------------------------------------------------------------------------------------------
+
+
+def _onnx_transpose(tmp_path: Path, nd: int, attrs: dict, seed: int = 0) -> tuple[Path, np.ndarray]:
+    gen = np.random.default_rng(seed)
+    weight = gen.standard_normal((2, 3, *[3] * nd)).astype(np.float32)
+    bias = gen.standard_normal(3).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], name="up", **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, *[5] * nd])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * (nd + 2))],
+                              initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    path = tmp_path / "t.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path, weight
+
+
+@pytest.mark.parametrize("nd, attrs", [
+    (2, {"strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    (2, {"strides": [2, 2], "pads": [1, 1, 0, 0]}),  # asymmetric: PyTorch's padding 1, output_padding 1
+    (2, {"strides": [2, 3], "pads": [1, 2, 1, 1], "output_padding": [1, 0]}),
+    (1, {"strides": [3], "dilations": [2], "pads": [2, 0], "output_padding": [0]}),
+    (3, {"strides": [2, 1, 2], "pads": [0, 1, 1, 0, 1, 0], "output_padding": [1, 0, 0]}),
+    (2, {"auto_pad": "VALID", "strides": [2, 2], "group": 1}),
+])
+def test_an_onnx_conv_transpose_reads_as_what_onnxruntime_computes(tmp_path, nd, attrs):
+    path, _ = _onnx_transpose(tmp_path, nd, attrs)
+    model = read_model(str(path))
+    layer = next(layer for layer in model.graph.doc["layers"] if layer["name"] == "up")
+    assert layer["op"] == f"conv_transpose{nd}d"
+    x = np.random.default_rng(1).standard_normal((1, 2, *[5] * nd)).astype(np.float32)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    tensors = {key: model.tensors.get(key) for key in model.tensors.info}
+    got = evaluate(model.graph.doc, tensors, torch.from_numpy(x))[0].numpy()
+    assert got.shape == want.shape and np.abs(got - want).max() < 1e-4
+    assert model.graph.sizes([5] * nd)["up"] == want.shape[2:]
+
+
+@pytest.mark.parametrize("attrs, why", [
+    ({"strides": [2, 2], "output_shape": [10, 10]}, "output_shape"),
+    ({"strides": [2, 2], "auto_pad": "SAME_UPPER"}, "output_shape or auto_pad"),
+    ({"strides": [2, 2], "pads": [0, 0, 1, 1]}, "cannot express"),  # end pad above begin: a negative output_padding
+    ({"strides": [2, 2], "pads": [2, 2, 0, 0]}, "cannot express"),  # begin - end = stride: too much output_padding
+])
+def test_an_onnx_conv_transpose_pytorch_cannot_express_is_opaque_with_a_note(tmp_path, attrs, why):
+    path, _ = _onnx_transpose(tmp_path, 2, attrs)
+    model = read_model(str(path))
+    layer = next(layer for layer in model.graph.doc["layers"] if layer["name"] == "up")
+    assert layer["op"] == "onnx.ConvTranspose"
+    assert any("ConvTranspose" in note and why in note and "'up'" in note for note in model.graph.notes)
