@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional, Sequence
 from . import ops, strictjson
 from .errors import ConvmergeError, Kind
 from .spec import ConvSpec, PadSpec, PoolSpec, SpecError, pad_spec, padding_fields, pool_spec, spec_from_fields
-from .transpose import TransposeSpec, transpose_spec_from_fields
+from .transpose import TransposeSpec, transpose_fields, transpose_spec_from_fields
 
 VERSION = 1
 CONV_OPS = ops.named(ops.Kind.CONV)
@@ -286,8 +286,9 @@ def parse(doc: dict, tensors: Mapping[str, Any], where: str = "description") -> 
     return graph
 
 
-def rewrite(graph: Graph, merges: Sequence[tuple[Sequence[str], str, str, str, ConvSpec]]) -> dict:
-    """The description after each merge (layers, name, input, output, spec) became one conv `name`.
+def rewrite(graph: Graph, merges: Sequence[tuple[Sequence[str], str, str, str, Any]]) -> dict:
+    """The description after each merge (layers, name, input, output, spec) became one conv `name` (a
+    conv_transpose where `spec` is a TransposeSpec).
 
     The conv reads `input` and sits where `output` sat; every reference to a replaced layer now
     names the conv, so consumers keep working.  Fields a merged conv no longer has (channel counts,
@@ -305,11 +306,14 @@ def rewrite(graph: Graph, merges: Sequence[tuple[Sequence[str], str, str, str, C
         if raw["name"] in placed:
             layers, name, source, spec = placed[raw["name"]]
             old = raws.get(name)
-            new = dict(old) if old is not None and old.get("op") in CONV_OPS else {}
+            transposed = isinstance(spec, TransposeSpec)  # a conv_transpose with what followed it folded in
+            kind = CONV_TRANSPOSE_OPS if transposed else CONV_OPS
+            new = dict(old) if old is not None and old.get("op") in kind else {}
             for key in ("inputs", "in_channels", "out_channels", "bias"):
                 new.pop(key, None)
-            new.update({"name": name, "op": f"conv{spec.ndim}d", "input": gone.get(source, source),
-                        **padding_fields(spec)})
+            new.update({"name": name, "op": f"conv{'_transpose' if transposed else ''}{spec.ndim}d",
+                        "input": gone.get(source, source),
+                        **(transpose_fields(spec) if transposed else padding_fields(spec))})
             new["merged_from"] = list(new.get("merged_from", [])) + [n for n in layers if n != name]
             kept.append(new)
             continue

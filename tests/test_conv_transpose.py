@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import convmerge
+from convmerge import model
 from convmerge.graph import GraphError, parse
 from convmerge.trace_export import describe
 
@@ -182,6 +185,12 @@ def test_the_tracer_reads_the_output_padding_an_output_size_argument_chooses(n):
     assert graph.sizes([n, n])[up["name"]] == (n, n)
 
 
+def test_at_symbolic_sizes_an_output_padding_computed_from_the_size_is_opaque():
+    traced = describe(_randomised(UpBlock()), example_size=(8, 8))
+    assert not any(layer["op"] == "conv_transpose2d" for layer in traced.doc["layers"])
+    assert any("conv_transpose2d" in layer["op"] for layer in traced.doc["layers"])
+
+
 # --- ONNX ------------------------------------------------------------------------------------------
 
 
@@ -231,3 +240,123 @@ def test_an_onnx_conv_transpose_pytorch_cannot_express_is_opaque_with_a_note(tmp
     layer = next(layer for layer in model.graph.doc["layers"] if layer["name"] == "up")
     assert layer["op"] == "onnx.ConvTranspose"
     assert any("ConvTranspose" in note and why in note and "'up'" in note for note in model.graph.notes)
+
+
+# --- folding what follows a conv_transpose ---------------------------------------------------------
+
+
+@st.composite
+def folds(draw):
+    """A conv_transpose, then 1-3 batch norms / identities / dropouts, then a relu (float64 tensors)."""
+    layer, tensors = draw(transposes(nd=draw(st.sampled_from([1, 1, 2, 3]))))
+    channels = tensors["t.weight"].shape[1] * layer["groups"]
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 999)))
+    layers, prev = [layer], "t"
+    for k in range(draw(st.integers(1, 3))):
+        op = draw(st.sampled_from(["batch_norm", "batch_norm", "identity", "dropout"]))
+        layers.append({"name": f"f{k}", "op": op, "input": prev})
+        if op == "batch_norm":
+            tensors.update({f"f{k}.running_mean": torch.randn(channels, generator=gen, dtype=torch.float64),
+                            f"f{k}.running_var": torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5})
+            if draw(st.booleans()):
+                tensors.update({f"f{k}.weight": torch.randn(channels, generator=gen, dtype=torch.float64),
+                                f"f{k}.bias": torch.randn(channels, generator=gen, dtype=torch.float64)})
+        prev = f"f{k}"
+    layers.append({"name": "act", "op": "relu", "input": prev})
+    return models.describe(layers, ["act"]), tensors
+
+
+@settings(max_examples=25, deadline=None)
+@given(folds())
+def test_a_conv_transpose_and_the_batch_norms_after_it_fuse_into_one_conv_transpose(described):
+    doc, tensors = described
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "m.safetensors", Path(tmp) / "m.fused.safetensors"
+        models.save(src, tensors, doc)
+        report = model.fuse_file(str(src), str(out)).to_dict()
+        fused_doc, fused = models.described(out)
+    assert [layer["op"] for layer in fused_doc["layers"]] == [doc["layers"][0]["op"], "relu"]
+    assert fused_doc["layers"][0]["name"] == "t" and "t.weight" in fused and set(fused) <= {"t.weight", "t.bias"}
+    [merge] = report["merges"]
+    assert merge["layers"] == [layer["name"] for layer in doc["layers"][:-1]]
+    nd = len(doc["layers"][0]["stride"])
+    for n in range(1, 15 if nd == 1 else 7):
+        x = torch.randn(2, tensors["t.weight"].shape[0], *[n] * nd, dtype=torch.float64)
+        try:
+            want = evaluate(doc, tensors, x)[0]
+        except RuntimeError:
+            continue  # an empty output: PyTorch refuses the size
+        got = evaluate(fused_doc, fused, x)[0]
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-10, atol=1e-10), n
+
+
+def _calls(module: nn.Module, kinds: tuple) -> int:
+    return sum(isinstance(module.get_submodule(n.target), kinds) for n in module.graph.nodes if n.op == "call_module")
+
+
+@pytest.mark.parametrize("make, channels, sizes", [
+    (Generator, 8, [(1, 1), (2, 3), (4, 4)]),
+    (UpBlock, 3, [(8, 8), (9, 9), (12, 13), (3, 4)]),  # output_size: the output padding follows each size
+])
+def test_fused_modules_fold_the_batch_norm_after_a_conv_transpose_and_compute_the_original(make, channels, sizes):
+    module = _randomised(make())
+    fused = convmerge.fuse(module, input_size=sizes[0])
+    if make is Generator:
+        # the two folded ones are modules; the last, with nothing to fold, stays the traced call
+        assert _calls(fused, (nn.ConvTranspose2d,)) == 2 and "batch_norm" not in fused.code
+    for size in sizes:
+        x = torch.randn(2, channels, *size)
+        with torch.no_grad():
+            want, got = module(x), fused(x)
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-5), size
+
+
+def test_a_saved_generator_loads_and_its_fused_file_loads_to_the_same_function(tmp_path):
+    module = _randomised(Generator()).double()
+    src, out = tmp_path / "g.safetensors", tmp_path / "g.fused.safetensors"
+    convmerge.save(module, src)
+    report = model.fuse_file(str(src), str(out)).to_dict()
+    assert [m["kind"] for m in report["merges"]] == ["bn-fold", "bn-fold"]
+    assert all(m["conv"]["transposed"] and m["convs"] == 1 for m in report["merges"])
+    summary = report["summary"]
+    assert summary["bn_folded"] == 2 and summary["layers_removed"] == 2
+    assert summary["convs_before"] == summary["convs_after"]
+    assert [layer["op"] for layer in models.description_of(out)["layers"]].count("batch_norm") == 0
+    for path in (src, out):
+        loaded = convmerge.load(path)
+        assert sum(isinstance(m, nn.ConvTranspose2d) for m in loaded.modules()) == 3
+        for size in [(1, 1), (3, 2)]:
+            x = torch.randn(2, 8, *size, dtype=torch.float64)
+            with torch.no_grad():
+                assert torch.allclose(loaded(x), module(x), rtol=1e-10, atol=1e-10), (path.name, size)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(stride=2, padding=1, output_padding=1),
+    dict(stride=3, padding=2, output_padding=2, groups=2, dilation=2),
+    dict(stride=1, padding=0, bias=False),
+])
+def test_an_onnx_conv_transpose_and_batch_norm_fuse_exactly_under_onnxruntime(tmp_path, kwargs):
+    torch.manual_seed(0)
+    module = _randomised(nn.Sequential(nn.ConvTranspose2d(4, 6, 3, **kwargs), nn.BatchNorm2d(6), nn.ReLU()))
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.randn(1, 4, 5, 7),), str(path), dynamo=False, opset_version=17,
+                          do_constant_folding=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
+    out = tmp_path / "m.fused.onnx"
+    report = model.fuse_file(str(path), str(out)).to_dict()
+    assert [m["kind"] for m in report["merges"]] == ["bn-fold"]
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops == ["ConvTranspose", "Relu"]
+    onnx.checker.check_model(str(out), full_check=True)
+    for shape in [(1, 4, 5, 7), (2, 4, 1, 2), (1, 4, 6, 6)]:
+        x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+        want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        with torch.no_grad():
+            ref = module.double()(torch.from_numpy(x).double()).numpy()
+        module.float()
+        assert got.shape == want.shape == ref.shape
+        assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max()), shape
