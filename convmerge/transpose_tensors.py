@@ -59,3 +59,60 @@ def to_module(conv: Conv) -> nn.Module:
             module.bias.copy_(conv.bias)
     return module
 
+
+def _dense(weight: torch.Tensor, groups: int, rows_first: bool) -> torch.Tensor:
+    """A grouped weight as the dense one it acts as: a conv's `[out, in/g, *k]` -> `[out, in, *k]`, a transposed
+    conv's `[in, out/g, *k]` -> `[in, out, *k]` (`rows_first`: the first axis is the full one either way)."""
+    rows, per = weight.shape[0], weight.shape[1]
+    dense = weight.new_zeros(rows, per * groups, *weight.shape[2:])
+    block = rows // groups
+    for g in range(groups):
+        dense[g * block:(g + 1) * block, g * per:(g + 1) * per] = weight[g * block:(g + 1) * block]
+    return dense
+
+
+def compose_after(t: Conv, c: Conv, spec: TransposeSpec) -> Conv:
+    """The transposed conv `spec` (transpose.conv_after on every axis) that `t` then the conv `c` compose to
+    (float64): K[i, o, d_t·b + d_c·(k_c − 1 − a)] = Σ_m w_t[i, m, b]·w_c[o, m, a], B = b_c + Σ_a w_c·b_t."""
+    wt = _dense(t.weight.double(), t.spec.groups, True)  # [in, mid, *k_t]
+    wc = _dense(c.weight.double(), c.spec.groups, True)  # [out, mid, *k_c]
+    k = wt.new_zeros(wt.shape[0], wc.shape[0], *spec.kernel_size)
+    for a in _taps(c.spec.kernel_size):
+        start = [dc * (kc - 1 - ai) for dc, kc, ai in zip(c.spec.dilation, c.spec.kernel_size, a)]
+        window = tuple(slice(s0, s0 + dt * (kt - 1) + 1, dt)
+                       for s0, dt, kt in zip(start, t.spec.dilation, t.spec.kernel_size))
+        k[(slice(None), slice(None), *window)] += torch.einsum("im...,om->io...", wt, wc[(slice(None), slice(None), *a)])
+    bias = None
+    if t.bias is not None or c.bias is not None:
+        bias = torch.zeros(spec.out_channels, dtype=torch.float64)
+        if c.bias is not None:
+            bias = bias + c.bias.double()
+        if t.bias is not None:
+            bias = bias + wc.flatten(2).sum(2) @ t.bias.double()
+    return Conv(spec.with_bias(bias is not None), k, bias)
+
+
+def compose_before(c: Conv, t: Conv, spec: TransposeSpec) -> Conv:
+    """The transposed conv `spec` (transpose.conv_before on every axis) that the conv `c` then `t` compose to
+    (float64): K[i, o, d_t·b + s·d_c·(k_c − 1 − a)] = Σ_m w_c[m, i, a]·w_t[m, o, b], B = b_t + Σ_b w_tᵀ·b_c."""
+    wc = _dense(c.weight.double(), c.spec.groups, True)  # [mid, in, *k_c]
+    wt = _dense(t.weight.double(), t.spec.groups, True)  # [mid, out, *k_t]
+    k = wt.new_zeros(wc.shape[1], wt.shape[1], *spec.kernel_size)
+    for a in _taps(c.spec.kernel_size):
+        start = [s * dc * (kc - 1 - ai) for s, dc, kc, ai in zip(t.spec.stride, c.spec.dilation, c.spec.kernel_size, a)]
+        window = tuple(slice(s0, s0 + dt * (kt - 1) + 1, dt)
+                       for s0, dt, kt in zip(start, t.spec.dilation, t.spec.kernel_size))
+        k[(slice(None), slice(None), *window)] += torch.einsum("mi,mo...->io...", wc[(slice(None), slice(None), *a)], wt)
+    bias = None
+    if t.bias is not None or c.bias is not None:
+        bias = torch.zeros(spec.out_channels, dtype=torch.float64)
+        if t.bias is not None:
+            bias = bias + t.bias.double()
+        if c.bias is not None:
+            bias = bias + wt.flatten(2).sum(2).T @ c.bias.double()
+    return Conv(spec.with_bias(bias is not None), k, bias)
+
+
+def _taps(kernel: tuple[int, ...]) -> list[tuple[int, ...]]:
+    return [tuple(int(v) for v in idx) for idx in torch.cartesian_prod(*[torch.arange(k) for k in kernel]).reshape(
+        -1, len(kernel)).tolist()]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -360,3 +360,250 @@ def test_an_onnx_conv_transpose_and_batch_norm_fuse_exactly_under_onnxruntime(tm
         module.float()
         assert got.shape == want.shape == ref.shape
         assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max()), shape
+
+
+# --- a conv next to a conv_transpose: the pair rules against brute force ------------------------------
+
+from convmerge import transpose as T, transpose_tensors as TT  # noqa: E402
+from convmerge.algebra import Conv  # noqa: E402
+from convmerge.spec import conv_spec  # noqa: E402
+
+
+@st.composite
+def pairs(draw, nd=None):
+    """A conv_transpose and a stride-1 zero-padded conv, in either order, with random weights, zero border taps
+    and biases; what transpose.py claims per size, and the candidate it builds (None: not expressible)."""
+    nd = nd or draw(st.sampled_from([1, 1, 2]))
+    order = draw(st.sampled_from(["after", "before"]))
+    s, d = [draw(st.integers(1, 3)) for _ in range(nd)], [draw(st.integers(1, 3)) for _ in range(nd)]
+    axes = tuple(T.TAxis(draw(st.integers(1, 4)), s[k], d[k], draw(st.integers(0, 4)),
+                         draw(st.integers(0, max(s[k], d[k]) - 1))) for k in range(nd))
+    cspec = conv_spec([draw(st.integers(1, 4)) for _ in range(nd)], 2, 2, dilation=[draw(st.integers(1, 3)) for _ in
+                      range(nd)], padding=[[draw(st.integers(0, 4)), draw(st.integers(0, 4))] for _ in range(nd)])
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 9999)))
+    bias = draw(st.booleans())
+    tspec = T.TransposeSpec(axes, 2, 2, bias=bias and order == "after")
+    cspec = cspec.with_bias(bias and order == "before")
+    weights = []
+    for shape in ((2, 2, *tspec.kernel_size), (2, 2, *cspec.kernel_size)):
+        w = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        for axis in range(nd):  # zero border taps sometimes
+            if shape[2 + axis] > 1 and draw(st.integers(0, 3)) == 0:
+                index = [slice(None)] * w.dim()
+                index[2 + axis] = 0 if draw(st.booleans()) else shape[2 + axis] - 1
+                w[tuple(index)] = 0
+        weights.append(w)
+    t = Conv(tspec, weights[0], torch.randn(2, generator=gen, dtype=torch.float64) if tspec.bias else None)
+    c = Conv(cspec, weights[1], torch.randn(2, generator=gen, dtype=torch.float64) if cspec.bias else None)
+    taps = [[[int(i) for i in (w != 0).transpose(0, 2 + k).flatten(1).any(1).nonzero().flatten()] for k in range(nd)]
+            for w in weights]
+    if order == "after":
+        cand = [T.conv_after(a, ca) for a, ca in zip(axes, cspec.axes)]
+        claim = lambda n: T.exact([T.conv_after_at(a, ca, n, tt, ct)  # noqa: E731
+                                   for a, ca, tt, ct in zip(axes, cspec.axes, *taps)], tspec.bias)
+        run = lambda x: oracle_conv(TT.apply(t, x), c)  # noqa: E731
+        merged = None if None in cand else TT.compose_after(t, c, T.TransposeSpec(tuple(cand), 2, 2))
+        every = _all([T.after_every_size(a, ca, tt, ct, tspec.bias) for a, ca, tt, ct in zip(axes, cspec.axes, *taps)])
+    else:
+        cand = [T.conv_before(ca, a) for a, ca in zip(axes, cspec.axes)]
+        claim = lambda n: T.exact([T.conv_before_at(ca, a, n, ct, tt)  # noqa: E731
+                                   for a, ca, tt, ct in zip(axes, cspec.axes, *taps)], cspec.bias)
+        run = lambda x: TT.apply(t, oracle_conv(x, c))  # noqa: E731
+        merged = None if None in cand else TT.compose_before(c, t, T.TransposeSpec(tuple(cand), 2, 2))
+        every = _all([T.before_every_size(ca, a, ct, tt, cspec.bias) for a, ca, tt, ct in zip(axes, cspec.axes, *taps)])
+    return order, nd, claim, run, merged, every
+
+
+def _all(verdicts):
+    """Every axis exact (None where an axis is undefined)."""
+    return None if None in verdicts else all(verdicts)
+
+
+def oracle_conv(x, c):
+    pads = [p for a in reversed(c.spec.axes) for p in a.pad]
+    return {1: F.conv1d, 2: F.conv2d}[x.dim() - 2](F.pad(x, pads), c.weight, c.bias, dilation=c.spec.dilation)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pairs())
+def test_the_pair_rules_say_at_every_size_1_to_14_whether_the_candidate_is_exact(case):
+    order, nd, claim, run, merged, every = case
+    if merged is None:
+        return  # not a transposed conv PyTorch can express: never merged
+    seen = []
+    for n in range(1, 15 if nd == 1 else 9):
+        x = torch.randn(2, 2, *[n] * nd, dtype=torch.float64)
+        try:
+            want = run(x)
+        except RuntimeError:
+            want = None
+        if want is None or want.numel() == 0:
+            assert claim(n) is None, n
+            continue
+        got = TT.apply(merged, x)
+        same = got.shape == want.shape and torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+        assert claim(n) is same, (n, got.shape, want.shape)
+        seen.append(same)
+    if every:
+        assert all(seen)
+
+
+@settings(max_examples=40, deadline=None)
+@given(pairs(nd=1), st.integers(1, 9))
+def test_where_the_rules_say_inexact_no_conv_transpose_of_the_candidates_shape_fits(case, n):
+    """The least-squares fit of the best conv_transpose with the candidate's stride, kernel, padding and
+    output_padding (forced by the output length and the interior) over many inputs still misses the pair."""
+    order, nd, claim, run, merged, every = case
+    if merged is None or claim(n) is not False:
+        return
+    spec = merged.spec
+    xs = torch.randn(24, 2, n, dtype=torch.float64)
+    want = run(xs).flatten()
+    if not want.any():
+        return  # at this size every output reads only the conv's padding: the pair is zero, so is a zero kernel
+    basis = []
+    for i in range(2):
+        for o in range(2):
+            for e in range(spec.kernel_size[0]):
+                w = torch.zeros(2, 2, spec.kernel_size[0], dtype=torch.float64)
+                w[i, o, e] = 1
+                basis.append(TT.apply(Conv(spec.with_bias(False), w), xs).flatten())
+    ones = torch.zeros_like(run(xs))
+    for o in range(2):
+        unit = ones.clone()
+        unit[:, o] = 1
+        basis.append(unit.flatten())
+    design = torch.stack(basis, 1)
+    fit = torch.linalg.lstsq(design, want.unsqueeze(1)).solution
+    residual = (design @ fit).flatten() - want
+    assert residual.norm() > 1e-6 * want.norm()
+
+
+@settings(max_examples=200, deadline=None)
+@given(pairs(nd=1))
+def test_past_where_the_borders_meet_every_size_has_the_verdict_of_the_last_checked(case):
+    order, nd, claim, run, merged, every = case
+    if merged is None or every is None:
+        return
+    assert every == all(v is not False for v in (claim(n) for n in range(1, 120)))
+
+
+# --- the pair merges in files, modules and ONNX -------------------------------------------------------
+
+
+@st.composite
+def pair_files(draw):
+    """conv_transpose -> [batch_norm] -> conv, or conv -> [batch_norm] -> conv_transpose, then relu (float64)."""
+    order, nd, _, _, merged, every = draw(pairs())
+    t_layer, tensors = draw(transposes(nd=nd))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 999)))
+    mid = tensors["t.weight"].shape[1] * t_layer["groups"] if order == "after" else tensors["t.weight"].shape[0]
+    k = [draw(st.integers(1, 3)) for _ in range(nd)]
+    cin, cout = (mid, draw(st.integers(1, 3))) if order == "after" else (draw(st.integers(1, 3)), mid)
+    c_layer = {"name": "c", "op": f"conv{nd}d", "padding": [[draw(st.integers(0, 3)), draw(st.integers(0, 3))]
+                                                           for _ in range(nd)], "dilation": [1] * nd}
+    tensors["c.weight"] = torch.randn(cout, cin, *k, generator=gen, dtype=torch.float64)
+    if draw(st.integers(0, 3)) == 0:
+        tensors["c.bias"] = torch.randn(cout, generator=gen, dtype=torch.float64)
+    first, second = (t_layer, c_layer) if order == "after" else (c_layer, t_layer)
+    first["input"], layers = "x", [first]
+    if draw(st.booleans()):
+        channels = cout if order == "before" else tensors["t.weight"].shape[1] * t_layer["groups"]
+        layers.append({"name": "bn", "op": "batch_norm", "input": first["name"]})
+        mean = torch.randn(channels, generator=gen, dtype=torch.float64)
+        if draw(st.booleans()):
+            mean.zero_()  # no shift: the batch norm adds no bias that a border could cut off
+        tensors.update({"bn.running_mean": mean,
+                        "bn.running_var": torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5})
+    second["input"] = layers[-1]["name"]
+    layers += [second, {"name": "act", "op": "relu", "input": second["name"]}]
+    return order, nd, models.describe(layers, ["act"]), tensors
+
+
+@settings(max_examples=60, deadline=None)
+@given(pair_files())
+def test_fused_files_of_a_conv_next_to_a_conv_transpose_compute_the_original_at_every_size(case):
+    order, nd, doc, tensors = case
+    cin = tensors["t.weight"].shape[0] if order == "after" else tensors["c.weight"].shape[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "m.safetensors", Path(tmp) / "m.fused.safetensors"
+        models.save(src, tensors, doc)
+        report = model.fuse_file(str(src), str(out), policy="all").to_dict()
+        fused_doc, fused = models.described(out)
+    ops = [layer["op"] for layer in fused_doc["layers"]]
+    merged = f"conv{nd}d" not in ops
+    assert merged == any(m["convs"] == 2 for m in report["merges"])
+    event(f"{order}: merged {merged}")
+    for n in range(1, 15 if nd == 1 else 8):
+        x = torch.randn(2, cin, *[n] * nd, dtype=torch.float64)
+        try:
+            want = evaluate(doc, tensors, x)[0]
+        except RuntimeError:
+            continue
+        got = evaluate(fused_doc, fused, x)[0]
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-9, atol=1e-9), n
+
+
+class Decoder(nn.Module):
+    """A UNet decoder step without biases before its batch norm: 2x2 stride-2 up, then 3x3 conv -> BN -> ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(6, 4, 2, stride=2, bias=False)
+        self.conv = nn.Conv2d(4, 3, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(self.up(x))))
+
+
+def test_a_unet_decoder_step_becomes_one_4x4_stride_2_conv_transpose_and_computes_the_original():
+    module = _randomised(Decoder())
+    fused = convmerge.fuse(module)
+    [up] = [m for m in fused.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert (up.kernel_size, up.stride, up.padding, up.output_padding) == ((4, 4), (2, 2), (1, 1), (0, 0))
+    assert _calls(fused, (nn.Conv2d,)) == 0 and "conv2d" not in fused.code
+    for size in [(1, 1), (2, 3), (5, 5), (8, 7)]:
+        x = torch.randn(2, 6, *size)
+        with torch.no_grad():
+            assert torch.allclose(fused(x), module(x), rtol=1e-5, atol=1e-5), size
+
+
+def test_with_a_bias_before_its_padded_conv_the_decoder_step_stays_two_layers():
+    module = _randomised(Decoder())
+    module.up.bias = nn.Parameter(torch.randn(4))  # cut off by the 3x3's zero padding at the border
+    fused = convmerge.fuse(module, policy="all")
+    assert "conv2d" in fused.code or _calls(fused, (nn.Conv2d,)) == 1
+
+
+def test_an_onnx_decoder_step_fuses_to_one_conv_transpose_under_onnxruntime(tmp_path):
+    module = _randomised(Decoder())
+    path = tmp_path / "d.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.randn(1, 6, 4, 5),), str(path), dynamo=False, opset_version=17,
+                          do_constant_folding=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
+    out = tmp_path / "d.fused.onnx"
+    model.fuse_file(str(path), str(out))
+    assert [n.op_type for n in onnx.load(str(out)).graph.node] == ["ConvTranspose", "Relu"]
+    for shape in [(1, 6, 4, 5), (2, 6, 1, 1), (1, 6, 7, 3)]:
+        x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+        want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), shape
+
+
+@pytest.mark.parametrize("conv, policy", [
+    (nn.Conv2d(3, 4, 1, bias=False), "cheaper"),  # a 1x1 before: the kernel only mixes channels
+    (nn.Conv2d(3, 4, 3, padding=2, bias=False), "all"),  # padding e - 1: every window it drops is cropped
+])
+def test_a_conv_without_bias_before_a_conv_transpose_becomes_one_conv_transpose(conv, policy):
+    module = _randomised(nn.Sequential(conv, nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1),
+                                       nn.ReLU()))
+    fused = convmerge.fuse(module, policy=policy)
+    assert [type(m) for m in fused.modules()][1:] == [nn.ConvTranspose2d] and "conv2d" not in fused.code
+    for size in [(1, 1), (3, 4), (6, 6)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            assert torch.allclose(fused(x), module(x), rtol=1e-5, atol=1e-5), size
