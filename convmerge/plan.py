@@ -160,7 +160,7 @@ class Unit:
     @property
     def bn_fold(self) -> bool:
         """A standalone conv -> batch norm (what every deploy pipeline folds)."""
-        return len(self.layers) == 2 and self.kinds[1] == "batch_norm" and self.kinds[0] in ("conv", "conv_transpose")
+        return len(self.layers) == 2 and self.kinds[1:] == ("batch_norm",) and self.kinds[:1] in (("conv",), ("conv_transpose",))
 
     kinds: tuple[str, ...] = ()
     every_size: bool = True  # exact at every input size (else only at the plan's input size, which chose it)
