@@ -607,3 +607,20 @@ def test_a_conv_without_bias_before_a_conv_transpose_becomes_one_conv_transpose(
         x = torch.randn(2, 3, *size)
         with torch.no_grad():
             assert torch.allclose(fused(x), module(x), rtol=1e-5, atol=1e-5), size
+
+
+def test_the_fx_fallback_reads_a_conv_transpose_module_and_keeps_one_given_output_size_opaque():
+    from convmerge import trace_fx
+
+    class Up(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1)
+            self.b = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            return self.b(self.a(x), output_size=[4 * x.shape[2], 4 * x.shape[3]])
+
+    layers = {layer["name"]: layer for layer in trace_fx.describe(Up()).doc["layers"]}
+    assert layers["a"]["op"] == "conv_transpose2d" and layers["a"]["output_padding"] == [1, 1]
+    assert layers["b"]["op"] == "convtranspose2d"  # opaque: the output_padding comes from the size
