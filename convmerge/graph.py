@@ -15,10 +15,12 @@ from typing import Any, Mapping, Optional, Sequence
 from . import affine, linear, ops, strictjson
 from .errors import ConvmergeError, Kind
 from .spec import ConvSpec, PadSpec, PoolSpec, SpecError, pad_spec, padding_fields, pool_spec, spec_from_fields
+from .transpose import TransposeSpec, transpose_fields, transpose_spec_from_fields
 
 VERSION = 1
 CONV_OPS = ops.named(ops.Kind.CONV)
 POOL_OPS = ops.named(ops.Kind.POOL)
+CONV_TRANSPOSE_OPS = ops.named(ops.Kind.CONV_TRANSPOSE)
 PASSTHROUGH_OPS = ops.of(ops.Kind.AFFINE, ops.Kind.PASS)
 """Ops a pair may have between its two convs."""
 JOIN_OPS = ops.of(ops.Kind.JOIN)
@@ -33,7 +35,7 @@ MAX_DESCRIPTION_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 64
 MAX_INT = 2**63 - 1
 """Largest hyperparameter PyTorch can hold (int64); a bigger one cannot describe a real conv."""
-INT_FIELDS = ("stride", "dilation", "padding", "groups", "kernel_size", "in_channels", "out_channels", "dim",
+INT_FIELDS = ("stride", "dilation", "padding", "output_padding", "groups", "kernel_size", "in_channels", "out_channels", "dim",
               "divisor_override")
 CHANNEL_OPS = frozenset(name for name, op in ops.OPS.items() if op.keeps_channels)
 """Single-input ops whose output has as many channels as their input."""
@@ -77,6 +79,7 @@ class Graph:
     specs: dict[str, ConvSpec] = field(default_factory=dict)
     pools: dict[str, PoolSpec] = field(default_factory=dict)
     pads: dict[str, PadSpec] = field(default_factory=dict)
+    transposes: dict[str, TransposeSpec] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     channels: dict[str, Optional[int]] = field(default_factory=dict)  # per value, where the description fixes it
     _index: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
@@ -111,8 +114,8 @@ class Graph:
         op = layer.op
         if op == linear.OP:
             return ()  # a [N, C] value: no spatial axes, whatever came before
-        if op in CONV_OPS or op in POOL_OPS:
-            spec = self.specs.get(layer.name) or self.pools[layer.name]
+        if op in CONV_OPS or op in POOL_OPS or op in CONV_TRANSPOSE_OPS:
+            spec = self.specs.get(layer.name) or self.pools.get(layer.name) or self.transposes[layer.name]
             return spec.out_size(src) if src is not None and len(src) == spec.ndim else None
         if op == "pad":
             pad = self.pads[layer.name]
@@ -268,6 +271,8 @@ def parse(doc: dict, tensors: Mapping[str, Any], where: str = "description") -> 
     for layer in graph.layers.values():
         if layer.op in CONV_OPS:
             graph.specs[layer.name] = _conv_spec(layer, tensors, where)
+        elif layer.op in CONV_TRANSPOSE_OPS:
+            graph.transposes[layer.name] = _conv_spec(layer, tensors, where, transposed=True)
         elif layer.op == "batch_norm":
             _check_bn(layer, tensors, where)
         elif layer.op == "affine":
@@ -287,8 +292,9 @@ def parse(doc: dict, tensors: Mapping[str, Any], where: str = "description") -> 
     return graph
 
 
-def rewrite(graph: Graph, merges: Sequence[tuple[Sequence[str], str, str, str, ConvSpec]]) -> dict:
-    """The description after each merge (layers, name, input, output, spec) became one conv `name`.
+def rewrite(graph: Graph, merges: Sequence[tuple[Sequence[str], str, str, str, Any]]) -> dict:
+    """The description after each merge (layers, name, input, output, spec) became one conv `name` (a
+    conv_transpose where `spec` is a TransposeSpec).
 
     The conv reads `input` and sits where `output` sat; every reference to a replaced layer now
     names the conv, so consumers keep working.  Fields a merged conv no longer has (channel counts,
@@ -306,11 +312,14 @@ def rewrite(graph: Graph, merges: Sequence[tuple[Sequence[str], str, str, str, C
         if raw["name"] in placed:
             layers, name, source, spec = placed[raw["name"]]
             old = raws.get(name)
-            new = dict(old) if old is not None and old.get("op") in CONV_OPS else {}
+            transposed = isinstance(spec, TransposeSpec)  # a conv_transpose with what followed it folded in
+            kind = CONV_TRANSPOSE_OPS if transposed else CONV_OPS
+            new = dict(old) if old is not None and old.get("op") in kind else {}
             for key in ("inputs", "in_channels", "out_channels", "in_features", "out_features", "bias"):
                 new.pop(key, None)
-            new.update({"name": name, "op": linear.op_name(spec.ndim), "input": gone.get(source, source),
-                        **(padding_fields(spec) if spec.ndim else {})})
+            new.update({"name": name, "op": f"conv_transpose{spec.ndim}d" if transposed else linear.op_name(spec.ndim),
+                        "input": gone.get(source, source),
+                        **(transpose_fields(spec) if transposed else padding_fields(spec) if spec.ndim else {})})
             new["merged_from"] = list(new.get("merged_from", [])) + [n for n in layers if n != name]
             kept.append(new)
             continue
@@ -326,29 +335,33 @@ def rewrite(graph: Graph, merges: Sequence[tuple[Sequence[str], str, str, str, C
     return doc
 
 
-def _conv_spec(layer: Layer, tensors: Mapping[str, Any], where: str) -> ConvSpec:
+def _conv_spec(layer: Layer, tensors: Mapping[str, Any], where: str, transposed: bool = False) -> Any:
+    """A conv's spec (a conv_transpose's with `transposed`), checked against its tensors."""
     at = f"{where}: layer {_q(layer.name)}"
     weight = tensors.get(f"{layer.name}.weight")
     if weight is None:
         raise GraphError(f"{at}: tensor {_q(layer.name + '.weight')} is missing from the file")
     shape = tuple(weight.shape)
-    if len(shape) != CONV_OPS[layer.op] + 2:
+    nd = ops.OPS[layer.op].ndim
+    if len(shape) != nd + 2:
         raise GraphError(
-            f"{at}: field 'op': {layer.op} needs a {CONV_OPS[layer.op] + 2}-d weight, "
+            f"{at}: field 'op': {layer.op} needs a {nd + 2}-d weight, "
             f"{_q(layer.name + '.weight')} has shape {list(shape)}"
         )
     bias = tensors.get(f"{layer.name}.bias")
-    if bias is not None and tuple(bias.shape) != (shape[0],):
-        raise GraphError(f"{at}: tensor {_q(layer.name + '.bias')} has shape {list(bias.shape)}, expected [{shape[0]}]")
     for key in INT_FIELDS:
         if key in layer.fields and _too_big(layer.fields[key]):
             raise GraphError(f"{at}: field '{key}': {_brief(layer.fields[key])} is out of range "
                              f"(PyTorch holds at most {MAX_INT})")
     try:
-        spec = (linear.spec_from_fields if layer.op == linear.OP else spec_from_fields)(layer.fields, shape,
-                                                                                    bias is not None)
+        build = transpose_spec_from_fields if transposed else \
+            linear.spec_from_fields if layer.op == linear.OP else spec_from_fields
+        spec = build(layer.fields, shape, bias is not None)
     except SpecError as e:
         raise GraphError(f"{at}: {_spec_message(e)}") from None
+    if bias is not None and tuple(bias.shape) != (spec.out_channels,):
+        raise GraphError(f"{at}: tensor {_q(layer.name + '.bias')} has shape {list(bias.shape)}, "
+                         f"expected [{spec.out_channels}]")
     if not weight.is_float or (bias is not None and not bias.is_float):
         layer.fields["_not_float"] = True  # type: ignore[index]
     return spec
@@ -438,6 +451,13 @@ def _check_channels(graph: Graph, tensors: Mapping[str, Any], where: str) -> Non
                     f"(shape {list(spec.weight_shape)}, groups {spec.groups}) takes {spec.in_channels}"
                 )
             channels[name] = spec.out_channels
+        elif layer.op in CONV_TRANSPOSE_OPS:
+            tspec = graph.transposes[name]
+            if src_channels is not None and src_channels != tspec.in_channels:
+                raise GraphError(f"{at}: {_q(layer.inputs[0])} gives {src_channels} channels, but "
+                                 f"{_q(name + '.weight')} (shape {list(tspec.weight_shape)}, a conv_transpose's "
+                                 f"[in, out / groups, *kernel]) takes {tspec.in_channels}")
+            channels[name] = tspec.out_channels
         elif layer.op == "batch_norm":
             mean = tensors.get(f"{name}.running_mean")
             count = int(mean.shape[0]) if mean is not None else None
@@ -488,6 +508,8 @@ def _read_channels(graph: Graph, tensors: Mapping[str, Any], value: str) -> Opti
             seen.add(c)
             if layer.op in CONV_OPS:
                 return graph.specs[c].in_channels
+            if layer.op in CONV_TRANSPOSE_OPS:
+                return graph.transposes[c].in_channels
             count = tensors.get(f"{c}.running_mean" if layer.op == "batch_norm" else f"{c}.value")
             if layer.op in ("batch_norm", "pad") and count is not None:
                 return int(count.shape[0])
@@ -528,7 +550,7 @@ def _layer(raw: Any, i: int, where: str, unknown: list[str]) -> Layer:
         wanted = f"exactly {least}" if least == most else f"at least {least}" if len(inputs) < least else f"at most {most}"
         raise GraphError(f"{at}: field 'inputs': {op} takes {wanted} inputs, got {len(inputs)}" if least > 1 else
                          f"{at}: field 'input': {op} needs an input, got none")
-    if row is not None and row.linear:
+    if row is not None and (row.linear or row.kind is ops.Kind.CONV_TRANSPOSE):
         for key in raw:
             if key in _WIRING or key in row.fields or not isinstance(key, str):
                 continue

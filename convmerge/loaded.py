@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import argument_ops, io, model, reference, trace
-from .graph import CONV_OPS, POOL_OPS, Graph, GraphError
+from .graph import CONV_OPS, CONV_TRANSPOSE_OPS, POOL_OPS, Graph, GraphError
 from .modules import conv_module
 from .spec import PadSpec
+from .transpose_tensors import transpose_module
 
 __all__ = ["FUNCTIONS", "BatchNorm", "Loaded", "Pad", "load"]
 
@@ -228,11 +229,13 @@ def _plan(graph: Graph, header: io.Header, source: Optional[nn.Module]) -> _Plan
         slots[name] = len(slots)
         op = layer.op
         step = Step("module", name, inputs)
-        if layer.fields.get("_not_float") and op in (*CONV_OPS, "batch_norm", "pad", "affine"):
+        if layer.fields.get("_not_float") and op in (*CONV_OPS, *CONV_TRANSPOSE_OPS, "batch_norm", "pad", "affine"):
             raise ValueError(f"{header.path}: layer {name!r}: its tensors are not floating point; "
                              "convmerge.load builds float modules")
         if op in CONV_OPS:
             modules[name] = conv_module(graph.specs[name], device="meta")
+        elif op in CONV_TRANSPOSE_OPS:
+            modules[name] = transpose_module(graph.transposes[name], device="meta")
         elif op == "batch_norm":
             modules[name] = _batch_norm(name, layer.fields, header)
         elif op == "pad":

@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
 from . import affine
-from .graph import CONV_OPS, Graph, GraphError, parse
+from .graph import CONV_OPS, CONV_TRANSPOSE_OPS, Graph, GraphError, parse
 from .io import ModelFileError
 from .plan import Tensors
 
@@ -490,6 +490,7 @@ class _Reader:
         self.taken: set[str] = set()
         self.notes: list[str] = []
         self._same_later: list[str] = []
+        self._transposes_left: dict[str, list[str]] = {}  # why -> ConvTranspose nodes kept opaque
         self.read = {v for node in g.node for v in node_reads(node)} | {o.name for o in g.output}
         self.dequantized = {v for node in g.node if node.op_type == "DequantizeLinear" for v in node.output}
         self.quantized = {node.input[0] for node in g.node if node.op_type == "QuantizeLinear" and node.input}
@@ -511,6 +512,9 @@ class _Reader:
         if self._same_later:
             shown = ", ".join(self._same_later[:3]) + (" ..." if len(self._same_later) > 3 else "")
             self.notes.append(f"auto_pad SAME with stride > 1 needs a static input size; opaque: {shown}")
+        for why, names in self._transposes_left.items():
+            shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+            self.notes.append(f"ConvTranspose {why}; opaque: {shown}")
         if self._qdq:
             shown = ", ".join(self._qdq[:3]) + (" ..." if len(self._qdq) > 3 else "")
             self.notes.append(f"{len(self._qdq)} layer(s) read a DequantizeLinear or feed a QuantizeLinear and are left "
@@ -598,6 +602,8 @@ class _Reader:
             return self._gemm(ins, x, attrs)
         if op == "MatMul":
             return self._matmul(ins, x)
+        if op == "ConvTranspose":
+            return self._conv_transpose(ins, x, attrs)
         if op == "BatchNormalization":
             if x is None or len(ins) != 5 or not all(self._const(v) for v in ins[1:]) or attrs.int("training_mode", 0):
                 return None
@@ -688,6 +694,39 @@ class _Reader:
                 shape is None or len(shape) != 2:
             return None
         return {"op": "linear", "input": x}, {"weight": weight}
+
+    def _conv_transpose(self, ins: list[str], x: Optional[str], attrs: "_Attrs"
+                        ) -> Optional[tuple[dict, dict[str, str]]]:
+        """A ConvTranspose with PyTorch's geometry: pads (lo, hi) crop lo on the left and hi on the right of the
+        full scatter, output_padding adds cells on the right, so PyTorch's padding is lo and its output_padding
+        onnx's plus lo - hi, where that is in PyTorch's range (0 <= op < max(stride, dilation)).  output_shape
+        and auto_pad SAME compute the pads from the output size: opaque, with a note."""
+        weight, bias = ins[1] if len(ins) > 1 else "", ins[2] if len(ins) > 2 else ""
+        if x is None or not self._const(weight) or (bias and not self._const(bias)):
+            return None
+        dims = tuple(self.constants[weight].dims)
+        nd = len(dims) - 2
+        if f"conv_transpose{nd}d" not in CONV_TRANSPOSE_OPS:
+            return None
+        group = attrs.int("group", 1)
+        strides, dilations = attrs.ints("strides", nd, 1), attrs.ints("dilations", nd, 1)
+        extra = attrs.ints("output_padding", nd, 0)
+        auto_pad = attrs.string("auto_pad", "NOTSET")
+        if attrs.ints("output_shape", None, None) is not None or auto_pad not in ("NOTSET", "VALID"):
+            self._transposes_left.setdefault("with output_shape or auto_pad SAME (pads set by the output size)",
+                                             []).append(_quote(attrs.layer))
+            return None
+        pads = attrs.ints("pads", 2 * nd, 0) if auto_pad == "NOTSET" else [0] * (2 * nd)
+        lo, hi = pads[:nd], pads[nd:]
+        output_padding = [e + a - b for e, a, b in zip(extra, lo, hi)]
+        if any(not 0 <= p < max(s, d) for p, s, d in zip(output_padding, strides, dilations)):
+            self._transposes_left.setdefault("with pads PyTorch's ConvTranspose cannot express (end pad above the "
+                                             "begin pad, or by a stride or more below it)", []).append(_quote(attrs.layer))
+            return None
+        fields = {"op": f"conv_transpose{nd}d", "input": x, "kernel_size": attrs.ints("kernel_shape", nd, None) or
+                  list(dims[2:]), "stride": strides, "padding": lo, "output_padding": output_padding,
+                  "dilation": dilations, "groups": group}
+        return fields, {"weight": weight, **({"bias": bias} if bias else {})}
 
     def _pads(self, value: str, attrs: "_Attrs", kernel: Sequence[int], strides: Sequence[int],
               dilations: Sequence[int]) -> Optional[list[list[int]]]:
@@ -924,7 +963,7 @@ class _Attrs:
         value = [int(v) for v in value]
         if count is not None and len(value) != count:
             self.fail(name, f"{value[:9]} has {len(value)} values, expected {count}")
-        least = 0 if name == "pads" else 1
+        least = 0 if name in ("pads", "output_padding") else 1
         if any(v < least for v in value):
             self.fail(name, f"{value[:9]} must be {'>= 0' if least == 0 else 'positive'}")
         return value

@@ -25,6 +25,7 @@ from onnx import TensorProto, helper
 from .graph import GraphError
 from .onnx_read import DEFAULT_DOMAINS, DTYPES, MAX_PROTO_BYTES, OnnxGraph, node_reads, raw_bytes
 from .plan import Plan, Unit
+from .transpose import TransposeSpec
 
 __all__ = ["EXTERNAL_THRESHOLD", "Fused", "fused_model", "write"]
 
@@ -86,6 +87,7 @@ def fused_model(model: OnnxGraph, plan: Plan) -> Fused:
 
 def _conv_nodes(unit: Unit, model: OnnxGraph, names: "_Names") -> tuple[list[onnx.NodeProto], list[TensorProto]]:
     spec = unit.spec
+    transposed = isinstance(spec, TransposeSpec)  # a conv_transpose with a batch norm folded in
     nd = spec.ndim
     source, target = model.values[unit.input], model.values[unit.output]
     kept = unit.kept  # the weight's data comes when the file is written (`write`): see Fused
@@ -96,6 +98,12 @@ def _conv_nodes(unit: Unit, model: OnnxGraph, names: "_Names") -> tuple[list[onn
         bias = _tensor(names.value(f"{unit.name}.bias"), kept.bias)
         inits.append(bias)
         inputs.append(bias.name)
+    merged_from = ", ".join(n for n in unit.layers)
+    if transposed:  # PyTorch's padding crops both sides, its output_padding adds cells at the end: ONNX's too
+        return [helper.make_node(
+            "ConvTranspose", inputs, [target], names.node(unit.name), doc_string=f"convmerge: merged from {merged_from}",
+            kernel_shape=list(spec.kernel_size), strides=list(spec.stride), dilations=list(spec.dilation),
+            group=spec.groups, pads=list(spec.padding) * 2, output_padding=list(spec.output_padding))], inits
     lo, hi = [a.pad[0] for a in spec.axes], [a.pad[1] for a in spec.axes]
     nodes = []
     if spec.padding_mode != "zeros" and spec.pads_anything:
@@ -108,7 +116,6 @@ def _conv_nodes(unit: Unit, model: OnnxGraph, names: "_Names") -> tuple[list[onn
         nodes.append(helper.make_node("Pad", [source, pads.name], [padded], names.node(f"{unit.name}.pad"),
                                       mode=_PAD_MODE[spec.padding_mode]))
         inputs[0], lo, hi = padded, [0] * nd, [0] * nd
-    merged_from = ", ".join(n for n in unit.layers)
     if nd == 0:  # linear layers: Y = X W^T + b
         nodes.append(helper.make_node("Gemm", inputs, [target], names.node(unit.name),
                                       doc_string=f"convmerge: merged from {merged_from}", transB=1))

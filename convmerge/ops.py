@@ -36,6 +36,9 @@ class Kind(enum.Enum):
     """A nonlinear map of one input, value by value (relu...): keeps the shape, merges nothing across it."""
     BROADCAST = "broadcast"
     """An element-wise op of several inputs (x * s): its output has the inputs' broadcast size."""
+    CONV_TRANSPOSE = "conv_transpose"
+    """A transposed convolution: `<name>.weight` of shape [in, out/groups, *k], optional `<name>.bias`; no region
+    holds it (convmerge/transpose.py), a batch norm after it folds into it."""
 
 
 _LINEAR = frozenset({Kind.CONV, Kind.POOL, Kind.PAD, Kind.AFFINE, Kind.PASS, Kind.JOIN})
@@ -69,6 +72,8 @@ _CONV_FIELDS = frozenset({"stride", "padding", "dilation", "groups", "padding_mo
                           "out_channels", "bias", "merged_from"})
 _LINEAR_FIELDS = frozenset({"in_features", "out_features", "bias", "merged_from"})
 _POOL_FIELDS = frozenset({"kernel_size", "stride", "padding", "count_include_pad", "ceil_mode", "divisor_override"})
+_CONV_TRANSPOSE_FIELDS = frozenset({"stride", "padding", "output_padding", "dilation", "groups", "padding_mode",
+                                    "kernel_size", "in_channels", "out_channels", "bias", "merged_from"})
 BN_TENSORS = ("running_mean", "running_var", "weight", "bias", "num_batches_tracked")
 
 _ROWS = [
@@ -76,6 +81,7 @@ _ROWS = [
     # nn.Linear on a [N, C] value: a conv with no spatial axes (weight [out, in]), so it pairs, chains, joins and
     # folds batch norms as convs do; with no border it is exact at every size (convmerge/linear.py).
     Op("linear", Kind.CONV, _LINEAR_FIELDS, ("weight", "bias"), 0),
+    *(Op(f"conv_transpose{n}d", Kind.CONV_TRANSPOSE, _CONV_TRANSPOSE_FIELDS, ("weight", "bias"), n) for n in (1, 2, 3)),
     *(Op(f"avg_pool{n}d", Kind.POOL, _POOL_FIELDS, (), n) for n in (1, 2, 3)),
     Op("pad", Kind.PAD, frozenset({"padding", "mode", "value"}), ("value",)),
     Op("batch_norm", Kind.AFFINE, frozenset({"eps", "affine", "momentum", "num_features", "track_running_stats"}),

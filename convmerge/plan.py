@@ -32,6 +32,7 @@ from .reduce import Reducer, Reduction, Summary, combine
 from .region import Item, Par, Region, Step, find_regions, layers_of, unit_name
 from .report import MergeEntry, PairEntry, RegionEntry, Report
 from .spec import BYTE_WEIGHT, LAYER_OVERHEAD, ConvSpec, cost, fit_size, macs, padding_fields, params
+from .transpose import transpose_fields
 from .verify import VERIFY_TOLERANCE, chain_runs, layer_sizes, layers_run, storage_problem  # noqa: F401 (explain.py)
 from .verify import check as verify_merge
 from .verify import sizes as verification_sizes
@@ -81,7 +82,9 @@ class Loader:
         return self._cache[key]
 
     def conv(self, name: str) -> Conv:
-        return Conv(self.graph.specs[name], self._get(f"{name}.weight"), self._get(f"{name}.bias"))
+        """A conv's tensors; a conv_transpose's with its TransposeSpec."""
+        spec = self.graph.specs[name] if name in self.graph.specs else self.graph.transposes[name]
+        return Conv(spec, self._get(f"{name}.weight"), self._get(f"{name}.bias"))
 
     def bn(self, name: str) -> BatchNorm:
         if self.graph.layers[name].op == "affine":
@@ -154,7 +157,7 @@ class Unit:
     @property
     def bn_fold(self) -> bool:
         """A standalone conv -> batch norm (what every deploy pipeline folds)."""
-        return len(self.layers) == 2 and self.kinds == ("conv", "batch_norm")
+        return len(self.layers) == 2 and self.kinds[1:] == ("batch_norm",) and self.kinds[:1] in (("conv",), ("conv_transpose",))
 
     kinds: tuple[str, ...] = ()
     every_size: bool = True  # exact at every input size (else only at the plan's input size, which chose it)
@@ -272,6 +275,9 @@ def _build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]], 
             entries[k] = _judge_pair(graph, loader, pair, size_at, cost_at)
             loader.clear()
     plan.pairs += [entries[k] for k in range(len(pairs))]
+    from .transpose_fold import fold_units
+
+    plan.units += fold_units(plan, loader, tensors, cost_at)
     _mark_applied(plan)
     _size_notes(plan, size_at, input_size)
     _nothing_note(plan)
@@ -752,10 +758,12 @@ def _digest(conv: Conv) -> str:
 def _merge_entry(u: Unit) -> MergeEntry:
     from .io import dtype_name
 
-    return MergeEntry(layers=list(u.layers), into=u.name, conv=padding_fields(u.spec), dtype=dtype_name(u.dtype),
+    conv = padding_fields(u.spec) if isinstance(u.spec, ConvSpec) else {**transpose_fields(u.spec), "transposed": True}
+    return MergeEntry(layers=list(u.layers), into=u.name, conv=conv, dtype=dtype_name(u.dtype),
                       max_error=u.error, rounding_error=u.rounding, macs_before=u.macs_before,
                       macs_after=u.macs_after, params_before=u.params_before, params_after=u.params_after,
-                      input=u.input, kind="bn-fold" if u.bn_fold else "merge", convs=u.kinds.count("conv"))
+                      input=u.input, kind="bn-fold" if u.bn_fold else "merge",
+                      convs=u.kinds.count("conv") + u.kinds.count("conv_transpose"))
 
 
 def _torch_dtype(name: str) -> torch.dtype:

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from . import transpose_tensors
 from .modules import to_module
 from .plan import Plan, Unit
+from .spec import ConvSpec
 from .trace_fx import mutates
 from .trace_layers import TraceError, Traced
 
@@ -61,7 +63,7 @@ def fused_module(module: nn.Module, plan: Optional[Plan], traced: Traced, dynami
         conv = _conv(unit).to(device)
         with graph.inserting_before(output):
             x = source
-            if not unit.spec.symmetric:
+            if isinstance(unit.spec, ConvSpec) and not unit.spec.symmetric:
                 pads = [p for a in reversed(unit.spec.axes) for p in a.pad]
                 x = graph.call_function(F.pad, (x, pads), {"mode": _PAD_MODE[unit.spec.padding_mode]})
             _set_module(gm, target, conv)
@@ -179,6 +181,8 @@ def sized_merges(plan: Plan, inputs: int) -> Optional[InputShapeCheck]:
 
 def _conv(unit: Unit) -> nn.Module:
     spec, stored = unit.spec, unit.stored
+    if not isinstance(spec, ConvSpec):
+        return transpose_tensors.to_module(stored)  # a conv_transpose with a batch norm folded in
     if spec.ndim == 0:
         return to_module(stored)  # an nn.Linear
     symmetric = spec.symmetric

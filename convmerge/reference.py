@@ -13,7 +13,7 @@ from typing import Optional, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import algebra, ops
+from . import algebra, ops, transpose_tensors
 from .algebra import BatchNorm, Conv
 from .graph import CONV_OPS, POOL_OPS, Graph
 from .spec import PadSpec, PoolSpec
@@ -71,6 +71,8 @@ def _op(graph: Graph, params: Params, name: str, op: str, args: list[torch.Tenso
     x = args[0]
     if op in CONV_OPS:
         return algebra.apply(params.conv(name), x)
+    if ops.kind(op) is ops.Kind.CONV_TRANSPOSE:
+        return transpose_tensors.apply(params.conv(name), x)
     if ops.kind(op) is ops.Kind.AFFINE:
         bn = params.bn(name)
         return F.batch_norm(x, bn.mean.double(), bn.var.double(), _opt(bn.weight), _opt(bn.bias), False, 0.0, bn.eps)

@@ -151,7 +151,7 @@ def conv_words(fields: Optional[dict[str, Any]]) -> str:
         return "linear"  # no spatial axes
     k = "x".join(map(str, fields["kernel_size"]))
     s = _axes(fields["stride"])
-    pads = fields["padding"]
+    pads = [[p, p] if isinstance(p, int) else p for p in fields["padding"]]  # a conv_transpose's: one per axis
     p = str(pads[0][0]) if all(lo == hi == pads[0][0] for lo, hi in pads) else "".join(f"[{lo},{hi}]" for lo, hi in pads)
     extra = ""
     if fields.get("groups", 1) != 1:
@@ -160,6 +160,8 @@ def conv_words(fields: Optional[dict[str, Any]]) -> str:
         extra += f" {fields['padding_mode']}"
     if any(d != 1 for d in fields.get("dilation", [1])):
         extra += " d" + _axes(fields["dilation"])
+    if fields.get("transposed"):
+        extra += " transposed" + (" op" + _axes(fields["output_padding"]) if any(fields["output_padding"]) else "")
     return f"{k} s{s} p{p}{extra}"
 
 

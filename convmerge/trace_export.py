@@ -42,7 +42,8 @@ from torch.utils import _pytree as pytree
 
 from . import affine, argument_ops
 from .spec import SpecError, conv_spec, padding_fields
-from .trace_layers import (STRUCTURAL_MODULES, STRUCTURAL_OPS, TraceError, Traced, avg_pool_fields, first_line,
+from .transpose import transpose_fields, transpose_spec
+from .trace_layers import (CONV_TRANSPOSES, STRUCTURAL_MODULES, STRUCTURAL_OPS, TraceError, Traced, avg_pool_fields, first_line,
                            is_leaf_class, is_plain, model_dtype,
                            module_fields, opaque, pad_fields)
 
@@ -700,6 +701,7 @@ def _quiet() -> Iterator[None]:
 
 _CONVS = {aten.convolution.default, aten._convolution.default, aten.conv1d.default, aten.conv2d.default,
           aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}
+_CONV_TRANSPOSES = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
 _BATCH_NORM = aten._native_batch_norm_legit_no_training.default
 _POOLS = {aten.avg_pool1d.default: 1, aten.avg_pool2d.default: 2, aten.avg_pool3d.default: 3}
 _PADS = {aten.constant_pad_nd.default: "constant", aten.pad.default: "", aten._pad_circular.default: "circular",
@@ -920,7 +922,7 @@ class _Mapper:
         elif target is _LEAF:
             self._leaf(node)
         elif not any(target in ops and handle(node) for ops, handle in (
-                (_CONVS, self._conv), ({aten.linear.default}, self._linear),
+                (_CONVS, self._conv), (_CONV_TRANSPOSES, self._conv_transpose), ({aten.linear.default}, self._linear),
                 ({_BATCH_NORM, aten.batch_norm.default}, self._batch_norm), ({aten.add.Tensor}, self._add),
                 ({aten.sub.Tensor}, self._sub), (_ARITHMETIC, self._affine),
                 ({aten.cat.default}, self._cat), (_POOLS, self._pool), (_PADS, self._pad))):
@@ -939,7 +941,9 @@ class _Mapper:
         """A convolution of the input by a kernel that is a parameter or computed from parameters."""
         a = _bind(node)
         x, weight, bias = a["input"], a["weight"], a["bias"]
-        if a.get("transposed") or any(a.get("output_padding") or []):
+        if a.get("transposed"):
+            return self._conv_transpose(node)
+        if any(a.get("output_padding") or []):
             return False
         if not self._active(x) or self._active(weight) or self._active(bias):
             return False
@@ -967,6 +971,27 @@ class _Mapper:
             return False
         name = self._tensor_layer(node, "linear", {"weight": weight, "bias": bias})
         self._emit(node, name, {"op": "linear"}, [x])
+        return True
+
+    def _conv_transpose(self, node: fx.Node) -> bool:
+        """A transposed convolution (aten.conv_transpose*, or aten.convolution with transposed=True)."""
+        a = _bind(node)
+        x, weight, bias = a["input"], a["weight"], a["bias"]
+        if not self._active(x) or self._active(weight) or self._active(bias):
+            return False
+        shape = weight.meta["val"].shape
+        nd, groups = len(shape) - 2, int(a["groups"])
+        if nd not in (1, 2, 3) or x.meta["val"].dim() != nd + 2:
+            return False
+        try:
+            spec = transpose_spec(tuple(int(k) for k in shape[2:]), int(shape[0]), int(shape[1]) * groups,
+                                  stride=_axes(a["stride"], nd), padding=_axes(a["padding"], nd),
+                                  output_padding=_axes(a["output_padding"], nd), dilation=_axes(a["dilation"], nd),
+                                  groups=groups, bias=bias is not None)
+        except (SpecError, TypeError):
+            return False
+        name = self._tensor_layer(node, f"conv_transpose{nd}d", {"weight": weight, "bias": bias})
+        self._emit(node, name, {"op": f"conv_transpose{nd}d", **transpose_fields(spec)}, [x])
         return True
 
     def _batch_norm(self, node: fx.Node) -> bool:
@@ -1301,6 +1326,8 @@ class _Mapper:
 def _kept_whole(module: nn.Module) -> bool:
     """A module described as one layer: a plain structural module, or any other torch.nn module
     (an opaque op, as fx keeps it) unless hooks or parametrizations change what it computes."""
+    if isinstance(module, CONV_TRANSPOSES):
+        return False  # read from its ATen call, which carries the output_padding an `output_size` argument gives
     if is_plain(module, STRUCTURAL_MODULES):
         return True
     cls = type(module)

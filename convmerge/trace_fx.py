@@ -18,7 +18,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from . import argument_ops
 from .spec import SpecError
-from .trace_layers import (STRUCTURAL_MODULES, STRUCTURAL_OPS, TraceError, Traced, avg_pool_fields, first_line, is_leaf_class, is_plain,
+from .trace_layers import (CONV_TRANSPOSES, STRUCTURAL_MODULES, STRUCTURAL_OPS, TraceError, Traced, avg_pool_fields, first_line, is_leaf_class, is_plain,
                            module_fields, opaque)
 
 __all__ = ["describe", "mutates"]
@@ -107,6 +107,8 @@ def describe_node(node: fx.Node, root: nn.Module, names: dict[fx.Node, str], sha
             fields = {"op": opaque(type(module).__name__.lower())}
         elif node.target in shared:
             fields = {"op": "shared_" + type(module).__name__.lower()}
+        elif isinstance(module, CONV_TRANSPOSES) and (len(node.args) > 1 or node.kwargs):
+            fields = {"op": opaque(type(module).__name__.lower())}  # an output_size argument sets its output_padding
         else:
             fields = module_fields(module)
             if fields["op"] == "linear" and not _two_d(node.args[0], root):

@@ -19,16 +19,18 @@ from . import ops
 from .errors import ConvmergeError, Kind
 from .modules import PaddedConv1d, PaddedConv2d, PaddedConv3d, spec_of
 from .spec import padding_fields
+from .transpose import transpose_fields, transpose_spec
 
 __all__ = ["STRUCTURAL_MODULES", "STRUCTURAL_OPS", "TraceError", "Traced", "avg_pool_fields", "first_line",
            "is_leaf_class", "is_plain", "model_dtype", "module_fields", "opaque", "pad_fields"]
 
-STRUCTURAL_OPS = frozenset(name for name, row in ops.OPS.items() if row.linear)
+STRUCTURAL_OPS = frozenset(name for name, row in ops.OPS.items() if row.linear or row.kind is ops.Kind.CONV_TRANSPOSE)
 """Ops a description may give a traced layer: those that mean exactly what the module computes."""
 _RESERVED = STRUCTURAL_OPS | {"cat"}
 """Op names an opaque layer must not take ("cat" too: older descriptions wrote it for torch.cat)."""
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _PADDED_CONVS = (PaddedConv1d, PaddedConv2d, PaddedConv3d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # Sync: F.batch_norm unless training
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -41,8 +43,8 @@ _PAD_MODES = {
     nn.CircularPad1d: "circular", nn.CircularPad2d: "circular", nn.CircularPad3d: "circular",
 }
 _PADS = tuple(_PAD_MODES)
-STRUCTURAL_MODULES = (nn.Linear,) + _CONVS + _PADDED_CONVS + _BATCH_NORMS + _DROPOUTS + _AVG_POOLS + _PADS + (
-    nn.Identity,)
+STRUCTURAL_MODULES = (nn.Linear,) + _CONVS + _PADDED_CONVS + CONV_TRANSPOSES + _BATCH_NORMS + _DROPOUTS + _AVG_POOLS + \
+    _PADS + (nn.Identity,)
 
 
 class TraceError(ConvmergeError, ValueError):
@@ -123,6 +125,11 @@ def module_fields(module: nn.Module) -> dict[str, Any]:
         return {"op": f"conv{len(module.kernel_size)}d", **padding_fields(spec_of(module))}
     if is_plain(module, (nn.Linear,)):
         return {"op": "linear"}  # structural on a [N, C] input only: the tracers check the input's rank
+    if is_plain(module, CONV_TRANSPOSES) and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        spec = transpose_spec(module.kernel_size, module.in_channels, module.out_channels, stride=module.stride,
+                              padding=module.padding, output_padding=module.output_padding,
+                              dilation=module.dilation, groups=module.groups, bias=module.bias is not None)
+        return {"op": f"conv_transpose{len(module.kernel_size)}d", **transpose_fields(spec)}
     if is_plain(module, _BATCH_NORMS):
         if module.track_running_stats and module.running_mean is not None:
             return {"op": "batch_norm", "eps": float(module.eps), "affine": bool(module.affine)}

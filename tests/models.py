@@ -227,6 +227,8 @@ def evaluate(description: dict, tensors: Mapping[str, torch.Tensor], x: torch.Te
         elif op == "linear":  # FORMAT.md: nn.Linear on a [N, C] value
             bias = tensors.get(f"{name}.bias")
             out = F.linear(args[0], tensors[f"{name}.weight"].double(), None if bias is None else bias.double())
+        elif op in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
+            out = _conv_transpose(layer, args[0], tensors)
         elif op == "relu":
             out = F.relu(args[0])
         elif op == "relu6":
@@ -264,6 +266,16 @@ def evaluate(description: dict, tensors: Mapping[str, torch.Tensor], x: torch.Te
             raise NotImplementedError(op)
         values[name] = out
     return [values[o] for o in description["outputs"]]
+
+
+def _conv_transpose(layer: dict, x: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    nd = x.dim() - 2
+    fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
+    bias = tensors.get(f"{layer['name']}.bias")
+    return fn(x, tensors[f"{layer['name']}.weight"].double(), None if bias is None else bias.double(),
+              stride=_per_axis(layer.get("stride", 1), nd), padding=_per_axis(layer.get("padding", 0), nd),
+              output_padding=_per_axis(layer.get("output_padding", 0), nd), groups=layer.get("groups", 1),
+              dilation=_per_axis(layer.get("dilation", 1), nd))
 
 
 def _avg_pool(layer: dict, x: torch.Tensor) -> torch.Tensor:
