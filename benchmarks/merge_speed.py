@@ -1,10 +1,10 @@
 """How long one merge takes: a dense 512->512 3x3 (pad 2) followed by a dense 512->512 3x3 (pad 1).
 
 Times, as medians of several runs in one process (2 torch threads unless --threads):
-  * convmerge.algebra.analyze (the verdict: supports, rules, bias check)
-  * convmerge.algebra.merge (the kernel: one batched float64 GEMM + index_add tap scatter,
+  * convmerge.engine.algebra.analyze (the verdict: supports, rules, bias check)
+  * convmerge.engine.algebra.merge (the kernel: one batched float64 GEMM + index_add tap scatter,
     algebra.compose_kernels) and its GFLOP/s
-  * convmerge.algebra.chain_errors (the numeric check at three border sizes)
+  * convmerge.engine.algebra.chain_errors (the numeric check at three border sizes)
   * convmerge.api.fuse on the two convs as an nn.Sequential (float32) with policy 'all' (trace,
     analyze, merge, verify in float64 with the rounding of the stored float32 weights, rebuild),
     and convmerge.api.check with policy 'cheaper' (the 5x5 costs more under spec.cost: no merge,
@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load, median, table, write_json  # noqa: E402
 
 import convmerge.api as api  # noqa: E402
-from convmerge import algebra  # noqa: E402
-from convmerge.algebra import Conv  # noqa: E402
-from convmerge.spec import conv_spec  # noqa: E402
+from convmerge.engine import algebra  # noqa: E402
+from convmerge.engine.algebra import Conv  # noqa: E402
+from convmerge.maths.spec import conv_spec  # noqa: E402
 
 
 def make_pair(c: int, seed: int = 0) -> tuple[Conv, Conv]:

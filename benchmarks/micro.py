@@ -6,7 +6,7 @@
   threads   one tiny float64 conv (what verification runs: 4->16 and 16->8 channels, 3x3,
             63x63) with torch.set_num_threads(1) vs (2): on a busy machine every 2-thread op
             waits for the second core
-  support   convmerge.algebra.support on a 512x512x3x3 float64 weight (it now reduces the
+  support   convmerge.engine.algebra.support on a 512x512x3x3 float64 weight (it now reduces the
             channel axes first) vs its earlier form (any() over the full 4-D mask per axis) and
             an abs().amax() variant (same result)
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load, median, out_dir, table, write_json  # noqa: E402
 
-from convmerge import algebra  # noqa: E402
+from convmerge.engine import algebra  # noqa: E402
 
 CHUNK = 16 * 1024 * 1024
 

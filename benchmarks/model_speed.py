@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load, median, table, write_json  # noqa: E402
 
 import convmerge.api as convmerge  # noqa: E402
-from convmerge.modules import spec_of  # noqa: E402
-from convmerge.spec import cost as spec_cost  # noqa: E402
+from convmerge.frontends.modules import spec_of  # noqa: E402
+from convmerge.maths.spec import cost as spec_cost  # noqa: E402
 
 SIZE = 56
 

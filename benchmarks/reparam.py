@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, median, table, write_json  # noqa: E402
 
 import convmerge  # noqa: E402
-from convmerge.modules import conv_calls  # noqa: E402
+from convmerge.frontends.modules import conv_calls  # noqa: E402
 
 Built = tuple[nn.Module, nn.Module, int, int]  # training form, deploy form, input channels, native size
 

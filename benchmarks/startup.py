@@ -91,7 +91,8 @@ def main() -> None:
                 raise SystemExit(f"{cmd} failed ({proc.returncode}): {proc.stderr[-2000:]}")
 
     # in process: where check spends its time once torch and convmerge are imported
-    from convmerge import algebra, graph, model, plan
+    from convmerge.engine import algebra, plan
+    from convmerge import graph, model
 
     acc: dict[str, float] = {}
     saved = []

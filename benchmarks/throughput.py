@@ -256,7 +256,8 @@ def hogs(n: int) -> Iterator[None]:
 def overlap_in_process(src: Path, dst: Path, policy: str, reps: int) -> dict[str, Any]:
     """`model.fuse_file` in this process (imports paid), interleaved: as shipped (merges verified while the
     untouched tensors are copied) against every merge verified while planning, before the write starts."""
-    from convmerge import model, plan
+    from convmerge import model
+    from convmerge.engine import plan
 
     shipped = plan.build
     before = lambda *a, **k: shipped(*a, **dict(k, verify_later=False))  # noqa: E731
@@ -278,7 +279,8 @@ def overlap_in_process(src: Path, dst: Path, policy: str, reps: int) -> dict[str
 
 def profile_in_process(src: Path, dst: Path, policy: str) -> dict[str, Any]:
     """`convmerge fuse -q` once in this process, with timing wrappers around the library's steps."""
-    from convmerge import algebra, cli, graph, model, plan
+    from convmerge.engine import algebra, plan
+    from convmerge import cli, graph, model
 
     acc: dict[str, float] = defaultdict(float)
     cnt: dict[str, int] = defaultdict(int)

@@ -117,7 +117,8 @@ def main() -> None:
             if proc.returncode != 0:
                 raise SystemExit(f"{cmd} failed ({proc.returncode}): {proc.stderr[-2000:]}")
 
-    from convmerge import model, plan
+    from convmerge import model
+    from convmerge.engine import plan
 
     real = plan.verify_merge
     spent: list[float] = []

@@ -1,6 +1,6 @@
 """convmerge: merge consecutive convolutions into one, exactly, and prove when it cannot.
 
-`check`, `fuse` and `save` are the Python API (see convmerge.api), with `load` (convmerge.loaded); they are
+`check`, `fuse` and `save` are the Python API (see convmerge.api), with `load` (convmerge.backends.loaded); they are
 imported on first use so that `import convmerge` (and `convmerge --help`) does not pay for importing torch.
 """
 
@@ -22,11 +22,11 @@ def __getattr__(name: str) -> Any:
 
         return ConvmergeError
     if name == "VerificationError":
-        from .plan import VerificationError
+        from .engine.plan import VerificationError
 
         return VerificationError
     if name == "load":
-        from .loaded import load
+        from .backends.loaded import load
 
         return load
     raise AttributeError(f"module 'convmerge' has no attribute {name!r}")

@@ -15,9 +15,11 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from . import endtoend, io, model, rebuild, trace, trace_export
+from .backends import endtoend, rebuild
+from . import io, model
+from .frontends import trace, trace_export
 from .graph import Graph, parse
-from .plan import POLICIES, VerificationError
+from .engine.plan import POLICIES, VerificationError
 
 
 def _check_args(fn: str, subject: Any, *, input_size: Any = None, policy: Any = "cheaper", graph: Any = None,

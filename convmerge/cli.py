@@ -112,7 +112,7 @@ SizeOpt = Annotated[Optional[str], typer.Option(
 PolicyOpt = Annotated[Policy, typer.Option(
     "--policy", "-p", help="cheaper: merge only where the estimated CPU cost does not grow (a model fitted on CPU "
                            "timings: MACs weighted by conv kind, plus memory traffic, plus a cost per layer; "
-                           "convmerge.spec.cost); all: every exact merge.", rich_help_panel=SIZE)]
+                           "convmerge.maths.spec.cost); all: every exact merge.", rich_help_panel=SIZE)]
 FailOpt = Annotated[Optional[FailOn], typer.Option(
     "--fail-on", help="Exit 1 if any pair is unmergeable / size-dependent or worse / not merged (for CI).",
     rich_help_panel=OUTPUT, show_default=False)]
@@ -165,7 +165,7 @@ def check(
         with clock("import"):
             from . import io
             from . import model as m
-            from .algebra import single_threaded
+            from .engine.algebra import single_threaded
 
         with single_threaded():  # the whole run on one thread; large kernels open more (algebra.parallel)
             with clock("judge"), _progress(json_out, quiet) as tick:
@@ -226,7 +226,7 @@ def fuse(
         with clock("import"):
             from . import io
             from . import model as m
-            from .algebra import single_threaded
+            from .engine.algebra import single_threaded
 
         out = output or m.default_output(str(model))
         with single_threaded():  # the whole run on one thread; large kernels open more (algebra.parallel)
@@ -294,7 +294,7 @@ def annotate(
             (n, t.detach().cpu().contiguous()) for n, t in described.extra.items()]
         io.write_model(output, listing, metadata, src=header, force=force)
         if not quiet:
-            from . import render
+            from .reporting import render
 
             console = _console(False)
             console.print(f"wrote {output}: {render.count(len(graph.layers), 'layer')}, "
@@ -347,7 +347,7 @@ def explain(
     size = _parse_size(input_size)
 
     def work() -> int:
-        from .explain import explain_pair, explain_region
+        from .reporting.explain import explain_pair, explain_region
         from .model import read_graph
 
         g, tensors, _, fixed = read_graph(str(model), _s(graph), arch, leaf or ())
@@ -424,7 +424,7 @@ def _emit(data: dict[str, Any], json_out: bool, view: str) -> int:
         json.dump(data, sys.stdout, indent=2)  # streamed: explain's error map at 1024x1024 is a million numbers
         sys.stdout.write("\n")
     else:
-        from . import render
+        from .reporting import render
 
         getattr(render, view)(_console(False), data)
     return EXIT_OK
@@ -437,7 +437,7 @@ def _finish(report: Any, json_out: bool, quiet: bool, verbose: bool, fail_on: Op
     With --json, stderr gets one summary line (as linters' JSON modes do), then warnings and errors.
     Counterexamples are searched only for what shows them: the JSON and the table with -v.
     """
-    from . import render
+    from .reporting import render
 
     search = json_out or (verbose and not quiet)
     with clock("counterexamples") if search else nullcontext():

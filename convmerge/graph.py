@@ -12,10 +12,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-from . import affine, linear, ops, strictjson
+from .ops import affine, linear
+from . import ops, strictjson
 from .errors import ConvmergeError, Kind
-from .spec import ConvSpec, PadSpec, PoolSpec, SpecError, pad_spec, padding_fields, pool_spec, spec_from_fields
-from .transpose import TransposeSpec, transpose_fields, transpose_spec_from_fields
+from .maths.spec import ConvSpec, PadSpec, PoolSpec, SpecError, pad_spec, padding_fields, pool_spec, spec_from_fields
+from .ops.transpose import TransposeSpec, transpose_fields, transpose_spec_from_fields
 
 VERSION = 1
 CONV_OPS = ops.named(ops.Kind.CONV)

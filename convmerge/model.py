@@ -15,10 +15,11 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
-from . import io, plan as planning
+from . import io
+from .engine import plan as planning
 from .graph import MAX_DESCRIPTION_BYTES, Graph, GraphError, load_description, parse
-from .plan import Plan, Tensors
-from .report import Report
+from .engine.plan import Plan, Tensors
+from .reporting.report import Report
 
 GRAPH_KEY = "convmerge.graph"
 
@@ -83,7 +84,8 @@ def _description(header: io.Header, graph_file: Optional[str], arch: Optional[st
         where = f"{header.path}: header key '{GRAPH_KEY}'"
         return load_description(header.metadata[GRAPH_KEY], where), where, {}, _untraced(where, arch, leaves)
     if arch:
-        from . import api, trace
+        from . import api
+        from .frontends import trace
 
         traced = trace.describe_module(trace.build_module(arch), arch, leaves=leaves, example_size=input_size,
                                        runnable=False)

@@ -20,11 +20,13 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from . import endtoend, io, plan as planning
-from .onnx_read import OnnxGraph, read_model
-from .onnx_write import fused_model, write
-from .plan import VerificationError
-from .report import Report
+from .backends import endtoend
+from . import io
+from .engine import plan as planning
+from .frontends.onnx_read import OnnxGraph, read_model
+from .backends.onnx_write import fused_model, write
+from .engine.plan import VerificationError
+from .reporting.report import Report
 
 __all__ = ["OnnxReport", "TOLERANCE", "check_file", "fuse_file"]
 

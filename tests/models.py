@@ -148,7 +148,7 @@ def infos(tensors: Mapping[str, torch.Tensor]) -> dict[str, Info]:
 
 
 def chain_of(convs: Sequence[Any], bns: Optional[Mapping[int, Any]] = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A description of convs (convmerge.algebra.Conv) one after the other; `bns[i]` (a BatchNorm) after conv i."""
+    """A description of convs (convmerge.engine.algebra.Conv) one after the other; `bns[i]` (a BatchNorm) after conv i."""
     layers: list[dict] = []
     tensors: dict[str, torch.Tensor] = {}
     prev = "x"

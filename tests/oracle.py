@@ -1,6 +1,6 @@
 """Brute-force reference: run convs with torch.nn.functional directly, in float64.
 
-Written independently of convmerge.algebra on purpose: the tests compare the library's claims
+Written independently of convmerge.engine.algebra on purpose: the tests compare the library's claims
 against this, never against the library itself.
 """
 

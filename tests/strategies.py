@@ -7,8 +7,8 @@ import math
 import torch
 from hypothesis import strategies as st
 
-from convmerge.algebra import Conv
-from convmerge.spec import PADDING_MODES, conv_spec
+from convmerge.engine.algebra import Conv
+from convmerge.maths.spec import PADDING_MODES, conv_spec
 
 
 @st.composite

@@ -6,9 +6,10 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from convmerge import bands, explain
-from convmerge.algebra import Conv, analyze, merge
-from convmerge.spec import conv_spec
+from convmerge.engine import bands
+from convmerge.reporting import explain
+from convmerge.engine.algebra import Conv, analyze, merge
+from convmerge.maths.spec import conv_spec
 
 from .oracle import run, run_chain
 from .strategies import conv_pairs

@@ -590,7 +590,7 @@ def test_fuse_with_sidecar_graph(stack: Path, tmp_path: Path) -> None:
 
 def test_verification_failure_exits_3_and_writes_nothing(stack: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from convmerge import plan
+    from convmerge.engine import plan
 
     monkeypatch.setattr(plan, "VERIFY_TOLERANCE", -1.0)
     before = listing(tmp_path)
@@ -604,7 +604,10 @@ def test_errors_have_one_base_whose_kind_gives_the_exit_code(stack: Path, monkey
     """Every error convmerge raises is a `convmerge.ConvmergeError` that keeps its builtin base (callers'
     `except ValueError` still work); the command line's exit code comes from its kind alone."""
     import convmerge
-    from convmerge import io, model, plan, spec, strictjson, trace_layers
+    from convmerge import io, model, strictjson
+    from convmerge.engine import plan
+    from convmerge.maths import spec
+    from convmerge.frontends import trace_layers
     from convmerge.errors import Kind
     from convmerge.graph import GraphError
 

@@ -17,7 +17,7 @@ from torch import nn
 import convmerge
 from convmerge import model
 from convmerge.graph import GraphError, parse
-from convmerge.trace_export import describe
+from convmerge.frontends.trace_export import describe
 
 from . import models
 from .models import evaluate, infos
@@ -27,7 +27,7 @@ ort = pytest.importorskip("onnxruntime")
 import numpy as np  # noqa: E402
 from onnx import helper, numpy_helper, TensorProto  # noqa: E402
 
-from convmerge.onnx_read import read_model  # noqa: E402
+from convmerge.frontends.onnx_read import read_model  # noqa: E402
 
 CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -364,9 +364,10 @@ def test_an_onnx_conv_transpose_and_batch_norm_fuse_exactly_under_onnxruntime(tm
 
 # --- a conv next to a conv_transpose: the pair rules against brute force ------------------------------
 
-from convmerge import transpose as T, transpose_tensors as TT  # noqa: E402
-from convmerge.algebra import Conv  # noqa: E402
-from convmerge.spec import conv_spec  # noqa: E402
+from convmerge.ops import transpose as T  # noqa: E402
+from convmerge.engine import transpose_tensors as TT
+from convmerge.engine.algebra import Conv  # noqa: E402
+from convmerge.maths.spec import conv_spec  # noqa: E402
 
 
 @st.composite
@@ -610,7 +611,7 @@ def test_a_conv_without_bias_before_a_conv_transpose_becomes_one_conv_transpose(
 
 
 def test_the_fx_fallback_reads_a_conv_transpose_module_and_keeps_one_given_output_size_opaque():
-    from convmerge import trace_fx
+    from convmerge.frontends import trace_fx
 
     class Up(nn.Module):
         def __init__(self) -> None:

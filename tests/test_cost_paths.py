@@ -12,8 +12,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from convmerge import algebra, io, plan, verify
-from convmerge.algebra import BatchNorm, Conv
+from convmerge.engine import algebra, plan, verify
+from convmerge import io
+from convmerge.engine.algebra import BatchNorm, Conv
 from convmerge.cli import app
 
 from .models import stack_model

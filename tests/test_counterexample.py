@@ -9,10 +9,10 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from convmerge import algebra, plan
-from convmerge.algebra import Conv, analyze, merge
-from convmerge.render import counterexample_words
-from convmerge.spec import conv_spec
+from convmerge.engine import algebra, plan
+from convmerge.engine.algebra import Conv, analyze, merge
+from convmerge.reporting.render import counterexample_words
+from convmerge.maths.spec import conv_spec
 
 from .oracle import compare, run, run_chain
 from .strategies import conv_pairs

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convmerge import algebra, plan
-from convmerge.algebra import Conv
-from convmerge.spec import Axis, ConvSpec
+from convmerge.engine import algebra, plan
+from convmerge.engine.algebra import Conv
+from convmerge.maths.spec import Axis, ConvSpec
 
 
 def dense(cin: int, cout: int, k: int, pad: int, gen: torch.Generator, bias: bool = True) -> Conv:

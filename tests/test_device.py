@@ -30,7 +30,7 @@ def test_a_cuda_module_is_checked_and_fused_on_its_device(make, channels):
 def test_the_plan_loads_tensors_to_the_cpu_in_float64():
     """What makes the GPU case work (and runs everywhere): tensors of any device and dtype are loaded as float64
     CPU copies, so the merge arithmetic never mixes devices."""
-    from convmerge import plan
+    from convmerge.engine import plan
 
     class Meta:
         shape, dtype, is_float = (2, 2, 1, 1), "F16", True

@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import convmerge
-from convmerge import rebuild, trace_export
-from convmerge.modules import conv_calls
-from convmerge.plan import VerificationError
+from convmerge.backends import rebuild
+from convmerge.frontends import trace_export
+from convmerge.frontends.modules import conv_calls
+from convmerge.engine.plan import VerificationError
 
 from . import nets
 
@@ -469,4 +470,5 @@ def test_a_conv_then_arithmetic_with_a_constant_is_one_conv(which: str) -> None:
     assert conv_calls(fused) == 1 and len([n for n in fused.graph.nodes if n.op == "call_function"]) == 0
     for n in (1, 2, 5, 9):
         same(model, fused, x(2, 3, n, n + 1))
+
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 import convmerge
-from convmerge import model, rebuild
+from convmerge import model
+from convmerge.backends import rebuild
 
 from . import nets
 

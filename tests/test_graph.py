@@ -122,7 +122,8 @@ def test_sizes_the_trace_saw_fill_in_behind_ops_the_description_cannot_follow():
     import torch.nn.functional as F
     from torch import nn
 
-    from convmerge import model, trace
+    from convmerge import model
+    from convmerge.frontends import trace
 
     class Up(nn.Module):
         def __init__(self) -> None:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convmerge.grouped import fast_grouped, grouped_conv
+from convmerge.engine.grouped import fast_grouped, grouped_conv
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -45,7 +45,7 @@ def test_grouped_conv_is_torchs_conv(case: tuple) -> None:
 
 
 def test_only_float64_grouped_convolutions_are_routed(monkeypatch) -> None:
-    from convmerge import grouped
+    from convmerge.engine import grouped
 
     calls = []
     monkeypatch.setattr(grouped, "grouped_conv", lambda *a: calls.append(a) or torch.zeros(()))
@@ -64,7 +64,7 @@ def test_routing_does_not_import_torch_dynamo() -> None:
     import sys
 
     code = ("import sys, torch, torch.nn.functional as F\n"
-            "from convmerge.grouped import fast_grouped\n"
+            "from convmerge.engine.grouped import fast_grouped\n"
             "before = 'torch._dynamo' in sys.modules\n"
             "x = torch.randn(1, 4, 5, 5, dtype=torch.float64)\n"
             "w = torch.randn(4, 1, 3, 3, dtype=torch.float64)\n"

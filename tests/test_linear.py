@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convmerge import plan
+from convmerge.engine import plan
 from convmerge.graph import GraphError, parse
 
 from . import models
@@ -267,7 +267,7 @@ class _Mixed(torch.nn.Module):
 
 @pytest.mark.parametrize("tracer", ["export", "fx"])
 def test_both_tracers_read_linear_layers_on_two_axes_only(tracer):
-    from convmerge import trace_export, trace_fx
+    from convmerge.frontends import trace_export, trace_fx
 
     module = _random_norms(_Mixed())
     traced = trace_export.describe(module, example_size=(6, 6)) if tracer == "export" else trace_fx.describe(module)
@@ -366,7 +366,7 @@ def test_only_gemms_that_are_linear_layers_read_as_linear(tmp_path, attrs, mappe
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
-    from convmerge.onnx_read import read_model
+    from convmerge.frontends.onnx_read import read_model
 
     gen = torch.Generator().manual_seed(0)
     w1, b1 = torch.randn(6, 4, generator=gen), torch.randn(6, generator=gen)

@@ -1,5 +1,5 @@
 """convmerge.load runs classifier heads and squeeze-excitation blocks: `torch.flatten(x, 1)`, functional
-adaptive average pooling and `mean` over axes are recorded with their arguments (convmerge/argument_ops.py)
+adaptive average pooling and `mean` over axes are recorded with their arguments (convmerge/frontends/argument_ops.py)
 by both tracers, and run from them at any size; checked against the original modules."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import convmerge
-from convmerge import argument_ops, model, trace_export, trace_fx
+from convmerge.frontends import argument_ops, trace_export, trace_fx
+from convmerge import model
 
 from . import models, nets
 

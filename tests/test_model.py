@@ -13,7 +13,7 @@ from torch import nn
 
 import convmerge
 from convmerge import io, model
-from convmerge.modules import conv_calls
+from convmerge.frontends.modules import conv_calls
 
 from . import models, nets
 

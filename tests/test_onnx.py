@@ -1,4 +1,4 @@
-"""ONNX in and out: `convmerge check/fuse model.onnx` (convmerge.onnx_read, onnx_write, onnx_model).
+"""ONNX in and out: `convmerge check/fuse model.onnx` (convmerge.frontends.onnx_read, onnx_write, onnx_model).
 
 Models are exported from the suite's own modules with PyTorch's TorchScript exporter (`dynamo=False`:
 the dynamo exporter needs onnxscript, which convmerge does not depend on), with batch norms kept
@@ -35,8 +35,8 @@ from convmerge import onnx_model  # noqa: E402
 from convmerge.cli import app  # noqa: E402
 from convmerge.graph import GraphError  # noqa: E402
 from convmerge.io import ModelFileError  # noqa: E402
-from convmerge.onnx_read import read_model  # noqa: E402
-from convmerge.plan import VerificationError  # noqa: E402
+from convmerge.frontends.onnx_read import read_model  # noqa: E402
+from convmerge.engine.plan import VerificationError  # noqa: E402
 
 from . import nets  # noqa: E402
 from .models import evaluate  # noqa: E402
@@ -531,7 +531,7 @@ def test_external_data_is_written_tensor_by_tensor(tmp_path: Path, keep_bytes: O
     """The data file holds every large tensor at an aligned offset inside it; untouched tensors are the input's
     bytes, merged ones the bytes an inline output gets; with a memory budget of 0 (plan.KEEP_BYTES) every
     merged weight is dropped after verification and computed again when written, to the same bytes."""
-    from convmerge import plan as planning
+    from convmerge.engine import plan as planning
 
     torch.manual_seed(0)
     module = nn.Sequential(nets.randomize_bn(nets.TinyRepVGG()), nn.Sigmoid(), nn.Conv2d(16, 4, 3))  # left alone
@@ -577,7 +577,7 @@ class _Head(nn.Module):
 def test_shapes_are_inferred_without_the_weights(tmp_path: Path) -> None:
     """Shape inference reads the weights as typed inputs, not their data: every value gets the shape onnx gives
     it with the weights (the oracle), data propagation through constant shapes included."""
-    from convmerge import onnx_read
+    from convmerge.frontends import onnx_read
 
     torch.manual_seed(0)
     proto = onnx.load(str(export(_Head(), (1, 3, 32, 32), tmp_path / "head.onnx")))

@@ -11,11 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import convmerge
-from convmerge import algebra, io, model, plan
-from convmerge.algebra import BatchNorm, Conv, fold_bn
+from convmerge.engine import algebra, plan
+from convmerge import io, model
+from convmerge.engine.algebra import BatchNorm, Conv, fold_bn
 from convmerge.graph import parse
-from convmerge.reasons import Why
-from convmerge.spec import conv_spec, macs
+from convmerge.maths.reasons import Why
+from convmerge.maths.spec import conv_spec, macs
 
 from . import models
 from .models import chain_of, infos
@@ -313,7 +314,7 @@ def test_a_model_with_nothing_to_merge_says_what_was_found(tmp_path):
     assert "2 conv(s); 0 in 0 region(s)" in note and "2 conv(s) between non-linear" in note
     src = tmp_path / "m.safetensors"
     convmerge.save(net, src)
-    from convmerge import render
+    from convmerge.reporting import render
 
     report = model.fuse_file(str(src), str(tmp_path / "o.safetensors")).to_dict()
     assert (tmp_path / "o.safetensors").exists()

@@ -18,10 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import convmerge
-from convmerge import model, plan
+from convmerge import model
+from convmerge.engine import plan
 from convmerge.graph import parse
-from convmerge.reduce import reduce_part
-from convmerge.region import find_regions
+from convmerge.engine.reduce import reduce_part
+from convmerge.maths.region import find_regions
 
 from . import models, nets
 from .models import infos

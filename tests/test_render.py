@@ -18,10 +18,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from convmerge import model, render
-from convmerge.explain import explain_pair
+from convmerge import model
+from convmerge.reporting import render
+from convmerge.reporting.explain import explain_pair
 from convmerge.graph import parse
-from convmerge.report import VERDICTS
+from convmerge.reporting.report import VERDICTS
 
 from .models import conv, describe, save, stack_model
 

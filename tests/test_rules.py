@@ -8,9 +8,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 
-from convmerge.algebra import Conv, analyze, counterexample, merge
-from convmerge.rules import decide, describe_sizes, full_support
-from convmerge.spec import conv_spec
+from convmerge.engine.algebra import Conv, analyze, counterexample, merge
+from convmerge.maths.rules import decide, describe_sizes, full_support
+from convmerge.maths.spec import conv_spec
 
 from .oracle import compare, run, run_chain
 from .strategies import conv_pairs

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from convmerge.algebra import Conv
-from convmerge.modules import PaddedConv2d, spec_of, to_module
-from convmerge.spec import SpecError, conv_spec, macs, params, parse_padding, spec_from_fields
+from convmerge.engine.algebra import Conv
+from convmerge.frontends.modules import PaddedConv2d, spec_of, to_module
+from convmerge.maths.spec import SpecError, conv_spec, macs, params, parse_padding, spec_from_fields
 
 from .oracle import run
 from .strategies import conv

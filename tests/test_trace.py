@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from convmerge import trace_fx
-from convmerge.modules import PaddedConv2d, spec_of, to_module
-from convmerge.spec import spec_from_fields
-from convmerge.trace import TraceError, build_module, load_callable
-from convmerge.trace import describe_module as trace_module
+from convmerge.frontends import trace_fx
+from convmerge.frontends.modules import PaddedConv2d, spec_of, to_module
+from convmerge.maths.spec import spec_from_fields
+from convmerge.frontends.trace import TraceError, build_module, load_callable
+from convmerge.frontends.trace import describe_module as trace_module
 
 from .strategies import conv
 

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from convmerge import trace_fx
-from convmerge.trace import Traced, describe_module
+from convmerge.frontends import trace_fx
+from convmerge.frontends.trace import Traced, describe_module
 
 from .models import evaluate
 from .nets import randomize_bn

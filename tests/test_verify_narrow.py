@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convmerge import algebra, plan, verify
-from convmerge.algebra import BatchNorm, Conv
+from convmerge.engine import algebra, plan, verify
+from convmerge.engine.algebra import BatchNorm, Conv
 from convmerge.graph import GraphError, parse
 
 from .models import chain_of, describe, infos

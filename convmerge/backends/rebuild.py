@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import transpose_tensors
-from .modules import to_module
-from .plan import Plan, Unit
-from .spec import ConvSpec
-from .trace_fx import mutates
-from .trace_layers import TraceError, Traced
+from ..engine import transpose_tensors
+from ..frontends.modules import to_module
+from ..engine.plan import Plan, Unit
+from ..maths.spec import ConvSpec
+from ..frontends.trace_fx import mutates
+from ..frontends.trace_layers import TraceError, Traced
 
 __all__ = ["fused_module"]
 

@@ -30,9 +30,9 @@ import torch
 
 from . import algebra, reference
 from .algebra import BatchNorm, Conv
-from .graph import CONV_OPS, JOIN_OPS, PASSTHROUGH_OPS, POOL_OPS, Graph
+from ..graph import CONV_OPS, JOIN_OPS, PASSTHROUGH_OPS, POOL_OPS, Graph
 from .reference import Params
-from .spec import ConvSpec, macs, pad_fits
+from ..maths.spec import ConvSpec, macs, pad_fits
 
 __all__ = ["Checked", "chain_runs", "check", "covers", "layer_sizes", "layers_run", "sizes", "storage_problem"]
 

@@ -23,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import argument_ops, io, model, reference, trace
-from .graph import CONV_OPS, CONV_TRANSPOSE_OPS, POOL_OPS, Graph, GraphError
-from .modules import conv_module
-from .spec import PadSpec
-from .transpose_tensors import transpose_module
+from ..frontends import argument_ops, trace
+from .. import io, model
+from ..engine import reference
+from ..graph import CONV_OPS, CONV_TRANSPOSE_OPS, POOL_OPS, Graph, GraphError
+from ..frontends.modules import conv_module
+from ..maths.spec import PadSpec
+from ..engine.transpose_tensors import transpose_module
 
 __all__ = ["FUNCTIONS", "BatchNorm", "Loaded", "Pad", "load"]
 

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .grouped import fast_grouped
-from .trace_layers import TraceError, first_line, model_dtype
+from ..engine.grouped import fast_grouped
+from ..frontends.trace_layers import TraceError, first_line, model_dtype
 
 __all__ = ["TOLERANCE", "Cases", "relative_difference"]
 

@@ -13,10 +13,11 @@ from typing import Optional, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import algebra, ops, transpose_tensors
+from . import algebra, transpose_tensors
+from .. import ops
 from .algebra import BatchNorm, Conv
-from .graph import CONV_OPS, POOL_OPS, Graph
-from .spec import PadSpec, PoolSpec
+from ..graph import CONV_OPS, POOL_OPS, Graph
+from ..maths.spec import PadSpec, PoolSpec
 
 __all__ = ["Magnitudes", "Params", "avg_pool", "mixed", "pad", "run", "takes_mix"]
 

@@ -22,10 +22,10 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from .graph import GraphError
-from .onnx_read import DEFAULT_DOMAINS, DTYPES, MAX_PROTO_BYTES, OnnxGraph, node_reads, raw_bytes
-from .plan import Plan, Unit
-from .transpose import TransposeSpec
+from ..graph import GraphError
+from ..frontends.onnx_read import DEFAULT_DOMAINS, DTYPES, MAX_PROTO_BYTES, OnnxGraph, node_reads, raw_bytes
+from ..engine.plan import Plan, Unit
+from ..ops.transpose import TransposeSpec
 
 __all__ = ["EXTERNAL_THRESHOLD", "Fused", "fused_model", "write"]
 

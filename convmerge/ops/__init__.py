@@ -38,7 +38,7 @@ class Kind(enum.Enum):
     """An element-wise op of several inputs (x * s): its output has the inputs' broadcast size."""
     CONV_TRANSPOSE = "conv_transpose"
     """A transposed convolution: `<name>.weight` of shape [in, out/groups, *k], optional `<name>.bias`; no region
-    holds it (convmerge/transpose.py), a batch norm after it folds into it."""
+    holds it (convmerge/ops/transpose.py), a batch norm after it folds into it."""
 
 
 _LINEAR = frozenset({Kind.CONV, Kind.POOL, Kind.PAD, Kind.AFFINE, Kind.PASS, Kind.JOIN})
@@ -79,7 +79,7 @@ BN_TENSORS = ("running_mean", "running_var", "weight", "bias", "num_batches_trac
 _ROWS = [
     *(Op(f"conv{n}d", Kind.CONV, _CONV_FIELDS, ("weight", "bias"), n) for n in (1, 2, 3)),
     # nn.Linear on a [N, C] value: a conv with no spatial axes (weight [out, in]), so it pairs, chains, joins and
-    # folds batch norms as convs do; with no border it is exact at every size (convmerge/linear.py).
+    # folds batch norms as convs do; with no border it is exact at every size (convmerge/ops/linear.py).
     Op("linear", Kind.CONV, _LINEAR_FIELDS, ("weight", "bias"), 0),
     *(Op(f"conv_transpose{n}d", Kind.CONV_TRANSPOSE, _CONV_TRANSPOSE_FIELDS, ("weight", "bias"), n) for n in (1, 2, 3)),
     *(Op(f"avg_pool{n}d", Kind.POOL, _POOL_FIELDS, (), n) for n in (1, 2, 3)),

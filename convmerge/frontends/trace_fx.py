@@ -17,7 +17,7 @@ from torch import fx, nn
 from torch.fx.operator_schemas import normalize_function
 
 from . import argument_ops
-from .spec import SpecError
+from ..maths.spec import SpecError
 from .trace_layers import (CONV_TRANSPOSES, STRUCTURAL_MODULES, STRUCTURAL_OPS, TraceError, Traced, avg_pool_fields, first_line, is_leaf_class, is_plain,
                            module_fields, opaque)
 

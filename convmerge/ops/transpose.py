@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
-from .spec import AXIS_NAMES, SpecError, _is_int, _positive_ints
+from ..maths.spec import AXIS_NAMES, SpecError, _is_int, _positive_ints
 
 __all__ = ["TAxis", "TransposeSpec", "transpose_spec", "transpose_spec_from_fields", "transpose_fields"]
 

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import ops
-from .errors import ConvmergeError, Kind
+from .. import ops
+from ..errors import ConvmergeError, Kind
 from .modules import PaddedConv1d, PaddedConv2d, PaddedConv3d, spec_of
-from .spec import padding_fields
-from .transpose import transpose_fields, transpose_spec
+from ..maths.spec import padding_fields
+from ..ops.transpose import transpose_fields, transpose_spec
 
 __all__ = ["STRUCTURAL_MODULES", "STRUCTURAL_OPS", "TraceError", "Traced", "avg_pool_fields", "first_line",
            "is_leaf_class", "is_plain", "model_dtype", "module_fields", "opaque", "pad_fields"]

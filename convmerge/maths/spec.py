@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Optional, Sequence
 
-from .errors import ConvmergeError, Kind
+from ..errors import ConvmergeError, Kind
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 AXIS_NAMES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}

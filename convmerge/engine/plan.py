@@ -23,16 +23,18 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import numpy
 import torch
 
-from . import affine, algebra, ops, reference
+from ..ops import affine
+from . import algebra, reference
+from .. import ops
 from .algebra import BatchNorm, Conv, Counterexample
-from .errors import ConvmergeError, Kind
-from .graph import CONV_OPS, JOIN_OPS, LINEAR_OPS, PASSTHROUGH_OPS, POOL_OPS, Graph, GraphError
-from .reasons import Outcome, Why, sentence
+from ..errors import ConvmergeError, Kind
+from ..graph import CONV_OPS, JOIN_OPS, LINEAR_OPS, PASSTHROUGH_OPS, POOL_OPS, Graph, GraphError
+from ..maths.reasons import Outcome, Why, sentence
 from .reduce import Reducer, Reduction, Summary, combine
-from .region import Item, Par, Region, Step, find_regions, layers_of, unit_name
-from .report import MergeEntry, PairEntry, RegionEntry, Report
-from .spec import BYTE_WEIGHT, LAYER_OVERHEAD, ConvSpec, cost, fit_size, macs, padding_fields, params
-from .transpose import transpose_fields
+from ..maths.region import Item, Par, Region, Step, find_regions, layers_of, unit_name
+from ..reporting.report import MergeEntry, PairEntry, RegionEntry, Report
+from ..maths.spec import BYTE_WEIGHT, LAYER_OVERHEAD, ConvSpec, cost, fit_size, macs, padding_fields, params
+from ..ops.transpose import transpose_fields
 from .verify import VERIFY_TOLERANCE, chain_runs, layer_sizes, layers_run, storage_problem  # noqa: F401 (explain.py)
 from .verify import check as verify_merge
 from .verify import sizes as verification_sizes
@@ -207,7 +209,7 @@ class Plan:
 
     def description(self) -> dict:
         """The graph description after the merges (FORMAT.md, section 2)."""
-        from .graph import rewrite
+        from ..graph import rewrite
 
         return rewrite(self.graph, [(u.layers, u.name, u.input, u.output, u.spec) for u in self.applied])
 
@@ -707,7 +709,7 @@ def _unit_tensors(unit: Unit) -> list[tuple[str, Any]]:
     kept = unit.kept
     weight: Any = kept.weight.contiguous()
     if unit.dropped:
-        from .io import LazyTensor, dtype_name
+        from ..io import LazyTensor, dtype_name
 
         weight = LazyTensor(dtype_name(kept.weight.dtype), tuple(kept.weight.shape),
                             lambda: unit.stored.weight.contiguous())
@@ -756,7 +758,7 @@ def _digest(conv: Conv) -> str:
 
 
 def _merge_entry(u: Unit) -> MergeEntry:
-    from .io import dtype_name
+    from ..io import dtype_name
 
     conv = padding_fields(u.spec) if isinstance(u.spec, ConvSpec) else {**transpose_fields(u.spec), "transposed": True}
     return MergeEntry(layers=list(u.layers), into=u.name, conv=conv, dtype=dtype_name(u.dtype),
@@ -767,7 +769,7 @@ def _merge_entry(u: Unit) -> MergeEntry:
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    from .io import torch_dtype
+    from ..io import torch_dtype
 
     return torch_dtype(name)
 
@@ -803,7 +805,7 @@ def _nominal(graph: Graph, input_size: Optional[Sequence[int]]) -> Optional[tupl
 
 def _check_sizes(graph: Graph, size_at: Mapping[str, Any], input_size: Optional[Sequence[int]]) -> None:
     """An --input-size at which the model itself cannot run is bad input, named by its first victim."""
-    from .spec import size_problem
+    from ..maths.spec import size_problem
 
     for name, layer in graph.layers.items():
         spec = graph.specs.get(name) or graph.pools.get(name)

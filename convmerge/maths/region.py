@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from .graph import CONV_OPS, JOIN_OPS, LINEAR_OPS, PASSTHROUGH_OPS, Graph
+from ..graph import CONV_OPS, JOIN_OPS, LINEAR_OPS, PASSTHROUGH_OPS, Graph
 
 __all__ = ["Par", "Region", "Step", "find_regions", "unit_name"]
 

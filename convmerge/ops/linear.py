@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from .spec import ConvSpec, SpecError, _is_int
+from ..maths.spec import ConvSpec, SpecError, _is_int
 
 OP = "linear"
 

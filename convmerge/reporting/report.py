@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from .algebra import Counterexample
-from .reasons import Why
+from ..engine.algebra import Counterexample
+from ..maths.reasons import Why
 
 __all__ = ["MergeEntry", "PairEntry", "RegionEntry", "Report", "VERDICTS"]
 

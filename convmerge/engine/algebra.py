@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from .grouped import fast_grouped
-from .reasons import Outcome, Why
-from .rules import BiasCheck, Support, Verdict, decide, full_support
-from .spec import CONV_MODE_OF_PAD, Axis, ConvSpec, PoolSpec, macs
+from ..maths.reasons import Outcome, Why
+from ..maths.rules import BiasCheck, Support, Verdict, decide, full_support
+from ..maths.spec import CONV_MODE_OF_PAD, Axis, ConvSpec, PoolSpec, macs
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}

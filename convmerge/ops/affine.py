@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 if TYPE_CHECKING:  # the description's checks (graph.py) run without torch
     import torch
 
-    from .algebra import BatchNorm, Conv
+    from ..engine.algebra import BatchNorm, Conv
 
 __all__ = ["arithmetic", "batch_norm", "channel_values", "check", "count", "negated", "per_channel"]
 
@@ -55,7 +55,7 @@ def batch_norm(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], cha
     (x - 0) / sqrt(1 + 0) * weight + bias, which F.batch_norm computes as one fused multiply-add."""
     import torch
 
-    from .algebra import BatchNorm
+    from ..engine.algebra import BatchNorm
 
     c = channels or max([t.numel() for t in (weight, bias) if t is not None] + [1])
     stretch = lambda t: None if t is None else t.double().reshape(-1).expand(c).clone()  # noqa: E731

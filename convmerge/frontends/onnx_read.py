@@ -28,10 +28,10 @@ import torch
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
-from . import affine
-from .graph import CONV_OPS, CONV_TRANSPOSE_OPS, Graph, GraphError, parse
-from .io import ModelFileError
-from .plan import Tensors
+from ..ops import affine
+from ..graph import CONV_OPS, CONV_TRANSPOSE_OPS, Graph, GraphError, parse
+from ..io import ModelFileError
+from ..engine.plan import Tensors
 
 __all__ = ["MIN_OPSET", "OnnxGraph", "node_reads", "read_model", "raw_bytes", "tensor_of"]
 

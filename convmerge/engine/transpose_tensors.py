@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .algebra import Conv
-from .transpose import TransposeSpec
+from ..ops.transpose import TransposeSpec
 
 __all__ = ["apply", "scale_outputs", "transpose_module", "to_module"]
 

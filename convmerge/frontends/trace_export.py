@@ -40,9 +40,10 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental import _config as fx_config
 from torch.utils import _pytree as pytree
 
-from . import affine, argument_ops
-from .spec import SpecError, conv_spec, padding_fields
-from .transpose import transpose_fields, transpose_spec
+from ..ops import affine
+from . import argument_ops
+from ..maths.spec import SpecError, conv_spec, padding_fields
+from ..ops.transpose import transpose_fields, transpose_spec
 from .trace_layers import (CONV_TRANSPOSES, STRUCTURAL_MODULES, STRUCTURAL_OPS, TraceError, Traced, avg_pool_fields, first_line,
                            is_leaf_class, is_plain, model_dtype,
                            module_fields, opaque, pad_fields)

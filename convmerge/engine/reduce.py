@@ -20,13 +20,16 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import affine, algebra, joins, ops
+from ..ops import affine
+from . import algebra
+from ..maths import joins
+from .. import ops
 from .algebra import Conv
-from .graph import CONV_OPS, JOIN_OPS, POOL_OPS, Graph
-from .reasons import Outcome, Why
+from ..graph import CONV_OPS, JOIN_OPS, POOL_OPS, Graph
+from ..maths.reasons import Outcome, Why
 from .reference import Params
-from .rules import MAX_SIZES, Verdict, describe_sizes, full_support
-from .spec import AXIS_NAMES, PoolSpec
+from ..maths.rules import MAX_SIZES, Verdict, describe_sizes, full_support
+from ..maths.spec import AXIS_NAMES, PoolSpec
 
 __all__ = ["Check", "Reducer", "Reduction", "reduce_part", "combine"]
 

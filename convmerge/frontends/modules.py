@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .algebra import Conv
-from .spec import ConvSpec, conv_spec
+from ..engine.algebra import Conv
+from ..maths.spec import ConvSpec, conv_spec
 
 ConvModule = Union[nn.Conv1d, nn.Conv2d, nn.Conv3d]
 _CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}

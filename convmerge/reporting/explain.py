@@ -6,15 +6,16 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from . import algebra, bands, ops, plan as planning, reference
-from .algebra import Conv
-from .graph import CONV_OPS, Graph, GraphError
-from .plan import Loader, Tensors
-from .reasons import sentence
-from .reduce import Reducer
-from .region import Par, find_regions
-from .rules import side_conditions
-from .spec import fit_size, macs, padding_fields
+from ..engine import algebra, bands, plan as planning, reference
+from .. import ops
+from ..engine.algebra import Conv
+from ..graph import CONV_OPS, Graph, GraphError
+from ..engine.plan import Loader, Tensors
+from ..maths.reasons import sentence
+from ..engine.reduce import Reducer
+from ..maths.region import Par, find_regions
+from ..maths.rules import side_conditions
+from ..maths.spec import fit_size, macs, padding_fields
 
 __all__ = ["explain_pair", "explain_region"]
 

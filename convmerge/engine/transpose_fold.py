@@ -15,15 +15,17 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from . import algebra, ops, reference, transpose, transpose_tensors
+from . import algebra, reference, transpose_tensors
+from .. import ops
+from ..ops import transpose
 from .algebra import Conv
-from .graph import Graph
+from ..graph import Graph
 from .plan import Loader, Plan, Tensors, Unit, VerificationError, _storage_dtype
 from .verify import VERIFY_TOLERANCE, storage_problem
-from .region import unit_name
-from .spec import macs as spec_macs
-from .spec import params as spec_params
-from .transpose import TransposeSpec
+from ..maths.region import unit_name
+from ..maths.spec import macs as spec_macs
+from ..maths.spec import params as spec_params
+from ..ops.transpose import TransposeSpec
 
 __all__ = ["fold_units", "macs"]
 

@@ -1,0 +1,1 @@
+"""Tensor work and the plan: kernels composed and checked, the float64 reference, the plan."""
