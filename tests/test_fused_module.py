@@ -472,3 +472,15 @@ def test_a_conv_then_arithmetic_with_a_constant_is_one_conv(which: str) -> None:
         same(model, fused, x(2, 3, n, n + 1))
 
 
+
+def test_a_merge_that_takes_a_batch_norms_name_rebuilds() -> None:
+    """BN -> BN -> conv -> BN: the merged conv takes the first batch norm's name, whose nodes (running_mean...)
+    the graph still held when the conv took its place (found by the random-module property test)."""
+    blocks = [("bn", nn.BatchNorm2d(1)), ("bn", nn.BatchNorm2d(1)),
+              ("conv_bn", nn.Sequential(nn.Conv2d(1, 1, (1, 3), padding=(0, 1), bias=False), nn.BatchNorm2d(1)))]
+    model = prepared(Random(blocks, 1, False))
+    for policy in ("cheaper", "all"):
+        fused = convmerge.fuse(model, policy=policy, example_inputs=[x(1, 1, 12, 11)])
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+        for shape in ((1, 1, 3, 3), (2, 1, 12, 11)):
+            same(model, fused, x(*shape))

@@ -57,6 +57,7 @@ def fused_module(module: nn.Module, plan: Optional[Plan], traced: Traced, dynami
         raise TraceError(f"the traced graph has no node for {', '.join(missing[:3])}: cannot rebuild the module")
     replaced = {n for u in applied for n in u.layers}
     current = dict(nodes)  # a merged output is read through its new conv by later merges too
+    later: list[tuple[str, nn.Module]] = []  # convs that take the place of a replaced layer's module
     for unit in applied:
         source, output = current[unit.input], nodes[unit.output]
         target = _free_name(gm, unit.name, replaced)
@@ -66,11 +67,16 @@ def fused_module(module: nn.Module, plan: Optional[Plan], traced: Traced, dynami
             if isinstance(unit.spec, ConvSpec) and not unit.spec.symmetric:
                 pads = [p for a in reversed(unit.spec.axes) for p in a.pad]
                 x = graph.call_function(F.pad, (x, pads), {"mode": _PAD_MODE[unit.spec.padding_mode]})
-            _set_module(gm, target, conv)
+            if target in replaced and _has_module(gm, target):  # its old nodes (a batch norm's running_mean) go first
+                later.append((target, conv))
+            else:
+                _set_module(gm, target, conv)
             new = graph.call_module(target, (x,))
         output.replace_all_uses_with(new)
         current[unit.output] = new
     graph.eliminate_dead_code(lambda node: node.is_impure() or mutates(node, gm))  # fx graphs: `y += x`
+    for target, conv in later:
+        _set_module(gm, target, conv)
     _activations_in_place(gm)
     sized = sized_merges(plan, len(placeholders)) if plan is not None else None
     checks = [c for c in (sized, only_shape) if c is not None]
@@ -218,6 +224,14 @@ def _suffixed(gm: fx.GraphModule, base: str) -> str:
     while hasattr(gm, cand):
         cand, k = f"{base}_{k}", k + 1
     return cand
+
+
+def _has_module(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_submodule(target)
+    except AttributeError:
+        return False
+    return True
 
 
 def _set_module(gm: fx.GraphModule, target: str, conv: nn.Module) -> None:
