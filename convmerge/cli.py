@@ -1,6 +1,8 @@
 """The `convmerge` command: parse arguments, call the library, render. Nothing else lives here.
 
 torch is imported only inside the commands that need it, so `convmerge --help` starts fast.
+
+Long only because each command declares its options with their help text; the work is in the library.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@ and writing the description back after a merge.
 
 A state dict does not say how layers connect, and guessing would merge across a ReLU, so
 everything here comes from the description; tensors only confirm it (shapes, presence).
+
+Long because every field of every op is validated here, each error one line naming the layer and the field
+(hostile descriptions are tested by the thousand); the facts about each op are in ops/.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ in a crash, a hang on a huge allocation, or a library error whose text changes
 between versions.  Data is read with plain reads (no mmap: a file truncated
 under a mapping kills the process with SIGBUS), and outputs are written to a
 temporary file that is renamed into place only once complete.
+
+Long because the checks of a hostile header and the atomic, signal-safe writer are each exhaustive.
 """
 
 from __future__ import annotations

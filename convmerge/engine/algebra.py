@@ -2,11 +2,12 @@
 
 Everything is computed in float64 and handed back in the weights' own dtype, so a merge never
 loses precision the original pair did not already lose.
+
+All of a merge's tensor work is here, so that maths/ stays free of tensors; that is why it is long.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import threading
 import time

@@ -9,6 +9,9 @@ branches planned the same way.  'cheaper' minimises the fitted cost model then t
 'all' the reverse.  A chosen merge is verified in float64 against the original layers
 (verify.py, reference.py) and rounded to its storage dtype once; the file writer and the module builder
 take exactly those tensors (`Unit.stored`).
+
+Long because the dynamic programme, the cost model and the report entries read the same per-region state;
+verification is in verify.py, transposed convs' folds in transpose_fold.py.
 """
 
 from __future__ import annotations
@@ -17,24 +20,23 @@ import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from functools import cached_property
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy
 import torch
 
-from ..ops import affine
-from . import algebra, reference
 from .. import ops
-from .algebra import BatchNorm, Conv, Counterexample
 from ..errors import ConvmergeError, Kind
-from ..graph import CONV_OPS, JOIN_OPS, LINEAR_OPS, PASSTHROUGH_OPS, POOL_OPS, Graph, GraphError
-from ..maths.reasons import Outcome, Why, sentence
-from .reduce import Reducer, Reduction, Summary, combine
-from ..maths.region import Item, Par, Region, Step, find_regions, layers_of, unit_name
-from ..reporting.report import MergeEntry, PairEntry, RegionEntry, Report
+from ..graph import CONV_OPS, JOIN_OPS, LINEAR_OPS, POOL_OPS, Graph, GraphError
+from ..maths.reasons import Outcome, sentence
+from ..maths.region import Item, Region, Step, find_regions, layers_of, unit_name
 from ..maths.spec import BYTE_WEIGHT, LAYER_OVERHEAD, ConvSpec, cost, fit_size, macs, padding_fields, params
+from ..ops import affine
 from ..ops.transpose import transpose_fields
+from ..reporting.report import MergeEntry, PairEntry, RegionEntry, Report
+from . import algebra, reference
+from .algebra import BatchNorm, Conv, Counterexample
+from .reduce import Reducer, Reduction
 from .verify import VERIFY_TOLERANCE, chain_runs, layer_sizes, layers_run, storage_problem  # noqa: F401 (explain.py)
 from .verify import check as verify_merge
 from .verify import sizes as verification_sizes

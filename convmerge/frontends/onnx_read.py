@@ -13,6 +13,9 @@ to 11 first; convs inside subgraphs are counted in a note, not read.
 The file is hostile until proved otherwise: it is parsed by protobuf, checked by `onnx.checker`, and
 every attribute convmerge reads is checked again here; a bad one ends in one `GraphError` (or
 `ModelFileError`) naming the file, the node and the attribute.
+
+Long because each ONNX op form convmerge accepts is read here with its attribute checks, next to the model
+loading they share.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ Only border outputs are enumerated, so a size costs O(border x taps), whatever t
 a bound that the kernels, paddings and strides fix, an axis behaves periodically in the size
 with period s1*s2, so "every size" is decided by a finite enumeration, not by trusting closed
 forms; the closed forms of DESIGN.md are what the tests check this against.
+
+Long because it is the master rule and its closed forms for one pair, which share the per-axis enumeration and
+are read side by side with docs/design.md.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ Everything convmerge decides is decided per spatial axis, so a conv is a tuple o
 values plus the few things that are not per axis (channels, groups, padding mode, bias).
 Padding is always stored as explicit ``(lo, hi)`` pairs: PyTorch's ``'same'`` is asymmetric
 for even kernels, and merged convs are often asymmetric too.
+
+Long (about 400 lines) because every form PyTorch accepts for a conv's, a pooling's and a pad's hyperparameters
+(ints, tuples, 'same', 'valid', padding modes) is parsed and validated here; split, the per-axis machinery they
+share would be repeated.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ mid-token on a narrow terminal (`1.3e-15` over two lines): every column is at le
 its longest unit, and cells wrap only between units. A unit is a word, or words glued with
 GLUE ('(2 layers)', '-> c2'); names and numbers are never split. Where the columns do not fit
 with every unit whole, the rows are shown as a list instead ('header: value' lines under each).
+
+One module for all terminal output, so that every table shares `grid` and its wrapping rules; that is why it is
+long.
 """
 
 from __future__ import annotations
