@@ -347,18 +347,13 @@ class Mapper:
 
     def _add(self, node: fx.Node) -> bool:
         """``a + b`` of two layer values of one shape and dtype; ``x + 1``, ``alpha``, broadcasting are not."""
-        a = bind(node)
-        left, right, alpha = a["self"], a["other"], a["alpha"]
-        if type(alpha) not in (int, float) or alpha != 1 or not (self._active(left) and self._active(right)):
-            return False
-        out, l, r = node.meta["val"], left.meta["val"], right.meta["val"]
-        if not (l.shape == r.shape == out.shape and l.dtype == r.dtype == out.dtype):
-            return False
-        self._emit(node, self._fresh(node, "add"), {"op": "add"}, [left, right])
-        return True
+        return self._join(node, "add")
 
     def _sub(self, node: fx.Node) -> bool:
         """``a - b`` of two layer values of one shape and dtype (as ``_add``)."""
+        return self._join(node, "sub")
+
+    def _join(self, node: fx.Node, op: str) -> bool:
         a = bind(node)
         left, right, alpha = a["self"], a["other"], a["alpha"]
         if type(alpha) not in (int, float) or alpha != 1 or not (self._active(left) and self._active(right)):
@@ -366,7 +361,7 @@ class Mapper:
         out, l, r = node.meta["val"], left.meta["val"], right.meta["val"]
         if not (l.shape == r.shape == out.shape and l.dtype == r.dtype == out.dtype):
             return False
-        self._emit(node, self._fresh(node, "sub"), {"op": "sub"}, [left, right])
+        self._emit(node, self._fresh(node, op), {"op": op}, [left, right])
         return True
 
     def _affine(self, node: fx.Node) -> bool:

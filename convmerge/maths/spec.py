@@ -47,16 +47,11 @@ class Axis:
         return (n + self.pad[0] + self.pad[1] - self.extent) // self.stride + 1
 
 
-@dataclass(frozen=True)
-class ConvSpec:
-    """A Conv1d/2d/3d without its weights."""
+class PerAxis:
+    """What a spec with one value per spatial axis (`axes`: kernel, stride, dilation, `out_len`) reads off them; a
+    conv's and a transposed conv's spec share it."""
 
-    axes: tuple[Axis, ...]
-    in_channels: int
-    out_channels: int
-    groups: int = 1
-    padding_mode: str = "zeros"
-    bias: bool = False
+    axes: tuple[Any, ...]
 
     @property
     def ndim(self) -> int:
@@ -78,6 +73,24 @@ class ConvSpec:
     def dilation(self) -> tuple[int, ...]:
         return tuple(a.dilation for a in self.axes)
 
+    def out_size(self, size: Sequence[int]) -> tuple[int, ...]:
+        return tuple(a.out_len(n) for a, n in zip(self.axes, size))
+
+    def with_bias(self, bias: bool) -> Any:
+        return replace(self, bias=bias)  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class ConvSpec(PerAxis):
+    """A Conv1d/2d/3d without its weights."""
+
+    axes: tuple[Axis, ...]
+    in_channels: int
+    out_channels: int
+    groups: int = 1
+    padding_mode: str = "zeros"
+    bias: bool = False
+
     @property
     def padding(self) -> tuple[tuple[int, int], ...]:
         return tuple(a.pad for a in self.axes)
@@ -93,12 +106,6 @@ class ConvSpec:
     @property
     def weight_shape(self) -> tuple[int, ...]:
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-
-    def out_size(self, size: Sequence[int]) -> tuple[int, ...]:
-        return tuple(a.out_len(n) for a, n in zip(self.axes, size))
-
-    def with_bias(self, bias: bool) -> "ConvSpec":
-        return replace(self, bias=bias)
 
 
 def conv_spec(

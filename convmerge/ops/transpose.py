@@ -13,10 +13,10 @@ hyperparameter maths, `transpose_tensors` the tensor work.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
-from ..maths.spec import AXIS_NAMES, SpecError, _is_int, _positive_ints
+from ..maths.spec import AXIS_NAMES, PerAxis, SpecError, _is_int, _positive_ints
 
 __all__ = ["TAxis", "TransposeSpec", "transpose_spec", "transpose_spec_from_fields", "transpose_fields"]
 
@@ -41,7 +41,7 @@ class TAxis:
 
 
 @dataclass(frozen=True)
-class TransposeSpec:
+class TransposeSpec(PerAxis):
     """A ConvTranspose1d/2d/3d without its weights."""
 
     axes: tuple[TAxis, ...]
@@ -49,26 +49,6 @@ class TransposeSpec:
     out_channels: int
     groups: int = 1
     bias: bool = False
-
-    @property
-    def ndim(self) -> int:
-        return len(self.axes)
-
-    @property
-    def axis_names(self) -> tuple[str, ...]:
-        return AXIS_NAMES[self.ndim]
-
-    @property
-    def kernel_size(self) -> tuple[int, ...]:
-        return tuple(a.kernel for a in self.axes)
-
-    @property
-    def stride(self) -> tuple[int, ...]:
-        return tuple(a.stride for a in self.axes)
-
-    @property
-    def dilation(self) -> tuple[int, ...]:
-        return tuple(a.dilation for a in self.axes)
 
     @property
     def padding(self) -> tuple[int, ...]:
@@ -82,11 +62,6 @@ class TransposeSpec:
     def weight_shape(self) -> tuple[int, ...]:
         return (self.in_channels, self.out_channels // self.groups, *self.kernel_size)
 
-    def out_size(self, size: Sequence[int]) -> tuple[int, ...]:
-        return tuple(a.out_len(n) for a, n in zip(self.axes, size))
-
-    def with_bias(self, bias: bool) -> "TransposeSpec":
-        return replace(self, bias=bias)
 
 
 def transpose_spec(kernel_size: Sequence[int], in_channels: int, out_channels: int, *, stride: Any = 1,
