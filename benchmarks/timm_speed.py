@@ -1,5 +1,7 @@
 """The real-model path (issue 21): `convmerge.fuse` / `convmerge.check` on timm's re-parameterisable nets,
-side by side with one `torch.export.export` of the same net and timm's own `reparameterize_model`.
+side by side with one `torch.export.export` of the same net (at the example's fixed shape, and `sym_export`: at
+symbolic batch and spatial sizes, the export `fuse` itself runs so that its module runs at any size) and timm's
+own `reparameterize_model`.
 
 Random weights, randomised batch-norm statistics, eval mode. The cases are interleaved (each rep runs
 every measure once, in turn) and each net's numbers are medians of the reps; the ratios
@@ -73,9 +75,17 @@ def measures(net: nn.Module, size: int, check: bool) -> dict[str, Callable[[], A
     def export() -> Any:
         return torch.export.export(net, example, strict=False)
 
+    def symbolic() -> Any:  # at symbolic batch and spatial sizes, as fuse exports (its module runs at any size)
+        from convmerge.frontends.trace_export import generic_sizes, symbolic_example
+
+        batch, dims = symbolic_example(example)
+        with generic_sizes():
+            return torch.export.export(net, batch, dynamic_shapes=dims, strict=False)
+
     found = {
         "fuse": lambda: convmerge.fuse(net, input_size=(size, size)),
         "export": export,
+        "sym_export": symbolic,
         "timm": lambda: reparameterize(copy.deepcopy(net)),
     }
     if check:
@@ -132,9 +142,9 @@ def main(argv: list[str] | None = None) -> None:
         profile(args.profile, args.size, args.top)
         return
     rows = run(args.nets.split(","), args.size, args.reps, args.check)
-    keys = [k for k in ("fuse", "check", "export", "timm") if k in rows[0]]
+    keys = [k for k in ("fuse", "check", "export", "sym_export", "timm") if k in rows[0]]
     print(f"\n{args.size}x{args.size}, median of {args.reps}, load {machine()['loadavg']}\n")
-    ratios = [("fuse/export", "fuse", "export"), ("fuse/timm", "fuse", "timm")]
+    ratios = [("fuse/export", "fuse", "export"), ("fuse/sym_export", "fuse", "sym_export"), ("fuse/timm", "fuse", "timm")]
     if args.check:
         ratios += [("check/export", "check", "export")]
     print(table(["net", *(f"{k} s" for k in keys), *(r[0] for r in ratios)],
