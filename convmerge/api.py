@@ -121,6 +121,7 @@ def save(module: nn.Module, path: Union[str, os.PathLike], *, force: bool = Fals
          leaves: Sequence[Union[type, str]] = ()) -> None:
     """Write the module's state dict as safetensors with its graph description in the header (and the
     kernels the trace computed from parameters, which the state dict does not hold)."""
+    leaves = Options.of("convmerge.save", leaves=leaves).leaves
     traced = trace.describe_module(module, type(module).__name__, leaves=leaves, runnable=False)
     doc = traced.doc
     state = {k: v.detach().cpu().contiguous() for k, v in {**module.state_dict(), **traced.tensors}.items()}

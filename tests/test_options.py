@@ -135,6 +135,13 @@ def test_the_api_refuses_bad_options_before_reading_the_file_or_tracing_the_modu
     assert nothing_read == []
 
 
+def test_save_refuses_a_string_as_leaves_before_tracing(tmp_path: Path, nothing_read: list[str]) -> None:
+    """A string is not a sequence of class names (it was split into one-letter names before)."""
+    with pytest.raises(TypeError, match="^convmerge.save: leaves must be a sequence"):
+        convmerge.save(torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3)), tmp_path / "m.safetensors", leaves="ReLU")
+    assert nothing_read == [] and not (tmp_path / "m.safetensors").exists()
+
+
 @pytest.mark.parametrize("command", ["check", "fuse"])
 @pytest.mark.parametrize("flags, words", [(["--policy", "fast"], "--policy"), (["-p", "ALL"], "--policy"),
                                           (["--input-size", "0x9"], "--input-size")])
