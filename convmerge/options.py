@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from .errors import ConvmergeError, Kind
 
-__all__ = ["POLICIES", "Options", "OptionsError"]
+__all__ = ["POLICIES", "Options", "OptionsError", "OptionsTypeError"]
 
 POLICIES = ("cheaper", "all")
 """cheaper: merge only where the cost model's estimate does not grow; all: every exact merge."""
