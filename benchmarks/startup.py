@@ -93,6 +93,7 @@ def main() -> None:
     # in process: where check spends its time once torch and convmerge are imported
     from convmerge.engine import algebra, plan
     from convmerge import graph, model
+    from convmerge.options import Options
 
     acc: dict[str, float] = {}
     saved = []
@@ -123,7 +124,7 @@ def main() -> None:
             for _ in range(max(1, args.reps // 2)):
                 acc.clear()
                 t = time.perf_counter()
-                rep = model.check_file(str(large), policy=policy)
+                rep = model.check_file(str(large), Options(policy=policy))
                 totals.append(time.perf_counter() - t)
             runs[policy] = (median(totals), dict(acc))
             merged[policy] = rep.summary()["merged"]

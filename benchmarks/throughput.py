@@ -258,6 +258,7 @@ def overlap_in_process(src: Path, dst: Path, policy: str, reps: int) -> dict[str
     untouched tensors are copied) against every merge verified while planning, before the write starts."""
     from convmerge import model
     from convmerge.engine import plan
+    from convmerge.options import Options
 
     shipped = plan.build
     before = lambda *a, **k: shipped(*a, **dict(k, verify_later=False))  # noqa: E731
@@ -267,7 +268,7 @@ def overlap_in_process(src: Path, dst: Path, policy: str, reps: int) -> dict[str
             plan.build = build
             try:
                 t = time.perf_counter()
-                model.fuse_file(str(src), str(dst), policy=policy, force=True)
+                model.fuse_file(str(src), str(dst), Options(policy=policy), force=True)
                 times[name].append(time.perf_counter() - t)
             finally:
                 plan.build = shipped

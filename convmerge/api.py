@@ -6,10 +6,10 @@ import copy
 import io as _io
 import itertools
 import json
-import numbers
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Optional, Union
 
 import torch
@@ -19,12 +19,13 @@ from .backends import endtoend, rebuild
 from . import io, model
 from .frontends import trace, trace_export
 from .graph import Graph, parse
-from .engine.plan import POLICIES, VerificationError
+from .engine.plan import VerificationError
+from .options import Options
 
 
-def _check_args(fn: str, subject: Any, *, input_size: Any = None, policy: Any = "cheaper", graph: Any = None,
-                arch: Any = None) -> Optional[tuple[int, ...]]:
-    """Python callers' arguments, refused in one line naming the argument; returns input_size as a tuple."""
+def _check_args(fn: str, subject: Any, *, input_size: Any = None, policy: Any = "cheaper", leaves: Any = (),
+                graph: Any = None, arch: Any = None) -> Options:
+    """Python callers' arguments, refused in one line naming the argument; returns the options they give."""
     if fn == "check" and not isinstance(subject, (nn.Module, str, os.PathLike)):
         raise TypeError(f"convmerge.check takes an nn.Module or a path to a .safetensors file, "
                         f"not {type(subject).__name__}")
@@ -40,28 +41,7 @@ def _check_args(fn: str, subject: Any, *, input_size: Any = None, policy: Any = 
         if value is not None and not isinstance(value, (str, os.PathLike) if name == "graph" else str):
             kind = "a path (str or os.PathLike)" if name == "graph" else "a 'module:callable' string"
             raise TypeError(f"convmerge.{fn}: {name} must be {kind}, not {type(value).__name__} {value!r}")
-    if policy not in POLICIES:
-        raise ValueError(f"convmerge.{fn}: policy must be one of {', '.join(map(repr, POLICIES))}, not {policy!r}")
-    return _input_size(fn, input_size)
-
-
-def _input_size(fn: str, value: Any) -> Optional[tuple[int, ...]]:
-    """1 to 3 positive ints (one per spatial axis, or one for all), as a tuple; None stays None."""
-    if value is None:
-        return None
-    what = f"convmerge.{fn}: input_size"
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{what} must be a sequence of ints like (224, 224), not {type(value).__name__} {value!r}")
-    size = []
-    for n in value:
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-            raise TypeError(f"{what} must hold ints, not {type(n).__name__} {n!r} (in {tuple(value)!r})")
-        size.append(int(n))
-    if not 1 <= len(size) <= 3:
-        raise ValueError(f"{what} must hold 1 to 3 sizes (one per spatial axis), not {len(size)}")
-    if any(n < 1 for n in size):
-        raise ValueError(f"{what} must be positive, not {tuple(size)!r}")
-    return tuple(size)
+    return Options.of(f"convmerge.{fn}", policy=policy, input_size=input_size, leaves=leaves)
 
 
 def _not_meta(fn: str, module: nn.Module) -> None:
@@ -82,14 +62,16 @@ def check(
     leaves: Sequence[Union[type, str]] = (),
 ) -> dict[str, Any]:
     """The report (same content as `convmerge check --json`) for a module or a safetensors file."""
-    input_size = _check_args("check", model_or_path, input_size=input_size, policy=policy, graph=graph, arch=arch)
+    options = _check_args("check", model_or_path, input_size=input_size, policy=policy, leaves=leaves, graph=graph,
+                          arch=arch)
     if isinstance(model_or_path, nn.Module):
-        g, tensors, _ = _describe(model_or_path, leaves, input_size, runnable=False)
-        report = model.analyze(g, tensors, input_size, policy).report()
+        g, tensors, _ = _describe(model_or_path, options.leaves, options.input_size, runnable=False)
+        report = model.analyze(g, tensors, options).report()
         report.description = "traced module"
     else:
-        report = model.check_file(os.fspath(model_or_path), graph_file=graph, arch=arch, input_size=input_size,
-                                  policy=policy, leaves=[c if isinstance(c, str) else c.__name__ for c in leaves])
+        names = tuple(c if isinstance(c, str) else c.__name__ for c in options.leaves)
+        report = model.check_file(os.fspath(model_or_path), replace(options, leaves=names), graph_file=graph,
+                                  arch=arch)
     return report.to_dict()
 
 
@@ -106,9 +88,9 @@ def fuse(module: nn.Module, *, input_size: Optional[Sequence[int]] = None, polic
     (`endtoend`): any difference beyond rounding raises `VerificationError` and returns nothing.
     ``leaves``: module classes (or class or qualified names) kept opaque, untraced.
     """
-    input_size = _check_args("fuse", module, input_size=input_size, policy=policy)
-    g, tensors, traced = _describe(module, leaves, input_size, example_inputs)
-    plan = model.analyze(g, tensors, input_size, policy)
+    options = _check_args("fuse", module, input_size=input_size, policy=policy, leaves=leaves)
+    g, tensors, traced = _describe(module, options.leaves, options.input_size, example_inputs)
+    plan = model.analyze(g, tensors, options)
     return _fused_and_checked(module, plan, traced)
 
 
@@ -139,6 +121,7 @@ def save(module: nn.Module, path: Union[str, os.PathLike], *, force: bool = Fals
          leaves: Sequence[Union[type, str]] = ()) -> None:
     """Write the module's state dict as safetensors with its graph description in the header (and the
     kernels the trace computed from parameters, which the state dict does not hold)."""
+    leaves = Options.of("convmerge.save", leaves=leaves).leaves
     traced = trace.describe_module(module, type(module).__name__, leaves=leaves, runnable=False)
     doc = traced.doc
     state = {k: v.detach().cpu().contiguous() for k, v in {**module.state_dict(), **traced.tensors}.items()}

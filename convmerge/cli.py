@@ -23,6 +23,7 @@ from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
+from .options import POLICIES, Options
 
 try:
     from typer._click.exceptions import ClickException  # newer typer ships its own copy of click
@@ -83,9 +84,7 @@ app = typer.Typer(
 )
 
 
-class Policy(str, Enum):
-    cheaper = "cheaper"
-    all = "all"
+Policy = Enum("Policy", [(p, p) for p in POLICIES], type=str)  # type: ignore[misc] # --policy's choices
 
 
 class FailOn(str, Enum):
@@ -160,7 +159,7 @@ def check(
     debug: DebugOpt = False,
 ) -> None:
     """Dry run: judge every conv pair (verdict, reason, merged conv, cost); write nothing."""
-    size = _parse_size(input_size)
+    options = Options(policy.value, _parse_size(input_size), tuple(leaf or ()))
 
     def work() -> int:
         clock = _Clock()
@@ -171,8 +170,7 @@ def check(
 
         with single_threaded():  # the whole run on one thread; large kernels open more (algebra.parallel)
             with clock("judge"), _progress(json_out, quiet) as tick:
-                rep = m.check_file(str(model), graph_file=_s(graph), arch=arch, input_size=size,
-                                   policy=policy.value, leaves=leaf or (), on_region=tick)
+                rep = m.check_file(str(model), options, graph_file=_s(graph), arch=arch, on_region=tick)
             if counterexamples is not None:
                 with clock("counterexamples"):
                     io.write_counterexamples(counterexamples, rep.pairs)
@@ -215,7 +213,7 @@ def fuse(
 
     A safetensors model gives a safetensors file (its header holds the rewritten description), an ONNX model an
     ONNX model."""
-    size = _parse_size(input_size)
+    options = Options(policy.value, _parse_size(input_size), tuple(leaf or ()))
     shape = _parse_shape(input_shape) if input_shape else None
     if input_shape is not None and export is None:
         _usage("--input-shape is the example input of --export, which was not given; the size to judge and merge "
@@ -244,7 +242,8 @@ def fuse(
                 if export is not None:
                     from . import api
 
-                    fused = api.fuse(api.load_module(arch, str(model)), input_size=size, policy=policy.value)  # type: ignore[arg-type]
+                    fused = api.fuse(api.load_module(arch, str(model)), input_size=options.input_size,  # type: ignore[arg-type]
+                                     policy=options.policy)
                     pending.append(_stage(export, api.export_bytes(fused, shape)))  # type: ignore[arg-type]
                 clock.start("write")
 
@@ -252,9 +251,8 @@ def fuse(
 
             try:
                 with _progress(json_out, quiet) as tick:
-                    rep = m.fuse_file(str(model), out, graph_file=_s(graph), arch=arch, input_size=size,
-                                      policy=policy.value, force=force, leaves=leaf or (), on_region=tick,
-                                      before_write=companions, on_phase=clock.start)
+                    rep = m.fuse_file(str(model), out, options, graph_file=_s(graph), arch=arch, force=force,
+                                      on_region=tick, before_write=companions, on_phase=clock.start)
                 clock.stop()
                 for tmp, final in pending:
                     os.replace(tmp, final)
@@ -289,7 +287,7 @@ def annotate(
         from . import io
         from .model import GRAPH_KEY, describe_file
 
-        described = describe_file(str(model), None, arch, leaf or ())
+        described = describe_file(str(model), None, arch, Options(leaves=tuple(leaf or ())))
         header, graph = described.header, described.graph
         metadata = dict(header.metadata, **{GRAPH_KEY: json.dumps(graph.doc)})
         listing = [(n, i) for n, i in header.tensors.items()] + [

@@ -19,6 +19,7 @@ from . import io
 from .engine import plan as planning
 from .graph import MAX_DESCRIPTION_BYTES, Graph, GraphError, load_description, parse
 from .engine.plan import Plan, Tensors
+from .options import Options
 from .reporting.report import Report
 
 GRAPH_KEY = "convmerge.graph"
@@ -55,12 +56,12 @@ class Described:
 
 
 def describe_file(path: str, graph_file: Optional[str] = None, arch: Optional[str] = None,
-                  leaves: Sequence[str] = (), input_size: Optional[Sequence[int]] = None) -> Described:
+                  options: Options = Options()) -> Described:
     """Read a model's header and its description (FORMAT.md, section 1) and validate them together;
-    ``input_size``: the spatial size an ``arch`` is traced at (224 per axis when None)."""
+    an ``arch`` is traced keeping ``options.leaves`` opaque, at ``options.input_size`` (224 per axis when None)."""
     _safetensors_only(path)
     header = io.read_header(path)
-    doc, where, extra, notes = _description(header, graph_file, arch, leaves, input_size)
+    doc, where, extra, notes = _description(header, graph_file, arch, options.leaves, options.input_size)
     info = dict(header.tensors)
     info.update({k: ModuleTensor(v) for k, v in extra.items()})
     tensors = Tensors(info, lambda name: extra[name] if name in extra else io.read_tensor(header, name))
@@ -129,23 +130,21 @@ def _read_sidecar(path: str) -> str:
         raise GraphError(f"{path}: description is not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def analyze(graph: Any, tensors: Tensors, input_size: Optional[Sequence[int]] = None, policy: str = "cheaper",
+def analyze(graph: Any, tensors: Tensors, options: Options = Options(),
             on_region: Optional[Callable[[], None]] = None, verify_later: bool = False) -> Plan:
     """The plan for a parsed description and its tensors (every merge verified in float64, or by
     `Plan.verify` with `verify_later`)."""
-    return planning.build(graph, tensors, input_size, policy, on_region, verify_later=verify_later)
+    return planning.build(graph, tensors, options, on_region, verify_later=verify_later)
 
 
 def fuse_file(
     path: str,
     out: str,
+    options: Options = Options(),
     *,
     graph_file: Optional[str] = None,
     arch: Optional[str] = None,
-    input_size: Optional[Sequence[int]] = None,
-    policy: str = "cheaper",
     force: bool = False,
-    leaves: Sequence[str] = (),
     on_region: Optional[Callable[[], None]] = None,
     before_write: Optional[Callable[[Report, dict], None]] = None,
     on_phase: Optional[Callable[[str], None]] = None,
@@ -157,17 +156,16 @@ def fuse_file(
     `on_phase("verify")` says when planning is over and the checks left for the copy begin (`-v`).
     An ONNX file goes to onnx_model, which writes ONNX.
     """
-    onnx_model = _onnx_reader(path, graph_file, arch, leaves)
+    onnx_model = _onnx_reader(path, graph_file, arch, options.leaves)
     _same_format(path, os.fspath(out), onnx_model is not None)
     if onnx_model is not None:
-        return onnx_model.fuse_file(path, out, input_size=input_size, policy=policy, force=force, on_region=on_region,
-                                    before_write=before_write)
-    model = describe_file(path, graph_file, arch, leaves, input_size)
+        return onnx_model.fuse_file(path, out, options, force=force, on_region=on_region, before_write=before_write)
+    model = describe_file(path, graph_file, arch, options)
     try:
-        plan = analyze(model.graph, model.tensors, input_size, policy, on_region, verify_later=True)
+        plan = analyze(model.graph, model.tensors, options, on_region, verify_later=True)
         return _write_fused(model, plan, path, out, force, before_write, on_phase)
     except _Refused:  # a merge verified beside the copy was refused for its dtype: the layout written was wrong
-        plan = analyze(model.graph, model.tensors, input_size, policy)
+        plan = analyze(model.graph, model.tensors, options)
         return _write_fused(model, plan, path, out, force, before_write, on_phase)
 
 
@@ -204,15 +202,14 @@ def _write_fused(model: Described, plan: Plan, path: str, out: str, force: bool,
     return reports[0]
 
 
-def check_file(path: str, *, graph_file: Optional[str] = None, arch: Optional[str] = None,
-               input_size: Optional[Sequence[int]] = None, policy: str = "cheaper", leaves: Sequence[str] = (),
-               on_region: Optional[Callable[[], None]] = None) -> Report:
+def check_file(path: str, options: Options = Options(), *, graph_file: Optional[str] = None,
+               arch: Optional[str] = None, on_region: Optional[Callable[[], None]] = None) -> Report:
     """The dry run: the same report as `fuse_file`, nothing written."""
-    onnx_model = _onnx_reader(path, graph_file, arch, leaves)
+    onnx_model = _onnx_reader(path, graph_file, arch, options.leaves)
     if onnx_model is not None:
-        return onnx_model.check_file(path, input_size=input_size, policy=policy, on_region=on_region)
-    model = describe_file(path, graph_file, arch, leaves, input_size)
-    report = analyze(model.graph, model.tensors, input_size, policy, on_region).report()
+        return onnx_model.check_file(path, options, on_region=on_region)
+    model = describe_file(path, graph_file, arch, options)
+    report = analyze(model.graph, model.tensors, options, on_region).report()
     report.source, report.description = os.fspath(path), model.where
     return report
 
@@ -268,7 +265,7 @@ def read_graph(path: str, graph_file: Optional[str] = None, arch: Optional[str] 
     if onnx_model is not None:
         model = onnx_model.read_model(path)
         return ReadGraph(model.graph, model.tensors, model.where, model.input_size)
-    described = describe_file(path, graph_file, arch, leaves)
+    described = describe_file(path, graph_file, arch, Options(leaves=tuple(leaves)))
     return ReadGraph(described.graph, described.tensors, described.where)
 
 

@@ -12,7 +12,7 @@ VerificationError (exit 3) and no output appears.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -26,6 +26,7 @@ from .engine import plan as planning
 from .frontends.onnx_read import OnnxGraph, read_model
 from .backends.onnx_write import fused_model, write
 from .engine.plan import VerificationError
+from .options import Options
 from .reporting.report import Report
 
 __all__ = ["OnnxReport", "TOLERANCE", "check_file", "fuse_file"]
@@ -57,22 +58,22 @@ class OnnxReport(Report):
         return out
 
 
-def check_file(path: str, *, input_size: Optional[Sequence[int]] = None, policy: str = "cheaper",
+def check_file(path: str, options: Options = Options(), *,
                on_region: Optional[Callable[[], None]] = None) -> OnnxReport:
     """The dry run for an ONNX file: the report `fuse_file` gives, nothing written, nothing run."""
-    model = read_model(path, input_size)
-    return _report(model, planning.build(model.graph, model.tensors, model.input_size, policy, on_region), path)
+    model = read_model(path, options.input_size)
+    return _report(model, planning.build(model.graph, model.tensors, _at_model_size(options, model), on_region), path)
 
 
-def fuse_file(path: str, out: str, *, input_size: Optional[Sequence[int]] = None, policy: str = "cheaper",
-              force: bool = False, on_region: Optional[Callable[[], None]] = None,
+def fuse_file(path: str, out: str, options: Options = Options(), *, force: bool = False,
+              on_region: Optional[Callable[[], None]] = None,
               before_write: Optional[Callable[[Report, dict], None]] = None) -> OnnxReport:
     """Read, plan, rewrite, check (onnx.checker, onnxruntime) and write `out` atomically (and `<out>.data`
     where the weights are external); the input is never modified."""
-    model = read_model(path, input_size)
+    model = read_model(path, options.input_size)
     inputs = [path, *model.data_files()]
     io.check_outputs([out], inputs, force)
-    plan = planning.build(model.graph, model.tensors, model.input_size, policy, on_region)
+    plan = planning.build(model.graph, model.tensors, _at_model_size(options, model), on_region)
     report = _report(model, plan, path)
     report.output = os.fspath(out)
     fused = fused_model(model, plan)
@@ -90,6 +91,11 @@ def fuse_file(path: str, out: str, *, input_size: Optional[Sequence[int]] = None
             before_write(report, plan.description())
         _publish(staged, out, external, force)
     return report
+
+
+def _at_model_size(options: Options, model: OnnxGraph) -> Options:
+    """The options at the size the model fixes, where it does (read_model checked that a given one agrees)."""
+    return replace(options, input_size=model.input_size)
 
 
 def _report(model: OnnxGraph, plan: planning.Plan, path: str) -> OnnxReport:

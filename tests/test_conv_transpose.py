@@ -18,6 +18,7 @@ import convmerge
 from convmerge import model
 from convmerge.graph import GraphError, parse
 from convmerge.frontends.trace_export import describe
+from convmerge.options import Options
 
 from . import models
 from .models import evaluate, infos
@@ -529,7 +530,7 @@ def test_fused_files_of_a_conv_next_to_a_conv_transpose_compute_the_original_at_
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "m.safetensors", Path(tmp) / "m.fused.safetensors"
         models.save(src, tensors, doc)
-        report = model.fuse_file(str(src), str(out), policy="all").to_dict()
+        report = model.fuse_file(str(src), str(out), Options(policy="all")).to_dict()
         fused_doc, fused = models.described(out)
     ops = [layer["op"] for layer in fused_doc["layers"]]
     merged = f"conv{nd}d" not in ops

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from convmerge.engine import plan
 from convmerge.graph import GraphError, parse
+from convmerge.options import Options
 
 from . import models
 from .models import describe, infos
@@ -51,7 +52,7 @@ def linear_chain(widths, between, biases, seed=0, dtype=torch.float64) -> tuple[
 
 def build(doc, tensors, policy="cheaper") -> plan.Plan:
     graph = parse(doc, infos(tensors))
-    return plan.build(graph, plan.Tensors(infos(tensors), tensors.__getitem__), None, policy)
+    return plan.build(graph, plan.Tensors(infos(tensors), tensors.__getitem__), Options(policy))
 
 
 def fused(p: plan.Plan, tensors: dict) -> tuple[dict, dict]:
@@ -311,7 +312,7 @@ def test_onnx_gemm_chains_merge_into_one_gemm_and_run_the_same_under_onnxruntime
         torch.onnx.export(net, (torch.randn(2, 3, 8, 8),), str(src), dynamo=False, opset_version=17,
                           do_constant_folding=False, input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "n"}})
-    report = cm_model.fuse_file(str(src), str(out), policy="all").to_dict()
+    report = cm_model.fuse_file(str(src), str(out), Options(policy="all")).to_dict()
     assert [len(m["layers"]) for m in report["merges"]] == [3]  # Gemm, BatchNormalization, Gemm
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert ops == ["Conv", "Relu", "GlobalAveragePool", "Flatten", "Gemm", "Relu", "Gemm"]
@@ -343,7 +344,7 @@ def test_onnx_matmul_by_a_transposed_weight_is_a_bias_less_linear_layer(tmp_path
                           do_constant_folding=False, input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "n"}})
     assert [n.op_type for n in onnx.load(str(src)).graph.node].count("MatMul") == 2
-    cm_model.fuse_file(str(src), str(out), policy="all")
+    cm_model.fuse_file(str(src), str(out), Options(policy="all"))
     fused = onnx.load(str(out)).graph
     assert [n.op_type for n in fused.node] == ["Flatten", "Gemm"]
     assert len(fused.initializer) == 2  # the merged weight and bias: the transposed weights are gone

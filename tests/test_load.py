@@ -17,6 +17,7 @@ from torch import nn
 
 import convmerge
 from convmerge import model
+from convmerge.options import Options
 
 from . import models, nets
 from .strategies import padding
@@ -43,7 +44,7 @@ def _sizes(name: str) -> list[tuple[int, ...]]:
 def _saved_and_fused(tmp_path: Path, net: nn.Module) -> tuple[Path, Path]:
     src, out = tmp_path / "m.safetensors", tmp_path / "m.fused.safetensors"
     convmerge.save(net, src)
-    model.fuse_file(str(src), str(out), policy="all")
+    model.fuse_file(str(src), str(out), Options(policy="all"))
     return src, out
 
 
@@ -76,7 +77,7 @@ def test_bn_and_pad_with_per_channel_values_loads_fused_and_unfused(tmp_path):
     doc, tensors = nets.dbb_description(net)
     src = models.save(tmp_path / "dbb.safetensors", tensors, doc)
     out = tmp_path / "dbb.fused.safetensors"
-    model.fuse_file(str(src), str(out), policy="all")
+    model.fuse_file(str(src), str(out), Options(policy="all"))
     unfused, fused = convmerge.load(src), convmerge.load(out)
     assert "kxk_pad.value" in unfused.state_dict() and len(list(fused.parameters())) <= 2
     _same_state(unfused, src)

@@ -16,6 +16,7 @@ from torch import nn
 import convmerge
 from convmerge.frontends import argument_ops, trace_export, trace_fx
 from convmerge import model
+from convmerge.options import Options
 
 from . import models, nets
 
@@ -79,7 +80,7 @@ def _net(name: str) -> nn.Module:
 def _fused(tmp_path: Path, net: nn.Module) -> Path:
     src, out = tmp_path / "m.safetensors", tmp_path / "m.fused.safetensors"
     convmerge.save(net, src)
-    model.fuse_file(str(src), str(out), policy="all")
+    model.fuse_file(str(src), str(out), Options(policy="all"))
     return out
 
 

@@ -14,6 +14,7 @@ from torch import nn
 import convmerge
 from convmerge import io, model
 from convmerge.frontends.modules import conv_calls
+from convmerge.options import Options
 
 from . import models, nets
 
@@ -45,7 +46,7 @@ def test_fused_file_computes_the_same_function(tmp_path, name):
     convmerge.save(net, src)
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     out = tmp_path / "m.fused.safetensors"
-    rep = model.fuse_file(str(src), str(out), policy="all")
+    rep = model.fuse_file(str(src), str(out), Options(policy="all"))
     assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
     doc0, state0 = models.described(src)
     doc1, state1 = models.described(out)
@@ -55,7 +56,7 @@ def test_fused_file_computes_the_same_function(tmp_path, name):
         assert torch.allclose(models.evaluate(doc0, state0, x)[0], net(x), rtol=1e-9, atol=1e-9)
     assert rep.summary()["merged"] == sum(p.applied for p in rep.pairs)
     # Self-describing: a second fuse finds nothing more.
-    again = model.fuse_file(str(out), str(tmp_path / "again.safetensors"), policy="all")
+    again = model.fuse_file(str(out), str(tmp_path / "again.safetensors"), Options(policy="all"))
     assert again.summary()["merged"] == 0
     # Untouched tensors are copied bit for bit; the header says format pt.
     kept = set(state0) & set(state1)
@@ -116,7 +117,7 @@ def test_batch_norm_after_a_merged_chain_is_absorbed(tmp_path):
     assert torch.allclose(fused(x), net(x), atol=1e-9)
     src = tmp_path / "v.safetensors"
     convmerge.save(net, src)
-    model.fuse_file(str(src), str(tmp_path / "o.safetensors"), policy="all")
+    model.fuse_file(str(src), str(tmp_path / "o.safetensors"), Options(policy="all"))
     doc, state = models.described(tmp_path / "o.safetensors")
     assert [layer["op"] for layer in doc["layers"]] == ["conv2d", "relu", "conv2d", "relu"]
     assert doc["layers"][3]["input"] == "7" and not any(k.startswith(("1.", "3.", "6.", "8.")) for k in state)
@@ -155,7 +156,7 @@ def test_integer_weights_are_never_merged_and_copied_untouched(tmp_path):
     state = {"a.weight": torch.randint(-5, 5, (2, 2, 1, 1), dtype=torch.int8), "b.weight": torch.randn(2, 2, 1, 1)}
     src = tmp_path / "q.safetensors"
     save_file(state, src, metadata={"convmerge.graph": json.dumps(doc)})
-    rep = model.fuse_file(str(src), str(tmp_path / "o.safetensors"), policy="all")
+    rep = model.fuse_file(str(src), str(tmp_path / "o.safetensors"), Options(policy="all"))
     assert rep.pairs[0].verdict == "skipped" and not rep.merges
     h = io.read_header(tmp_path / "o.safetensors")
     assert torch.equal(io.read_tensor(h, "a.weight"), state["a.weight"])

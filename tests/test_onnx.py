@@ -37,6 +37,7 @@ from convmerge.graph import GraphError  # noqa: E402
 from convmerge.io import ModelFileError  # noqa: E402
 from convmerge.frontends.onnx_read import read_model  # noqa: E402
 from convmerge.engine.plan import VerificationError  # noqa: E402
+from convmerge.options import Options  # noqa: E402
 
 from . import nets  # noqa: E402
 from .models import evaluate  # noqa: E402
@@ -89,7 +90,7 @@ def ops(path: Path) -> list[str]:
 
 def fuse(path: Path, **kwargs: Any) -> tuple[Path, dict]:
     out = path.with_name(path.name.removesuffix(".onnx") + ".fused.onnx")
-    report = cm_model.fuse_file(str(path), str(out), **kwargs).to_dict()
+    report = cm_model.fuse_file(str(path), str(out), Options(**kwargs)).to_dict()
     return out, report
 
 
@@ -176,9 +177,9 @@ def test_static_size_acts_as_input_size(tmp_path: Path) -> None:
     assert cm_model.check_file(str(static)).to_dict()["input_size"] == [10, 10]
     assert cm_model.check_file(str(static)).to_dict()["regions"][0]["applied"] is True
     assert cm_model.check_file(str(dynamic)).to_dict()["regions"][0]["applied"] is False
-    assert cm_model.check_file(str(dynamic), input_size=(10, 10)).to_dict()["regions"][0]["applied"] is True
+    assert cm_model.check_file(str(dynamic), Options(input_size=(10, 10))).to_dict()["regions"][0]["applied"] is True
     with pytest.raises(GraphError, match="fixes its input size at 10x10"):
-        cm_model.check_file(str(static), input_size=(12, 12))
+        cm_model.check_file(str(static), Options(input_size=(12, 12)))
 
 
 def test_a_dynamic_model_fused_at_a_given_size_is_compared_at_that_size(tmp_path: Path) -> None:
@@ -200,7 +201,7 @@ def test_static_sizes_carry_past_opaque_nodes(tmp_path: Path) -> None:
                  helper.make_node("Conv", ["a", "w2"], ["y"], name="c2", pads=[1, 1, 1, 1])]
         proto = build(nodes, {"w1": weights(4, 4, 3, 3), "w2": weights(4, 4, 3, 3, seed=1)}, [1, 4, size, size])
         path = save(proto, tmp_path / f"m{size}.onnx")
-        report = cm_model.check_file(str(path), policy="all").to_dict()
+        report = cm_model.check_file(str(path), Options(policy="all")).to_dict()
         (pair,) = report["pairs"]
         assert pair["verdict"] == "size-dependent" and pair["applied"] is merged, (size, pair)
         if merged:

@@ -15,6 +15,7 @@ import torch
 
 from convmerge import model, ops
 from convmerge.graph import BN_TENSORS, CHANNEL_OPS, CONV_OPS, LINEAR_OPS, PASSTHROUGH_OPS
+from convmerge.options import Options
 from tests import models
 
 C = 3
@@ -87,7 +88,7 @@ def test_an_op_between_convs_fuses_into_one_conv_that_computes_the_same(op, tmp_
     tensors = {**t1, **tm, **t2}
     src = models.save(tmp_path / "m.safetensors", tensors, doc)
     out = tmp_path / "m.fused.safetensors"
-    model.fuse_file(str(src), str(out), policy="all", input_size=(8, 8))
+    model.fuse_file(str(src), str(out), Options(policy="all", input_size=(8, 8)))
     fused_doc, fused = models.described(out)
     assert not any(layer["name"] == "op" for layer in fused_doc["layers"]), f"{op} was not merged"
     for size in ((8, 8), (7, 9), (3, 4)):

@@ -17,6 +17,7 @@ from convmerge.engine.algebra import BatchNorm, Conv, fold_bn
 from convmerge.graph import parse
 from convmerge.maths.reasons import Why
 from convmerge.maths.spec import conv_spec, macs
+from convmerge.options import Options
 
 from . import models
 from .models import chain_of, infos
@@ -35,7 +36,7 @@ def mk(kernel, cin, cout, seed=0, **kw):
 def plan_of(convs, size=None, policy="all", bns=None) -> tuple[plan.Plan, dict, dict]:
     doc, tensors = chain_of(convs, bns)
     graph = parse(doc, infos(tensors))
-    return plan.build(graph, plan.Tensors(infos(tensors), tensors.__getitem__), size, policy), doc, tensors
+    return plan.build(graph, plan.Tensors(infos(tensors), tensors.__getitem__), Options(policy, size)), doc, tensors
 
 
 def fused(p: plan.Plan, tensors: dict) -> tuple[dict, dict]:
@@ -203,7 +204,7 @@ def test_written_tensors_are_the_verified_tensors_with_batch_norms_anywhere(tmp_
     path = tmp_path_factory.mktemp("bn") / "m.safetensors"
     models.save(path, {k: v.float() for k, v in tensors.items()}, doc)
     out = path.with_name("o.safetensors")
-    rep = model.fuse_file(str(path), str(out), policy=policy, force=True)
+    rep = model.fuse_file(str(path), str(out), Options(policy=policy), force=True)
     doc0, t0 = models.described(path)
     doc1, t1 = models.described(out)
     for size in [(12, 12), (15, 11)]:  # five 3x3 convs without padding need 11 per axis
@@ -212,7 +213,7 @@ def test_written_tensors_are_the_verified_tensors_with_batch_norms_anywhere(tmp_
         assert torch.allclose(models.evaluate(doc1, t1, x)[0], want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
     header = io.read_header(path)
     graph = parse(doc0, header.tensors)
-    again = plan.build(graph, model.file_tensors(header), None, policy)
+    again = plan.build(graph, model.file_tensors(header), Options(policy))
     for u in again.applied:
         assert torch.equal(t1[f"{u.name}.weight"], u.stored.weight)
     assert len(rep.merges) == len(again.applied)
@@ -251,7 +252,7 @@ def test_batch_norm_before_a_conv_folds_when_exact(mode, padding, groups):
     tensors.update({"bn.running_mean": bn.mean, "bn.running_var": bn.var, "bn.weight": bn.weight,
                     "bn.bias": bn.bias})
     graph = parse(doc, infos(tensors))
-    p = plan.build(graph, plan.Tensors(infos(tensors), tensors.__getitem__), None, "all")
+    p = plan.build(graph, plan.Tensors(infos(tensors), tensors.__getitem__), Options("all"))
     exact = mode != "zeros" or padding == 0
     assert bool(p.units) == exact
     assert p.regions[0].verdict == ("mergeable" if exact else "unmergeable")
@@ -356,11 +357,11 @@ def test_a_merge_refused_while_verifying_beside_the_copy_is_planned_again(tmp_pa
     _overflowing_f16_model(src)
     header = io.read_header(src)
     graph = parse(models.described(src)[0], header.tensors)
-    later = plan.build(graph, model.file_tensors(header), None, "all", verify_later=True)
+    later = plan.build(graph, model.file_tensors(header), Options("all"), verify_later=True)
     assert len(later.pending) == 2 and {u.name for u in later.applied} == {"c1", "c3"}
     assert later.verify() is False and [u.name for u in later.applied] == ["c3"]
     assert "overflow" in later.units[0].refused
-    rep = model.fuse_file(str(src), str(out), policy="all")
+    rep = model.fuse_file(str(src), str(out), Options(policy="all"))
     assert [m.into for m in rep.merges] == ["c3"]
     doc1, t1 = models.described(out)
     assert {"c0.weight", "c1.weight", "c3.weight"} <= set(t1) and "c2.weight" not in t1
@@ -379,7 +380,7 @@ def test_a_wrong_merge_found_beside_the_copy_leaves_no_file(tmp_path, monkeypatc
     models.save(src, dict(tensors, untouched=torch.randn(1 << 16)), doc)
     break_merges(monkeypatch)
     with pytest.raises(plan.VerificationError):
-        model.fuse_file(str(src), str(tmp_path / "o.safetensors"), policy="all")
+        model.fuse_file(str(src), str(tmp_path / "o.safetensors"), Options(policy="all"))
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
@@ -452,7 +453,7 @@ def test_a_pad_whose_border_the_next_conv_never_reads_is_no_border(tmp_path, pad
     doc = models.describe(layers, ["b"])
     tensors = {"a.weight": wa, "b.weight": wb}
     src = models.save(tmp_path / "m.safetensors", tensors, doc)
-    rep = model.fuse_file(str(src), str(tmp_path / "o.safetensors"), policy="all")
+    rep = model.fuse_file(str(src), str(tmp_path / "o.safetensors"), Options(policy="all"))
     (region,) = rep.regions
     assert region.verdict == "mergeable" and region.weight_dependent and region.applied, region.reason
     doc1, t1 = models.described(tmp_path / "o.safetensors")
@@ -526,6 +527,6 @@ def test_check_names_each_batch_norm_left_unfolded_and_what_stops_it(tmp_path):
     # the notes say what the fused file holds: exactly these batch norms are left in it
     src, out = tmp_path / "m.safetensors", tmp_path / "m.fused.safetensors"
     convmerge.save(net, src)
-    model.fuse_file(str(src), str(out), input_size=(12, 12))
+    model.fuse_file(str(src), str(out), Options(input_size=(12, 12)))
     kept = {k.rsplit(".", 1)[0] for k in io.read_header(out).tensors if k.endswith(".running_var")}
     assert kept == set(left), kept

@@ -23,6 +23,7 @@ from convmerge.engine import plan
 from convmerge.graph import parse
 from convmerge.engine.reduce import reduce_part
 from convmerge.maths.region import find_regions
+from convmerge.options import Options
 
 from . import models, nets
 from .models import infos
@@ -235,7 +236,7 @@ def test_random_regions_fuse_to_the_same_function(tmp_path_factory, built, polic
     b, cin, out = built
     path = tmp_path_factory.mktemp("r") / "m.safetensors"
     models.save(path, b.tensors, b.doc(out))
-    rep = model.fuse_file(str(path), str(path.with_name("o.safetensors")), policy=policy, force=True)
+    rep = model.fuse_file(str(path), str(path.with_name("o.safetensors")), Options(policy=policy), force=True)
     doc0, t0 = models.described(path)
     doc1, t1 = models.described(path.with_name("o.safetensors"))
     for size in [(9,) * b.nd, (12,) * b.nd]:
@@ -320,7 +321,7 @@ def test_dbb_branch_with_bn_and_pad_becomes_one_conv(tmp_path):
     doc, tensors = nets.dbb_description(net)
     path = models.save(tmp_path / "dbb.safetensors", tensors, doc)
     out = tmp_path / "o.safetensors"
-    rep = model.fuse_file(str(path), str(out), policy="all")
+    rep = model.fuse_file(str(path), str(out), Options(policy="all"))
     (region,) = rep.regions
     assert region.verdict == "mergeable" and region.applied
     doc1, t1 = models.described(out)
@@ -344,7 +345,7 @@ def test_bn_and_pad_value_rounded_where_the_response_nearly_cancels(tmp_path):
     assert abs(float(value[0])) < 0.01 < float(bn.bias[0].detach())
     tensors["kxk_pad.value"] = value + torch.tensor([4.4e-16, 0, 0, 0], dtype=torch.float64)  # DBB's rounding
     path = models.save(tmp_path / "dbb.safetensors", tensors, doc)
-    rep = model.fuse_file(str(path), str(tmp_path / "o.safetensors"), policy="all")
+    rep = model.fuse_file(str(path), str(tmp_path / "o.safetensors"), Options(policy="all"))
     (region,) = rep.regions
     assert region.verdict == "mergeable" and region.applied, region.reason
 
@@ -508,7 +509,7 @@ def test_a_region_after_a_concat_with_the_graph_input_is_judged_by_every_route(t
     doc = models.describe([layer, {"name": "cat", "op": "concat", "inputs": ["x", "c1"]}, tail], ["p"])
     path = models.save(tmp_path / "m.safetensors", tensors, doc)
     out = tmp_path / "o.safetensors"
-    report = model.fuse_file(str(path), str(out), policy="all")
+    report = model.fuse_file(str(path), str(out), Options(policy="all"))
     assert [r.verdict for r in report.regions] == ["unmergeable"]
     doc1, t1 = models.described(out)
     assert torch.allclose(models.evaluate(doc1, t1, x)[0], models.evaluate(doc, tensors, x)[0], atol=1e-12)

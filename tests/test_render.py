@@ -23,6 +23,7 @@ from convmerge.reporting import render
 from convmerge.reporting.explain import explain_pair
 from convmerge.graph import parse
 from convmerge.reporting.report import VERDICTS
+from convmerge.options import Options
 
 from .models import conv, describe, save, stack_model
 
@@ -87,14 +88,14 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize("which", ["stack", "long"])
 @pytest.mark.parametrize("verbose", [False, True])
 def test_check_report_keeps_numbers_whole(files: dict[str, Path], which: str, verbose: bool) -> None:
-    rep = model.check_file(str(files[which]), input_size=(10, 10)).to_dict()
+    rep = model.check_file(str(files[which]), Options(input_size=(10, 10))).to_dict()
     assert_whole(render.report, rep, names_of(files[which]), verbose)
 
 
 @pytest.mark.parametrize("which", ["stack", "long"])
 def test_fuse_report_keeps_numbers_whole(files: dict[str, Path], which: str, tmp_path: Path) -> None:
-    rep = model.fuse_file(str(files[which]), str(tmp_path / "out.safetensors"), input_size=(9, 9),
-                          policy="all").to_dict()
+    rep = model.fuse_file(str(files[which]), str(tmp_path / "out.safetensors"),
+                          Options(policy="all", input_size=(9, 9))).to_dict()
     assert rep["merges"], "no merges table to check"
     assert_whole(render.report, rep, names_of(files[which]))
 
@@ -124,7 +125,7 @@ def _explain(path: Path, first: str, second: str, size: Any) -> dict:
 
 @pytest.mark.parametrize("width", WIDTHS)
 def test_wrapped_reasons_are_indented(files: dict[str, Path], width: int) -> None:
-    rep = model.check_file(str(files["long"]), input_size=(10, 10)).to_dict()
+    rep = model.check_file(str(files["long"]), Options(input_size=(10, 10))).to_dict()
     lines = draw(render.report, rep, width, True).splitlines()
     first = next(i for i, line in enumerate(lines) if re.match(r"\s*1\. ", line))
     block = lines[first:]
@@ -176,7 +177,7 @@ def test_names_are_shown_literally_never_as_markup(tmp_path: Path) -> None:
     parts = [conv(a, "x", 2, 2, 3, gen=gen), conv(b, a, 2, 2, 3, padding=2, gen=gen)]
     path = save(tmp_path / "m.safetensors", {k: v for _, t in parts for k, v in t.items()},
                 describe([p[0] for p in parts], [b]))
-    text = draw(render.report, model.check_file(str(path), input_size=(9, 9)).to_dict(), 200)
+    text = draw(render.report, model.check_file(str(path), Options(input_size=(9, 9))).to_dict(), 200)
     assert f"{a} -> {b}" in text
     assert a in draw(render.inspect, model.inspect_file(str(path)), 200)
     assert f"{a} -> {b}" in draw(render.explain, _explain(path, a, b, (9, 9)), 200)

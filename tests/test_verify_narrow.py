@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from convmerge.engine import algebra, plan, verify
 from convmerge.engine.algebra import BatchNorm, Conv
 from convmerge.graph import GraphError, parse
+from convmerge.options import Options
 
 from .models import chain_of, describe, infos
 from .test_plan import mk
@@ -48,7 +49,7 @@ def repvgg_block(c: int, identity: str = "batch_norm", seed: int = 0) -> tuple[d
 
 def _plan(doc: dict, tensors: dict[str, torch.Tensor]) -> plan.Plan:
     graph = parse(doc, infos(tensors))
-    return plan.build(graph, plan.Tensors(infos(tensors), tensors.__getitem__), None, "all")
+    return plan.build(graph, plan.Tensors(infos(tensors), tensors.__getitem__), Options("all"))
 
 
 def _wide_runs(monkeypatch: pytest.MonkeyPatch, at_least: int) -> list[tuple[int, int]]:

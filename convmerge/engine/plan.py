@@ -33,6 +33,7 @@ from ..maths.region import Item, Region, Step, find_regions, layers_of, unit_nam
 from ..maths.spec import BYTE_WEIGHT, LAYER_OVERHEAD, ConvSpec, cost, fit_size, macs, padding_fields, params
 from ..ops import affine
 from ..ops.transpose import transpose_fields
+from ..options import POLICIES, Options  # noqa: F401 (POLICIES: importable from here as before)
 from ..reporting.report import MergeEntry, PairEntry, RegionEntry, Report
 from . import algebra, reference
 from .algebra import BatchNorm, Conv, Counterexample
@@ -43,7 +44,6 @@ from .verify import sizes as verification_sizes
 
 __all__ = ["Plan", "Tensors", "Unit", "VerificationError", "build", "POLICIES"]
 
-POLICIES = ("cheaper", "all")
 DEFAULT_COST_SIZE = 224
 """Spatial size per axis the cost model assumes where neither --input-size nor the graph tells."""
 KEEP_BYTES = 64 << 20
@@ -234,17 +234,16 @@ class Plan:
         return out
 
 
-def build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]] = None, policy: str = "cheaper",
+def build(graph: Graph, tensors: Tensors, options: Options = Options(),
           on_region: Optional[Callable[[], None]] = None, verify_later: bool = False) -> Plan:
-    """Judge every region and pair, choose and verify the merges (FORMAT.md, section 3).
+    """Judge every region and pair, choose and verify the merges (FORMAT.md, section 3), with the policy and
+    at the input size of `options` (validated where they entered; the size is fitted to the graph's axes here).
 
     `verify_later` leaves the verification of small merges (LATER_MAX, within KEEP_BYTES) to
     `Plan.verify`, which the writer runs while it copies the untouched tensors; the merges, their
     stored weights and the output's layout are all decided without it."""
-    if policy not in POLICIES:
-        raise ValueError(f"policy: {policy!r} is not one of {', '.join(POLICIES)}")
     with algebra.single_threaded():
-        return _build(graph, tensors, input_size, policy, on_region, verify_later)
+        return _build(graph, tensors, options.input_size, options.policy, on_region, verify_later)
 
 
 def _build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]], policy: str,
