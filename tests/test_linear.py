@@ -439,3 +439,21 @@ def test_the_cli_checks_explains_and_refuses_a_spatial_size_for_linear_layers(tm
         "convmerge: error: --input-size 8: layer '0' cannot run there: a linear layer reads a [N, C] value, with no "
         "spatial axes, not one of size 8"]
     assert path.read_bytes() == before
+
+
+def test_a_linear_head_behind_a_global_pool_is_no_conv_whose_size_was_lost() -> None:
+    """A linear layer has no spatial size to lose: the note about sizes lost behind an op names convs only."""
+    class Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fc1, self.fc2 = torch.nn.Linear(8, 64), torch.nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(self.fc1(self.conv(x).mean((2, 3))))
+
+    import convmerge
+
+    rep = convmerge.check(Head().eval(), input_size=(16, 16))
+    assert not [n for n in rep["notes"] if n.startswith("input sizes unknown")], rep["notes"]
+    assert [["fc1", "fc2"]] == [m["layers"] for m in rep["merges"]]

@@ -877,7 +877,7 @@ def _size_notes(plan: Plan, size_at: Mapping[str, Any], input_size: Optional[Seq
     if not input_size:
         return
     graph = plan.graph
-    lost = [n for n in graph.specs if size_at.get(graph.layers[n].inputs[0]) is None]
+    lost = [n for n, spec in graph.specs.items() if spec.ndim and size_at.get(graph.layers[n].inputs[0]) is None]
     if lost:
         first = lost[0]
         plan.notes.append(f"input sizes unknown for {len(lost)} conv(s) from '{first}' on (after an op whose output "
