@@ -626,3 +626,20 @@ def test_the_fx_fallback_reads_a_conv_transpose_module_and_keeps_one_given_outpu
     layers = {layer["name"]: layer for layer in trace_fx.describe(Up()).doc["layers"]}
     assert layers["a"]["op"] == "conv_transpose2d" and layers["a"]["output_padding"] == [1, 1]
     assert layers["b"]["op"] == "convtranspose2d"  # opaque: the output_padding comes from the size
+
+
+def test_the_summary_counts_transposed_convs_and_linear_layers_among_the_kernels() -> None:
+    """convs_before / convs_after count every layer with a kernel: a UNet step (convT -> conv -> BN) and a
+    two-layer head are 4 before and 2 after."""
+    class Step(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = nn.ConvTranspose2d(4, 4, 2, stride=2, bias=False)
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+            self.fc1, self.fc2 = nn.Linear(4, 16), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(self.fc1(torch.relu(self.bn(self.conv(self.up(x)))).mean((2, 3))))
+
+    rep = convmerge.check(Step().eval(), input_size=(8, 8), policy="all")
+    assert (rep["summary"]["convs_before"], rep["summary"]["convs_after"]) == (4, 2), rep["merges"]

@@ -206,7 +206,8 @@ class Plan:
                      cost_size=list(self.cost_size) if self.cost_size else None)
         rep.pairs, rep.regions, rep.notes = list(self.pairs), list(self.regions), list(self.notes)
         rep.merges = [_merge_entry(u) for u in self.applied]
-        rep.convs = sum(layer.op in CONV_OPS for layer in self.graph.layers.values())
+        rep.convs = sum(layer.op in CONV_OPS or ops.kind(layer.op) is ops.Kind.CONV_TRANSPOSE  # linear layers too
+                        for layer in self.graph.layers.values())
         return rep
 
     def description(self) -> dict:
