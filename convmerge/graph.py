@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 from .ops import affine, linear
 from . import ops, strictjson
 from .errors import ConvmergeError, Kind
+from .maths.reasons import Why
 from .maths.spec import ConvSpec, PadSpec, PoolSpec, SpecError, pad_spec, padding_fields, pool_spec, spec_from_fields
 from .ops.transpose import TransposeSpec, transpose_fields, transpose_spec_from_fields
 
@@ -70,7 +71,7 @@ class Pair:
     first: str
     second: str
     via: tuple[str, ...]
-    blocked: Optional[str] = None  # why it is skipped (another consumer, not float...)
+    blocked: Optional[Why] = None  # why it is skipped (another consumer, not float...)
 
 
 @dataclass
@@ -167,22 +168,23 @@ class Graph:
             self._index = {n: i for i, n in enumerate(self.layers)}
         return self._index
 
-    def _blocked(self, first: str, via: list[str], second: str) -> Optional[str]:
+    def _blocked(self, first: str, via: list[str], second: str) -> Optional[Why]:
         for name in [first, *via]:
             if name in self.outputs:
-                return f"{name} is a graph output"
+                return Why.of("graph-output", layer=name)
             if len(self.consumers.get(name, [])) > 1:
-                return f"{name} has {len(self.consumers[name])} consumers"
+                return Why.of("other-consumers", layer=name, count=len(self.consumers[name]))
         for name in via:
             if self.layers[name].fields.get("_not_float"):  # a batch norm's or an affine layer's tensors
-                return f"{name} has non-float statistics"
+                return Why.of("non-float-statistics", layer=name)
         for name in (first, second):
             if self.layers[name].fields.get("_not_float"):
-                return f"{name} has non-float weights"
-        if self.specs[first].ndim != self.specs[second].ndim:
-            return f"{second} has {self.specs[second].ndim} spatial axes, {first} {self.specs[first].ndim}"
-        if self.specs[first].out_channels != self.specs[second].in_channels:
-            return f"{second} takes {self.specs[second].in_channels} channels, {first} gives {self.specs[first].out_channels}"
+                return Why.of("non-float-weights", layer=name)
+        a, b = self.specs[first], self.specs[second]
+        if a.ndim != b.ndim:
+            return Why.of("axes-differ", first=first, second=second, axes1=a.ndim, axes2=b.ndim)
+        if a.out_channels != b.in_channels:
+            return Why.of("channels-differ", first=first, second=second, gives=a.out_channels, takes=b.in_channels)
         return None
 
 

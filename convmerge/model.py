@@ -313,7 +313,8 @@ def _tensor_listing(path: str, tensors: Mapping[str, Any], metadata_keys: list[s
 
 
 def _pairs(g: Graph) -> list[dict[str, Any]]:
-    return [{"first": p.first, "second": p.second, "via": list(p.via), "blocked": p.blocked} for p in g.pairs()]
+    return [{"first": p.first, "second": p.second, "via": list(p.via), "blocked": p.blocked and p.blocked.text()}
+            for p in g.pairs()]
 
 
 def _natural(name: str) -> tuple:

@@ -211,3 +211,16 @@ def test_a_sub_takes_two_inputs_of_one_shape(inputs, words):
     with pytest.raises(GraphError) as e:
         parse(doc, infos(tensors))
     assert "layer 'd'" in str(e.value) and words in str(e.value), str(e.value)
+
+
+def test_a_skipped_pair_says_why_as_data() -> None:
+    """Pair.blocked is a reason with a kind (maths/reasons.py), rendered from the one table."""
+    c1, t1 = models.conv("c1", "x", 3, 4, 3, padding=1)
+    c2, t2 = models.conv("c2", "c1", 4, 4, 3, padding=1)
+    c3, t3 = models.conv("c3", "c1", 4, 2, 1)
+    graph = parse(models.describe([c1, c2, c3], ["c2", "c3"]), models.infos({**t1, **t2, **t3}))
+    kinds = {(p.first, p.second): p.blocked for p in graph.pairs()}
+    why = kinds[("c1", "c2")]
+    assert why is not None and why.kind == "other-consumers" and why.as_dict() == {
+        "kind": "other-consumers", "layer": "c1", "count": 2}
+    assert why.text() == "c1 has 2 consumers"

@@ -28,7 +28,7 @@ import torch
 from .. import ops
 from ..errors import ConvmergeError, Kind
 from ..graph import CONV_OPS, JOIN_OPS, LINEAR_OPS, POOL_OPS, Graph, GraphError
-from ..maths.reasons import Outcome, sentence
+from ..maths.reasons import Outcome, Why, sentence
 from ..maths.region import Item, Region, Step, find_regions, layers_of, unit_name
 from ..maths.spec import BYTE_WEIGHT, LAYER_OVERHEAD, ConvSpec, cost, fit_size, macs, padding_fields, params
 from ..ops import affine
@@ -135,7 +135,7 @@ class Unit:
     macs_after: int
     params_before: int
     params_after: int
-    refused: Optional[str] = None  # exact, but its stored weights would be off: not applied
+    refused: Optional[Why] = None  # exact, but its stored weights would be off: not applied
 
     @property
     def stored(self) -> Conv:
@@ -595,7 +595,7 @@ def _judge_pair(graph: Graph, loader: Loader, pair: Any, size_at: Mapping[str, A
                 cost_at: Mapping[str, Any]) -> PairEntry:
     """An adjacent conv pair (conv, batch norms/identity, conv) with its own verdict (FORMAT.md section 3)."""
     if pair.blocked is not None:
-        return PairEntry(pair.first, pair.second, list(pair.via), "skipped", f"not merged: {pair.blocked}")
+        return PairEntry(pair.first, pair.second, list(pair.via), "skipped", f"not merged: {pair.blocked.text()}")
     names = [pair.first, *pair.via, pair.second]
     a = loader.conv(pair.first)
     for v in pair.via:
@@ -865,7 +865,7 @@ def _bn_blocker(plan: Plan, name: str) -> str:
         return f"its input '{source}' is also " + (f"read by '{others[0]}'" if others else "a model output")
     unit = next((u for u in plan.units if name in u.layers and u.refused), None)
     if unit is not None:
-        return unit.refused
+        return unit.refused.text()
     region = next((r for r in plan.regions if name in r.layers), None)
     if region is not None:
         costlier = "; merged it would cost more" if region.verdict == "mergeable" else ""

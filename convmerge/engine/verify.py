@@ -30,6 +30,7 @@ import torch
 
 from . import algebra, reference
 from .algebra import BatchNorm, Conv
+from ..maths.reasons import Why
 from ..graph import CONV_OPS, JOIN_OPS, PASSTHROUGH_OPS, POOL_OPS, Graph
 from .reference import Params
 from ..maths.spec import ConvSpec, macs, pad_fits
@@ -292,13 +293,12 @@ def _first(ok: Callable[[int], bool], limit: int = 1 << 20) -> Optional[int]:
     return hi
 
 
-def storage_problem(rounding: float, dtype: torch.dtype) -> Optional[str]:
+def storage_problem(rounding: float, dtype: torch.dtype) -> Optional[Why]:
     """A merge whose weights overflow or underflow their dtype would change the model: refuse it."""
     limit = ROUNDING_ULPS * torch.finfo(dtype).eps
     if rounding <= limit:
         return None
     name = str(dtype).removeprefix("torch.")
     off = "overflow" if rounding == float("inf") else f"are off by {rounding:.2g} (relative)"
-    return (f"merge refused: stored as {name} the merged weights {off}, more than {ROUNDING_ULPS} ulps; "
-            "the layers stay unmerged")
+    return Why.of("storage-rounding", dtype=name, off=off, ulps=ROUNDING_ULPS)
 

@@ -94,6 +94,16 @@ SENTENCES: dict[str, tuple[frozenset[Outcome], str]] = {
                                 "divisor) on {axis} at some sizes"),
     "pad-value": (INEXACT, "pad {layer} fills its border with {value}, not with what the layers before it give a "
                            "zero input, so the border differs from any conv's"),
+    # Pairs skipped before any rule is applied (graph.Pair.blocked): the verdict is 'skipped'.
+    "graph-output": (NOTE, "{layer} is a graph output"),
+    "other-consumers": (NOTE, "{layer} has {count} consumers"),
+    "non-float-statistics": (NOTE, "{layer} has non-float statistics"),
+    "non-float-weights": (NOTE, "{layer} has non-float weights"),
+    "axes-differ": (NOTE, "{second} has {axes2} spatial axes, {first} {axes1}"),
+    "channels-differ": (NOTE, "{second} takes {takes} channels, {first} gives {gives}"),
+    # A merge that is exact but refused for its storage dtype (plan.Unit.refused).
+    "storage-rounding": (NOTE, "merge refused: stored as {dtype} the merged weights {off}, more than {ulps} ulps; the "
+                               "layers stay unmerged"),
     # Remarks after a verdict.
     "pytorch-pad-limit": (NOTE, "PyTorch runs the merged conv's {mode} padding of {pad} only on inputs with "
                                 "{axis} >= {least} ({rule}), while the layers also run at {axis} = {smallest}"),

@@ -51,7 +51,7 @@ def explain_pair(graph: Graph, tensors: Tensors, first: str, second: str,
     if folded and graph.specs[first].bias is False:
         specs[0]["bias_from"] = f"{', '.join(folded)} (shift folded)"
     return {
-        "kind": "pair", "first": first, "second": second, "via": list(pair.via), "blocked": pair.blocked,
+        "kind": "pair", "first": first, "second": second, "via": list(pair.via), "blocked": pair.blocked and pair.blocked.text(),
         "specs": specs,
         "conditions": side_conditions(v, size),
         "candidate": dict(padding_fields(v.candidate), bias=v.candidate.bias),
