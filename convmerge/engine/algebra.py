@@ -355,7 +355,9 @@ def compose_kernels(conv1: Conv, conv2: Conv, groups: int) -> torch.Tensor:
     """The full (untrimmed) kernel of conv2 after conv1: K[c] = sum over d1*a + s1*d2*b = c of W2[b] W1[a].
 
     One batched float64 GEMM over the middle channels for every pair of taps (a, b), then each
-    product is added at its merged tap: GEMM speed, where a float64 conv_transpose is ~5x slower.
+    product is added at its merged tap: GEMM speed, where a float64 conv_transpose is ~5x slower.  A depthwise
+    conv next to a dense one (FastViT's 7x7 depthwise before its 1x1 expansion) takes the products directly: its
+    GEMM over a block-diagonal weight multiplied zeros, c1 times the work, for the same sums (one term each).
     """
     s1, s2 = conv1.spec, conv2.spec
     g = groups
@@ -363,10 +365,17 @@ def compose_kernels(conv1: Conv, conv2: Conv, groups: int) -> torch.Tensor:
     w2 = _regroup(conv2.weight.double(), s2.groups, g)  # [C2, C1/g, *k2]
     c0, c1, c2 = s1.in_channels, s1.out_channels, s2.out_channels
     k1, k2 = math.prod(s1.kernel_size), math.prod(s2.kernel_size)
-    left = w2.reshape(g, c2 // g, c1 // g, k2).permute(0, 1, 3, 2).reshape(g, (c2 // g) * k2, c1 // g)
-    right = w1.reshape(g, c1 // g, (c0 // g) * k1)
-    with parallel(g * left.shape[1] * left.shape[2] * right.shape[2]):
-        products = torch.bmm(left, right).view(g, c2 // g, k2, c0 // g, k1)  # [g, o, b, i, a]
+    if s1.groups == c0 == c1 and g == 1 and c1 > 1:  # depthwise, then dense: middle channel m reads input m only
+        w2d = conv2.weight.double().reshape(c2, c1, k2).permute(0, 2, 1)  # [o, b, m]
+        products = (w2d.unsqueeze(3) * conv1.weight.double().reshape(1, 1, c1, k1)).unsqueeze(0)
+    elif s2.groups == c1 == c2 and g == 1 and c1 > 1:  # dense, then depthwise: output o reads middle channel o only
+        w2d = conv2.weight.double().reshape(c2, k2)  # [o, b]
+        products = (w2d.view(c2, k2, 1, 1) * conv1.weight.double().reshape(c1, 1, c0, k1)).unsqueeze(0)
+    else:
+        left = w2.reshape(g, c2 // g, c1 // g, k2).permute(0, 1, 3, 2).reshape(g, (c2 // g) * k2, c1 // g)
+        right = w1.reshape(g, c1 // g, (c0 // g) * k1)
+        with parallel(g * left.shape[1] * left.shape[2] * right.shape[2]):
+            products = torch.bmm(left, right).view(g, c2 // g, k2, c0 // g, k1)  # [g, o, b, i, a]
     extent = [a1.extent + a1.stride * (a2.extent - 1) for a1, a2 in zip(s1.axes, s2.axes)]
     index = _tap_index(s1.axes, s2.axes, tuple(extent))
     kernel = torch.zeros(g, c2 // g, c0 // g, math.prod(extent), dtype=torch.float64)
