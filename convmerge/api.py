@@ -122,7 +122,8 @@ def save(module: nn.Module, path: Union[str, os.PathLike], *, force: bool = Fals
     """Write the module's state dict as safetensors with its graph description in the header (and the
     kernels the trace computed from parameters, which the state dict does not hold)."""
     leaves = Options.of("convmerge.save", leaves=leaves).leaves
-    traced = trace.describe_module(module, type(module).__name__, leaves=leaves, runnable=False)
+    # A copy is traced: finding the example input runs the forward, which may change buffers the module writes.
+    traced = trace.describe_module(copy.deepcopy(module), type(module).__name__, leaves=leaves, runnable=False)
     doc = traced.doc
     state = {k: v.detach().cpu().contiguous() for k, v in {**module.state_dict(), **traced.tensors}.items()}
     parse(doc, model.module_tensors(state).info, "traced module")

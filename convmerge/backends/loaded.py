@@ -109,16 +109,24 @@ class Loaded(nn.Module):
     """Runs a description's graph: `forward(*inputs)` takes the graph's inputs in order and returns its
     output (a tuple for several)."""
 
-    def __init__(self, inputs: tuple[str, ...], steps: tuple[Step, ...], outputs: tuple[int, ...]) -> None:
+    def __init__(self, inputs: tuple[str, ...], steps: tuple[Step, ...], outputs: tuple[int, ...],
+                 rank: Optional[int] = None) -> None:
         super().__init__()
         self._convmerge_inputs = inputs
         self._convmerge_steps = steps
         self._convmerge_outputs = outputs
+        self._convmerge_rank = rank  # the inputs' rank the description was traced at (None: not recorded)
 
     def forward(self, *inputs: torch.Tensor) -> Union[torch.Tensor, tuple[torch.Tensor, ...]]:
         names = self._convmerge_inputs
         if len(inputs) != len(names):
             raise TypeError(f"the model takes {len(names)} input(s) ({', '.join(names)}), not {len(inputs)}")
+        rank = self._convmerge_rank
+        if rank is not None and any(isinstance(x, torch.Tensor) and x.dim() != rank for x in inputs):
+            got = ", ".join(str(x.dim()) for x in inputs if isinstance(x, torch.Tensor))
+            raise ValueError(f"the description was traced on inputs of rank {rank} (batch, channels and "
+                             f"{rank - 2} spatial axes), and at another rank its layers would mean other things "
+                             f"(a Linear maps the last axis, a per-channel op axis 1); got rank {got}")
         values: list[Any] = [*inputs, *([None] * len(self._convmerge_steps))]
         for k, step in enumerate(self._convmerge_steps):
             values[len(names) + k] = self._run(step, [values[i] for i in step.inputs])
@@ -178,7 +186,9 @@ def load(path: Union[str, os.PathLike], *, arch: Union[nn.Module, str, None] = N
     clash = sorted(set(plan.modules) & set(plan.copies))
     if clash:
         raise ValueError(f"{path}: layer {clash[0]!r} is described as a layer and taken from arch too")
-    root = Loaded(graph.inputs, plan.steps, plan.outputs)
+    traced = graph.doc.get("traced_input")
+    rank = 2 + len(traced) if isinstance(traced, list) and len(traced) <= 3 else None
+    root = Loaded(graph.inputs, plan.steps, plan.outputs, rank)
     for target, module in sorted({**plan.modules, **plan.copies}.items(), key=lambda item: item[0].count(".")):
         _place(root, target, module, path)
     state = {name: io.read_tensor(header, name) for name in header.tensors}

@@ -82,6 +82,8 @@ def fused_module(module: nn.Module, plan: Optional[Plan], traced: Traced, dynami
     checks = [c for c in (sized, only_shape) if c is not None]
     if checks:
         _only_at(gm, checks[0] if len(checks) == 1 else InputShapeCheck(checks[-1].shapes, False, checks[-1].why))
+    elif traced.example:
+        _only_at(gm, InputRankCheck([t.dim() for t in traced.example]))
     graph.lint()
     gm.delete_all_unused_submodules()
     return FusedModule(gm, graph)
@@ -145,13 +147,34 @@ def _differentiable_in_place(node: fx.Node) -> bool:
     return isinstance(slope, (int, float)) and slope > 0
 
 
-def _only_at(gm: fx.GraphModule, check: InputShapeCheck) -> None:
+def _only_at(gm: fx.GraphModule, check: nn.Module) -> None:
     """Call ``check`` on the inputs first."""
     graph = gm.graph
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
-    gm.add_module("input_shape_check", check)
+    name = "input_shape_check" if isinstance(check, InputShapeCheck) else "input_rank_check"
+    gm.add_module(name, check)
     with graph.inserting_after(inputs[-1]):
-        graph.call_module("input_shape_check", tuple(inputs))
+        graph.call_module(name, tuple(inputs))
+
+
+class InputRankCheck(nn.Module):
+    """Raises ValueError unless every tensor input has the rank the module was traced at: at another rank the
+    original's layers may mean other things (a Linear maps the last axis, a BatchNorm1d axis 1), which a module
+    traced at [N, C] does not compute."""
+
+    _is_impure = True  # no output, still run
+
+    def __init__(self, ranks: Sequence[int]) -> None:
+        super().__init__()
+        self.ranks = list(ranks)
+
+    def forward(self, *inputs: Any) -> None:
+        tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+        for x, want in zip(tensors, self.ranks):
+            if x.dim() != want:
+                raise ValueError(f"this fused module was traced on inputs of rank {want} and runs only at that rank "
+                                 f"(at another the original's layers may mean other things); it got rank {x.dim()}: "
+                                 "fuse again with example_inputs of that rank")
 
 
 class InputShapeCheck(nn.Module):

@@ -12,7 +12,7 @@ import itertools
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Collection, Optional
 
 import torch
 from torch import fx, nn
@@ -82,8 +82,9 @@ class _Border:
 class Mapper:
     """Walks the exported graph once, in order, and writes one layer per value the model computes."""
 
-    def __init__(self, root: nn.Module, program: torch.export.ExportedProgram) -> None:
+    def __init__(self, root: nn.Module, program: torch.export.ExportedProgram, sized: Collection[str] = ()) -> None:
         self.root = root
+        self.sized = set(sized)  # transposed convs called with an output_size: opaque (their padding follows the size)
         self.program = program
         self.graph = program.graph
         self.modules = dict(root.named_modules())
@@ -127,7 +128,7 @@ class Mapper:
         doc = {"version": 1, "inputs": [self.names[n] for n in self.inputs], "layers": self.layers,
                "outputs": [self._name(n) for n in self.outputs]}
         first = self.inputs[0].meta.get("val") if self.inputs else None
-        if isinstance(first, torch.Tensor) and first.dim() >= 3:
+        if isinstance(first, torch.Tensor) and first.dim() >= 2:  # [] for an [N, C] input: the rank is recorded too
             doc["traced_input"] = list(first.shape[2:])
         notes = [f"layer {name!r} uses tensors computed from the module's parameters (returned beside the description)"
                  for name in self.computed]
@@ -162,8 +163,15 @@ class Mapper:
     # --- what each node is ---
 
     def _constants(self) -> set[fx.Node]:
-        """Nodes computed from parameters, buffers and constants only (never from the input)."""
-        const: set[fx.Node] = set(self.keys)
+        """Nodes computed from parameters, buffers and constants only (never from the input).  A buffer the
+        forward writes (a counter, a running statistic) is no constant: its value changes from call to call."""
+        written = set(self.program.graph_signature.buffers_to_mutate.values())
+        for node in self.graph.nodes:
+            target = node.target
+            if isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable and node.args and \
+                    node.args[0] in self.keys:
+                written.add(self.keys[node.args[0]])
+        const: set[fx.Node] = {n for n, key in self.keys.items() if key not in written}
         for node in self.graph.nodes:
             if node.op != "call_function" or node.target is LEAF:
                 continue
@@ -308,10 +316,11 @@ class Mapper:
         return True
 
     def _conv_transpose(self, node: fx.Node) -> bool:
-        """A transposed convolution (aten.conv_transpose*, or aten.convolution with transposed=True)."""
+        """A transposed convolution (aten.conv_transpose*, or aten.convolution with transposed=True); one whose
+        module was called with an `output_size` stays opaque (the output_padding it chose holds at this size)."""
         a = bind(node)
         x, weight, bias = a["input"], a["weight"], a["bias"]
-        if not self._active(x) or self._active(weight) or self._active(bias):
+        if not self._active(x) or self._active(weight) or self._active(bias) or self._path(node) in self.sized:
             return False
         shape = weight.meta["val"].shape
         nd, groups = len(shape) - 2, int(a["groups"])

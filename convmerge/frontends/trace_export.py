@@ -62,10 +62,11 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
     session = f"{id(module):x}.{next(SESSIONS)}"
     calls: dict[str, Any] = {}
     raised: list[bool] = []  # whether the symbolic export itself failed (then the fallback need not try it again)
-    once = None if opaque_modules else _export_once(module, example, symbolic=symbolic, raised=raised)
+    with _given_output_size(module) as sized:
+        once = None if opaque_modules else _export_once(module, example, symbolic=symbolic, raised=raised)
     if once is not None:
         try:
-            program, mapper = once, Mapper(module, once)
+            program, mapper = once, Mapper(module, once, sized)
             with _hinted(program.graph):
                 traced = mapper.describe()
             traced.graph_module = _from(program, module)
@@ -73,8 +74,9 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
             once = None
     if once is None:
         try:
-            program = _export_with_leaves(module, example, opaque_modules, session, calls)
-            mapper = Mapper(module, program)
+            with _given_output_size(module) as sized:
+                program = _export_with_leaves(module, example, opaque_modules, session, calls)
+            mapper = Mapper(module, program, sized)
             traced = mapper.describe()
             kept = {k: (OUTPUTS[k], STRUCTURES[k]) for k in OUTPUTS if k.startswith(session + "/")}
             traced.graph_module = runnable(module, example, program, kept, calls, tried=bool(raised) and symbolic)
@@ -89,6 +91,26 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
     with _hinted(program.graph):
         traced.example, traced.smallest = example, _smallest(program.graph, example[0].dim())
     return traced
+
+
+@contextlib.contextmanager
+def _given_output_size(module: nn.Module) -> Iterator[set[str]]:
+    """The transposed-conv modules called with an `output_size` while it lasts: the output_padding an export at
+    fixed sizes records for them holds at the traced size only (at another, `output_size` picks another), so the
+    mapper leaves them opaque."""
+    found: set[str] = set()
+    handles = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.modules.conv._ConvTransposeNd):
+            def hook(m: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
+                if (len(args) > 1 and args[1] is not None) or kwargs.get("output_size") is not None:
+                    found.add(name)
+            handles.append(sub.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _export_once(module: nn.Module, example: tuple[torch.Tensor, ...], symbolic: bool = True,
