@@ -646,10 +646,19 @@ class _Reader:
                 return {"op": _BINARY[op], "inputs": [x, self._data(ins[1])]}, {}
         return None
 
-    def _conv(self, ins: list[str], x: Optional[str], attrs: "_Attrs") -> Optional[tuple[dict, dict[str, str]]]:
+    def _weight_bias(self, ins: list[str], x: Optional[str]) -> Optional[tuple[str, str]]:
+        """The constant weight and bias ("" where absent) a Conv, ConvTranspose or Gemm reads after its data input
+        `x`; None where there is no data input or either is no constant."""
         weight, bias = ins[1] if len(ins) > 1 else "", ins[2] if len(ins) > 2 else ""
         if x is None or not self._const(weight) or (bias and not self._const(bias)):
             return None
+        return weight, bias
+
+    def _conv(self, ins: list[str], x: Optional[str], attrs: "_Attrs") -> Optional[tuple[dict, dict[str, str]]]:
+        found = self._weight_bias(ins, x)
+        if found is None:
+            return None
+        weight, bias = found
         dims = tuple(self.constants[weight].dims)
         nd = len(dims) - 2
         if f"conv{nd}d" not in CONV_OPS:
@@ -672,9 +681,10 @@ class _Reader:
     def _gemm(self, ins: list[str], x: Optional[str], attrs: "_Attrs") -> Optional[tuple[dict, dict[str, str]]]:
         """Gemm(A, B, C) as nn.Linear exports it: A a [N, C] value, B a constant [out, in] read transposed (transB
         1), C absent or a constant [out], alpha and beta 1.  Other forms (B to transpose, scaled) stay opaque."""
-        weight, bias = ins[1] if len(ins) > 1 else "", ins[2] if len(ins) > 2 else ""
-        if x is None or not self._const(weight) or (bias and not self._const(bias)):
+        found = self._weight_bias(ins, x)
+        if found is None:
             return None
+        weight, bias = found
         if attrs.int("transA", 0) or not attrs.int("transB", 0) or attrs.float("alpha", 1.0) != 1.0 or \
                 (bias and attrs.float("beta", 1.0) != 1.0):
             return None
@@ -704,9 +714,10 @@ class _Reader:
         full scatter, output_padding adds cells on the right, so PyTorch's padding is lo and its output_padding
         onnx's plus lo - hi, where that is in PyTorch's range (0 <= op < max(stride, dilation)).  output_shape
         and auto_pad SAME compute the pads from the output size: opaque, with a note."""
-        weight, bias = ins[1] if len(ins) > 1 else "", ins[2] if len(ins) > 2 else ""
-        if x is None or not self._const(weight) or (bias and not self._const(bias)):
+        found = self._weight_bias(ins, x)
+        if found is None:
             return None
+        weight, bias = found
         dims = tuple(self.constants[weight].dims)
         nd = len(dims) - 2
         if f"conv_transpose{nd}d" not in CONV_TRANSPOSE_OPS:
