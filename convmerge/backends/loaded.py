@@ -30,6 +30,7 @@ from ..graph import CONV_OPS, CONV_TRANSPOSE_OPS, POOL_OPS, Graph, GraphError
 from ..frontends.modules import conv_module
 from ..maths.spec import PadSpec
 from ..engine.transpose_tensors import transpose_module
+from .rebuild import check_rank
 
 __all__ = ["FUNCTIONS", "BatchNorm", "Loaded", "Pad", "load"]
 
@@ -121,12 +122,8 @@ class Loaded(nn.Module):
         names = self._convmerge_inputs
         if len(inputs) != len(names):
             raise TypeError(f"the model takes {len(names)} input(s) ({', '.join(names)}), not {len(inputs)}")
-        rank = self._convmerge_rank
-        if rank is not None and any(isinstance(x, torch.Tensor) and x.dim() != rank for x in inputs):
-            got = ", ".join(str(x.dim()) for x in inputs if isinstance(x, torch.Tensor))
-            raise ValueError(f"the description was traced on inputs of rank {rank} (batch, channels and "
-                             f"{rank - 2} spatial axes), and at another rank its layers would mean other things "
-                             f"(a Linear maps the last axis, a per-channel op axis 1); got rank {got}")
+        if self._convmerge_rank is not None:
+            check_rank(inputs, [self._convmerge_rank] * len(inputs), "the description")
         values: list[Any] = [*inputs, *([None] * len(self._convmerge_steps))]
         for k, step in enumerate(self._convmerge_steps):
             values[len(names) + k] = self._run(step, [values[i] for i in step.inputs])

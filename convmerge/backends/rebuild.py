@@ -169,12 +169,18 @@ class InputRankCheck(nn.Module):
         self.ranks = list(ranks)
 
     def forward(self, *inputs: Any) -> None:
-        tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
-        for x, want in zip(tensors, self.ranks):
-            if x.dim() != want:
-                raise ValueError(f"this fused module was traced on inputs of rank {want} and runs only at that rank "
-                                 f"(at another the original's layers may mean other things); it got rank {x.dim()}: "
-                                 "fuse again with example_inputs of that rank")
+        check_rank(inputs, self.ranks, "this fused module")
+
+
+def check_rank(inputs: Sequence[Any], ranks: Sequence[int], what: str) -> None:
+    """Raise ValueError where a tensor input's rank is not the one `what` was traced at (the fused module's check
+    and `convmerge.load`'s)."""
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    for x, want in zip(tensors, ranks):
+        if x.dim() != want:
+            raise ValueError(f"{what} was traced on inputs of rank {want} and runs only at that rank (at another the "
+                             "original's layers may mean other things: a Linear maps the last axis, a per-channel "
+                             f"op axis 1); it got rank {x.dim()}: trace again on inputs of that rank")
 
 
 class InputShapeCheck(nn.Module):
