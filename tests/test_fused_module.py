@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import convmerge
-from convmerge.backends import rebuild
+from convmerge.backends import endtoend, rebuild
 from convmerge.frontends import trace_export
 from convmerge.frontends.modules import conv_calls
 from convmerge.engine.plan import VerificationError
@@ -268,6 +268,31 @@ def test_a_merge_wrong_only_at_another_size_is_caught(monkeypatch) -> None:
     model = prepared(nn.Sequential(nn.Conv2d(3, 4, 3, padding=2, bias=False), nn.Conv2d(4, 4, 3, padding=1)))
     with pytest.raises(VerificationError, match="does not compute what the module does: the output has shape"):
         convmerge.fuse(model)
+
+
+class AtLeast(nn.Module):
+    """A conv that refuses inputs smaller than ``side`` (a model with a minimum size)."""
+
+    def __init__(self, side: int, only: bool = False) -> None:
+        super().__init__()
+        self.conv, self.side, self.only = nn.Conv2d(3, 4, 3, padding=1), side, only
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        if t.shape[-1] < self.side or (self.only and t.shape[-1] != self.side):
+            raise ValueError(f"needs {self.side}")
+        return self.conv(t)
+
+
+@pytest.mark.parametrize("model, second", [
+    (AtLeast(1), (2, 3, 33, 33)),  # about half, odd where the traced size is even
+    (AtLeast(40), (2, 3, 65, 65)),  # the original refuses half: one larger
+    (AtLeast(64, only=True), (2, 3, 64, 64)),  # the original runs at one size: another batch there
+])
+def test_the_check_runs_another_batch_at_a_smaller_size_of_the_other_parity(model: nn.Module, second: tuple) -> None:
+    cases = endtoend.Cases(prepared(model), (x(1, 3, 64, 64),), fixed_size=False, smallest=(64, 64))
+    shapes = [tuple(c.inputs[0].shape) for c in cases.cases]
+    assert shapes[:2] == [(1, 3, 64, 64), second]
+    assert sum(s[0] == 2 for s in shapes) == 1
 
 
 # --- a module that travels ----------------------------------------------------------------------------

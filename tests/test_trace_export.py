@@ -806,3 +806,37 @@ def test_a_constant_that_changes_the_dtype_stays_opaque() -> None:
     traced = trace(model, example_size=(1, 2, 5, 5))
     assert "affine" not in [op for _, op in ops(traced)]
 
+
+
+class Held(nn.Module):
+    """Every kind of tensor an export lifts: parameters, a persistent and a non-persistent buffer, a tensor
+    constant; keyword and tuple outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.register_buffer("shift", torch.randn(1, 4, 1, 1), persistent=False)
+        self.scale = torch.randn(1, 4, 1, 1)  # a plain attribute: a lifted constant
+
+    def forward(self, x: torch.Tensor, *, gain: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+        y = self.conv(x) * self.scale + self.shift
+        return y, {"gain": y * gain if gain is not None else y}
+
+
+def test_the_runnable_module_is_the_program_s_own() -> None:
+    """`trace_export._module` unlifts a program as `program.module()` does: same tensors (shared, same names),
+    same calling convention, same results at other sizes."""
+    from convmerge.frontends import trace_export
+
+    model = randomize_bn(Held()).eval()
+    x, gain = torch.randn(2, 3, 8, 8), torch.randn(1, 4, 1, 1)
+    dims = ({0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO},)
+    program = torch.export.export(model, (x,), {"gain": gain}, dynamic_shapes=dims + ({},), strict=False)
+    ours, theirs = trace_export._module(program), program.module()
+    assert {k: v.data_ptr() for k, v in ours.state_dict().items()}.items() >= {
+        k: v.data_ptr() for k, v in model.state_dict().items()}.items()
+    for shape in [(2, 3, 8, 8), (1, 3, 5, 7)]:
+        t = torch.randn(shape)
+        want = model(t, gain=gain)
+        for got in (ours(t, gain=gain), theirs(t, gain=gain)):
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1]["gain"], want[1]["gain"])

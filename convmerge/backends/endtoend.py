@@ -3,9 +3,11 @@ random inputs, at the traced shape and at others where the original runs, in flo
 
 It is the net under every tracer trick: whatever the trace or the rebuild got wrong (a lost in-place
 update, a shape fixed by the export, a merge put at the wrong node), the module is not returned.  The
-shapes: the traced one; batch 2 with every spatial size one larger (another batch, the other parity,
-which strided and ceil-mode layers treat differently); and the smallest size the original runs at near
-where its smallest intermediate map becomes 1 (a 32x32 input to a net that downsamples 32 times).  A
+shapes: the traced one; batch 2 with every spatial size about half the traced one and of the other parity
+(another batch, another size, the other parity, which strided and ceil-mode layers treat differently; at half the
+size, since a larger one exercises nothing more and cost three times the traced shape's run at 224x224), or one
+larger where the original does not run at half, else the traced size; and the smallest size the original runs at near where its
+smallest intermediate map becomes 1 (a 32x32 input to a net that downsamples 32 times).  A
 module that holds merges exact only at one input size is checked at that size, batch 1 and 2.
 """
 
@@ -70,18 +72,20 @@ class Cases:
         if fixed_size:
             more = [("batch 2", batch)]
         else:
-            more = [("batch 2, every spatial size one larger", [(2, *s[1:2], *(n + 1 for n in s[2:])) for s in batch])]
+            more = [("batch 2, every spatial size about half and of the other parity",
+                     [(2, *s[1:2], *(_other_parity(n // 2, n) for n in s[2:])) for s in batch]),
+                    ("batch 2, every spatial size one larger", [(2, *s[1:2], *(n + 1 for n in s[2:])) for s in batch]),
+                    ("batch 2", batch)]
             if smallest and all(len(s) == len(shapes[0]) for s in shapes):
                 start = [[max(1, n // m) for n, m in zip(s[2:], smallest)] for s in shapes]
                 more += [("a size where an intermediate map is 1", [(1, s[1], *(n + k for n in size))
                                                                    for s, size in zip(shapes, start)])
                          for k in range(_SMALL_TRIES)]
-        small = False
+        done: set[str] = set()  # the kinds of case found: "batch 2" (either size), "a size where" (the first that runs)
         for label, candidate in more:
-            if label.startswith("a size where") and small:
-                continue
-            if self._case(reference, label, candidate, found) is not None:
-                small = small or label.startswith("a size where")
+            kind = label.split(",")[0]
+            if kind not in done and self._case(reference, label, candidate, found) is not None:
+                done.add(kind)
         return found
 
     def _case(self, reference: nn.Module, label: str, shapes: list[tuple[int, ...]],
@@ -166,6 +170,12 @@ def _on_cpu(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     if dtype != model_dtype(module):
         copied = copied.to(dtype)
     return copied.eval()
+
+
+def _other_parity(size: int, traced: int) -> int:
+    """``size`` (at least 1), moved up by one where it has the traced size's parity."""
+    size = max(1, size)
+    return size + 1 if size % 2 == traced % 2 else size
 
 
 def _shapes(shapes: Sequence[Sequence[int]]) -> str:
