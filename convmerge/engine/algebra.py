@@ -378,17 +378,22 @@ def compose_kernels(conv1: Conv, conv2: Conv, groups: int) -> torch.Tensor:
             products = torch.bmm(left, right).view(g, c2 // g, k2, c0 // g, k1)  # [g, o, b, i, a]
     extent = [a1.extent + a1.stride * (a2.extent - 1) for a1, a2 in zip(s1.axes, s2.axes)]
     index = _tap_index(s1.axes, s2.axes, tuple(extent))
+    terms = products.permute(0, 1, 3, 2, 4).reshape(g, c2 // g, c0 // g, k2 * k1)
+    if index is None:  # one term per merged tap, in order (a 1x1 conv on either side): the terms are the kernel
+        return terms.reshape(c2, c0 // g, *extent)
     kernel = torch.zeros(g, c2 // g, c0 // g, math.prod(extent), dtype=torch.float64)
-    kernel.index_add_(3, index, products.permute(0, 1, 3, 2, 4).reshape(g, c2 // g, c0 // g, k2 * k1))
+    kernel.index_add_(3, index, terms)
     return kernel.reshape(c2, c0 // g, *extent)
 
 
 @lru_cache(maxsize=256)
-def _tap_index(axes1: tuple[Axis, ...], axes2: tuple[Axis, ...], extent: tuple[int, ...]) -> torch.Tensor:
+def _tap_index(axes1: tuple[Axis, ...], axes2: tuple[Axis, ...], extent: tuple[int, ...]) -> Optional[torch.Tensor]:
     """For each (b, a) in row-major order of (conv2 taps, conv1 taps): the merged tap, flattened (cached:
-    networks repeat their shapes; only ever read)."""
+    networks repeat their shapes; only ever read).  None where that is each merged tap once, in order (the
+    products need no summing: FastViT's 7x7 depthwise before a 1x1 expansion to 1152 channels, whose float64
+    kernel is 170 MB, written once instead of four times)."""
     if not axes1:
-        return torch.zeros(1, dtype=torch.long)  # linear layers: one tap each
+        return None  # linear layers: one tap each
     grids_b = torch.meshgrid(*[torch.arange(a.kernel) for a in axes2], indexing="ij")
     grids_a = torch.meshgrid(*[torch.arange(a.kernel) for a in axes1], indexing="ij")
     index = torch.zeros(math.prod(a.kernel for a in axes2), math.prod(a.kernel for a in axes1), dtype=torch.long)
@@ -396,7 +401,8 @@ def _tap_index(axes1: tuple[Axis, ...], axes2: tuple[Axis, ...], extent: tuple[i
         a1, a2 = axes1[k], axes2[k]
         pos = (grids_b[k].reshape(-1, 1) * (a1.stride * a2.dilation) + grids_a[k].reshape(1, -1) * a1.dilation)
         index = index * extent[k] + pos
-    return index.reshape(-1)
+    index = index.reshape(-1)
+    return None if torch.equal(index, torch.arange(math.prod(extent))) else index
 
 
 def cast(conv: Conv, dtype: torch.dtype) -> Conv:
