@@ -4,9 +4,11 @@ symbolic batch and spatial sizes, the export `fuse` itself runs so that its modu
 own `reparameterize_model`.
 
 Random weights, randomised batch-norm statistics, eval mode. The cases are interleaved (each rep runs
-every measure once, in turn) and each net's numbers are medians of the reps; the ratios
-(fuse / export, fuse / timm) come from the same run. `fuse` includes its end-to-end check of the returned
-module. `--profile NET` runs `fuse` once under cProfile instead and prints where the time goes.
+every measure once, in turn, after one round that warms up and is not kept) and each net's numbers are
+medians of the reps; the ratios (fuse / export, fuse / timm) come from the same run. `fuse` includes its end-to-end check of the returned
+module. Wall and CPU time (this process's user + system, which a shared machine's load inflates less; with
+`--threads 1` it is the work done) are both reported. `--profile NET` runs `fuse` once under cProfile instead and
+prints where the time goes.
 
     pip install -r benchmarks/requirements.txt
     python benchmarks/timm_speed.py --size 64 --reps 3 [--nets repvgg_a0,mobileone_s0] [--check]
@@ -99,15 +101,20 @@ def run(names: list[str], size: int, reps: int, check: bool) -> list[dict[str, A
         net = build(name)
         cases = measures(net, size, check)
         times: dict[str, list[float]] = {k: [] for k in cases}
-        for _ in range(reps):
+        cpu: dict[str, list[float]] = {k: [] for k in cases}
+        for rep in range(reps + 1):  # the first round warms up (lazy imports, torch's first export) and is not kept
             for key, fn in cases.items():
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     fn()
-                times[key].append(time.perf_counter() - start)
-        row = {"net": name, "size": size, **{k: median(v) for k, v in times.items()}, "all": times}
-        print(f"{name} @{size}: " + ", ".join(f"{k} {median(v):.2f} s" for k, v in times.items()), flush=True)
+                if rep:
+                    times[key].append(time.perf_counter() - start)
+                    cpu[key].append(time.process_time() - start_cpu)
+        row = {"net": name, "size": size, **{k: median(v) for k, v in times.items()},
+               **{f"{k}_cpu": median(v) for k, v in cpu.items()}, "all": times, "all_cpu": cpu}
+        print(f"{name} @{size}: " + ", ".join(f"{k} {median(v):.2f} s" for k, v in times.items()) + " (CPU: "
+              + ", ".join(f"{k} {median(v):.2f} s" for k, v in cpu.items()) + ")", flush=True)
         results.append(row)
     return results
 
@@ -151,6 +158,12 @@ def main(argv: list[str] | None = None) -> None:
                 [[r["net"], *(r[k] for k in keys), *(r[a] / r[b] for _, a, b in ratios)] for r in rows]))
     for label, a, b in ratios:
         print(f"median {label}: {median([r[a] / r[b] for r in rows]):.1f}")
+    print("\nCPU time (user + system of this process: the load inflates it less; with --threads 1 it is the work)\n")
+    print(table(["net", *(f"{k} CPU s" for k in keys), *(r[0] for r in ratios)],
+                [[r["net"], *(r[f"{k}_cpu"] for k in keys), *(r[f"{a}_cpu"] / r[f"{b}_cpu"] for _, a, b in ratios)]
+                 for r in rows]))
+    for label, a, b in ratios:
+        print(f"median {label} (CPU): {median([r[f'{a}_cpu'] / r[f'{b}_cpu'] for r in rows]):.1f}")
     print(f"\ncommand: python benchmarks/timm_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     write_json(f"timm_speed_{args.size}.json", {"args": vars(args), "rows": rows})
 
