@@ -31,7 +31,7 @@ import torch
 from . import algebra, reference
 from .algebra import BatchNorm, Conv
 from ..maths.reasons import Why
-from ..graph import CONV_OPS, JOIN_OPS, PASSTHROUGH_OPS, POOL_OPS, Graph
+from ..graph import CONV_OPS, JOIN_OPS, POOL_OPS, Graph
 from .reference import Params
 from ..maths.spec import ConvSpec, macs, pad_fits
 
@@ -41,7 +41,7 @@ VERIFY_TOLERANCE = 1e-9
 ROUNDING_ULPS = 64
 """How far (in units of the dtype's epsilon, relative to the layers' scale) stored merged weights may stray."""
 MAX_VERIFY_LENGTH = 512
-MIXES, NARROW_OUT = 4, 8
+MIXES = 4
 FULL_VERIFY_MACS = 1 << 22
 """Multiply-adds (layers, their magnitudes and the merged convs, inputs mixed) past which a size other than
 the covering one compares NARROW_OUT output channels, where the layers end in a dense conv (then batch norms)."""
@@ -60,32 +60,40 @@ def check(graph: Graph, params: Params, start: str, layers: Sequence[str], end: 
     """Relative errors of each version of the merge against the layers (see the module's docstring)."""
     gen = torch.Generator().manual_seed(0)
     spec = merged[0].spec
-    mix = None
+    mix = out = None
     if spec.groups == 1 and spec.in_channels > MIXES:
         mix = torch.randn(spec.in_channels, MIXES, generator=gen, dtype=torch.float64) / math.sqrt(MIXES)
+    if spec.groups == 1 and spec.ndim > 0 and spec.out_channels > MIXES:
+        out = torch.randn(MIXES, spec.out_channels, generator=gen, dtype=torch.float64) / math.sqrt(MIXES)
     wide = [reference.mixed(m, mix) for m in merged] if mix is not None else list(merged)
-    cut = _narrowed(graph, params, layers, end, wide, gen)
     covering = [s for s in sizes if covers(spec, s)]
     cover = min(covering, key=math.prod) if covering else None
-    ways = {False: (_Mixed(graph, params, start, mix), wide)}
-    if cut is not None:
-        ways[True] = (_Mixed(graph, cut[0], start, mix), cut[1])
+    oracle = _Mixed(graph, params, start, mix)
+    terms = _Mixed(graph, reference.Magnitudes(graph, params), start, None if mix is None else mix.abs())
     parts: dict[bool, list[tuple[int, ...]]] = {False: [], True: []}
     for s in sizes:
-        parts[cut is not None and cover is not None and s != cover and
-              _macs(graph, ways[False][0], start, layers, wide, mix, s) > FULL_VERIFY_MACS].append(s)
+        parts[out is not None and cover is not None and s != cover and
+              _macs(graph, oracle, start, layers, wide, mix, s) > FULL_VERIFY_MACS].append(s)
     errors, total = [0.0] * len(merged), 0
     for narrow, part in parts.items():
         if not part:
             continue
-        oracle, convs = ways[narrow]
-        terms = _Mixed(graph, reference.Magnitudes(graph, oracle.params), start, None if mix is None else mix.abs())
-        run = lambda x: reference.run(graph, oracle, start, layers, end, x, oracle.mix)  # noqa: E731
-        bound = lambda x: reference.run(graph, terms, start, layers, end, x, terms.mix)  # noqa: E731
+        q = out if narrow else None
+        convs = [_mixed_out(m, q) for m in wide] if q is not None else wide
+        run = lambda x: reference.run(graph, oracle, start, layers, end, x, oracle.mix, q)  # noqa: E731
+        bound = lambda x: reference.run(graph, terms, start, layers, end, x, terms.mix,  # noqa: E731
+                                        None if q is None else q.abs())
         got = algebra.max_errors(run, convs, part, convs[0].spec.in_channels, magnitude=bound)
         errors = [max(a, b) for a, b in zip(errors, got)]
         total += sum(_macs(graph, oracle, start, layers, convs, mix, s) for s in part)
     return Checked(errors, total)
+
+
+def _mixed_out(conv: Conv, out: torch.Tensor) -> Conv:
+    """The conv's outputs mixed: `out @ conv` ([m, out_channels]), the conv of m outputs, float64."""
+    weight = (out @ conv.weight.double().flatten(1)).view(out.shape[0], *conv.weight.shape[1:])
+    bias = None if conv.bias is None else out @ conv.bias.double()
+    return Conv(replace(conv.spec, out_channels=out.shape[0]), weight, bias)
 
 
 def covers(spec: ConvSpec, size: Sequence[int]) -> bool:
@@ -134,57 +142,6 @@ class _Mixed:
 
     def pad_value_dtype(self, name: str) -> torch.dtype:
         return self.params.pad_value_dtype(name)
-
-
-class _Narrow:
-    """The layers' tensors with the output cut to a few channels: the last dense conv's and its batch norms'
-    (reference.Params; slicing a weight is exact)."""
-
-    def __init__(self, params: Params, last: str, tail: set[str], keep: torch.Tensor) -> None:
-        self.params, self.last, self.tail, self.keep = params, last, tail, keep
-
-    def conv(self, name: str) -> Conv:
-        c = self.params.conv(name)
-        if name != self.last:
-            return c
-        return Conv(replace(c.spec, out_channels=len(self.keep)), c.weight[self.keep],
-                    None if c.bias is None else c.bias[self.keep])
-
-    def bn(self, name: str) -> BatchNorm:
-        bn = self.params.bn(name)
-        if name not in self.tail:
-            return bn
-        pick = lambda t: None if t is None else t[self.keep]  # noqa: E731
-        return BatchNorm(pick(bn.mean), pick(bn.var), bn.eps, pick(bn.weight), pick(bn.bias))
-
-    def pad_value(self, name: str) -> Optional[torch.Tensor]:
-        return self.params.pad_value(name)
-
-    def pad_value_dtype(self, name: str) -> torch.dtype:
-        return self.params.pad_value_dtype(name)
-
-
-def _narrowed(graph: Graph, params: Params, layers: Sequence[str], end: str, merged: Sequence[Conv],
-              gen: torch.Generator) -> Optional[tuple[_Narrow, list[Conv]]]:
-    """The layers and merged convs on NARROW_OUT random output channels, where the part ends in a dense conv
-    then batch norms, identities or dropouts, each value read by the next alone (None elsewhere)."""
-    cout = merged[0].spec.out_channels
-    if merged[0].spec.groups != 1 or cout <= NARROW_OUT:
-        return None
-    inside = set(layers)
-    path, cur = [], end
-    while cur in inside and graph.layers[cur].op in PASSTHROUGH_OPS:
-        path.append(cur)
-        cur = graph.layers[cur].inputs[0]
-    if cur not in inside or graph.layers[cur].op not in CONV_OPS or graph.specs[cur].groups != 1:
-        return None
-    chain = [cur, *reversed(path)]
-    if not all([c for c in graph.consumers.get(v, []) if c in inside] == [nxt] for v, nxt in zip(chain, chain[1:])):
-        return None
-    keep = torch.randperm(cout, generator=gen)[:NARROW_OUT]
-    pick = lambda b: None if b is None else b[keep]  # noqa: E731
-    convs = [Conv(replace(m.spec, out_channels=NARROW_OUT), m.weight[keep], pick(m.bias)) for m in merged]
-    return _Narrow(params, cur, set(path), keep), convs  # the convs: already mixed where the input is
 
 
 # --- verification sizes ----------------------------------------------------------------------------
