@@ -19,7 +19,7 @@ from .algebra import BatchNorm, Conv
 from ..graph import CONV_OPS, POOL_OPS, Graph
 from ..maths.spec import PadSpec, PoolSpec
 
-__all__ = ["Magnitudes", "Params", "avg_pool", "channel_mix", "mixed", "pad", "run", "takes_mix"]
+__all__ = ["Magnitudes", "Params", "avg_pool", "channel_mix", "mixed", "pad", "positive", "run", "takes_mix"]
 
 _POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
@@ -131,7 +131,7 @@ class _Outputs:
             scale, shift = self.params.bn(name).scale_shift()
             got = self.of(layer.inputs[0], q * scale)
             return got + (q * shift).sum(1).view(1, -1, *[1] * (got.dim() - 2))
-        if layer.op in ("add", "sub") and not isinstance(self.params, Magnitudes):
+        if layer.op in ("add", "sub") and not positive(self.params):
             terms = [self.of(src, q if i == 0 or layer.op == "add" else -q) for i, src in enumerate(layer.inputs)]
             return sum(terms[1:], terms[0])
         if layer.op in ("add", "sub"):  # the magnitudes of a - b are those of a + b
@@ -166,7 +166,7 @@ def _op(graph: Graph, params: Params, name: str, op: str, args: list[torch.Tenso
     if op == "add":
         return sum(args[1:], x)
     if op == "sub":  # the magnitudes of a - b are those of a + b
-        return x + args[1] if isinstance(params, Magnitudes) else x - args[1]
+        return x + args[1] if positive(params) else x - args[1]
     if op == "concat":
         return torch.cat(args, dim=graph.layers[name].fields.get("dim", 1))
     if op in POOL_OPS:
@@ -176,10 +176,18 @@ def _op(graph: Graph, params: Params, name: str, op: str, args: list[torch.Tenso
     raise ValueError(f"layer {name!r}: op {op!r} is not linear")
 
 
+def positive(params: Params) -> bool:
+    """Whether `params` give every term made positive (`Magnitudes`, or a wrapper that says so, as verify's
+    mixtures do): a difference is then summed."""
+    return bool(getattr(params, "positive", False))
+
+
 class Magnitudes:
     """The same layers with every term made positive (reference.Params): |weights| and |biases|, a batch norm
     as (x + |mean|) * |weight| / sqrt(var + eps) + |bias|, |pad values|.  Run on |x|, each output is the sum of
     the magnitudes of the terms the layers add there: the scale their float64 rounding is relative to."""
+
+    positive = True
 
     def __init__(self, graph: Graph, params: Params) -> None:
         self.graph, self.params = graph, params

@@ -121,6 +121,7 @@ class _Mixed:
 
     def __init__(self, graph: Graph, params: Params, start: str, mix: Optional[torch.Tensor]) -> None:
         self.graph, self.params, self.start, self.mix = graph, params, start, mix
+        self.positive = reference.positive(params)  # magnitudes: a difference is summed
         self._convs: dict[str, Conv] = {}
         self._bns: dict[str, BatchNorm] = {}
 
