@@ -6,18 +6,35 @@ than MIXES channels, the input is MIXES random mixtures of its channels: x = R u
 [channels, MIXES] matrix, u random.  A dense conv that reads x runs on u with its weight times R (exact:
 a conv is linear in its input channels); any other reader (a batch norm, an identity, a pad, a pooling:
 per-channel ops, an identity or BN branch being a delta) reads R u itself; the merged conv becomes its
-weight times R.  Where the check would still cost more than FULL_VERIFY_MACS at a size (a chain whose later
-convs are wide), its output there is compared on NARROW_OUT random channels of its last dense conv (and
-the batch norms after it) -- except at the smallest size where an output of the merged conv reads only
-the input on every tap ('covering'), where every output channel is compared.
+weight times R.  Where the check would still cost more than FULL_VERIFY_MACS at a size, and the size is not
+the covering one (below), the outputs are compared as MIXES random mixtures too: y -> Q y, Q a Gaussian
+[MIXES, channels] matrix.  The merged conv becomes Q times its weight and bias; on the layers' side Q goes back
+from the output (reference.run's `out`) through a dense conv (run with Q times its weight: its outputs are
+MIXES, whatever its inputs), a per-channel affine layer or batch norm s y + t (Q diag(s) goes on, Q t is
+added), an identity, a sum or difference (Q goes to each term) and the start (an identity branch reads Q R u);
+any other layer, or a value read twice, is computed whole and mixed.  At the size past the borders a chain
+with a wide hidden layer then costs its first conv and MIXES outputs of the others, not every output.
 
-Why nothing wrong hides.  The layers and the merged conv are both affine in x.  At the covering size, an
-output of every channel o sees every tap t of the merged conv on random input, so a difference D[o, c, t]
-between the merged weight and the layers' shows unless sum over c of D[o, c, t] R[c, j] is zero for every
-mixture j: for any D that is not zero, Gaussian R makes that an event of probability zero.  A wrong
+Why nothing wrong hides.  The layers and the merged conv are both affine in x.  At the smallest size where an
+output of the merged conv reads the input alone on every tap ('covering'), every output channel is compared
+(no output mixtures), and an output of every channel o sees every tap t on random input, so a difference
+D[o, c, t] between the merged weight and the layers' shows unless sum over c of D[o, c, t] R[c, j] is zero
+for every mixture j: for any D that is not zero, Gaussian R makes that an event of probability zero.  A wrong
 weight at any output channel, input channel or tap, or a wrong bias, is caught (tests/test_verify_narrow.py
-corrupts each entry in turn).  Grouped merged convs are checked on every channel (they are cheap: their
-weights hold a group's channels only).
+corrupts each entry in turn).  At the other sizes a difference d at an output position shows unless Q d = 0:
+probability zero for any d that is not zero, in whichever channels it lies (the 8 random channels compared there
+before saw a channel with probability 8/channels).  Grouped merged convs are checked on every channel (they are
+cheap: their weights hold a group's channels only).
+
+Why the covering size keeps every output channel.  Errors are relative to the largest magnitude of the terms
+the layers add (algebra.max_errors).  Mixing the outputs mixes that scale too: a mixture's scale sums |Q[j, o]|
+times each channel's, so an error confined to one channel of C shrinks about C-fold against it (a mixture's
+relative error is never more than the largest channel's, so mixing never refuses what the whole width would
+pass).  The two checks that need the size of one channel's error -- a difference near VERIFY_TOLERANCE and the
+rounding of the stored weights (Unit.rounding, refused past ROUNDING_ULPS) -- get it from the covering size,
+where every tap of every output channel is read on every channel; the sizes past it add border cases, which any
+mixture shows.  The covering size is small (about a kernel wide), so its whole width costs little
+(tests/test_verify_outputs.py: a 2e-5 error in one of 256 channels, float16 rounding of a 256-channel merge).
 """
 
 from __future__ import annotations
@@ -44,7 +61,7 @@ MAX_VERIFY_LENGTH = 512
 MIXES = 4
 FULL_VERIFY_MACS = 1 << 22
 """Multiply-adds (layers, their magnitudes and the merged convs, inputs mixed) past which a size other than
-the covering one compares NARROW_OUT output channels, where the layers end in a dense conv (then batch norms)."""
+the covering one compares MIXES mixtures of the output channels, where the merged conv is dense."""
 
 
 @dataclass(frozen=True)
