@@ -87,10 +87,10 @@ def check(graph: Graph, params: Params, start: str, layers: Sequence[str], end: 
     cover = min(covering, key=math.prod) if covering else None
     oracle = _Mixed(graph, params, start, mix)
     terms = _Mixed(graph, reference.Magnitudes(graph, params), start, None if mix is None else mix.abs())
+    cost = {s: _macs(graph, oracle, start, layers, wide, mix, s) for s in sizes}
     parts: dict[bool, list[tuple[int, ...]]] = {False: [], True: []}
     for s in sizes:
-        parts[out is not None and cover is not None and s != cover and
-              _macs(graph, oracle, start, layers, wide, mix, s) > FULL_VERIFY_MACS].append(s)
+        parts[out is not None and cover is not None and s != cover and cost[s] > FULL_VERIFY_MACS].append(s)
     errors, total = [0.0] * len(merged), 0
     for narrow, part in parts.items():
         if not part:
@@ -102,7 +102,7 @@ def check(graph: Graph, params: Params, start: str, layers: Sequence[str], end: 
                                         None if q is None else q.abs())
         got = algebra.max_errors(run, convs, part, convs[0].spec.in_channels, magnitude=bound)
         errors = [max(a, b) for a, b in zip(errors, got)]
-        total += sum(_macs(graph, oracle, start, layers, convs, mix, s) for s in part)
+        total += sum(cost[s] if q is None else _macs(graph, oracle, start, layers, convs, mix, s) for s in part)
     return Checked(errors, total)
 
 
