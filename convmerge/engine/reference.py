@@ -148,8 +148,10 @@ def takes_mix(graph: Graph, name: str, start: str) -> bool:
 
 def mixed(conv: Conv, mix: torch.Tensor) -> Conv:
     """A dense conv read through `mix` ([in_channels, k]): the conv of k channels with weight W @ mix, float64."""
-    weight = torch.matmul(conv.weight.double().movedim(1, -1), mix).movedim(-1, 1)
-    return Conv(replace(conv.spec, in_channels=mix.shape[1]), weight.contiguous(), conv.bias)
+    w = conv.weight.double()
+    weight = torch.matmul(mix.T, w.reshape(w.shape[0], w.shape[1], -1))  # [k, in] @ [out, in, taps]: no transposed copy
+    return Conv(replace(conv.spec, in_channels=mix.shape[1]), weight.view(w.shape[0], mix.shape[1], *w.shape[2:]),
+                conv.bias)
 
 
 def _op(graph: Graph, params: Params, name: str, op: str, args: list[torch.Tensor]) -> torch.Tensor:
