@@ -197,7 +197,7 @@ def test_a_corrupted_entry_of_any_random_region_is_caught(built, data) -> None:
     """Random regions (convs with strides, pads, dilation, groups and every mode, batch norms, identities,
     poolings, pads, 1x1 -> kxk chains, add and concat), checked with every input mixed and every size but the
     covering one on one mixture of the output channels where the merge is dense: each merge passes, and one
-    entry of its weight or bias, off by a millionth of the weight's scale, is caught."""
+    entry of its weight or bias, off by a millionth of its largest weight or bias, is caught."""
     b, cin, out = built
     doc, tensors = b.doc(out), b.tensors
     with pytest.MonkeyPatch.context() as mp:
@@ -212,7 +212,8 @@ def test_a_corrupted_entry_of_any_random_region_is_caught(built, data) -> None:
             graph = p.graph
             loader = plan.Loader(graph, plan.Tensors(infos(tensors), tensors.__getitem__))
             sizes = verify.sizes(graph, unit.layers, unit.input, merged.spec, None)
-            delta = 1e-6 * max(float(merged.weight.abs().max()), 1e-3)
+            delta = 1e-6 * max(float(merged.weight.abs().max()), 1e-3,  # of the output's scale: a bias may set it
+                                0.0 if merged.bias is None else float(merged.bias.abs().max()))
             w, bias = merged.weight.clone(), None if merged.bias is None else merged.bias.clone()
             if bias is not None and data.draw(st.booleans(), label="bias"):
                 bias[data.draw(st.integers(0, bias.numel() - 1), label="channel")] += delta
