@@ -19,7 +19,8 @@ from .algebra import BatchNorm, Conv
 from ..graph import CONV_OPS, POOL_OPS, Graph
 from ..maths.spec import PadSpec, PoolSpec
 
-__all__ = ["Magnitudes", "Params", "avg_pool", "channel_mix", "mixed", "pad", "positive", "run", "takes_mix"]
+__all__ = ["Magnitudes", "Params", "avg_pool", "channel_mix", "full_width", "mixed", "pad", "positive", "run",
+           "takes_mix"]
 
 _POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
@@ -52,7 +53,7 @@ def run(graph: Graph, params: Params, start: str, layers: Sequence[str], end: st
     difference passes Q to each term, the start is `(Q @ mix) @ x`; any other layer, or a value read twice,
     is computed at full width and multiplied by Q.  Every step is an identity of linear algebra, so the result
     is `out @ end` up to float64 rounding."""
-    full = _full(graph, layers, start, end, out is not None)
+    full = full_width(graph, layers, start, end) if out is not None else set(layers)
     values = {start: x}
     wide: Optional[torch.Tensor] = None
     for name in layers:
@@ -82,11 +83,9 @@ def _mixes_back(graph: Graph, name: str) -> bool:
     return ops.kind(op) in (ops.Kind.AFFINE, ops.Kind.PASS) or op in ("add", "sub")
 
 
-def _full(graph: Graph, layers: Sequence[str], start: str, end: str, mixed_out: bool) -> set[str]:
-    """The layers `run` computes at full width: all of them without `out`; with it, those a demand does not
-    reach (`_mixes_back`), those read by a conv, and those with more than one reader inside."""
-    if not mixed_out:
-        return set(layers)
+def full_width(graph: Graph, layers: Sequence[str], start: str, end: str) -> set[str]:
+    """The layers `run` computes at full width for an `out`: those a demand does not reach (`_mixes_back`),
+    those read by a conv, and those with more than one reader inside."""
     inside = set(layers)
     readers = {n: sum(1 for c in graph.consumers.get(n, []) if c in inside) for n in layers}
     demanded, full = {end}, set()

@@ -102,7 +102,7 @@ def check(graph: Graph, params: Params, start: str, layers: Sequence[str], end: 
                                         None if q is None else q.abs())
         got = algebra.max_errors(run, convs, part, convs[0].spec.in_channels, magnitude=bound)
         errors = [max(a, b) for a, b in zip(errors, got)]
-        total += sum(cost[s] if q is None else _macs(graph, oracle, start, layers, convs, mix, s) for s in part)
+        total += sum(cost[s] if q is None else _macs(graph, oracle, start, layers, convs, mix, s, end) for s in part)
     return Checked(errors, total)
 
 
@@ -119,16 +119,21 @@ def covers(spec: ConvSpec, size: Sequence[int]) -> bool:
 
 
 def _macs(graph: Graph, params: Params, start: str, layers: Sequence[str], merged: Sequence[Conv],
-          mix: Optional[torch.Tensor], size: Sequence[int]) -> int:
-    """What one size of the check costs: the layers twice (values, magnitudes), the mixing, each merged conv."""
+          mix: Optional[torch.Tensor], size: Sequence[int], end: Optional[str] = None) -> int:
+    """What one size of the check costs: the layers twice (values, magnitudes), the mixing, each merged conv; with
+    `end`, the layers' outputs compared as mixtures (as many as the merged convs' outputs: reference.run's `out`)."""
     at = layer_sizes(graph, layers, start, size)
     readers = [n for n in layers if start in graph.layers[n].inputs]
     widened = mix is not None and not all(reference.takes_mix(graph, n, start) for n in readers)
     ref = mix.numel() * math.prod(size) if widened else 0  # R u, for the readers of the channels themselves
+    whole = reference.full_width(graph, layers, start, end) if end is not None else set(layers)
     for name in layers:
         layer = graph.layers[name]
         if layer.op in CONV_OPS and layer.inputs[0] in at:
-            ref += macs(params.conv(name).spec, at[layer.inputs[0]])
+            spec = params.conv(name).spec
+            if name not in whole:  # run for the mixtures only
+                spec = replace(spec, out_channels=merged[0].spec.out_channels)
+            ref += macs(spec, at[layer.inputs[0]])
     return 2 * ref + sum(macs(m.spec, size) for m in merged)
 
 
