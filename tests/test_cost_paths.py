@@ -24,7 +24,7 @@ runner = CliRunner()
 
 
 def _wide_chain() -> list[Conv]:
-    """Dense convs wide enough to be narrowed (more than NARROW_IN inputs and NARROW_OUT outputs)."""
+    """Dense convs wide enough to be checked on mixtures (more than verify.MIXES inputs and outputs)."""
     return [mk((3, 3), 6, 12, 1, padding=2), mk((3, 3), 12, 10, 2, padding=1)]
 
 

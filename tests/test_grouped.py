@@ -1,4 +1,5 @@
-"""The fast float64 grouped convolution against torch.nn.functional's own, over random shapes and options."""
+"""The fast float64 grouped and dense convolutions against torch.nn.functional's own, over random shapes and
+options."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convmerge.engine.grouped import fast_grouped, grouped_conv
+from convmerge.engine.grouped import dense_conv, fast_grouped, grouped_conv
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -42,6 +43,54 @@ def test_grouped_conv_is_torchs_conv(case: tuple) -> None:
     with fast_grouped():
         routed = _CONV[w.dim() - 2](x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
     torch.testing.assert_close(routed, want, rtol=1e-12, atol=1e-12)
+
+
+@st.composite
+def dense_convs(draw: st.DrawFn) -> tuple:
+    nd = draw(st.integers(1, 3))
+    kernel = [draw(st.integers(1, 4 if nd < 3 else 3)) for _ in range(nd)]
+    stride = [draw(st.integers(1, 3)) for _ in range(nd)]
+    dilation = [draw(st.integers(1, 2)) for _ in range(nd)]
+    padding = [draw(st.integers(0, 3)) for _ in range(nd)]
+    size = [draw(st.integers(max(1, dilation[k] * (kernel[k] - 1) + 1 - 2 * padding[k]), 9)) for k in range(nd)]
+    batch, bias = draw(st.integers(1, 2)), draw(st.booleans())
+    cin, cout = draw(st.integers(1, 9)), draw(st.integers(1, 5))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    x = torch.randn(batch, cin, *size, generator=gen, dtype=torch.float64)
+    w = torch.randn(cout, cin, *kernel, generator=gen, dtype=torch.float64)
+    b = torch.randn(cout, generator=gen, dtype=torch.float64) if bias else None
+    return x, w, b, stride, padding, dilation
+
+
+@settings(max_examples=200, deadline=None)
+@given(dense_convs())
+def test_dense_conv_is_torchs_conv(case: tuple) -> None:
+    x, w, b, stride, padding, dilation = case
+    want = _CONV[w.dim() - 2](x, w, b, stride=stride, padding=padding, dilation=dilation)
+    got = dense_conv(x, w, b, stride, padding, dilation)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_wide_input_few_outputs_routed_to_dense_conv(stride: int) -> None:
+    """A few output channels reading many at a large size (a narrowed verification) take `dense_conv`, with
+    torch's values."""
+    from convmerge.engine import grouped
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 256, 59, 59, generator=gen, dtype=torch.float64)
+    w = torch.randn(4, 256, 3, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(4, generator=gen, dtype=torch.float64)
+    calls = []
+    original = grouped.dense_conv
+    want = F.conv2d(x, w, b, stride=stride, padding=1, dilation=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grouped, "dense_conv", lambda *a: calls.append(a) or original(*a))
+        with fast_grouped():
+            got = F.conv2d(x, w, b, stride=stride, padding=1, dilation=2)
+    assert len(calls) == 1
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_only_float64_grouped_convolutions_are_routed(monkeypatch) -> None:

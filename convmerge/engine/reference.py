@@ -19,7 +19,8 @@ from .algebra import BatchNorm, Conv
 from ..graph import CONV_OPS, POOL_OPS, Graph
 from ..maths.spec import PadSpec, PoolSpec
 
-__all__ = ["Magnitudes", "Params", "avg_pool", "mixed", "pad", "run", "takes_mix"]
+__all__ = ["Magnitudes", "Params", "avg_pool", "channel_mix", "full_width", "mixed", "pad", "positive", "run",
+           "takes_mix"]
 
 _POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
@@ -37,23 +38,105 @@ class Params(Protocol):
 
 
 def run(graph: Graph, params: Params, start: str, layers: Sequence[str], end: str, x: torch.Tensor,
-        mix: Optional[torch.Tensor] = None) -> torch.Tensor:
+        mix: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The value of `end` when `start` holds `x`; `layers` are those between them, in graph order.
 
     With `mix` ([channels, k]), `x` holds k mixtures and `start` the channels `mix @ x` at each position: a
     dense conv reading `start` (`takes_mix`) runs on `x`, `params` giving it with its weight times `mix`
     (`mixed`: exact, a conv is linear in its input channels, whatever its padding); any other reader reads
-    `mix @ x` itself."""
+    `mix @ x` itself.
+
+    With `out` ([m, channels of end]), the value is `out @ end` at each position, computed without `end` at full
+    width where the layers allow (`_Outputs`): a demand `Q @ v` on a value v of one consumer goes back through
+    v's layer: a dense conv runs with weight `Q @ W` and bias `Q @ b` (its m outputs), a per-channel affine
+    layer (batch norm) `s * v + t` passes `(Q * s) @ v` back and adds `Q @ t`, an identity passes Q, a sum or
+    difference passes Q to each term, the start is `(Q @ mix) @ x`; any other layer, or a value read twice,
+    is computed at full width and multiplied by Q.  Every step is an identity of linear algebra, so the result
+    is `out @ end` up to float64 rounding."""
+    full = full_width(graph, layers, start, end) if out is not None else set(layers)
     values = {start: x}
     wide: Optional[torch.Tensor] = None
     for name in layers:
+        if name not in full:
+            continue
         layer = graph.layers[name]
         if mix is not None and start in layer.inputs and not takes_mix(graph, name, start) and wide is None:
-            wide = torch.matmul(x.movedim(1, -1), mix.T).movedim(-1, 1)
+            wide = channel_mix(x, mix)
         args = [values[src] if src != start or wide is None or takes_mix(graph, name, start) else wide
                 for src in layer.inputs]
         values[name] = _op(graph, params, name, layer.op, args)
-    return values[end]
+    if out is None:
+        return values[end]
+    return _Outputs(graph, params, start, mix, full, values).of(end, out)
+
+
+def channel_mix(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """`q @ x` at each position: x [N, C, ...], q [k, C] -> [N, k, ...]."""
+    return torch.matmul(x.movedim(1, -1), q.T).movedim(-1, 1)
+
+
+def _mixes_back(graph: Graph, name: str) -> bool:
+    """A layer through which a demand `Q @ value` goes back (`run`'s `out`)."""
+    op = graph.layers[name].op
+    if op in CONV_OPS:
+        return graph.specs[name].groups == 1 and graph.specs[name].ndim > 0
+    return ops.kind(op) in (ops.Kind.AFFINE, ops.Kind.PASS) or op in ("add", "sub")
+
+
+def full_width(graph: Graph, layers: Sequence[str], start: str, end: str) -> set[str]:
+    """The layers `run` computes at full width for an `out`: those a demand does not reach (`_mixes_back`),
+    those read by a conv, and those with more than one reader inside."""
+    inside = set(layers)
+    readers = {n: sum(1 for c in graph.consumers.get(n, []) if c in inside) for n in layers}
+    demanded, full = {end}, set()
+    for name in reversed(layers):
+        if name not in demanded and name not in full:
+            continue
+        if name in demanded and not _mixes_back(graph, name):
+            demanded.discard(name)
+            full.add(name)
+        conv = graph.layers[name].op in CONV_OPS
+        for src in graph.layers[name].inputs:
+            if src == start:
+                continue
+            if name in full or conv or readers[src] != 1:
+                full.add(src)
+            else:
+                demanded.add(src)
+    return full
+
+
+class _Outputs:
+    """`run`'s `out @ end`, from the values computed at full width and demands passed back (see `run`)."""
+
+    def __init__(self, graph: Graph, params: Params, start: str, mix: Optional[torch.Tensor], full: set[str],
+                 values: dict[str, torch.Tensor]) -> None:
+        self.graph, self.params, self.start, self.mix, self.full, self.values = graph, params, start, mix, full, values
+
+    def of(self, name: str, q: torch.Tensor) -> torch.Tensor:
+        """`q @ value` of `name`, q [m, its channels]."""
+        if name == self.start:
+            return channel_mix(self.values[name], q if self.mix is None else q @ self.mix)
+        if name in self.full:
+            return channel_mix(self.values[name], q)
+        layer = self.graph.layers[name]
+        if layer.op in CONV_OPS:
+            c = self.params.conv(name)
+            weight = (q @ c.weight.double().flatten(1)).view(q.shape[0], *c.weight.shape[1:])
+            bias = None if c.bias is None else q @ c.bias.double()
+            return algebra.apply(Conv(replace(c.spec, out_channels=q.shape[0]), weight, bias),
+                                 self.values[layer.inputs[0]])
+        if ops.kind(layer.op) is ops.Kind.AFFINE:
+            scale, shift = self.params.bn(name).scale_shift()
+            got = self.of(layer.inputs[0], q * scale)
+            return got + (q * shift).sum(1).view(1, -1, *[1] * (got.dim() - 2))
+        if layer.op in ("add", "sub") and not positive(self.params):
+            terms = [self.of(src, q if i == 0 or layer.op == "add" else -q) for i, src in enumerate(layer.inputs)]
+            return sum(terms[1:], terms[0])
+        if layer.op in ("add", "sub"):  # the magnitudes of a - b are those of a + b
+            terms = [self.of(src, q) for src in layer.inputs]
+            return sum(terms[1:], terms[0])
+        return self.of(layer.inputs[0], q)  # an identity
 
 
 def takes_mix(graph: Graph, name: str, start: str) -> bool:
@@ -64,8 +147,10 @@ def takes_mix(graph: Graph, name: str, start: str) -> bool:
 
 def mixed(conv: Conv, mix: torch.Tensor) -> Conv:
     """A dense conv read through `mix` ([in_channels, k]): the conv of k channels with weight W @ mix, float64."""
-    weight = torch.matmul(conv.weight.double().movedim(1, -1), mix).movedim(-1, 1)
-    return Conv(replace(conv.spec, in_channels=mix.shape[1]), weight.contiguous(), conv.bias)
+    w = conv.weight.double()
+    weight = torch.matmul(mix.T, w.reshape(w.shape[0], w.shape[1], -1))  # [k, in] @ [out, in, taps]: no transposed copy
+    return Conv(replace(conv.spec, in_channels=mix.shape[1]), weight.view(w.shape[0], mix.shape[1], *w.shape[2:]),
+                conv.bias)
 
 
 def _op(graph: Graph, params: Params, name: str, op: str, args: list[torch.Tensor]) -> torch.Tensor:
@@ -82,7 +167,7 @@ def _op(graph: Graph, params: Params, name: str, op: str, args: list[torch.Tenso
     if op == "add":
         return sum(args[1:], x)
     if op == "sub":  # the magnitudes of a - b are those of a + b
-        return x + args[1] if isinstance(params, Magnitudes) else x - args[1]
+        return x + args[1] if positive(params) else x - args[1]
     if op == "concat":
         return torch.cat(args, dim=graph.layers[name].fields.get("dim", 1))
     if op in POOL_OPS:
@@ -92,10 +177,18 @@ def _op(graph: Graph, params: Params, name: str, op: str, args: list[torch.Tenso
     raise ValueError(f"layer {name!r}: op {op!r} is not linear")
 
 
+def positive(params: Params) -> bool:
+    """Whether `params` give every term made positive (`Magnitudes`, or a wrapper that says so, as verify's
+    mixtures do): a difference is then summed."""
+    return bool(getattr(params, "positive", False))
+
+
 class Magnitudes:
     """The same layers with every term made positive (reference.Params): |weights| and |biases|, a batch norm
     as (x + |mean|) * |weight| / sqrt(var + eps) + |bias|, |pad values|.  Run on |x|, each output is the sum of
     the magnitudes of the terms the layers add there: the scale their float64 rounding is relative to."""
+
+    positive = True
 
     def __init__(self, graph: Graph, params: Params) -> None:
         self.graph, self.params = graph, params

@@ -6,18 +6,35 @@ than MIXES channels, the input is MIXES random mixtures of its channels: x = R u
 [channels, MIXES] matrix, u random.  A dense conv that reads x runs on u with its weight times R (exact:
 a conv is linear in its input channels); any other reader (a batch norm, an identity, a pad, a pooling:
 per-channel ops, an identity or BN branch being a delta) reads R u itself; the merged conv becomes its
-weight times R.  Where the check would still cost more than FULL_VERIFY_MACS at a size (a chain whose later
-convs are wide), its output there is compared on NARROW_OUT random channels of its last dense conv (and
-the batch norms after it) -- except at the smallest size where an output of the merged conv reads only
-the input on every tap ('covering'), where every output channel is compared.
+weight times R.  Where the check would still cost more than FULL_VERIFY_MACS at a size, and the size is not
+the covering one (below), the outputs are compared as MIXES random mixtures too: y -> Q y, Q a Gaussian
+[MIXES, channels] matrix.  The merged conv becomes Q times its weight and bias; on the layers' side Q goes back
+from the output (reference.run's `out`) through a dense conv (run with Q times its weight: its outputs are
+MIXES, whatever its inputs), a per-channel affine layer or batch norm s y + t (Q diag(s) goes on, Q t is
+added), an identity, a sum or difference (Q goes to each term) and the start (an identity branch reads Q R u);
+any other layer, or a value read twice, is computed whole and mixed.  At the size past the borders a chain
+with a wide hidden layer then costs its first conv and MIXES outputs of the others, not every output.
 
-Why nothing wrong hides.  The layers and the merged conv are both affine in x.  At the covering size, an
-output of every channel o sees every tap t of the merged conv on random input, so a difference D[o, c, t]
-between the merged weight and the layers' shows unless sum over c of D[o, c, t] R[c, j] is zero for every
-mixture j: for any D that is not zero, Gaussian R makes that an event of probability zero.  A wrong
+Why nothing wrong hides.  The layers and the merged conv are both affine in x.  At the smallest size where an
+output of the merged conv reads the input alone on every tap ('covering'), every output channel is compared
+(no output mixtures), and an output of every channel o sees every tap t on random input, so a difference
+D[o, c, t] between the merged weight and the layers' shows unless sum over c of D[o, c, t] R[c, j] is zero
+for every mixture j: for any D that is not zero, Gaussian R makes that an event of probability zero.  A wrong
 weight at any output channel, input channel or tap, or a wrong bias, is caught (tests/test_verify_narrow.py
-corrupts each entry in turn).  Grouped merged convs are checked on every channel (they are cheap: their
-weights hold a group's channels only).
+corrupts each entry in turn).  At the other sizes a difference d at an output position shows unless Q d = 0:
+probability zero for any d that is not zero, in whichever channels it lies (the 8 random channels compared there
+before saw a channel with probability 8/channels).  Grouped merged convs are checked on every channel (they are
+cheap: their weights hold a group's channels only).
+
+Why the covering size keeps every output channel.  Errors are relative to the largest magnitude of the terms
+the layers add (algebra.max_errors).  Mixing the outputs mixes that scale too: a mixture's scale sums |Q[j, o]|
+times each channel's, so an error confined to one channel of C shrinks about C-fold against it (a mixture's
+relative error is never more than the largest channel's, so mixing never refuses what the whole width would
+pass).  The two checks that need the size of one channel's error -- a difference near VERIFY_TOLERANCE and the
+rounding of the stored weights (Unit.rounding, refused past ROUNDING_ULPS) -- get it from the covering size,
+where every tap of every output channel is read on every channel; the sizes past it add border cases, which any
+mixture shows.  The covering size is small (about a kernel wide), so its whole width costs little
+(tests/test_verify_outputs.py: a 2e-5 error in one of 256 channels, float16 rounding of a 256-channel merge).
 """
 
 from __future__ import annotations
@@ -31,7 +48,7 @@ import torch
 from . import algebra, reference
 from .algebra import BatchNorm, Conv
 from ..maths.reasons import Why
-from ..graph import CONV_OPS, JOIN_OPS, PASSTHROUGH_OPS, POOL_OPS, Graph
+from ..graph import CONV_OPS, JOIN_OPS, POOL_OPS, Graph
 from .reference import Params
 from ..maths.spec import ConvSpec, macs, pad_fits
 
@@ -41,10 +58,10 @@ VERIFY_TOLERANCE = 1e-9
 ROUNDING_ULPS = 64
 """How far (in units of the dtype's epsilon, relative to the layers' scale) stored merged weights may stray."""
 MAX_VERIFY_LENGTH = 512
-MIXES, NARROW_OUT = 4, 8
+MIXES = 4
 FULL_VERIFY_MACS = 1 << 22
 """Multiply-adds (layers, their magnitudes and the merged convs, inputs mixed) past which a size other than
-the covering one compares NARROW_OUT output channels, where the layers end in a dense conv (then batch norms)."""
+the covering one compares MIXES mixtures of the output channels, where the merged conv is dense."""
 
 
 @dataclass(frozen=True)
@@ -60,32 +77,40 @@ def check(graph: Graph, params: Params, start: str, layers: Sequence[str], end: 
     """Relative errors of each version of the merge against the layers (see the module's docstring)."""
     gen = torch.Generator().manual_seed(0)
     spec = merged[0].spec
-    mix = None
+    mix = out = None
     if spec.groups == 1 and spec.in_channels > MIXES:
         mix = torch.randn(spec.in_channels, MIXES, generator=gen, dtype=torch.float64) / math.sqrt(MIXES)
+    if spec.groups == 1 and spec.ndim > 0 and spec.out_channels > MIXES:
+        out = torch.randn(MIXES, spec.out_channels, generator=gen, dtype=torch.float64) / math.sqrt(MIXES)
     wide = [reference.mixed(m, mix) for m in merged] if mix is not None else list(merged)
-    cut = _narrowed(graph, params, layers, end, wide, gen)
     covering = [s for s in sizes if covers(spec, s)]
     cover = min(covering, key=math.prod) if covering else None
-    ways = {False: (_Mixed(graph, params, start, mix), wide)}
-    if cut is not None:
-        ways[True] = (_Mixed(graph, cut[0], start, mix), cut[1])
+    oracle = _Mixed(graph, params, start, mix)
+    terms = _Mixed(graph, reference.Magnitudes(graph, params), start, None if mix is None else mix.abs())
+    cost = {s: _macs(graph, oracle, start, layers, wide, mix, s) for s in sizes}
     parts: dict[bool, list[tuple[int, ...]]] = {False: [], True: []}
     for s in sizes:
-        parts[cut is not None and cover is not None and s != cover and
-              _macs(graph, ways[False][0], start, layers, wide, mix, s) > FULL_VERIFY_MACS].append(s)
+        parts[out is not None and cover is not None and s != cover and cost[s] > FULL_VERIFY_MACS].append(s)
     errors, total = [0.0] * len(merged), 0
     for narrow, part in parts.items():
         if not part:
             continue
-        oracle, convs = ways[narrow]
-        terms = _Mixed(graph, reference.Magnitudes(graph, oracle.params), start, None if mix is None else mix.abs())
-        run = lambda x: reference.run(graph, oracle, start, layers, end, x, oracle.mix)  # noqa: E731
-        bound = lambda x: reference.run(graph, terms, start, layers, end, x, terms.mix)  # noqa: E731
+        q = out if narrow else None
+        convs = [_mixed_out(m, q) for m in wide] if q is not None else wide
+        run = lambda x: reference.run(graph, oracle, start, layers, end, x, oracle.mix, q)  # noqa: E731
+        bound = lambda x: reference.run(graph, terms, start, layers, end, x, terms.mix,  # noqa: E731
+                                        None if q is None else q.abs())
         got = algebra.max_errors(run, convs, part, convs[0].spec.in_channels, magnitude=bound)
         errors = [max(a, b) for a, b in zip(errors, got)]
-        total += sum(_macs(graph, oracle, start, layers, convs, mix, s) for s in part)
+        total += sum(cost[s] if q is None else _macs(graph, oracle, start, layers, convs, mix, s, end) for s in part)
     return Checked(errors, total)
+
+
+def _mixed_out(conv: Conv, out: torch.Tensor) -> Conv:
+    """The conv's outputs mixed: `out @ conv` ([m, out_channels]), the conv of m outputs, float64."""
+    weight = (out @ conv.weight.double().flatten(1)).view(out.shape[0], *conv.weight.shape[1:])
+    bias = None if conv.bias is None else out @ conv.bias.double()
+    return Conv(replace(conv.spec, out_channels=out.shape[0]), weight, bias)
 
 
 def covers(spec: ConvSpec, size: Sequence[int]) -> bool:
@@ -94,16 +119,21 @@ def covers(spec: ConvSpec, size: Sequence[int]) -> bool:
 
 
 def _macs(graph: Graph, params: Params, start: str, layers: Sequence[str], merged: Sequence[Conv],
-          mix: Optional[torch.Tensor], size: Sequence[int]) -> int:
-    """What one size of the check costs: the layers twice (values, magnitudes), the mixing, each merged conv."""
+          mix: Optional[torch.Tensor], size: Sequence[int], end: Optional[str] = None) -> int:
+    """What one size of the check costs: the layers twice (values, magnitudes), the mixing, each merged conv; with
+    `end`, the layers' outputs compared as mixtures (as many as the merged convs' outputs: reference.run's `out`)."""
     at = layer_sizes(graph, layers, start, size)
     readers = [n for n in layers if start in graph.layers[n].inputs]
     widened = mix is not None and not all(reference.takes_mix(graph, n, start) for n in readers)
     ref = mix.numel() * math.prod(size) if widened else 0  # R u, for the readers of the channels themselves
+    whole = reference.full_width(graph, layers, start, end) if end is not None else set(layers)
     for name in layers:
         layer = graph.layers[name]
         if layer.op in CONV_OPS and layer.inputs[0] in at:
-            ref += macs(params.conv(name).spec, at[layer.inputs[0]])
+            spec = params.conv(name).spec
+            if name not in whole:  # run for the mixtures only
+                spec = replace(spec, out_channels=merged[0].spec.out_channels)
+            ref += macs(spec, at[layer.inputs[0]])
     return 2 * ref + sum(macs(m.spec, size) for m in merged)
 
 
@@ -113,6 +143,7 @@ class _Mixed:
 
     def __init__(self, graph: Graph, params: Params, start: str, mix: Optional[torch.Tensor]) -> None:
         self.graph, self.params, self.start, self.mix = graph, params, start, mix
+        self.positive = reference.positive(params)  # magnitudes: a difference is summed
         self._convs: dict[str, Conv] = {}
         self._bns: dict[str, BatchNorm] = {}
 
@@ -134,57 +165,6 @@ class _Mixed:
 
     def pad_value_dtype(self, name: str) -> torch.dtype:
         return self.params.pad_value_dtype(name)
-
-
-class _Narrow:
-    """The layers' tensors with the output cut to a few channels: the last dense conv's and its batch norms'
-    (reference.Params; slicing a weight is exact)."""
-
-    def __init__(self, params: Params, last: str, tail: set[str], keep: torch.Tensor) -> None:
-        self.params, self.last, self.tail, self.keep = params, last, tail, keep
-
-    def conv(self, name: str) -> Conv:
-        c = self.params.conv(name)
-        if name != self.last:
-            return c
-        return Conv(replace(c.spec, out_channels=len(self.keep)), c.weight[self.keep],
-                    None if c.bias is None else c.bias[self.keep])
-
-    def bn(self, name: str) -> BatchNorm:
-        bn = self.params.bn(name)
-        if name not in self.tail:
-            return bn
-        pick = lambda t: None if t is None else t[self.keep]  # noqa: E731
-        return BatchNorm(pick(bn.mean), pick(bn.var), bn.eps, pick(bn.weight), pick(bn.bias))
-
-    def pad_value(self, name: str) -> Optional[torch.Tensor]:
-        return self.params.pad_value(name)
-
-    def pad_value_dtype(self, name: str) -> torch.dtype:
-        return self.params.pad_value_dtype(name)
-
-
-def _narrowed(graph: Graph, params: Params, layers: Sequence[str], end: str, merged: Sequence[Conv],
-              gen: torch.Generator) -> Optional[tuple[_Narrow, list[Conv]]]:
-    """The layers and merged convs on NARROW_OUT random output channels, where the part ends in a dense conv
-    then batch norms, identities or dropouts, each value read by the next alone (None elsewhere)."""
-    cout = merged[0].spec.out_channels
-    if merged[0].spec.groups != 1 or cout <= NARROW_OUT:
-        return None
-    inside = set(layers)
-    path, cur = [], end
-    while cur in inside and graph.layers[cur].op in PASSTHROUGH_OPS:
-        path.append(cur)
-        cur = graph.layers[cur].inputs[0]
-    if cur not in inside or graph.layers[cur].op not in CONV_OPS or graph.specs[cur].groups != 1:
-        return None
-    chain = [cur, *reversed(path)]
-    if not all([c for c in graph.consumers.get(v, []) if c in inside] == [nxt] for v, nxt in zip(chain, chain[1:])):
-        return None
-    keep = torch.randperm(cout, generator=gen)[:NARROW_OUT]
-    pick = lambda b: None if b is None else b[keep]  # noqa: E731
-    convs = [Conv(replace(m.spec, out_channels=NARROW_OUT), m.weight[keep], pick(m.bias)) for m in merged]
-    return _Narrow(params, cur, set(path), keep), convs  # the convs: already mixed where the input is
 
 
 # --- verification sizes ----------------------------------------------------------------------------
