@@ -364,6 +364,10 @@ def explain(
     _run(work, debug)
 
 
+MMAP_THRESHOLD = 4 << 20
+"""Blocks of this many bytes and more are mapped on their own and given back when freed (`_return_large_frees`)."""
+TRIM_THRESHOLD = 16 << 20
+"""Free bytes the heap keeps at its top for the next blocks (`_return_large_frees`)."""
 _owns_process = False
 """Set by `main`, the console script: the process is the CLI's, not a caller's that runs `app` in-process."""
 
@@ -389,12 +393,17 @@ def _settle() -> None:
 
 
 def _return_large_frees() -> None:
-    """The CLI owns its process: blocks of 1 MiB and more (merged float64 kernels and their temporaries) are
+    """The CLI owns its process: blocks of 4 MiB and more (merged float64 kernels and their temporaries) are
     mapped and given back to the system when freed.  glibc's default threshold grows to 32 MiB and keeps such
-    blocks in its heap, so peak memory grew with the number of large merges (benchmarks/README.md, goal 1)."""
+    blocks in its heap, so peak memory grew with the number of large merges (benchmarks/README.md, goal 1).
+    Smaller blocks stay in the heap, which keeps up to 16 MiB free at its top: mapping every block of 1 MiB and
+    more, as before, faulted their pages in again on each of the planner's many temporaries (RepVGG-A0's fuse:
+    450,000 -> 185,000 page faults, 3.5 -> 2.9 s CPU, for 4-17 MiB more peak; benchmarks/README.md, goal 4)."""
     if sys.platform.startswith("linux"):
         try:
-            ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+            libc = ctypes.CDLL(None)
+            libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixed: no longer grows)
+            libc.mallopt(-1, TRIM_THRESHOLD)  # M_TRIM_THRESHOLD (fixing the first fixed this one at 128 KiB)
         except (OSError, AttributeError):
             pass
 

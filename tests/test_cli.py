@@ -1571,3 +1571,38 @@ def test_in_process_callers_keep_their_collector(stack: Path) -> None:
     before = gc.get_freeze_count()
     assert cli("check", stack, *FAST).exit_code == 0
     assert gc.get_freeze_count() == before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_the_script_reuses_small_blocks_and_gives_back_large_ones() -> None:
+    # a freed 2 MiB temporary is reused without faulting its pages in again (mapping every block of 1 MiB and
+    # more faulted ~512 pages each time); a freed 16 MiB block still goes back to the system
+    code = textwrap.dedent("""
+        import ctypes, resource
+        from convmerge import cli
+        cli._return_large_frees()
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+        faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        resident = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+
+        def touched(n):
+            p = libc.malloc(n)
+            ctypes.memset(p, 1, n)
+            return p
+
+        libc.free(touched(2 << 20))
+        start = faults()
+        libc.free(touched(2 << 20))
+        small = faults() - start
+        large = touched(16 << 20)
+        held = resident()
+        libc.free(large)
+        print(small, held - resident())
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr
+    small, returned = map(int, proc.stdout.split())
+    assert small < 64, small  # a page or two of bookkeeping at most, not the block's 512 pages
+    assert returned >= 15 << 20, returned
