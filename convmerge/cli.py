@@ -397,8 +397,10 @@ def _return_large_frees() -> None:
     mapped and given back to the system when freed.  glibc's default threshold grows to 32 MiB and keeps such
     blocks in its heap, so peak memory grew with the number of large merges (benchmarks/README.md, goal 1).
     Smaller blocks stay in the heap, which keeps up to 16 MiB free at its top: mapping every block of 1 MiB and
-    more, as before, faulted their pages in again on each of the planner's many temporaries (RepVGG-A0's fuse:
-    450,000 -> 185,000 page faults, 3.5 -> 2.9 s CPU, for 4-17 MiB more peak; benchmarks/README.md, goal 4)."""
+    more, as before, faulted their pages in again on each of the planner's many 1-4 MiB temporaries.  Measured
+    (benchmarks/README.md, goal 4): RepVGG-A0's fuse 470,000 -> 210,000 page faults, 4.8 -> 3.6 s CPU, peak
+    +5 MiB; throughput.py's 1 GiB file 4.8 -> 4.0 s CPU, peak 352 -> 357-367 MiB (with --trunk pairs 411 -> 443).
+    """
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None)
