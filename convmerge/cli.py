@@ -8,6 +8,7 @@ Long only because each command declares its options with their help text; the wo
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import sys
@@ -167,6 +168,7 @@ def check(
             from . import io
             from . import model as m
             from .engine.algebra import single_threaded
+            _settle()
 
         with single_threaded():  # the whole run on one thread; large kernels open more (algebra.parallel)
             with clock("judge"), _progress(json_out, quiet) as tick:
@@ -227,6 +229,7 @@ def fuse(
             from . import io
             from . import model as m
             from .engine.algebra import single_threaded
+            _settle()
 
         out = output or m.default_output(str(model))
         with single_threaded():  # the whole run on one thread; large kernels open more (algebra.parallel)
@@ -361,19 +364,48 @@ def explain(
     _run(work, debug)
 
 
+MMAP_THRESHOLD = 4 << 20
+"""Blocks of this many bytes and more are mapped on their own and given back when freed (`_return_large_frees`)."""
+TRIM_THRESHOLD = 16 << 20
+"""Free bytes the heap keeps at its top for the next blocks (`_return_large_frees`)."""
+_owns_process = False
+"""Set by `main`, the console script: the process is the CLI's, not a caller's that runs `app` in-process."""
+
+
 def main() -> None:
     """Console-script entry point."""
+    global _owns_process
+    _owns_process = True
     _return_large_frees()
-    app()
+    try:
+        app()
+    finally:
+        _settle()
+
+
+def _settle() -> None:
+    """In the CLI's own process, every object alive now lives until exit (after the imports: torch's and onnx's
+    modules), so the cyclic collector stops walking them: each full collection during the run, and the one at
+    exit, walked some 190,000 of them (0.3-0.5 s of a `fuse`, benchmarks/README.md, goal 4).  Objects freed by
+    their reference counts are freed as before.  A caller running `app` in-process keeps its collector as it was."""
+    if _owns_process:
+        gc.freeze()
 
 
 def _return_large_frees() -> None:
-    """The CLI owns its process: blocks of 1 MiB and more (merged float64 kernels and their temporaries) are
+    """The CLI owns its process: blocks of 4 MiB and more (merged float64 kernels and their temporaries) are
     mapped and given back to the system when freed.  glibc's default threshold grows to 32 MiB and keeps such
-    blocks in its heap, so peak memory grew with the number of large merges (benchmarks/README.md, goal 1)."""
+    blocks in its heap, so peak memory grew with the number of large merges (benchmarks/README.md, goal 1).
+    Smaller blocks stay in the heap, which keeps up to 16 MiB free at its top: mapping every block of 1 MiB and
+    more, as before, faulted their pages in again on each of the planner's many 1-4 MiB temporaries.  Measured
+    (benchmarks/README.md, goal 4): RepVGG-A0's fuse 470,000 -> 210,000 page faults, 4.8 -> 3.6 s CPU, peak
+    +5 MiB; throughput.py's 1 GiB file 4.8 -> 4.0 s CPU, peak 352 -> 357-367 MiB (with --trunk pairs 411 -> 443).
+    """
     if sys.platform.startswith("linux"):
         try:
-            ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+            libc = ctypes.CDLL(None)
+            libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixed: no longer grows)
+            libc.mallopt(-1, TRIM_THRESHOLD)  # M_TRIM_THRESHOLD (fixing the first fixed this one at 128 KiB)
         except (OSError, AttributeError):
             pass
 

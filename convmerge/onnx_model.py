@@ -25,6 +25,7 @@ from . import io
 from .engine import plan as planning
 from .frontends.onnx_read import OnnxGraph, read_model
 from .backends.onnx_write import fused_model, write
+from .engine.algebra import run_threads
 from .engine.plan import VerificationError
 from .options import Options
 from .reporting.report import Report
@@ -166,9 +167,7 @@ def _compare(original: str, fused: str, notes: list[str], only: Optional[Sequenc
         notes.append("onnxruntime is not installed: each merge was checked in float64, the fused graph was not run "
                      "(pip install onnxruntime)")
         return None
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options = _session_options(ort)
     try:
         before = ort.InferenceSession(original, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - the original is not ours to fix
@@ -224,6 +223,22 @@ def _compare(original: str, fused: str, notes: list[str], only: Optional[Sequenc
     notes.append(f"onnxruntime: the fused model's outputs differ from the original's by at most {absolute:.3g} "
                  f"({worst:.3g} relative) on random inputs of shape {', '.join(shapes)}")
     return {"max_difference": absolute, "relative_difference": worst, "tolerance": tolerance, "inputs": shapes}
+
+
+def _session_options(ort: Any) -> Any:
+    """Options of both sessions (set on the session, no process-wide setting): the graph as written, no
+    rewrite by onnxruntime; the run's thread count (`algebra.run_threads`, the caller's); and threads that
+    sleep rather than spin while waiting for work.  onnxruntime's default pool spins, which on a shared
+    2-core machine made each run wait for, and burn, the other core: RepVGG-B1's two runs at 224x224 0.88-0.97
+    -> 0.67-0.75 s (one thread: 0.57 s), RepVGG-A0's 0.22-0.30 -> 0.12 s (benchmarks/README.md, goal 4)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = run_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
 
 
 def _sizes(session: Any, only: Optional[Sequence[int]] = None) -> list[Optional[Sequence[int]]]:

@@ -7,12 +7,14 @@ is a tiny file built in tmp_path (see tests/models.py).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -1536,3 +1538,71 @@ def test_verbose_timings_name_each_phase_once(stack: Path, tmp_path: Path) -> No
     line = " ".join(result.stdout[result.stdout.index("timings: "):].split())  # the last line, however wrapped
     names = [re.sub(r" [\d.]+ s$", "", part) for part in line[len("timings: "):].split(", ")]
     assert "counterexamples" in names and len(names) == len(set(names)), line
+
+
+# --- the console script's own process (benchmarks/README.md, goal 4) ----------------------------
+
+
+def _freeze_count_after(args: list[str]) -> tuple[int, subprocess.CompletedProcess]:
+    """The collector's frozen-object count at exit of a process that runs `cli.main` (the console script)."""
+    code = textwrap.dedent(f"""
+        import atexit, gc, os, sys
+        atexit.register(lambda: os.write(2, f"frozen={{gc.get_freeze_count()}}\\n".encode()))
+        from convmerge import cli
+        sys.argv = ["convmerge", *{[str(a) for a in args]!r}]
+        cli.main()
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    found = re.findall(r"frozen=(\d+)", proc.stderr)
+    assert found, proc.stderr
+    return int(found[-1]), proc
+
+
+def test_the_script_stops_collecting_what_lives_until_exit(stack: Path, tmp_path: Path) -> None:
+    # its imports' objects (torch's: ~190,000) are frozen, so no full collection walks them again
+    for args in (["check", stack, *FAST, "--quiet"], ["fuse", stack, "-o", tmp_path / "f.safetensors", *FAST, "-q"]):
+        frozen, proc = _freeze_count_after(args)
+        assert proc.returncode == 0, proc.stderr
+        assert frozen > 10_000, (args, frozen)
+
+
+def test_in_process_callers_keep_their_collector(stack: Path) -> None:
+    before = gc.get_freeze_count()
+    assert cli("check", stack, *FAST).exit_code == 0
+    assert gc.get_freeze_count() == before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_the_script_reuses_small_blocks_and_gives_back_large_ones() -> None:
+    # a freed 2 MiB temporary is reused without faulting its pages in again (mapping every block of 1 MiB and
+    # more faulted ~512 pages each time); a freed 16 MiB block still goes back to the system
+    code = textwrap.dedent("""
+        import ctypes, resource
+        from convmerge import cli
+        cli._return_large_frees()
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+        faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        resident = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+
+        def touched(n):
+            p = libc.malloc(n)
+            ctypes.memset(p, 1, n)
+            return p
+
+        libc.free(touched(2 << 20))
+        start = faults()
+        libc.free(touched(2 << 20))
+        small = faults() - start
+        large = touched(16 << 20)
+        held = resident()
+        libc.free(large)
+        print(small, held - resident())
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr
+    small, returned = map(int, proc.stdout.split())
+    assert small < 64, small  # a page or two of bookkeeping at most, not the block's 512 pages
+    assert returned >= 15 << 20, returned

@@ -612,6 +612,35 @@ def test_onnxruntime_holds_one_model_at_a_time(repvgg: Path, monkeypatch: pytest
     assert report["onnxruntime"]["relative_difference"] <= F32_TOL and most[0] == 1
 
 
+def test_onnxruntime_sessions_sleep_and_use_the_runs_threads(repvgg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both sessions run the graph as written, on the run's thread count, with threads that do not spin (a
+    spinning pool burnt the other core of a shared machine); the options are the session's, not the process's."""
+    from convmerge.engine import algebra
+
+    seen: list[tuple[int, int, str, str, Any]] = []
+    real = ort.InferenceSession
+
+    def entry(options: Any, key: str) -> str:
+        try:
+            return options.get_session_config_entry(key)
+        except Exception:  # noqa: BLE001 - onnxruntime raises for a key never set
+            return "unset"
+
+    def session(path: Any, options: Any = None, *args: Any, **kwargs: Any) -> Any:
+        seen.append((options.intra_op_num_threads, options.inter_op_num_threads,
+                     entry(options, "session.intra_op.allow_spinning"),
+                     entry(options, "session.inter_op.allow_spinning"), options.graph_optimization_level))
+        return real(path, options, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    threads = torch.get_num_threads()
+    with algebra.single_threaded(wide=3):
+        _, report = fuse(repvgg)
+    assert report["onnxruntime"]["relative_difference"] <= F32_TOL
+    assert seen == [(3, 1, "0", "0", ort.GraphOptimizationLevel.ORT_DISABLE_ALL)] * 2
+    assert torch.get_num_threads() == threads
+
+
 # --- the command line -------------------------------------------------------------------------------
 
 
