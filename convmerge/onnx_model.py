@@ -74,7 +74,8 @@ def fuse_file(path: str, out: str, options: Options = Options(), *, force: bool 
     model = read_model(path, options.input_size)
     inputs = [path, *model.data_files()]
     io.check_outputs([out], inputs, force)
-    plan = planning.build(model.graph, model.tensors, _at_model_size(options, model), on_region)
+    plan = planning.build(model.graph, model.tensors, _at_model_size(options, model), on_region,
+                          keep_bytes=_keep_bytes(inputs))
     report = _report(model, plan, path)
     report.output = os.fspath(out)
     fused = fused_model(model, plan)
@@ -92,6 +93,13 @@ def fuse_file(path: str, out: str, options: Options = Options(), *, force: bool 
             before_write(report, plan.description())
         _publish(staged, out, external, force)
     return report
+
+
+def _keep_bytes(inputs: Sequence[str]) -> int:
+    """The budget of merged weights held from planning to writing (plan.KEEP_BYTES): up to the input files' own
+    size, which an ONNX tool holds anyway (onnxslim the whole model), so none is computed twice: RepVGG-B1's
+    dropped merges, recomputed while writing, were 0.6-0.9 s of its fuse (benchmarks/README.md, goal 4)."""
+    return max(planning.KEEP_BYTES, sum(os.path.getsize(f) for f in inputs))
 
 
 def _at_model_size(options: Options, model: OnnxGraph) -> Options:

@@ -544,6 +544,7 @@ def test_external_data_is_written_tensor_by_tensor(tmp_path: Path, keep_bytes: O
               all_tensors_to_one_file=True, location="m.weights", size_threshold=0)
     if keep_bytes is not None:
         monkeypatch.setattr(planning, "KEEP_BYTES", keep_bytes)
+        monkeypatch.setattr(onnx_model, "_keep_bytes", lambda inputs: keep_bytes)
     out, report = fuse(folder / "m.onnx")
     assert report["summary"]["regions_merged"] == 4
     assert sorted(os.listdir(folder)) == ["m.fused.onnx", "m.fused.onnx.data", "m.onnx", "m.weights"]
@@ -564,6 +565,23 @@ def test_external_data_is_written_tensor_by_tensor(tmp_path: Path, keep_bytes: O
     untouched = set(written) & set(original)
     assert untouched and all(written[k] == original[k] for k in untouched)
     assert set(written) - untouched  # the merged weights
+
+
+def test_merged_weights_are_held_up_to_the_input_s_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the PyTorch path's budget (plan.KEEP_BYTES, 0 here), the ONNX path still holds its merged weights up to
+    the input file's size: none is computed again when written."""
+    from convmerge.engine import plan as planning
+
+    monkeypatch.setattr(planning, "KEEP_BYTES", 0)
+    built: list[Any] = []
+    build = planning.build
+    monkeypatch.setattr(planning, "build", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    torch.manual_seed(0)
+    path = export(nets.randomize_bn(nets.TinyRepVGG()), (1, 3, 32, 32), tmp_path / "m.onnx")
+    fuse(path)
+    (plan,) = built
+    assert plan.applied and not any(u.dropped for u in plan.applied)
+    assert plan.keep_bytes == path.stat().st_size
 
 
 class _Head(nn.Module):

@@ -183,6 +183,7 @@ class Plan:
     units: list[Unit] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     kept_bytes: int = field(default=0, repr=False)  # merged weights held in memory (KEEP_BYTES)
+    keep_bytes: int = field(default=KEEP_BYTES, repr=False)  # the budget of kept_bytes + pending_bytes
     pending: list[Callable[[], bool]] = field(default_factory=list, repr=False)  # verifications left for `verify`
     pending_bytes: int = field(default=0, repr=False)  # float64 merged weights those hold (KEEP_BYTES)
 
@@ -236,19 +237,21 @@ class Plan:
 
 
 def build(graph: Graph, tensors: Tensors, options: Options = Options(),
-          on_region: Optional[Callable[[], None]] = None, verify_later: bool = False) -> Plan:
+          on_region: Optional[Callable[[], None]] = None, verify_later: bool = False,
+          keep_bytes: int = KEEP_BYTES) -> Plan:
     """Judge every region and pair, choose and verify the merges (FORMAT.md, section 3), with the policy and
     at the input size of `options` (validated where they entered; the size is fitted to the graph's axes here).
 
     `verify_later` leaves the verification of small merges (LATER_MAX, within KEEP_BYTES) to
     `Plan.verify`, which the writer runs while it copies the untouched tensors; the merges, their
-    stored weights and the output's layout are all decided without it."""
+    stored weights and the output's layout are all decided without it.  `keep_bytes`: the budget of
+    KEEP_BYTES, where a caller holds more anyway."""
     with algebra.single_threaded():
-        return _build(graph, tensors, options.input_size, options.policy, on_region, verify_later)
+        return _build(graph, tensors, options.input_size, options.policy, on_region, verify_later, keep_bytes)
 
 
 def _build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]], policy: str,
-           on_region: Optional[Callable[[], None]], verify_later: bool) -> Plan:
+           on_region: Optional[Callable[[], None]], verify_later: bool, keep_bytes: int) -> Plan:
     if input_size is not None:
         dims = sorted({spec.ndim for spec in graph.specs.values()} - {0}) or [len(input_size)]
         input_size = fit_size(input_size, dims[0])
@@ -256,7 +259,7 @@ def _build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]], 
     _check_sizes(graph, size_at, input_size)
     nominal = _nominal(graph, input_size)
     cost_at = graph.sizes(nominal)
-    plan = Plan(graph, policy, tuple(input_size) if input_size else None, nominal)
+    plan = Plan(graph, policy, tuple(input_size) if input_size else None, nominal, keep_bytes=keep_bytes)
     plan.notes += graph.notes
     loader = Loader(graph, tensors)
     pairs = graph.pairs()
@@ -458,7 +461,7 @@ class _Planner:
                     exact_everywhere)
 
         check = _checker(graph, self.loader, unit, [merged, stored], sizes, tolerance)
-        room = KEEP_BYTES - self.plan.kept_bytes - self.plan.pending_bytes
+        room = self.plan.keep_bytes - self.plan.kept_bytes - self.plan.pending_bytes
         if self.verify_later and _nbytes(merged) <= LATER_MAX and _nbytes(merged) + _nbytes(stored) <= room:
             self.plan.pending_bytes += _nbytes(merged)
             self.plan.pending.append(_then_clear(check, self.loader))
@@ -471,7 +474,7 @@ class _Planner:
         """Hold the verified weight while the plan's budget lasts; past it keep a recipe and a digest."""
         weight = unit.kept.weight
         size = weight.numel() * weight.element_size()
-        if unit.refused is not None or self.plan.kept_bytes + self.plan.pending_bytes + size <= KEEP_BYTES:
+        if unit.refused is not None or self.plan.kept_bytes + self.plan.pending_bytes + size <= self.plan.keep_bytes:
             self.plan.kept_bytes += size if unit.refused is None else 0
             return
         graph, tensors, layers, dtype = self.graph, self.tensors, unit.layers, unit.dtype
