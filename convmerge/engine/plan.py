@@ -238,16 +238,17 @@ class Plan:
 
 def build(graph: Graph, tensors: Tensors, options: Options = Options(),
           on_region: Optional[Callable[[], None]] = None, verify_later: bool = False,
-          keep_bytes: int = KEEP_BYTES) -> Plan:
+          keep_bytes: Optional[int] = None) -> Plan:
     """Judge every region and pair, choose and verify the merges (FORMAT.md, section 3), with the policy and
     at the input size of `options` (validated where they entered; the size is fitted to the graph's axes here).
 
     `verify_later` leaves the verification of small merges (LATER_MAX, within KEEP_BYTES) to
     `Plan.verify`, which the writer runs while it copies the untouched tensors; the merges, their
     stored weights and the output's layout are all decided without it.  `keep_bytes`: the budget of
-    KEEP_BYTES, where a caller holds more anyway."""
+    KEEP_BYTES (read when called), where a caller holds more anyway."""
+    keep = KEEP_BYTES if keep_bytes is None else keep_bytes
     with algebra.single_threaded():
-        return _build(graph, tensors, options.input_size, options.policy, on_region, verify_later, keep_bytes)
+        return _build(graph, tensors, options.input_size, options.policy, on_region, verify_later, keep)
 
 
 def _build(graph: Graph, tensors: Tensors, input_size: Optional[Sequence[int]], policy: str,
