@@ -313,6 +313,7 @@ class _Planner:
         convs = [n for n in region.layers if self.graph.layers[n].op in CONV_OPS]
         self.ndim = self.graph.specs[convs[0]].ndim
         self.itemsize = torch.empty(0, dtype=_storage_dtype(tensors, convs)).element_size()
+        self._scanned: dict[int, tuple[Conv, bool]] = {}  # id -> (the conv, held so the id stays its own; finite)
 
     def run(self) -> None:
         region, graph = self.region, self.graph
@@ -349,6 +350,14 @@ class _Planner:
             return f"the channel count of {self.region.input} is unknown"
         return None
 
+    def _finite(self, conv: Conv) -> bool:
+        """`_finite`, once per reduced conv: the programme asks again for each segment and the region's entry (FastViT's
+        float64 kernels of 170 MB were scanned several times each)."""
+        found = self._scanned.get(id(conv))
+        if found is None or found[0] is not conv:
+            found = self._scanned[id(conv)] = (conv, _finite(conv))
+        return found[1]
+
     def _channels(self, value: str) -> Optional[int]:
         return self.graph.channels.get(value)
 
@@ -361,7 +370,7 @@ class _Planner:
     def _exact(self, red: Reduction, start: str) -> bool:
         """Exact at every size, or at the given size where it is known (and finite: a batch norm with a
         negative variance folds into NaN)."""
-        if red.conv is None or not _finite(red.conv):
+        if red.conv is None or not self._finite(red.conv):
             return False
         verdict = red.summary.verdict
         here = self.size_at.get(start)
@@ -502,7 +511,7 @@ class _Planner:
         if whole is None:
             return entry
         s = whole.summary
-        if whole.conv is not None and not _finite(whole.conv):
+        if whole.conv is not None and not self._finite(whole.conv):
             entry.reason = "not merged: its layers fold into NaN or Inf (a batch norm's variance below zero?)"
             return entry
         if whole.conv is None:
