@@ -840,3 +840,29 @@ def test_the_runnable_module_is_the_program_s_own() -> None:
         want = model(t, gain=gain)
         for got in (ours(t, gain=gain), theirs(t, gain=gain)):
             assert torch.equal(got[0], want[0]) and torch.equal(got[1]["gain"], want[1]["gain"])
+
+
+class NoGrad(nn.Module):
+    """A forward with a `torch.no_grad()` block: the export holds it as a higher-order op whose subgraph is a
+    submodule of the program's graph module, read by a get_attr."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        with torch.no_grad():
+            y = self.b(y)
+        return y + 1
+
+
+def test_the_runnable_module_keeps_higher_order_subgraphs() -> None:
+    from convmerge.frontends import trace_export
+
+    model = NoGrad().eval()
+    x = torch.randn(2, 3, 9, 9)
+    program = torch.export.export(model, (x,), strict=False)
+    assert any(n.op == "get_attr" for n in program.graph.nodes)
+    got = trace_export._module(program)(x)
+    assert torch.allclose(got, model(x), rtol=1e-5, atol=1e-6)

@@ -476,6 +476,9 @@ def _module(program: torch.export.ExportedProgram) -> fx.GraphModule:
         node.replace_all_uses_with(attr)
         attr.meta = node.meta
         graph.erase_node(node)
+    for node in graph.find_nodes(op="get_attr"):  # a higher-order op's subgraph (`torch.no_grad()` in forward)
+        if node.target not in tensors:
+            tensors[node.target] = operator.attrgetter(node.target)(program.graph_module)
     signature = program.module_call_graph[0].signature
     graph._codegen = _get_codegen(program.call_spec.in_spec, program.call_spec.out_spec,
                                   signature.forward_arg_names if signature else None)
