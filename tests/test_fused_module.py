@@ -295,6 +295,35 @@ def test_the_check_runs_another_batch_at_a_smaller_size_of_the_other_parity(mode
     assert sum(s[0] == 2 for s in shapes) == 1
 
 
+
+class RightBorder(nn.Module):
+    """A rebuilt stride-2 conv whose right and bottom padding repeats the edge instead of zeros: exact wherever its
+    input is of even size (a stride-2 3x3 with padding 1 then reads no right padding), wrong at odd sizes."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(F.pad(t, (1, 0, 1, 0)), (0, 1, 0, 1), mode="replicate")
+        return F.conv2d(padded, self.conv.weight, self.conv.bias, 2)
+
+
+def test_a_merge_wrong_only_at_odd_sizes_of_a_deep_map_is_caught(monkeypatch) -> None:
+    """A net that downsamples 32 times at 224 (maps 112, 56, 28, 14, 7), its last stride-2 merge reading the 14x14
+    map, ending in a 4x4 pooling (it runs at half the size, not at the smallest): the batch-2 size must give that
+    map the other parity too (half, 113, gives 8; 97 gives 7), or a merge wrong only at odd sizes there passes."""
+    build = rebuild._conv
+    monkeypatch.setattr(rebuild, "_conv", lambda unit: RightBorder(build(unit)) if unit.spec.stride == (2, 2) else
+                        build(unit))
+    torch.manual_seed(0)
+    down = [nn.Conv2d(3 if i == 0 else 8, 8, 3, stride=2, padding=1) for i in range(4)]
+    model = prepared(nn.Sequential(*[m for c in down for m in (c, nn.ReLU())], nn.Conv2d(8, 8, 1, bias=False),
+                                   nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AvgPool2d(4)))
+    with pytest.raises(VerificationError, match="the output differs from the original's"):
+        convmerge.fuse(model)
+
+
 # --- a module that travels ----------------------------------------------------------------------------
 
 

@@ -125,3 +125,20 @@ def test_routing_does_not_import_torch_dynamo() -> None:
     if out[0] == "True":
         pytest.skip("this torch imports torch._dynamo with torch")
     assert out == ["False", "False"]
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_one_value_for_every_axis_is_routed_as_torch_reads_it(monkeypatch, nd: int, groups: int) -> None:
+    """``F.conv2d(x, w, None, (2,), (1,), (1,))`` is legal (one value, every axis) and reaches the dispatch as
+    one-element lists: the routed convolutions read it for every axis, as torch does (it raised IndexError, and
+    the end-to-end check then ran the original in the model's dtype instead of float64)."""
+    from convmerge.engine import grouped
+    monkeypatch.setattr(grouped, "_UNFOLD_ELEMENTS", 0)  # route every dense conv of few outputs
+    gen = torch.Generator().manual_seed(nd)
+    x = torch.randn(2, 4 * groups, *[7] * nd, generator=gen, dtype=torch.float64)
+    w = torch.randn(2 * groups, 4, *[3] * nd, generator=gen, dtype=torch.float64)
+    want = _CONV[nd](x, w, None, (2,), (1,), (2,), groups)
+    with fast_grouped():
+        got = _CONV[nd](x, w, None, (2,), (1,), (2,), groups)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

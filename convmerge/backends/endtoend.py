@@ -3,7 +3,8 @@ random inputs, at the traced shape and at others where the original runs, in flo
 
 It is the net under every tracer trick: whatever the trace or the rebuild got wrong (a lost in-place
 update, a shape fixed by the export, a merge put at the wrong node), the module is not returned.  The
-shapes: the traced one; batch 2 with every spatial size about half the traced one and of the other parity
+shapes: the traced one; batch 2 with every spatial size about half the traced one and of the other parity, at
+every depth the net downsamples to (`_half`: 97 for 224, whose 14x14 map half of it, 113, makes 8x8)
 (another batch, another size, the other parity, which strided and ceil-mode layers treat differently; at half the
 size, since a larger one exercises nothing more and cost three times the traced shape's run at 224x224), or one
 larger where the original does not run at half, else the traced size; and the smallest size the original runs at near where its
@@ -72,8 +73,10 @@ class Cases:
         if fixed_size:
             more = [("batch 2", batch)]
         else:
+            factors = [[n // m for n, m in zip(s[2:], smallest)] if len(smallest) == len(s) - 2 else [1] * (len(s) - 2)
+                       for s in batch]
             more = [("batch 2, every spatial size about half and of the other parity",
-                     [(2, *s[1:2], *(_other_parity(n // 2, n) for n in s[2:])) for s in batch]),
+                     [(2, *s[1:2], *(_half(n, f) for n, f in zip(s[2:], fs))) for s, fs in zip(batch, factors)]),
                     ("batch 2, every spatial size one larger", [(2, *s[1:2], *(n + 1 for n in s[2:])) for s in batch]),
                     ("batch 2", batch)]
             if smallest and all(len(s) == len(shapes[0]) for s in shapes):
@@ -172,10 +175,15 @@ def _on_cpu(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return copied.eval()
 
 
-def _other_parity(size: int, traced: int) -> int:
-    """``size`` (at least 1), moved up by one where it has the traced size's parity."""
-    size = max(1, size)
-    return size + 1 if size % 2 == traced % 2 else size
+def _half(traced: int, factor: int) -> int:
+    """The size nearest half ``traced`` (the larger on a tie, at least 1) that is ``traced + 1`` modulo twice the
+    largest power of two in ``factor`` (how many times the traced graph downsamples): each map a chain of stride-2
+    layers makes from it then has the other parity than at the traced size, at every depth (half of 224, 113,
+    gives a 14x14 map 8x8; 97 gives it 7x7), as one larger gives it."""
+    period = 2 << max(0, factor.bit_length() - 1)
+    target, r = traced // 2, (traced + 1) % period
+    low = r + period * ((target - r) // period)
+    return low + period if low < 1 or target - low >= low + period - target else low
 
 
 def _shapes(shapes: Sequence[Sequence[int]]) -> str:

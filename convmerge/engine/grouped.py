@@ -111,6 +111,8 @@ class fast_grouped(TorchDispatchMode):
             if (not transposed and x.dtype == weight.dtype == torch.float64 and x.device.type == "cpu"
                     and weight.device.type == "cpu" and x.dim() == weight.dim()
                     and (bias is None or bias.dtype == torch.float64)):
+                nd = weight.dim() - 2  # one value reads for every axis, as in torch's own convolution
+                stride, padding, dilation = ([*v] * nd if len(v) == 1 else v for v in (stride, padding, dilation))
                 if groups > 1:
                     return grouped_conv(x, weight, bias, stride, padding, dilation, groups)
                 if _dense_pays(x, weight, stride):
