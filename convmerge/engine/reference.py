@@ -19,8 +19,8 @@ from .algebra import BatchNorm, Conv
 from ..graph import CONV_OPS, POOL_OPS, Graph
 from ..maths.spec import PadSpec, PoolSpec
 
-__all__ = ["Magnitudes", "Params", "avg_pool", "channel_mix", "full_width", "mixed", "pad", "positive", "run",
-           "takes_mix"]
+__all__ = ["Magnitudes", "Params", "avg_pool", "channel_mix", "full_width", "mixed", "mixed_out", "pad", "positive",
+           "run", "takes_mix"]
 
 _POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
@@ -121,20 +121,14 @@ class _Outputs:
             return channel_mix(self.values[name], q)
         layer = self.graph.layers[name]
         if layer.op in CONV_OPS:
-            c = self.params.conv(name)
-            weight = (q @ c.weight.double().flatten(1)).view(q.shape[0], *c.weight.shape[1:])
-            bias = None if c.bias is None else q @ c.bias.double()
-            return algebra.apply(Conv(replace(c.spec, out_channels=q.shape[0]), weight, bias),
-                                 self.values[layer.inputs[0]])
+            return algebra.apply(mixed_out(self.params.conv(name), q), self.values[layer.inputs[0]])
         if ops.kind(layer.op) is ops.Kind.AFFINE:
             scale, shift = self.params.bn(name).scale_shift()
             got = self.of(layer.inputs[0], q * scale)
             return got + (q * shift).sum(1).view(1, -1, *[1] * (got.dim() - 2))
-        if layer.op in ("add", "sub") and not positive(self.params):
-            terms = [self.of(src, q if i == 0 or layer.op == "add" else -q) for i, src in enumerate(layer.inputs)]
-            return sum(terms[1:], terms[0])
         if layer.op in ("add", "sub"):  # the magnitudes of a - b are those of a + b
-            terms = [self.of(src, q) for src in layer.inputs]
+            minus = layer.op == "sub" and not positive(self.params)
+            terms = [self.of(src, -q if minus and i else q) for i, src in enumerate(layer.inputs)]
             return sum(terms[1:], terms[0])
         return self.of(layer.inputs[0], q)  # an identity
 
@@ -151,6 +145,13 @@ def mixed(conv: Conv, mix: torch.Tensor) -> Conv:
     weight = torch.matmul(mix.T, w.reshape(w.shape[0], w.shape[1], -1))  # [k, in] @ [out, in, taps]: no transposed copy
     return Conv(replace(conv.spec, in_channels=mix.shape[1]), weight.view(w.shape[0], mix.shape[1], *w.shape[2:]),
                 conv.bias)
+
+
+def mixed_out(conv: Conv, out: torch.Tensor) -> Conv:
+    """A conv's outputs mixed by `out` ([m, out_channels]): the conv of m outputs, weight `out @ W`, bias `out @ b`."""
+    weight = (out @ conv.weight.double().flatten(1)).view(out.shape[0], *conv.weight.shape[1:])
+    bias = None if conv.bias is None else out @ conv.bias.double()
+    return Conv(replace(conv.spec, out_channels=out.shape[0]), weight, bias)
 
 
 def _op(graph: Graph, params: Params, name: str, op: str, args: list[torch.Tensor]) -> torch.Tensor:

@@ -96,7 +96,7 @@ def check(graph: Graph, params: Params, start: str, layers: Sequence[str], end: 
         if not part:
             continue
         q = out if narrow else None
-        convs = [_mixed_out(m, q) for m in wide] if q is not None else wide
+        convs = [reference.mixed_out(m, q) for m in wide] if q is not None else wide
         run = lambda x: reference.run(graph, oracle, start, layers, end, x, oracle.mix, q)  # noqa: E731
         bound = lambda x: reference.run(graph, terms, start, layers, end, x, terms.mix,  # noqa: E731
                                         None if q is None else q.abs())
@@ -104,13 +104,6 @@ def check(graph: Graph, params: Params, start: str, layers: Sequence[str], end: 
         errors = [max(a, b) for a, b in zip(errors, got)]
         total += sum(cost[s] if q is None else _macs(graph, oracle, start, layers, convs, mix, s, end) for s in part)
     return Checked(errors, total)
-
-
-def _mixed_out(conv: Conv, out: torch.Tensor) -> Conv:
-    """The conv's outputs mixed: `out @ conv` ([m, out_channels]), the conv of m outputs, float64."""
-    weight = (out @ conv.weight.double().flatten(1)).view(out.shape[0], *conv.weight.shape[1:])
-    bias = None if conv.bias is None else out @ conv.bias.double()
-    return Conv(replace(conv.spec, out_channels=out.shape[0]), weight, bias)
 
 
 def covers(spec: ConvSpec, size: Sequence[int]) -> bool:
