@@ -91,12 +91,18 @@ def fuse(module: nn.Module, *, input_size: Optional[Sequence[int]] = None, polic
     options = _check_args("fuse", module, input_size=input_size, policy=policy, leaves=leaves)
     g, tensors, traced = _describe(module, options.leaves, options.input_size, example_inputs)
     plan = model.analyze(g, tensors, options)
+    if traced.tracer == "torch.fx" and traced.example:  # the fast route, checked as every module is: where the
+        try:                                             # check fails, torch.export traces it again
+            return _fused_and_checked(module, plan, traced, only_general=True)
+        except VerificationError:
+            g, tensors, traced = _describe(module, options.leaves, options.input_size, example_inputs, fx_first=False)
+            plan = model.analyze(g, tensors, options)
     return _fused_and_checked(module, plan, traced)
 
 
-def _fused_and_checked(module: nn.Module, plan: Any, traced: trace.Traced) -> nn.Module:
+def _fused_and_checked(module: nn.Module, plan: Any, traced: trace.Traced, only_general: bool = False) -> nn.Module:
     """The fused module, checked end to end: the graph for every shape where the trace gives one, else
-    the traced graph, which then runs only at the traced shape (and says so)."""
+    the traced graph, which then runs only at the traced shape (and says so; not ``only_general``)."""
     example = traced.example or trace_export.example_input(module, plan.input_size)[0]
     cases = endtoend.Cases(module, example, fixed_size=rebuild.sized_merges(plan, len(example)) is not None,
                            smallest=traced.smallest)
@@ -104,6 +110,8 @@ def _fused_and_checked(module: nn.Module, plan: Any, traced: trace.Traced) -> nn
     failure = cases.compare(fused)
     if failure is None:
         return fused
+    if only_general:
+        raise VerificationError(f"the fused module does not compute what the module does: {failure}")
     unmerged = rebuild.fused_module(module, None, traced)
     if cases.compare(unmerged) is not None:  # the traced graph itself, not a merge, fails there
         shapes = [t.shape for t in example]
@@ -131,12 +139,12 @@ def save(module: nn.Module, path: Union[str, os.PathLike], *, force: bool = Fals
 
 
 def _describe(module: nn.Module, leaves: Sequence[Union[type, str]] = (), input_size: Optional[Sequence[int]] = None,
-              example_inputs: Optional[Sequence[torch.Tensor]] = None, runnable: bool = True
+              example_inputs: Optional[Sequence[torch.Tensor]] = None, runnable: bool = True, fx_first: bool = True
               ) -> tuple[Graph, model.Tensors, Any]:
     """Trace a copy of `module` (so a fused module can be rebuilt from it without touching the original)."""
     copied = copy.deepcopy(module)
     traced = trace.describe_module(copied, type(module).__name__, leaves=leaves, example_size=input_size,
-                                   example_inputs=example_inputs, runnable=runnable)
+                                   example_inputs=example_inputs, runnable=runnable, fx_first=fx_first)
     tensors = model.module_tensors({**copied.state_dict(), **traced.tensors})
     graph = parse(traced.doc, tensors.info, "traced module")
     graph.notes[:0] = traced.notes

@@ -304,8 +304,9 @@ def test_fused_modules_fold_the_batch_norm_after_a_conv_transpose_and_compute_th
     module = _randomised(make())
     fused = convmerge.fuse(module, input_size=sizes[0])
     if make is Generator:
-        # the two folded ones are modules; the last, with nothing to fold, stays the traced call
-        assert _calls(fused, (nn.ConvTranspose2d,)) == 2 and "batch_norm" not in fused.code
+        # the two batch norms are folded into their conv transposes (the last, with nothing to fold, stays as traced)
+        assert _calls(fused, (nn.ConvTranspose2d,)) >= 2 and _calls(fused, (nn.BatchNorm2d,)) == 0
+        assert "batch_norm" not in fused.code
     for size in sizes:
         x = torch.randn(2, channels, *size)
         with torch.no_grad():
@@ -606,7 +607,7 @@ def test_a_conv_without_bias_before_a_conv_transpose_becomes_one_conv_transpose(
                                        nn.ReLU()))
     fused = convmerge.fuse(module, policy=policy)
     kinds = [type(m) for m in fused.modules()][1:]
-    assert [k for k in kinds if k is not InputRankCheck] == [nn.ConvTranspose2d] and "conv2d" not in fused.code
+    assert [k for k in kinds if k not in (InputRankCheck, nn.ReLU)] == [nn.ConvTranspose2d] and "conv2d" not in fused.code
     for size in [(1, 1), (3, 4), (6, 6)]:
         x = torch.randn(2, 3, *size)
         with torch.no_grad():

@@ -241,7 +241,6 @@ def test_fuse_merges_traced_linear_layers_where_cheaper_and_computes_the_same(ne
     x = torch.randn(5, module[0].in_features, dtype=torch.float64)
     want = module(x)
     assert float((fused(x).detach() - want).abs().max()) <= 1e-10 * float(want.abs().max())
-    assert isinstance(fused.get_submodule(str(len(module) - 1)), torch.nn.Linear) is merged
     assert bool(convmerge.check(module)["merges"]) is merged
 
 

@@ -216,7 +216,8 @@ def test_same_merged_weights_as_the_pytorch_path(tmp_path: Path) -> None:
                                              nn.Conv2d(4, 4, 3, padding=1)))
     fused = convmerge.fuse(module, input_size=(32, 32))
     torch_weights = [fused.get_submodule(n.target).weight.detach() for n in fused.graph.nodes  # the merged convs
-                     if n.op == "call_module" and isinstance(fused.get_submodule(n.target), nn.Conv2d)]
+                     if n.op == "call_module" and isinstance(fused.get_submodule(n.target), nn.Conv2d)
+                     and n.target != "3"]  # the last 3x3, unmerged: a call of the original module where fx traced
     path = export(module, (1, 3, 32, 32), tmp_path / "m.onnx")
     out, _ = fuse(path)
     proto = onnx.load(str(out))

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import convmerge
 from convmerge import model
 from convmerge.engine import plan
+from convmerge.frontends import trace
 from convmerge.graph import parse
 from convmerge.engine.reduce import reduce_part
 from convmerge.maths.region import find_regions
@@ -431,10 +432,11 @@ class _ReadTwice(torch.nn.Module):
         return torch.relu(y) + self.b(y)  # relu's input is read twice: it must not be overwritten
 
 
-def test_activations_run_in_place_only_on_a_result_no_one_else_reads():
+def test_activations_run_in_place_only_on_a_result_no_one_else_reads(monkeypatch):
     """The exported graph runs ReLU6(inplace=True) out of place (a second tensor per activation); the fused
     module runs it in place again where the activation alone reads a conv's or an add's result.  Values and
     gradients are the original's; an activation whose input is read elsewhere stays out of place."""
+    monkeypatch.setattr(trace, "_fx_with_shapes", lambda *args: None)  # torch.fx keeps the modules, in place as built
     net = nets.randomize_bn(nets.inverted_residuals()).double().eval()
     fused = convmerge.fuse(net)
     targets = [str(n.target) for n in fused.graph.nodes if n.op == "call_function" and "hardtanh" in str(n.target)]
@@ -452,9 +454,10 @@ def test_activations_run_in_place_only_on_a_result_no_one_else_reads():
 
 @pytest.mark.parametrize("act, in_place", [(torch.nn.SiLU(), True), (torch.nn.Hardswish(), True),
                                            (torch.nn.LeakyReLU(0.1), True), (torch.nn.LeakyReLU(-0.1), False)])
-def test_in_place_activations_keep_gradients(act, in_place):
+def test_in_place_activations_keep_gradients(act, in_place, monkeypatch):
     """Each activation put back in place still differentiates; a leaky relu of negative slope cannot (autograd
     needs the input it would overwrite), so it stays out of place."""
+    monkeypatch.setattr(trace, "_fx_with_shapes", lambda *args: None)  # the exported graph's activations
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), act, torch.nn.Conv2d(4, 4, 1))
     net = nets.randomize_bn(net).double().eval()
     fused = convmerge.fuse(net)

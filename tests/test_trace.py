@@ -80,7 +80,8 @@ class MyConv2d(nn.Conv2d):
 
 
 def describe_module(module: nn.Module, name: str = "model", **options) -> dict:
-    return trace_module(module, name, **options).doc
+    """torch.export's description, as these tests were written for (torch.fx with shapes: test_trace_fx_shapes)."""
+    return trace_module(module, name, **{"fx_first": False, **options}).doc
 
 
 def layer(description: dict, name: str) -> dict:

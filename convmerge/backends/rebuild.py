@@ -74,7 +74,8 @@ def fused_module(module: nn.Module, plan: Optional[Plan], traced: Traced, dynami
             new = graph.call_module(target, (x,))
         output.replace_all_uses_with(new)
         current[unit.output] = new
-    graph.eliminate_dead_code(lambda node: node.is_impure() or mutates(node, gm))  # fx graphs: `y += x`
+    inside = {nodes[n] for n in replaced if n in nodes}  # an in-place join inside a merged part: no one else sees it
+    graph.eliminate_dead_code(lambda node: node.is_impure() or (mutates(node, gm) and node not in inside))  # `y += x`
     for target, conv in later:
         _set_module(gm, target, conv)
     _activations_in_place(gm)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import fx, nn
 from torch.fx.operator_schemas import normalize_function
 
-from . import argument_ops
+from . import argument_ops, fx_values
 from ..maths.spec import SpecError
 from .trace_layers import (CONV_TRANSPOSES, STRUCTURAL_MODULES, STRUCTURAL_OPS, TraceError, Traced, avg_pool_fields, first_line, is_leaf_class, is_plain,
                            module_fields, opaque)
@@ -28,34 +28,52 @@ _AVG_POOLS = {torch.nn.functional.avg_pool1d: 1, torch.nn.functional.avg_pool2d:
 _ADDS = {operator.add, operator.iadd, torch.add}
 
 
-def describe(module: nn.Module, leaves: Sequence[type | str] = ()) -> Traced:
+def describe(module: nn.Module, leaves: Sequence[type | str] = (),
+             example: Optional[Sequence[torch.Tensor]] = None) -> Traced:
     """The description of ``module`` traced by fx; raises TraceError when its own forward cannot be
-    traced (a failing submodule becomes an opaque leaf and a note)."""
+    traced (a failing submodule becomes an opaque leaf and a note).
+
+    With ``example`` inputs the traced graph is run once on them, in inference mode (`fx_values`): additions,
+    functional batch norms and per-channel arithmetic are then structural where their shapes say so, the
+    description records the traced size (`Traced.example`, `Traced.smallest`), and `Traced.blind_spots` says what
+    this trace left opaque that torch.export may see into.  A graph that does not run on them raises TraceError."""
     tracer = _Tracer(leaves)
     try:
         graph = tracer.trace(module)
     except Exception as exc:
         raise TraceError(f"torch.fx: {first_line(exc)}") from exc
+    for node in graph.nodes:
+        node.type = None  # annotations (``x: "torch.Tensor"``) a fused module's code would have to import to unpickle
+    if example is not None:
+        _drop_shape_asserts(graph)
     names, shared = layer_names(graph), _shared_targets(graph, module)
     active = _active(graph)
+    values = None
+    if example is not None:
+        writes = [n for n in graph.nodes if mutates(n, module) and n.args and n.args[0] not in active]
+        if writes:  # a run would change the module; torch.export's functional graph follows such writes
+            raise TraceError(f"torch.fx: {names[writes[0]]} writes a parameter or buffer in place")
+        module.eval()  # the inference form, which the description means (the module is the caller's copy)
+        values = fx_values.run(fx.GraphModule(module, graph), example, active)
     mutated = _seen_mutated(graph, module)
-    layers = []
+    layers, tensors = [], {}
     for node in graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
         try:
-            layer = describe_node(node, module, names, shared, active, tracer.forced)
+            layer = describe_node(node, module, names, shared, active, tracer.forced, values, tensors)
         except SpecError as exc:
             raise TraceError(f"layer {names[node]}: {exc}") from exc
         if node in mutated and layer["op"] in STRUCTURAL_OPS:
             layer["op"] = opaque(layer["op"])
         layers.append(layer)
     output = next(node for node in graph.nodes if node.op == "output")
+    outputs = _input_names(output, names)
     doc = {
         "version": 1,
         "inputs": [names[node] for node in graph.nodes if node.op == "placeholder"],
         "layers": layers,
-        "outputs": _input_names(output, names),
+        "outputs": outputs,
     }
     notes = [f"module {q!r} ({type(module.get_submodule(q)).__name__}) is opaque: {why}"
              for q, why in tracer.opaque.items()]
@@ -65,10 +83,77 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = ()) -> Traced:
         notes.append(f"{len(mutated)} layer(s) ({', '.join([names[n] for n in graph.nodes if n in mutated][:3])}) write or read a "
                      "value that is changed in place where another layer can see it: opaque, since torch.fx "
                      "does not follow what the change does to aliases")
-    if any(layer["op"] == "opaque_add" for layer in layers):
+    if values is None and any(layer["op"] == "opaque_add" for layer in layers):
         notes.append("torch.fx sees no shapes, so additions (which may broadcast) are opaque")
     nodes = {name: node.name for node, name in names.items()}
-    return Traced(doc, notes=notes, graph_module=lambda dynamic=True: (fx.GraphModule(module, graph), {n.name: n.name for n in graph.nodes}), nodes=nodes)
+    traced = Traced(doc, tensors=tensors, notes=notes, nodes=nodes, tracer="torch.fx",
+                    graph_module=lambda dynamic=True: (fx.GraphModule(module, graph), {n.name: n.name for n in graph.nodes}))
+    if values is not None:
+        traced.example = tuple(example)
+        rank = example[0].dim()
+        if rank >= 2:
+            doc["traced_input"] = list(example[0].shape[2:])
+        sizes = [shape[2:] for shape, _ in values.meta.values() if len(shape) == rank >= 3]
+        traced.smallest = tuple(min((s[k] for s in sizes if s[k] > 1), default=1) for k in range(rank - 2)) if sizes else ()
+        calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
+        traced.blind_spots = [f"module {q!r} is opaque" for q in tracer.opaque] + [
+            f"module {t!r} has its tensors read beside its call" for t in sorted(shared) if calls[t] == 1] + [
+            f"{names[n]} is changed in place" for n in graph.nodes if n in mutated][:1] + [
+            f"layer {layer['name']} ({layer['op']})" for layer in layers
+            if not layer.get("_constant") and _export_may_read(layer["op"])]
+        doc["layers"] = _read(layers, outputs)
+    return traced
+
+
+_SHAPE_ATTRIBUTES = {"ndim", "shape", "dtype", "device", "is_cuda"}
+_SHAPE_METHODS = {"dim", "size", "ndimension"}
+_SHAPE_ARITHMETIC = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.mod,
+                     operator.floordiv, operator.add, operator.sub, operator.mul, operator.getitem, operator.and_,
+                     operator.or_, operator.not_, operator.truth, len}
+
+
+def _drop_shape_asserts(graph: fx.Graph) -> None:
+    """Remove ``torch._assert`` calls on shapes (timm's ``_assert(x.ndim == 4, ...)`` in every batch norm) and the
+    unused shape reads left by them (their messages' ``x.ndim``): read as layers, they would keep every value whose
+    shape they check from merging.  The module then runs on inputs the original refuses with an AssertionError,
+    which its rank check mostly still refuses; it computes the same wherever the original runs."""
+    shape_only: set[fx.Node] = set()
+    for node in graph.nodes:
+        inputs = node.all_input_nodes
+        if ((node.op == "call_function" and node.target is getattr and len(node.args) == 2
+             and node.args[1] in _SHAPE_ATTRIBUTES)
+                or (node.op == "call_method" and node.target in _SHAPE_METHODS)
+                or (node.op == "call_function" and node.target in _SHAPE_ARITHMETIC and inputs
+                    and all(n in shape_only for n in inputs))):
+            shape_only.add(node)
+    for node in reversed(list(graph.nodes)):
+        cond = node.args[0] if node.op == "call_function" and node.target is torch._assert and node.args else None
+        if (isinstance(cond, fx.Node) and cond in shape_only) or (node in shape_only and not node.users):
+            graph.erase_node(node)
+
+
+_MAY_BE_STRUCTURAL = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+                      "linear", "batch_norm", "cat", "concat", "concatenate", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+                      "pad", "dropout", "clone", "contiguous", "detach", "alias", "setitem", "rsub"}
+"""The ops torch.export's mapper may make structural (or see through) where fx, even with shapes, leaves them
+opaque.  Not arithmetic: with shapes, `fx_values` reads ``+ - * /`` under the mapper's own conditions."""
+
+
+def _export_may_read(op: str) -> bool:
+    base = op[len("opaque_"):] if op.startswith("opaque_") else op
+    return op not in STRUCTURAL_OPS and (base in _MAY_BE_STRUCTURAL or (base.endswith("_") and not base.startswith("_")))
+
+
+def _read(layers: list[dict[str, Any]], outputs: list[str]) -> list[dict[str, Any]]:
+    """The layers without those computed from parameters alone that no layer reads any more (a LayerScale's
+    ``gamma.view(1, -1, 1, 1)``, once its product is an affine layer holding its values)."""
+    read, kept = set(outputs), []
+    for layer in reversed(layers):
+        if layer.pop("_constant", False) and layer["name"] not in read:
+            continue
+        read.update(layer.get("inputs", [layer["input"]] if "input" in layer else []))
+        kept.append(layer)
+    return kept[::-1]
 
 
 def layer_names(graph: fx.Graph) -> dict[fx.Node, str]:
@@ -88,19 +173,29 @@ def layer_names(graph: fx.Graph) -> dict[fx.Node, str]:
     fx_names = {node.name for node in others}
     used = set(names.values())
     for node in others:
-        candidate, k = node.name, 1
+        base = str(node.target) if node.op == "placeholder" else node.name  # the forward's own argument name
+        candidate, k = base, 1
         while candidate in used or (candidate != node.name and candidate in fx_names):
-            candidate, k = f"{node.name}_{k}", k + 1
+            candidate, k = f"{base}_{k}", k + 1
         names[node] = candidate
         used.add(candidate)
     return names
 
 
 def describe_node(node: fx.Node, root: nn.Module, names: dict[fx.Node, str], shared: set[str],
-                  active: set[fx.Node], leaves: set[str] = frozenset()) -> dict[str, Any]:
+                  active: set[fx.Node], leaves: set[str] = frozenset(), values: Optional[fx_values.Values] = None,
+                  tensors: Optional[dict[str, torch.Tensor]] = None) -> dict[str, Any]:
     """One layer of the description; ``shared`` holds the modules whose tensors are used elsewhere
-    too, ``active`` the nodes that depend on the graph's inputs, ``leaves`` the modules marked so."""
+    too, ``active`` the nodes that depend on the graph's inputs, ``leaves`` the modules marked so; ``values``
+    (a run at the example) makes more layers structural (`fx_values`), their tensors going into ``tensors``, and
+    marks the layers computed from parameters alone (``_constant``)."""
     fields: dict[str, Any]
+    found = fx_values.read(node, names[node], active, values) if values is not None else None
+    if found is not None:
+        fields, inputs, computed = found
+        (tensors if tensors is not None else {}).update(computed)
+        wiring = {"input": names[inputs[0]]} if len(inputs) == 1 else {"inputs": [names[n] for n in inputs]}
+        return {"name": names[node], "op": fields.pop("op"), **wiring, **fields}
     if node.op == "call_module":
         module = root.get_submodule(str(node.target))
         if node.target in leaves:
@@ -111,7 +206,8 @@ def describe_node(node: fx.Node, root: nn.Module, names: dict[fx.Node, str], sha
             fields = {"op": opaque(type(module).__name__.lower())}  # an output_size argument sets its output_padding
         else:
             fields = module_fields(module)
-            if fields["op"] == "linear" and not _two_d(node.args[0], root):
+            two_d = _two_d(node.args[0], root) if values is None else len(values.meta.get(node.args[0], ((),))[0]) == 2
+            if fields["op"] == "linear" and not two_d:
                 fields = {"op": opaque("linear")}
     elif node.op == "get_attr":
         fields = {"op": "get_attr"}
@@ -122,6 +218,8 @@ def describe_node(node: fx.Node, root: nn.Module, names: dict[fx.Node, str], sha
         fields = _function_fields(node, active)
     producers = _input_names(node, names)
     wiring = {"input": producers[0]} if len(producers) == 1 else {"inputs": producers}
+    if values is not None and node not in active:
+        fields["_constant"] = True
     return {"name": names[node], "op": fields.pop("op"), **wiring, **fields}
 
 

@@ -75,9 +75,14 @@ class Traced:
     graph_module: Optional[Callable[[], Any]] = field(default=None, repr=False)
     nodes: dict[str, str] = field(default_factory=dict, repr=False)
     example: tuple = field(default=(), repr=False)
-    """The inputs it was traced on (torch.export), or none (torch.fx)."""
+    """The inputs it was traced on (none: torch.fx without an example)."""
     smallest: tuple = ()
     """Per spatial axis, the smallest size above 1 of a value of the input's rank at the traced shape."""
+    tracer: str = "torch.export"
+    """Which tracer it came from: "torch.export" or "torch.fx"."""
+    blind_spots: list = field(default_factory=list)
+    """What this trace left opaque that torch.export may see into (torch.fx's: a submodule it could not trace, a
+    functional conv, an in-place write); empty where it sees as much."""
 
 
 def model_dtype(module: nn.Module) -> torch.dtype:

@@ -1,0 +1,188 @@
+"""What one run of an fx graph at the example input tells the fx tracer: the layers only values can make structural.
+
+fx records Python calls without shapes.  Run once on the example (`run`), each node's shape and dtype is known and
+each value computed without the input (a parameter, ``gamma.view(1, -1, 1, 1)``) is at hand, so the tracer reads
+what torch.export's mapper reads from its fake tensors (`aten_layers`), with the same conditions:
+
+- ``a + b`` / ``a - b`` of two layer values of one shape and dtype, the result's: an ``add`` / ``sub``;
+- ``x + 0`` keeping x's shape (MobileOne starts its sum of branches at the number 0) and ``F.dropout`` outside
+  training: the identity;
+- ``F.batch_norm`` outside training with its statistics from parameters and buffers: a ``batch_norm`` (timm's
+  ``BatchNormAct2d`` calls it);
+- ``F.linear`` of an [N, C] value by constant tensors: a ``linear``;
+- ``x * c``, ``x / c``, ``x + c``, ``x - c``, ``c - x`` with ``c`` a number or one value per channel of ``x``
+  computed from parameters (LayerScale's ``x * gamma``): an ``affine`` layer.
+Each returns the layer's fields, the one node it reads, and the tensors it needs beyond the state dict; None leaves
+the node to the tracer's other readings (opaque, mostly).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch.fx.operator_schemas import normalize_function
+
+from ..ops import affine
+from .trace_layers import TraceError, first_line
+
+__all__ = ["Values", "read", "run"]
+
+_JOINS = {operator.add: "add", operator.iadd: "add", torch.add: "add", operator.sub: "sub", operator.isub: "sub",
+          torch.sub: "sub"}
+_ARITHMETIC = {operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div", operator.add: "add",
+               torch.add: "add", operator.sub: "sub", torch.sub: "sub", "mul": "mul", "div": "div", "add": "add",
+               "sub": "sub"}
+"""Out-of-place arithmetic by function or by tensor method (the in-place forms write: opaque, or `mutates`)."""
+
+
+class Values:
+    """Per node, the (shape, dtype) of its tensor at the example, and the tensor itself where it does not depend on
+    the inputs (``constants``)."""
+
+    def __init__(self) -> None:
+        self.meta: dict[fx.Node, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.constants: dict[fx.Node, torch.Tensor] = {}
+
+
+def run(gm: fx.GraphModule, example: Sequence[torch.Tensor], active: set[fx.Node]) -> Values:
+    """Run ``gm`` once on copies of ``example`` without gradients, recording `Values`; TraceError where it fails."""
+    values = Values()
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                values.meta[n] = (tuple(out.shape), out.dtype)
+                if n not in active:
+                    values.constants[n] = out.detach()
+            return out
+
+    try:
+        with torch.no_grad():
+            _Recorder(gm).run(*(t.clone() for t in example))  # a forward may write its input
+    except Exception as exc:
+        raise TraceError(f"torch.fx: the traced graph does not run on the example input: {first_line(exc)}") from exc
+    return values
+
+
+def read(node: fx.Node, name: str, active: set[fx.Node], values: Values
+         ) -> Optional[tuple[dict[str, Any], fx.Node, dict[str, torch.Tensor]]]:
+    """The layer ``node`` is (its fields, the node it reads, its tensors as ``NAME.field``), or None."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    return (_join(node, active, values) or _identity(node, active, values) or _batch_norm(node, name, active, values)
+            or _linear(node, name, active, values) or _affine(node, name, active, values))
+
+
+def _join(node: fx.Node, active: set[fx.Node], values: Values) -> Optional[tuple[dict[str, Any], Any, dict]]:
+    op = _JOINS.get(node.target) if node.op == "call_function" else None
+    if op is None or node.kwargs or len(node.args) != 2 or not all(a in active for a in node.args):
+        return None
+    left, right = (values.meta.get(a) for a in node.args)
+    if left is None or not left == right == values.meta.get(node):
+        return None
+    return {"op": op}, list(node.args), {}
+
+
+def _identity(node: fx.Node, active: set[fx.Node], values: Values) -> Optional[tuple[dict[str, Any], Any, dict]]:
+    """``x + 0`` / ``0 + x`` (``out = 0; out += x``) keeping x's shape and dtype, and ``F.dropout(x, training=False)``."""
+    if node.op != "call_function":
+        return None
+    if node.target is F.dropout:
+        bound = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+        x = bound.kwargs["input"] if bound is not None else None
+        if bound is not None and bound.kwargs.get("training") is False and x in active:
+            return {"op": "identity"}, [x], {}
+        return None
+    if node.target not in (operator.add, operator.iadd, torch.add) or node.kwargs or len(node.args) != 2:
+        return None
+    zero = [a for a in node.args if type(a) in (int, float) and a == 0]
+    x = [a for a in node.args if a in active]
+    if zero and x and values.meta.get(x[0]) == values.meta.get(node):
+        return {"op": "identity"}, x, {}
+    return None
+
+
+def _batch_norm(node: fx.Node, name: str, active: set[fx.Node], values: Values
+                ) -> Optional[tuple[dict[str, Any], Any, dict]]:
+    """``F.batch_norm`` of a layer value outside training, its statistics and affine tensors constants."""
+    if node.op != "call_function" or node.target is not F.batch_norm:
+        return None
+    bound = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    if bound is None:
+        return None
+    a = bound.kwargs
+    x = a["input"]
+    meta = values.meta.get(x)
+    if x not in active or meta is None or len(meta[0]) < 2 or a.get("training") is not False:
+        return None
+    if (a.get("weight") is None) != (a.get("bias") is None) or not isinstance(a.get("eps"), (int, float)):
+        return None
+    tensors = {}
+    for field in ("weight", "bias", "running_mean", "running_var"):
+        value = a.get(field)
+        if value is None:
+            continue
+        t = values.constants.get(value) if isinstance(value, fx.Node) else None
+        if t is None or t.shape != (meta[0][1],) or not t.dtype.is_floating_point:
+            return None
+        tensors[f"{name}.{field}"] = t.clone()
+    if f"{name}.running_mean" not in tensors or f"{name}.running_var" not in tensors:
+        return None
+    return {"op": "batch_norm", "eps": float(a["eps"]), "affine": a.get("weight") is not None}, [x], tensors
+
+
+def _linear(node: fx.Node, name: str, active: set[fx.Node], values: Values
+            ) -> Optional[tuple[dict[str, Any], Any, dict]]:
+    """``F.linear`` of an [N, C] layer value by constant tensors (timm's ``Linear``, a subclass with its own forward)."""
+    if node.op != "call_function" or node.target is not F.linear:
+        return None
+    bound = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    if bound is None:
+        return None
+    x, weight, bias = bound.kwargs["input"], bound.kwargs["weight"], bound.kwargs.get("bias")
+    meta = values.meta.get(x)
+    w = values.constants.get(weight) if isinstance(weight, fx.Node) else None
+    b = values.constants.get(bias) if isinstance(bias, fx.Node) else None
+    if x not in active or meta is None or len(meta[0]) != 2 or w is None or w.dim() != 2 or w.shape[1] != meta[0][1]:
+        return None
+    if (bias is not None and (b is None or b.shape != (w.shape[0],))) or w.dtype != meta[1]:
+        return None
+    tensors = {f"{name}.weight": w.clone(), **({f"{name}.bias": b.clone()} if b is not None else {})}
+    return {"op": "linear"}, [x], tensors
+
+
+def _affine(node: fx.Node, name: str, active: set[fx.Node], values: Values
+            ) -> Optional[tuple[dict[str, Any], Any, dict]]:
+    """An element-wise op of a layer value and a constant holding one number per channel (or one for all), keeping
+    the value's shape and dtype (as `aten_layers.Mapper._affine`)."""
+    op = _ARITHMETIC.get(node.target) if node.op in ("call_function", "call_method") else None
+    alpha = node.kwargs.get("alpha", 1) if op in ("add", "sub") else 1
+    if op is None or set(node.kwargs) - {"alpha"} or type(alpha) not in (int, float) or len(node.args) != 2:
+        return None
+    if node.op == "call_method" and node.args[0] not in active:
+        return None
+    left, right = node.args
+    x, c = (left, right) if left in active else (right, left)
+    meta, out = values.meta.get(x), values.meta.get(node)
+    if x not in active or c in active or meta is None or meta != out or not meta[1].is_floating_point:
+        return None
+    if isinstance(c, fx.Node):
+        t = values.constants.get(c)
+        if t is None or t.dtype.is_complex or not affine.per_channel(meta[0], tuple(t.shape)):
+            return None
+        constant = t.to(torch.float64)
+    elif type(c) in (int, float):
+        constant = torch.tensor(c, dtype=torch.float64)
+    else:
+        return None
+    terms = affine.arithmetic(op, constant, alpha, constant_first=c is left)
+    if terms is None:
+        return None
+    tensors = {f"{name}.{suffix}": affine.channel_values(torch.as_tensor(term, dtype=torch.float64)).to(meta[1])
+               for suffix, term in zip(affine.TENSORS, terms) if term is not None}
+    return {"op": "affine"}, [x], tensors

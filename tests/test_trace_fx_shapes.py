@@ -1,0 +1,180 @@
+"""torch.fx first, with shapes from one run at the example: what it reads, when torch.export takes over, and the
+end-to-end check as the net under it (a module the fx route builds wrong is traced again by torch.export)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import convmerge
+from convmerge.backends import rebuild
+from convmerge.frontends.trace import describe_module
+
+
+class TimmLikeBatchNorm(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a subclass with its own forward, a shape assert and F.batch_norm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+
+
+class TimmLikeLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Block(nn.Module):
+    """MobileOne's sum of branches started at the number 0, a LayerScale and a residual."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.kxk = nn.ModuleList([nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), TimmLikeBatchNorm(c))
+                                  for _ in range(2)])
+        self.scale = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), TimmLikeBatchNorm(c))
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = 0
+        out += self.scale(x)
+        for branch in self.kxk:
+            out = out + branch(x)
+        return torch.relu(x + out * self.gamma.view(1, -1, 1, 1))
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.blocks = nn.Sequential(Block(8), Block(8))
+        self.head = TimmLikeLinear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.head(F.dropout(x.mean((2, 3)), 0.2, self.training))
+
+
+def _randomised(module: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-1, 1)
+    return module.eval()
+
+
+def _convs(module: nn.Module) -> int:
+    return sum(1 for n in module.graph.nodes if n.op == "call_module"
+               and isinstance(module.get_submodule(n.target), nn.Conv2d))
+
+
+def _agrees(fused: nn.Module, module: nn.Module) -> None:
+    for shape in [(2, 3, 33, 33), (1, 3, 17, 20), (2, 3, 64, 64)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), module(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fx_with_shapes_reads_functional_norms_joins_layer_scales_and_linears() -> None:
+    module = _randomised(Net())
+    traced = describe_module(module, "net", example_size=(32, 32), fx_first=True)
+    assert traced.tracer == "torch.fx" and traced.blind_spots == [] and traced.notes[0].startswith("traced with torch.fx")
+    ops = [layer["op"] for layer in traced.doc["layers"]]
+    assert ops.count("batch_norm") == 6 and ops.count("affine") == 2 and ops.count("linear") == 1
+    assert "_assert" not in ops and "getattr" not in ops and "get_attr" not in ops
+    assert ops.count("add") == 6 and ops.count("identity") == 3  # out = 0; out += ...; F.dropout outside training
+    assert traced.doc["traced_input"] == [32, 32] and traced.smallest == (16, 16)
+
+
+def test_fuse_through_fx_merges_every_block_and_computes_the_original() -> None:
+    module = _randomised(Net())
+    fused = convmerge.fuse(module, input_size=(32, 32))
+    assert _convs(fused) == 3  # the stem, then one conv per block (the residual and LayerScale folded in)
+    _agrees(fused, module)
+
+
+class FunctionalKernel(nn.Module):
+    """DBB's identity added to a kernel before a functional conv: fx sees an opaque F.conv2d, export a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.weight = nn.Parameter(torch.randn(4, 4, 1, 1))
+        self.register_buffer("eye", torch.eye(4).reshape(4, 4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + F.conv2d(x, self.weight + self.eye)
+
+
+def test_a_blind_spot_sends_the_model_to_torch_export() -> None:
+    module = FunctionalKernel().eval()
+    traced = describe_module(module, "m", example_size=(16, 16), fx_first=True)
+    assert traced.tracer == "torch.export"
+    fused = convmerge.fuse(module, input_size=(16, 16))
+    assert _convs(fused) == 1
+    for shape in [(1, 4, 16, 16), (2, 4, 9, 7)]:
+        x = torch.randn(*shape)
+        torch.testing.assert_close(fused(x), module(x), rtol=1e-4, atol=1e-4)
+
+
+class Broadcast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x).mean((2, 3), keepdim=True)  # [N, C, H, W] + [N, C, 1, 1]: no structural add
+
+
+def test_an_addition_that_broadcasts_stays_opaque() -> None:
+    traced = describe_module(Broadcast().eval(), "m", example_size=(8, 8), fx_first=True)
+    assert traced.tracer == "torch.fx"
+    [add] = [layer for layer in traced.doc["layers"] if "add" in layer["op"]]
+    assert add["op"] == "opaque_add"
+
+
+def test_a_module_the_fx_route_builds_wrong_is_traced_again_by_torch_export(monkeypatch) -> None:
+    module = _randomised(Net())
+    built = rebuild.fused_module
+    routes = []
+
+    def corrupt_fx_modules(module, plan, traced, *args, **kwargs):
+        routes.append(traced.tracer)
+        fused = built(module, plan, traced, *args, **kwargs)
+        if traced.tracer == "torch.fx":
+            head = fused.get_submodule("stem")
+            with torch.no_grad():
+                head.bias.add_(1e-3)  # a planted error: what a tracer trick gone wrong would give
+        return fused
+
+    monkeypatch.setattr(rebuild, "fused_module", corrupt_fx_modules)
+    fused = convmerge.fuse(module, input_size=(32, 32))
+    assert routes[0] == "torch.fx" and routes[-1] == "torch.export"
+    _agrees(fused, module)
+
+
+class RemembersMean(nn.Module):
+    """A forward that assigns a traced value to an attribute: fx records no such write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+        self.last = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        self.last = y.mean()
+        return self.b(y)
+
+
+def test_a_forward_that_assigns_to_an_attribute_goes_to_torch_export_with_the_module_as_it_was() -> None:
+    module = RemembersMean().eval()
+    traced = describe_module(module, "m", example_size=(8, 8), fx_first=True)
+    assert traced.tracer == "torch.export" and not isinstance(module.last, torch.fx.Proxy)
+    fused = convmerge.fuse(module, input_size=(8, 8))
+    x = torch.randn(2, 3, 5, 7)
+    torch.testing.assert_close(fused(x), module(x), rtol=1e-4, atol=1e-4)
