@@ -48,8 +48,9 @@ class Values:
         self.constants: dict[fx.Node, torch.Tensor] = {}
 
 
-def run(gm: fx.GraphModule, example: Sequence[torch.Tensor], active: set[fx.Node]) -> Values:
-    """Run ``gm`` once on copies of ``example`` without gradients, recording `Values`; TraceError where it fails."""
+def run(root: torch.nn.Module, graph: fx.Graph, example: Sequence[torch.Tensor], active: set[fx.Node]) -> Values:
+    """Run ``graph`` (of ``root``'s modules and tensors) once on copies of ``example`` without gradients, recording
+    `Values`; TraceError where it fails.  No GraphModule: its code generation costs more than the run."""
     values = Values()
 
     class _Recorder(fx.Interpreter):
@@ -63,7 +64,7 @@ def run(gm: fx.GraphModule, example: Sequence[torch.Tensor], active: set[fx.Node
 
     try:
         with torch.no_grad():
-            _Recorder(gm).run(*(t.clone() for t in example))  # a forward may write its input
+            _Recorder(root, graph=graph).run(*(t.clone() for t in example))  # a forward may write its input
     except Exception as exc:
         raise TraceError(f"torch.fx: the traced graph does not run on the example input: {first_line(exc)}") from exc
     return values
