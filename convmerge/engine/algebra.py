@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from dataclasses import dataclass, replace
 from itertools import product
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -335,20 +335,81 @@ def bias_check(conv1: Conv, conv2: Conv) -> Optional[BiasCheck]:
     return vanishes
 
 
+DEFER_ELEMENTS = 1 << 20
+"""A merged kernel of at least this many elements (8 MB in float64) is composed when first read (`Deferred`)."""
+
+
+class Deferred(Conv):
+    """A merged conv whose kernel is composed when something first reads ``weight``: planning judges a merge and
+    its cost from the spec, and FastViT's 7x7 depthwise before a 1x1 expansion composed 170 MB float64 kernels that
+    the cost model then turned down.  ``surely_finite()`` answers planning's NaN/Inf question from the parts."""
+
+    def __init__(self, spec: ConvSpec, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                 compose: Optional[Callable[[], torch.Tensor]] = None,
+                 parts: tuple[Conv, ...] = ()) -> None:
+        object.__setattr__(self, "spec", spec)
+        object.__setattr__(self, "bias", bias)
+        object.__setattr__(self, "_compose", compose)
+        object.__setattr__(self, "_parts", parts)
+        if weight is not None:  # dataclasses.replace builds it again with every field given
+            object.__setattr__(self, "weight", weight)
+            self.__post_init__()
+
+    def __getattr__(self, name: str) -> Any:
+        if name != "weight" or self._compose is None:
+            raise AttributeError(name)
+        object.__setattr__(self, "weight", self._compose())
+        object.__setattr__(self, "_compose", None)
+        object.__setattr__(self, "_parts", ())
+        self.__post_init__()
+        return self.weight
+
+    @property
+    def composed(self) -> bool:
+        return "weight" in vars(self)
+
+    def surely_finite(self) -> bool:
+        """True where no kernel entry can be NaN or Inf: both parts finite, and each entry's sum of products
+        bounded (terms x largest |w1| x largest |w2|) far below float64's largest value.  False: unknown."""
+        if self.composed or len(self._parts) != 2 or (self.bias is not None and not _finite_tensor(self.bias)):
+            return False
+        first, second = self._parts
+        bounds = []
+        for part in (first, second):
+            w = part.weight.double()
+            if not _finite_tensor(w):
+                return False
+            bounds.append(float(w.abs().max()) if w.numel() else 0.0)
+        terms = second.spec.in_channels // second.spec.groups * math.prod(second.spec.kernel_size) * math.prod(
+            first.spec.kernel_size)
+        return terms * bounds[0] * bounds[1] < 1e300
+
+
+def _finite_tensor(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
 def merge(conv1: Conv, conv2: Conv, cand: ConvSpec) -> Conv:
-    """The single conv `cand` (from the rules) with its kernel and bias, in float64.
+    """The single conv `cand` (from the rules) with its kernel and bias, in float64 (a large kernel composed when
+    first read: `Deferred`).
 
     Callers verify this float64 result, then store it with `cast` in the weights' dtype.
     """
     s1, s2 = conv1.spec, conv2.spec
-    kernel = compose_kernels(conv1, conv2, cand.groups)
-    crop = []
-    for a1, a2, am in zip(s1.axes, s2.axes, cand.axes):
-        cut = a1.pad[0] + a1.stride * a2.pad[0] - am.pad[0]
-        crop.append(slice(cut, cut + am.kernel))
-    kernel = kernel[(slice(None), slice(None), *crop)]
+
+    def kernel() -> torch.Tensor:
+        full = compose_kernels(conv1, conv2, cand.groups)
+        crop = []
+        for a1, a2, am in zip(s1.axes, s2.axes, cand.axes):
+            cut = a1.pad[0] + a1.stride * a2.pad[0] - am.pad[0]
+            crop.append(slice(cut, cut + am.kernel))
+        return full[(slice(None), slice(None), *crop)].contiguous()
+
     bias = merged_bias(conv1, conv2)
-    return Conv(replace(cand, bias=bias is not None), kernel.contiguous(), bias)
+    spec = replace(cand, bias=bias is not None)
+    if math.prod(spec.weight_shape) >= DEFER_ELEMENTS:
+        return Deferred(spec, bias=bias, compose=kernel, parts=(conv1, conv2))
+    return Conv(spec, kernel(), bias)
 
 
 def compose_kernels(conv1: Conv, conv2: Conv, groups: int) -> torch.Tensor:

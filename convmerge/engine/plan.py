@@ -355,7 +355,8 @@ class _Planner:
         float64 kernels of 170 MB were scanned several times each)."""
         found = self._scanned.get(id(conv))
         if found is None or found[0] is not conv:
-            found = self._scanned[id(conv)] = (conv, _finite(conv))
+            sure = isinstance(conv, algebra.Deferred) and conv.surely_finite()  # its kernel not composed for it
+            found = self._scanned[id(conv)] = (conv, sure or _finite(conv))
         return found[1]
 
     def _channels(self, value: str) -> Optional[int]:
