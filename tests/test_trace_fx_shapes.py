@@ -3,6 +3,8 @@ end-to-end check as the net under it (a module the fx route builds wrong is trac
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -178,3 +180,26 @@ def test_a_forward_that_assigns_to_an_attribute_goes_to_torch_export_with_the_mo
     fused = convmerge.fuse(module, input_size=(8, 8))
     x = torch.randn(2, 3, 5, 7)
     torch.testing.assert_close(fused(x), module(x), rtol=1e-4, atol=1e-4)
+
+
+class TrainOnly(nn.Module):
+    """A forward that branches on ``self.training``: the description is the inference form's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return self.b(torch.relu(y) if self.training else y)
+
+
+def test_a_module_left_in_training_mode_is_traced_in_its_inference_form() -> None:
+    module = TrainOnly().train()
+    traced = describe_module(copy.deepcopy(module), "m", example_size=(8, 8), fx_first=True)
+    graph_module, _ = traced.graph_module()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(graph_module(x), module.eval()(x))
+    merges = convmerge.check(module.train(), input_size=(8, 8))["merges"]
+    assert traced.tracer == "torch.fx" and [m["layers"] for m in merges] == [["a", "b"]]

@@ -37,7 +37,8 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
     functional batch norms and per-channel arithmetic are then structural where their shapes say so, the
     description records the traced size (`Traced.example`, `Traced.smallest`), and `Traced.blind_spots` says what
     this trace left opaque that torch.export may see into.  A graph that does not run on them raises TraceError."""
-    tracer = _Tracer(leaves)
+    module.eval()  # the inference form, which the description means (the module is the caller's copy), before the
+    tracer = _Tracer(leaves)  # trace: a forward reads ``self.training`` as it is traced (a branch, F.dropout's flag)
     try:
         graph = tracer.trace(module)
     except Exception as exc:
@@ -53,7 +54,6 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
         writes = [n for n in graph.nodes if mutates(n, module) and n.args and n.args[0] not in active]
         if writes:  # a run would change the module; torch.export's functional graph follows such writes
             raise TraceError(f"torch.fx: {names[writes[0]]} writes a parameter or buffer in place")
-        module.eval()  # the inference form, which the description means (the module is the caller's copy)
         values = fx_values.run(module, graph, example, active)
     mutated = _seen_mutated(graph, module)
     layers, tensors = [], {}
