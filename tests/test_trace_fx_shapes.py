@@ -203,3 +203,30 @@ def test_a_module_left_in_training_mode_is_traced_in_its_inference_form() -> Non
         torch.testing.assert_close(graph_module(x), module.eval()(x))
     merges = convmerge.check(module.train(), input_size=(8, 8))["merges"]
     assert traced.tracer == "torch.fx" and [m["layers"] for m in merges] == [["a", "b"]]
+
+
+class Dropouts(nn.Module):
+    """Functional dropouts outside training and a concatenation along a negative axis: what torch.export sees
+    through, the fx route too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.c, self.d = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([self.a(x), self.b(x)], -3)
+        y = F.dropout2d(y, 0.1, self.training)
+        y = F.feature_alpha_dropout(self.c(y), 0.1, self.training)
+        return self.d(F.alpha_dropout(y, 0.1, self.training))
+
+
+def test_functional_dropouts_and_a_negative_concat_axis_merge_through_fx() -> None:
+    module = Dropouts().eval()
+    traced = describe_module(copy.deepcopy(module), "m", example_size=(8, 8), fx_first=True)
+    assert traced.tracer == "torch.fx"
+    [merge] = convmerge.check(module, input_size=(8, 8))["merges"]
+    assert {"a", "b", "c", "d"} <= set(merge["layers"])
+    fused = convmerge.fuse(module, input_size=(8, 8))
+    assert _convs(fused) == 1
+    _agrees(fused, module)

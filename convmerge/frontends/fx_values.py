@@ -37,6 +37,7 @@ _ARITHMETIC = {operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", t
                torch.add: "add", operator.sub: "sub", torch.sub: "sub", "mul": "mul", "div": "div", "add": "add",
                "sub": "sub"}
 """Out-of-place arithmetic by function or by tensor method (the in-place forms write: opaque, or `mutates`)."""
+_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
 
 
 class Values:
@@ -90,10 +91,11 @@ def _join(node: fx.Node, active: set[fx.Node], values: Values) -> Optional[tuple
 
 
 def _identity(node: fx.Node, active: set[fx.Node], values: Values) -> Optional[tuple[dict[str, Any], Any, dict]]:
-    """``x + 0`` / ``0 + x`` (``out = 0; out += x``) keeping x's shape and dtype, and ``F.dropout(x, training=False)``."""
+    """``x + 0`` / ``0 + x`` (``out = 0; out += x``) keeping x's shape and dtype, and ``F.dropout(x, training=False)``
+    (or another of the dropouts, ``F.dropout2d``...)."""
     if node.op != "call_function":
         return None
-    if node.target is F.dropout:
+    if node.target in _DROPOUTS:
         bound = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
         x = bound.kwargs["input"] if bound is not None else None
         if bound is not None and bound.kwargs.get("training") is False and x in active:

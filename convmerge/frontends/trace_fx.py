@@ -216,6 +216,8 @@ def describe_node(node: fx.Node, root: nn.Module, names: dict[fx.Node, str], sha
         fields.update(_argument_fields(fields["op"], node, active))
     else:
         fields = _function_fields(node, active)
+        if fields["op"] == "concat" and values is not None and node in values.meta:
+            fields["dim"] %= len(values.meta[node][0])  # ``torch.cat(xs, -3)``: the axis counted from the first
     producers = _input_names(node, names)
     wiring = {"input": producers[0]} if len(producers) == 1 else {"inputs": producers}
     if values is not None and node not in active:
