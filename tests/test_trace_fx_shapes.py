@@ -230,3 +230,16 @@ def test_functional_dropouts_and_a_negative_concat_axis_merge_through_fx() -> No
     fused = convmerge.fuse(module, input_size=(8, 8))
     assert _convs(fused) == 1
     _agrees(fused, module)
+
+
+def test_hooks_on_the_module_itself_send_it_to_torch_export() -> None:
+    """fx traces the root's forward without its hooks: its graph would not be what the module computes."""
+    for register, hook in [("register_forward_hook", lambda m, args, out: out * 2 + 1),
+                           ("register_forward_pre_hook", lambda m, args: (args[0] * 2,))]:
+        module = TrainOnly().eval()
+        getattr(module, register)(hook)
+        traced = describe_module(copy.deepcopy(module), "m", example_size=(8, 8), fx_first=True)
+        graph_module, _ = traced.graph_module()
+        x = torch.randn(2, 3, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(graph_module(x), module(x))

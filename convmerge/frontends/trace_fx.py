@@ -96,7 +96,9 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
         sizes = [shape[2:] for shape, _ in values.meta.values() if len(shape) == rank >= 3]
         traced.smallest = tuple(min((s[k] for s in sizes if s[k] > 1), default=1) for k in range(rank - 2)) if sizes else ()
         calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
-        traced.blind_spots = [f"module {q!r} is opaque" for q in tracer.opaque] + [
+        hooked = module._forward_hooks or module._forward_pre_hooks  # fx traces the root's forward alone
+        traced.blind_spots = [f"module {q!r} is opaque" for q in tracer.opaque] + (
+            ["the module's own forward hooks"] if hooked else []) + [
             f"module {t!r} has its tensors read beside its call" for t in sorted(shared) if calls[t] == 1] + [
             f"{names[n]} is changed in place" for n in graph.nodes if n in mutated][:1] + [
             f"layer {layer['name']} ({layer['op']})" for layer in layers
