@@ -243,3 +243,39 @@ def test_hooks_on_the_module_itself_send_it_to_torch_export() -> None:
         x = torch.randn(2, 3, 8, 8)
         with torch.no_grad():
             torch.testing.assert_close(graph_module(x), module(x))
+
+
+def padded(x: torch.Tensor) -> torch.Tensor:
+    return F.pad(x, (1, 1, 1, 1))
+
+
+def skipped(x: torch.Tensor, training: bool) -> torch.Tensor:
+    return x * 2 if training else x
+
+
+torch.fx.wrap("padded")
+torch.fx.wrap("skipped")
+
+
+class Wrapped(nn.Module):
+    """Functions fx keeps whole (``torch.fx.wrap``, timm's ``pad_same``): one hides a zero pad torch.export merges,
+    one returns its input itself outside training (torchvision's ``stochastic_depth``)."""
+
+    def __init__(self, pad: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.pad = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, padding=0 if pad else 1), pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return torch.relu(self.b(padded(y) if self.pad else skipped(y, self.training)))
+
+
+def test_a_function_fx_keeps_whole_is_a_blind_spot_unless_it_returned_its_input() -> None:
+    module = Wrapped(pad=True).eval()
+    assert describe_module(copy.deepcopy(module), "m", example_size=(8, 8), fx_first=True).tracer == "torch.export"
+    [merge] = convmerge.check(module, input_size=(8, 8))["merges"]
+    assert merge["layers"][-1] == "b" and merge["conv"]["padding"] == [[1, 1], [1, 1]]
+    fused = convmerge.fuse(module, input_size=(8, 8))
+    assert _convs(fused) == 1
+    _agrees(fused, module)
+    assert describe_module(Wrapped(pad=False).eval(), "m", example_size=(8, 8), fx_first=True).tracer == "torch.fx"

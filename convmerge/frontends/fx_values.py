@@ -19,6 +19,7 @@ the node to the tracer's other readings (opaque, mostly).
 from __future__ import annotations
 
 import operator
+import types
 from typing import Any, Optional, Sequence
 
 import torch
@@ -47,6 +48,9 @@ class Values:
     def __init__(self) -> None:
         self.meta: dict[fx.Node, tuple[tuple[int, ...], torch.dtype]] = {}
         self.constants: dict[fx.Node, torch.Tensor] = {}
+        self.passed: set[fx.Node] = set()
+        """The calls of Python functions fx kept whole that returned one of their tensor arguments itself
+        (torchvision's ``stochastic_depth`` outside training)."""
 
 
 def run(root: torch.nn.Module, graph: fx.Graph, example: Sequence[torch.Tensor], active: set[fx.Node]) -> Values:
@@ -57,6 +61,10 @@ def run(root: torch.nn.Module, graph: fx.Graph, example: Sequence[torch.Tensor],
     class _Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             out = super().run_node(n)
+            if n.op == "call_function" and isinstance(n.target, types.FunctionType) and isinstance(out, torch.Tensor):
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                if any(a is out for a in (*args, *kwargs.values())):
+                    values.passed.add(n)
             if isinstance(out, torch.Tensor):
                 values.meta[n] = (tuple(out.shape), out.dtype)
                 if n not in active:

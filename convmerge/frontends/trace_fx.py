@@ -9,6 +9,7 @@ Proxy, item assignment) becomes an opaque leaf instead of failing the whole mode
 from __future__ import annotations
 
 import operator
+import types
 from collections import Counter
 from typing import Any, Optional, Sequence
 
@@ -101,6 +102,8 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
             ["the module's own forward hooks"] if hooked else []) + [
             f"module {t!r} has its tensors read beside its call" for t in sorted(shared) if calls[t] == 1] + [
             f"{names[n]} is changed in place" for n in graph.nodes if n in mutated][:1] + [
+            f"layer {names[n]} calls {n.target.__module__}.{n.target.__name__}, which fx keeps whole" for n in graph.nodes
+            if _kept_whole(n) and n not in values.passed and n in active] + [
             f"layer {layer['name']} ({layer['op']})" for layer in layers
             if not layer.get("_constant") and _export_may_read(layer["op"])]
         doc["layers"] = _read(layers, outputs)
@@ -139,6 +142,14 @@ _MAY_BE_STRUCTURAL = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_tr
                       "pad", "dropout", "clone", "contiguous", "detach", "alias", "setitem", "rsub"}
 """The ops torch.export's mapper may make structural (or see through) where fx, even with shapes, leaves them
 opaque.  Not arithmetic: with shapes, `fx_values` reads ``+ - * /`` under the mapper's own conditions."""
+
+
+def _kept_whole(node: fx.Node) -> bool:
+    """A call of a Python function from outside torch that fx records without tracing into it (``torch.fx.wrap``,
+    timm's ``register_notrace_function``: ``pad_same``): torch.export sees the ops inside."""
+    module = getattr(node.target, "__module__", None) or ""
+    return (node.op == "call_function" and isinstance(node.target, types.FunctionType)
+            and module != "torch" and not module.startswith("torch."))
 
 
 def _export_may_read(op: str) -> bool:
