@@ -279,3 +279,24 @@ def test_a_function_fx_keeps_whole_is_a_blind_spot_unless_it_returned_its_input(
     assert _convs(fused) == 1
     _agrees(fused, module)
     assert describe_module(Wrapped(pad=False).eval(), "m", example_size=(8, 8), fx_first=True).tracer == "torch.fx"
+
+
+class WholeSlices(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [self.a(x), self.b(x)][:]  # a slice of a list is no slice of a tensor
+        y = torch.cat(parts, 1)[:, :][...]
+        return torch.relu(self.c(y[:, :, :]))
+
+
+def test_slices_taking_all_of_a_value_are_the_identity_in_the_fx_route() -> None:
+    module = WholeSlices().eval()
+    assert describe_module(copy.deepcopy(module), "m", example_size=(8, 8), fx_first=True).tracer == "torch.fx"
+    [merge] = convmerge.check(module, input_size=(8, 8))["merges"]
+    assert {"a", "b", "c"} <= set(merge["layers"])
+    fused = convmerge.fuse(module, input_size=(8, 8))
+    assert _convs(fused) == 1
+    _agrees(fused, module)

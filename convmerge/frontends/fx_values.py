@@ -5,8 +5,8 @@ each value computed without the input (a parameter, ``gamma.view(1, -1, 1, 1)``)
 what torch.export's mapper reads from its fake tensors (`aten_layers`), with the same conditions:
 
 - ``a + b`` / ``a - b`` of two layer values of one shape and dtype, the result's: an ``add`` / ``sub``;
-- ``x + 0`` keeping x's shape (MobileOne starts its sum of branches at the number 0) and ``F.dropout`` outside
-  training: the identity;
+- ``x + 0`` keeping x's shape (MobileOne starts its sum of branches at the number 0), ``F.dropout`` (or
+  ``F.dropout2d``...) outside training and ``x[:, :]``: the identity;
 - ``F.batch_norm`` outside training with its statistics from parameters and buffers: a ``batch_norm`` (timm's
   ``BatchNormAct2d`` calls it);
 - ``F.linear`` of an [N, C] value by constant tensors: a ``linear``;
@@ -99,8 +99,8 @@ def _join(node: fx.Node, active: set[fx.Node], values: Values) -> Optional[tuple
 
 
 def _identity(node: fx.Node, active: set[fx.Node], values: Values) -> Optional[tuple[dict[str, Any], Any, dict]]:
-    """``x + 0`` / ``0 + x`` (``out = 0; out += x``) keeping x's shape and dtype, and ``F.dropout(x, training=False)``
-    (or another of the dropouts, ``F.dropout2d``...)."""
+    """``x + 0`` / ``0 + x`` (``out = 0; out += x``) keeping x's shape and dtype, ``F.dropout(x, training=False)``
+    (or another of the dropouts, ``F.dropout2d``...), and ``x[:, :]`` (`_whole`)."""
     if node.op != "call_function":
         return None
     if node.target in _DROPOUTS:
@@ -109,6 +109,9 @@ def _identity(node: fx.Node, active: set[fx.Node], values: Values) -> Optional[t
         if bound is not None and bound.kwargs.get("training") is False and x in active:
             return {"op": "identity"}, [x], {}
         return None
+    if node.target is operator.getitem and node.args[0] in active and node.args[0] in values.meta and _whole(
+            node.args[1]):
+        return {"op": "identity"}, [node.args[0]], {}
     if node.target not in (operator.add, operator.iadd, torch.add) or node.kwargs or len(node.args) != 2:
         return None
     zero = [a for a in node.args if type(a) in (int, float) and a == 0]
@@ -116,6 +119,13 @@ def _identity(node: fx.Node, active: set[fx.Node], values: Values) -> Optional[t
     if zero and x and values.meta.get(x[0]) == values.meta.get(node):
         return {"op": "identity"}, x, {}
     return None
+
+
+def _whole(index: Any) -> bool:
+    """Whether ``x[index]`` is all of ``x`` at every size: ``x[...]``, ``x[:, :]``.  (Not ``x[:, :C]`` with C the
+    channels at the example: one run cannot tell they are the same at every size, as after a flatten.)"""
+    index = index if isinstance(index, tuple) else (index,)
+    return all(k is Ellipsis or k == slice(None) for k in index) and sum(k is Ellipsis for k in index) <= 1
 
 
 def _batch_norm(node: fx.Node, name: str, active: set[fx.Node], values: Values
