@@ -87,7 +87,9 @@ def test_fx_with_shapes_reads_functional_norms_joins_layer_scales_and_linears() 
     ops = [layer["op"] for layer in traced.doc["layers"]]
     assert ops.count("batch_norm") == 6 and ops.count("affine") == 2 and ops.count("linear") == 1
     assert "_assert" not in ops and "getattr" not in ops and "get_attr" not in ops
-    assert ops.count("add") == 6 and ops.count("identity") == 3  # out = 0; out += ...; F.dropout outside training
+    assert ops.count("add") == 6 and "identity" not in ops  # out = 0; out += ...; F.dropout outside training: aliases
+    [linear] = [layer for layer in traced.doc["layers"] if layer["op"] == "linear"]
+    assert traced.doc["layers"][[layer["name"] for layer in traced.doc["layers"]].index(linear["input"])]["op"] == "mean"
     assert traced.doc["traced_input"] == [32, 32] and traced.smallest == (16, 16)
 
 
@@ -300,3 +302,33 @@ def test_slices_taking_all_of_a_value_are_the_identity_in_the_fx_route() -> None
     fused = convmerge.fuse(module, input_size=(8, 8))
     assert _convs(fused) == 1
     _agrees(fused, module)
+
+
+class SharedPass(nn.Module):
+    """A value read through an identity (a module, F.dropout outside training, ``x + 0``, ``x[:, :]``) by several
+    layers: each residual still merges into its conv, as torch.export (which drops such ops) finds."""
+
+    def __init__(self, make) -> None:
+        super().__init__()
+        self.stem, self.a, self.b = (nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1),
+                                     nn.Conv2d(4, 4, 3, padding=1))
+        self.make = make
+        self.identity = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        p = self.make(self, x)
+        return torch.relu(self.a(x) + p) * torch.relu(self.b(p) + p)
+
+
+def test_an_identity_read_by_several_layers_is_an_alias_of_its_input() -> None:
+    for make in [lambda m, x: m.identity(x), lambda m, x: F.dropout(x, 0.1, m.training), lambda m, x: x + 0,
+                 lambda m, x: x[:, :]]:
+        module = SharedPass(make).eval()
+        traced = describe_module(copy.deepcopy(module), "m", example_size=(8, 8), fx_first=True)
+        assert traced.tracer == "torch.fx"
+        merges = convmerge.check(module, input_size=(8, 8))["merges"]
+        assert sorted(m["layers"][0] for m in merges) == ["a", "b"]  # each conv with its residual
+        fused = convmerge.fuse(module, input_size=(8, 8))
+        assert _convs(fused) == 3
+        _agrees(fused, module)

@@ -18,6 +18,7 @@ from torch import fx, nn
 from torch.fx.operator_schemas import normalize_function
 
 from . import argument_ops, fx_values
+from .. import ops
 from ..maths.spec import SpecError
 from .trace_layers import (CONV_TRANSPOSES, STRUCTURAL_MODULES, STRUCTURAL_OPS, TraceError, Traced, avg_pool_fields, first_line, is_leaf_class, is_plain,
                            module_fields, opaque)
@@ -25,6 +26,7 @@ from .trace_layers import (CONV_TRANSPOSES, STRUCTURAL_MODULES, STRUCTURAL_OPS, 
 __all__ = ["describe", "mutates"]
 
 _CATS = {torch.cat, torch.concat, torch.concatenate}
+_PASSES = ops.of(ops.Kind.PASS)
 _AVG_POOLS = {torch.nn.functional.avg_pool1d: 1, torch.nn.functional.avg_pool2d: 2, torch.nn.functional.avg_pool3d: 3}
 _ADDS = {operator.add, operator.iadd, torch.add}
 
@@ -67,6 +69,9 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
             raise TraceError(f"layer {names[node]}: {exc}") from exc
         if node in mutated and layer["op"] in STRUCTURAL_OPS:
             layer["op"] = opaque(layer["op"])
+        elif values is not None and layer["op"] in _PASSES and "input" in layer:
+            names[node] = layer["input"]  # an alias, as torch.export's mapper makes it: its readers read its input
+            continue
         layers.append(layer)
     output = next(node for node in graph.nodes if node.op == "output")
     outputs = _input_names(output, names)
@@ -86,7 +91,10 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
                      "does not follow what the change does to aliases")
     if values is None and any(layer["op"] == "opaque_add" for layer in layers):
         notes.append("torch.fx sees no shapes, so additions (which may broadcast) are opaque")
-    nodes = {name: node.name for node, name in names.items()}
+    nodes: dict[str, str] = {}
+    for node in graph.nodes:  # an alias's name is its input's, whose node holds the value
+        if node in names:
+            nodes.setdefault(names[node], node.name)
     traced = Traced(doc, tensors=tensors, notes=notes, nodes=nodes, tracer="torch.fx",
                     graph_module=lambda dynamic=True: (fx.GraphModule(module, graph), {n.name: n.name for n in graph.nodes}))
     if values is not None:
