@@ -332,3 +332,26 @@ def test_an_identity_read_by_several_layers_is_an_alias_of_its_input() -> None:
         fused = convmerge.fuse(module, input_size=(8, 8))
         assert _convs(fused) == 3
         _agrees(fused, module)
+
+
+class ChannelsLast(nn.Module):
+    """ConvNeXt's block: linears over the last axis of [N, H, W, C], which torch.export leaves opaque too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.fc, self.head = nn.Linear(4, 4), TimmLikeLinear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x).permute(0, 2, 3, 1)
+        y = F.linear(torch.relu(self.fc(y)), self.head.weight, self.head.bias)
+        return self.b(y.permute(0, 3, 1, 2))
+
+
+def test_a_linear_over_the_last_axis_of_a_4d_value_is_no_blind_spot() -> None:
+    module = ChannelsLast().eval()
+    traced = describe_module(copy.deepcopy(module), "m", example_size=(8, 8), fx_first=True)
+    assert traced.tracer == "torch.fx"
+    assert [layer["op"] for layer in traced.doc["layers"] if "linear" in layer["op"]] == ["opaque_linear"] * 2
+    fused = convmerge.fuse(module, input_size=(8, 8))
+    _agrees(fused, module)

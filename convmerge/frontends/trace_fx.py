@@ -59,7 +59,7 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
             raise TraceError(f"torch.fx: {names[writes[0]]} writes a parameter or buffer in place")
         values = fx_values.run(module, graph, example, active)
     mutated = _seen_mutated(graph, module)
-    layers, tensors = [], {}
+    layers, tensors, not_export_either = [], {}, set()
     for node in graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
@@ -69,6 +69,8 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
             raise TraceError(f"layer {names[node]}: {exc}") from exc
         if node in mutated and layer["op"] in STRUCTURAL_OPS:
             layer["op"] = opaque(layer["op"])
+        elif values is not None and layer["op"] == opaque("linear") and _rank(node.args[:1], values) not in (None, 2):
+            not_export_either.add(layer["name"])  # torch.export's mapper reads a linear of an [N, C] value only
         elif values is not None and layer["op"] in _PASSES and "input" in layer:
             names[node] = layer["input"]  # an alias, as torch.export's mapper makes it: its readers read its input
             continue
@@ -113,7 +115,7 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
             f"layer {names[n]} calls {n.target.__module__}.{n.target.__name__}, which fx keeps whole" for n in graph.nodes
             if _kept_whole(n) and n not in values.passed and n in active] + [
             f"layer {layer['name']} ({layer['op']})" for layer in layers
-            if not layer.get("_constant") and _export_may_read(layer["op"])]
+            if not layer.get("_constant") and _export_may_read(layer["op"]) and layer["name"] not in not_export_either]
         doc["layers"] = _read(layers, outputs)
     return traced
 
@@ -150,6 +152,12 @@ _MAY_BE_STRUCTURAL = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_tr
                       "pad", "dropout", "clone", "contiguous", "detach", "alias", "setitem", "rsub"}
 """The ops torch.export's mapper may make structural (or see through) where fx, even with shapes, leaves them
 opaque.  Not arithmetic: with shapes, `fx_values` reads ``+ - * /`` under the mapper's own conditions."""
+
+
+def _rank(args: Sequence[Any], values: fx_values.Values) -> Optional[int]:
+    """The rank of the first argument's tensor at the example, None where it is no tensor."""
+    meta = values.meta.get(args[0]) if args and isinstance(args[0], fx.Node) else None
+    return len(meta[0]) if meta is not None else None
 
 
 def _kept_whole(node: fx.Node) -> bool:
