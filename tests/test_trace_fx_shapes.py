@@ -355,3 +355,27 @@ def test_a_linear_over_the_last_axis_of_a_4d_value_is_no_blind_spot() -> None:
     assert [layer["op"] for layer in traced.doc["layers"] if "linear" in layer["op"]] == ["opaque_linear"] * 2
     fused = convmerge.fuse(module, input_size=(8, 8))
     _agrees(fused, module)
+
+
+class ScalesItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2)
+        return self.b(self.a(x)) + x.mean()
+
+
+def test_a_forward_that_writes_its_input_is_checked_on_inputs_of_its_own() -> None:
+    """The end-to-end check gives the original and the fused module each a copy of an input (the original's write
+    to it is no difference)."""
+    module = ScalesItsInput().eval()
+    fused = convmerge.fuse(module, input_size=(8, 8))
+    assert _convs(fused) == 1
+    for shape in [(2, 3, 8, 8), (1, 3, 9, 7)]:
+        x = torch.randn(*shape)
+        mine, theirs = x.clone(), x.clone()
+        with torch.no_grad():
+            torch.testing.assert_close(fused(mine), module(theirs), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mine, theirs)
