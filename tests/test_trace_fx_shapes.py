@@ -379,3 +379,30 @@ def test_a_forward_that_writes_its_input_is_checked_on_inputs_of_its_own() -> No
         with torch.no_grad():
             torch.testing.assert_close(fused(mine), module(theirs), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(mine, theirs)
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet's channel shuffle ends in ``.contiguous()``; a ``clone`` written in place, another not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(self.a(x).contiguous().clone())
+        n, c, h, w = y.shape
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        z = y.clone()
+        z += self.c(y)
+        return torch.relu(z.detach())
+
+
+def test_copies_and_aliases_are_identities_in_the_fx_route() -> None:
+    module = Shuffle().eval()
+    traced = describe_module(copy.deepcopy(module), "m", example_size=(8, 8), fx_first=True)
+    assert traced.tracer == "torch.fx"
+    merges = convmerge.check(module, input_size=(8, 8))["merges"]
+    assert [m["layers"][:2] for m in merges] == [["a", "b"], ["c", "iadd"]]  # y + c(y): the identity in c's kernel
+    fused = convmerge.fuse(module, input_size=(8, 8))
+    assert _convs(fused) == 2
+    _agrees(fused, module)

@@ -6,7 +6,7 @@ what torch.export's mapper reads from its fake tensors (`aten_layers`), with the
 
 - ``a + b`` / ``a - b`` of two layer values of one shape and dtype, the result's: an ``add`` / ``sub``;
 - ``x + 0`` keeping x's shape (MobileOne starts its sum of branches at the number 0), ``F.dropout`` (or
-  ``F.dropout2d``...) outside training and ``x[:, :]``: the identity;
+  ``F.dropout2d``...) outside training, ``x[:, :]`` and ``x.contiguous()`` (``clone``, ``detach``): the identity;
 - ``F.batch_norm`` outside training with its statistics from parameters and buffers: a ``batch_norm`` (timm's
   ``BatchNormAct2d`` calls it);
 - ``F.linear`` of an [N, C] value by constant tensors: a ``linear``;
@@ -39,6 +39,7 @@ _ARITHMETIC = {operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", t
                "sub": "sub"}
 """Out-of-place arithmetic by function or by tensor method (the in-place forms write: opaque, or `mutates`)."""
 _DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+_ALIASES = {"call_method": {"contiguous", "clone", "detach"}, "call_function": {torch.clone, torch.detach}}
 
 
 class Values:
@@ -100,7 +101,11 @@ def _join(node: fx.Node, active: set[fx.Node], values: Values) -> Optional[tuple
 
 def _identity(node: fx.Node, active: set[fx.Node], values: Values) -> Optional[tuple[dict[str, Any], Any, dict]]:
     """``x + 0`` / ``0 + x`` (``out = 0; out += x``) keeping x's shape and dtype, ``F.dropout(x, training=False)``
-    (or another of the dropouts, ``F.dropout2d``...), and ``x[:, :]`` (`_whole`)."""
+    (or another of the dropouts, ``F.dropout2d``...), ``x[:, :]`` (`_whole`), and the copies and aliases torch.export's
+    mapper drops (``x.contiguous()``, ``x.clone()``, ``x.detach()``: ShuffleNet's channel shuffle)."""
+    if node.target in _ALIASES.get(node.op, ()) and node.args and node.args[0] in active:
+        kept = values.meta.get(node.args[0]) == values.meta.get(node) and set(node.kwargs) <= {"memory_format"}
+        return ({"op": "identity"}, [node.args[0]], {}) if kept else None
     if node.op != "call_function":
         return None
     if node.target in _DROPOUTS:

@@ -372,13 +372,15 @@ def mutates(node: fx.Node, root: nn.Module) -> bool:
 _NEW_VALUES = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub,
                torch.mul, torch.cat, torch.concat, torch.relu, torch.sigmoid, torch.tanh,
                torch.nn.functional.relu, torch.nn.functional.conv1d, torch.nn.functional.conv2d,
-               torch.nn.functional.conv3d, torch.nn.functional.pad}
+               torch.nn.functional.conv3d, torch.nn.functional.pad, torch.clone}
 
 
 def _fresh(node: fx.Node, root: nn.Module) -> bool:
     """A value in memory of its own, not possibly a view of (or the same tensor as) an input."""
     if node.op == "call_function":
         return node.target in _NEW_VALUES and not node.kwargs.get("inplace")
+    if node.op == "call_method":
+        return node.target == "clone"  # ``out = x.clone(); out += y`` leaves x as it was
     if node.op != "call_module":
         return False
     module = root.get_submodule(str(node.target))
