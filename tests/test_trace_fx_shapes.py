@@ -406,3 +406,27 @@ def test_copies_and_aliases_are_identities_in_the_fx_route() -> None:
     fused = convmerge.fuse(module, input_size=(8, 8))
     assert _convs(fused) == 2
     _agrees(fused, module)
+
+
+class Pooled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.pool = nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(3, 2, 1)
+        self.dw, self.pw = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.pw(self.dw(F.interpolate(self.pool(torch.relu(self.stem(x))), scale_factor=3))))
+
+
+def test_opaque_layers_record_their_output_size_at_the_example() -> None:
+    """As torch.export's description does: the sizes (and costs) past a max pool or an upsampling are known."""
+    module = Pooled().eval()
+    traced = describe_module(copy.deepcopy(module), "m", example_size=(8, 9), fx_first=True)
+    assert traced.tracer == "torch.fx"
+    x = torch.randn(1, 3, 8, 9)
+    with torch.no_grad():
+        pooled = module.pool(torch.relu(module.stem(x)))
+        sizes = {"pool": list(pooled.shape[2:]), "interpolate": list(F.interpolate(pooled, scale_factor=3).shape[2:])}
+    assert {layer["name"]: layer["traced_size"] for layer in traced.doc["layers"] if layer["name"] in sizes} == sizes
+    report = convmerge.check(module, input_size=(8, 9))
+    assert not [note for note in report["notes"] if "input sizes unknown" in note]

@@ -74,6 +74,8 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
         elif values is not None and layer["op"] in _PASSES and "input" in layer:
             names[node] = layer["input"]  # an alias, as torch.export's mapper makes it: its readers read its input
             continue
+        if values is not None and layer["op"] not in STRUCTURAL_OPS and len(values.meta.get(node, ((),))[0]) >= 3:
+            layer["traced_size"] = list(values.meta[node][0][2:])  # what the description cannot derive (a max pool)
         layers.append(layer)
     output = next(node for node in graph.nodes if node.op == "output")
     outputs = _input_names(output, names)
