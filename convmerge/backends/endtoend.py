@@ -100,7 +100,7 @@ class Cases:
         inputs = tuple(torch.randn(s, generator=generator, dtype=self.run) for s in shapes)
         try:
             with torch.no_grad(), fast_grouped():
-                expected = reference(*inputs)
+                expected = reference(*(t.clone() for t in inputs))  # a forward may write its input
         except Exception as exc:  # noqa: BLE001 - a shape the original does not run at is not one to check
             self.failure = self.failure or first_line(exc)
             return None
@@ -113,7 +113,7 @@ class Cases:
         for case in self.cases[:1] if only_first else self.cases:
             try:
                 with torch.no_grad(), fast_grouped():
-                    got = candidate(*case.inputs)
+                    got = candidate(*(t.clone() for t in case.inputs))
             except Exception as exc:  # noqa: BLE001 - any failure where the original runs is a difference
                 return f"at {case.label} the original runs and the fused module raises {first_line(exc)}"
             wrong = _difference(case.expected, got, self.tolerance)

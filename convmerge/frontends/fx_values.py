@@ -5,8 +5,8 @@ each value computed without the input (a parameter, ``gamma.view(1, -1, 1, 1)``)
 what torch.export's mapper reads from its fake tensors (`aten_layers`), with the same conditions:
 
 - ``a + b`` / ``a - b`` of two layer values of one shape and dtype, the result's: an ``add`` / ``sub``;
-- ``x + 0`` keeping x's shape (MobileOne starts its sum of branches at the number 0) and ``F.dropout`` outside
-  training: the identity;
+- ``x + 0`` keeping x's shape (MobileOne starts its sum of branches at the number 0), ``F.dropout`` (or
+  ``F.dropout2d``...) outside training, ``x[:, :]`` and ``x.contiguous()`` (``clone``, ``detach``): the identity;
 - ``F.batch_norm`` outside training with its statistics from parameters and buffers: a ``batch_norm`` (timm's
   ``BatchNormAct2d`` calls it);
 - ``F.linear`` of an [N, C] value by constant tensors: a ``linear``;
@@ -19,6 +19,7 @@ the node to the tracer's other readings (opaque, mostly).
 from __future__ import annotations
 
 import operator
+import types
 from typing import Any, Optional, Sequence
 
 import torch
@@ -37,6 +38,8 @@ _ARITHMETIC = {operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", t
                torch.add: "add", operator.sub: "sub", torch.sub: "sub", "mul": "mul", "div": "div", "add": "add",
                "sub": "sub"}
 """Out-of-place arithmetic by function or by tensor method (the in-place forms write: opaque, or `mutates`)."""
+_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+_ALIASES = {"call_method": {"contiguous", "clone", "detach"}, "call_function": {torch.clone, torch.detach}}
 
 
 class Values:
@@ -46,6 +49,9 @@ class Values:
     def __init__(self) -> None:
         self.meta: dict[fx.Node, tuple[tuple[int, ...], torch.dtype]] = {}
         self.constants: dict[fx.Node, torch.Tensor] = {}
+        self.passed: set[fx.Node] = set()
+        """The calls of Python functions fx kept whole that returned one of their tensor arguments itself
+        (torchvision's ``stochastic_depth`` outside training)."""
 
 
 def run(root: torch.nn.Module, graph: fx.Graph, example: Sequence[torch.Tensor], active: set[fx.Node]) -> Values:
@@ -56,6 +62,10 @@ def run(root: torch.nn.Module, graph: fx.Graph, example: Sequence[torch.Tensor],
     class _Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             out = super().run_node(n)
+            if n.op == "call_function" and isinstance(n.target, types.FunctionType) and isinstance(out, torch.Tensor):
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                if any(a is out for a in (*args, *kwargs.values())):
+                    values.passed.add(n)
             if isinstance(out, torch.Tensor):
                 values.meta[n] = (tuple(out.shape), out.dtype)
                 if n not in active:
@@ -90,15 +100,23 @@ def _join(node: fx.Node, active: set[fx.Node], values: Values) -> Optional[tuple
 
 
 def _identity(node: fx.Node, active: set[fx.Node], values: Values) -> Optional[tuple[dict[str, Any], Any, dict]]:
-    """``x + 0`` / ``0 + x`` (``out = 0; out += x``) keeping x's shape and dtype, and ``F.dropout(x, training=False)``."""
+    """``x + 0`` / ``0 + x`` (``out = 0; out += x``) keeping x's shape and dtype, ``F.dropout(x, training=False)``
+    (or another of the dropouts, ``F.dropout2d``...), ``x[:, :]`` (`_whole`), and the copies and aliases torch.export's
+    mapper drops (``x.contiguous()``, ``x.clone()``, ``x.detach()``: ShuffleNet's channel shuffle)."""
+    if node.target in _ALIASES.get(node.op, ()) and node.args and node.args[0] in active:
+        kept = values.meta.get(node.args[0]) == values.meta.get(node) and set(node.kwargs) <= {"memory_format"}
+        return ({"op": "identity"}, [node.args[0]], {}) if kept else None
     if node.op != "call_function":
         return None
-    if node.target is F.dropout:
+    if node.target in _DROPOUTS:
         bound = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
         x = bound.kwargs["input"] if bound is not None else None
         if bound is not None and bound.kwargs.get("training") is False and x in active:
             return {"op": "identity"}, [x], {}
         return None
+    if node.target is operator.getitem and node.args[0] in active and node.args[0] in values.meta and _whole(
+            node.args[1]):
+        return {"op": "identity"}, [node.args[0]], {}
     if node.target not in (operator.add, operator.iadd, torch.add) or node.kwargs or len(node.args) != 2:
         return None
     zero = [a for a in node.args if type(a) in (int, float) and a == 0]
@@ -106,6 +124,13 @@ def _identity(node: fx.Node, active: set[fx.Node], values: Values) -> Optional[t
     if zero and x and values.meta.get(x[0]) == values.meta.get(node):
         return {"op": "identity"}, x, {}
     return None
+
+
+def _whole(index: Any) -> bool:
+    """Whether ``x[index]`` is all of ``x`` at every size: ``x[...]``, ``x[:, :]``.  (Not ``x[:, :C]`` with C the
+    channels at the example: one run cannot tell they are the same at every size, as after a flatten.)"""
+    index = index if isinstance(index, tuple) else (index,)
+    return all(k is Ellipsis or k == slice(None) for k in index) and sum(k is Ellipsis for k in index) <= 1
 
 
 def _batch_norm(node: fx.Node, name: str, active: set[fx.Node], values: Values

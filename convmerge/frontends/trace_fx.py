@@ -9,6 +9,7 @@ Proxy, item assignment) becomes an opaque leaf instead of failing the whole mode
 from __future__ import annotations
 
 import operator
+import types
 from collections import Counter
 from typing import Any, Optional, Sequence
 
@@ -17,6 +18,7 @@ from torch import fx, nn
 from torch.fx.operator_schemas import normalize_function
 
 from . import argument_ops, fx_values
+from .. import ops
 from ..maths.spec import SpecError
 from .trace_layers import (CONV_TRANSPOSES, STRUCTURAL_MODULES, STRUCTURAL_OPS, TraceError, Traced, avg_pool_fields, first_line, is_leaf_class, is_plain,
                            module_fields, opaque)
@@ -24,6 +26,7 @@ from .trace_layers import (CONV_TRANSPOSES, STRUCTURAL_MODULES, STRUCTURAL_OPS, 
 __all__ = ["describe", "mutates"]
 
 _CATS = {torch.cat, torch.concat, torch.concatenate}
+_PASSES = ops.of(ops.Kind.PASS)
 _AVG_POOLS = {torch.nn.functional.avg_pool1d: 1, torch.nn.functional.avg_pool2d: 2, torch.nn.functional.avg_pool3d: 3}
 _ADDS = {operator.add, operator.iadd, torch.add}
 
@@ -37,7 +40,8 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
     functional batch norms and per-channel arithmetic are then structural where their shapes say so, the
     description records the traced size (`Traced.example`, `Traced.smallest`), and `Traced.blind_spots` says what
     this trace left opaque that torch.export may see into.  A graph that does not run on them raises TraceError."""
-    tracer = _Tracer(leaves)
+    module.eval()  # the inference form, which the description means (the module is the caller's copy), before the
+    tracer = _Tracer(leaves)  # trace: a forward reads ``self.training`` as it is traced (a branch, F.dropout's flag)
     try:
         graph = tracer.trace(module)
     except Exception as exc:
@@ -53,10 +57,9 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
         writes = [n for n in graph.nodes if mutates(n, module) and n.args and n.args[0] not in active]
         if writes:  # a run would change the module; torch.export's functional graph follows such writes
             raise TraceError(f"torch.fx: {names[writes[0]]} writes a parameter or buffer in place")
-        module.eval()  # the inference form, which the description means (the module is the caller's copy)
         values = fx_values.run(module, graph, example, active)
     mutated = _seen_mutated(graph, module)
-    layers, tensors = [], {}
+    layers, tensors, not_export_either = [], {}, set()
     for node in graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
@@ -66,6 +69,13 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
             raise TraceError(f"layer {names[node]}: {exc}") from exc
         if node in mutated and layer["op"] in STRUCTURAL_OPS:
             layer["op"] = opaque(layer["op"])
+        elif values is not None and layer["op"] == opaque("linear") and _rank(node.args[:1], values) not in (None, 2):
+            not_export_either.add(layer["name"])  # torch.export's mapper reads a linear of an [N, C] value only
+        elif values is not None and layer["op"] in _PASSES and "input" in layer:
+            names[node] = layer["input"]  # an alias, as torch.export's mapper makes it: its readers read its input
+            continue
+        if values is not None and layer["op"] not in STRUCTURAL_OPS and len(values.meta.get(node, ((),))[0]) >= 3:
+            layer["traced_size"] = list(values.meta[node][0][2:])  # what the description cannot derive (a max pool)
         layers.append(layer)
     output = next(node for node in graph.nodes if node.op == "output")
     outputs = _input_names(output, names)
@@ -85,7 +95,10 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
                      "does not follow what the change does to aliases")
     if values is None and any(layer["op"] == "opaque_add" for layer in layers):
         notes.append("torch.fx sees no shapes, so additions (which may broadcast) are opaque")
-    nodes = {name: node.name for node, name in names.items()}
+    nodes: dict[str, str] = {}
+    for node in graph.nodes:  # an alias's name is its input's, whose node holds the value
+        if node in names:
+            nodes.setdefault(names[node], node.name)
     traced = Traced(doc, tensors=tensors, notes=notes, nodes=nodes, tracer="torch.fx",
                     graph_module=lambda dynamic=True: (fx.GraphModule(module, graph), {n.name: n.name for n in graph.nodes}))
     if values is not None:
@@ -96,11 +109,15 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
         sizes = [shape[2:] for shape, _ in values.meta.values() if len(shape) == rank >= 3]
         traced.smallest = tuple(min((s[k] for s in sizes if s[k] > 1), default=1) for k in range(rank - 2)) if sizes else ()
         calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
-        traced.blind_spots = [f"module {q!r} is opaque" for q in tracer.opaque] + [
+        hooked = module._forward_hooks or module._forward_pre_hooks  # fx traces the root's forward alone
+        traced.blind_spots = [f"module {q!r} is opaque" for q in tracer.opaque] + (
+            ["the module's own forward hooks"] if hooked else []) + [
             f"module {t!r} has its tensors read beside its call" for t in sorted(shared) if calls[t] == 1] + [
             f"{names[n]} is changed in place" for n in graph.nodes if n in mutated][:1] + [
+            f"layer {names[n]} calls {n.target.__module__}.{n.target.__name__}, which fx keeps whole" for n in graph.nodes
+            if _kept_whole(n) and n not in values.passed and n in active] + [
             f"layer {layer['name']} ({layer['op']})" for layer in layers
-            if not layer.get("_constant") and _export_may_read(layer["op"])]
+            if not layer.get("_constant") and _export_may_read(layer["op"]) and layer["name"] not in not_export_either]
         doc["layers"] = _read(layers, outputs)
     return traced
 
@@ -137,6 +154,20 @@ _MAY_BE_STRUCTURAL = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_tr
                       "pad", "dropout", "clone", "contiguous", "detach", "alias", "setitem", "rsub"}
 """The ops torch.export's mapper may make structural (or see through) where fx, even with shapes, leaves them
 opaque.  Not arithmetic: with shapes, `fx_values` reads ``+ - * /`` under the mapper's own conditions."""
+
+
+def _rank(args: Sequence[Any], values: fx_values.Values) -> Optional[int]:
+    """The rank of the first argument's tensor at the example, None where it is no tensor."""
+    meta = values.meta.get(args[0]) if args and isinstance(args[0], fx.Node) else None
+    return len(meta[0]) if meta is not None else None
+
+
+def _kept_whole(node: fx.Node) -> bool:
+    """A call of a Python function from outside torch that fx records without tracing into it (``torch.fx.wrap``,
+    timm's ``register_notrace_function``: ``pad_same``): torch.export sees the ops inside."""
+    module = getattr(node.target, "__module__", None) or ""
+    return (node.op == "call_function" and isinstance(node.target, types.FunctionType)
+            and module != "torch" and not module.startswith("torch."))
 
 
 def _export_may_read(op: str) -> bool:
@@ -216,6 +247,8 @@ def describe_node(node: fx.Node, root: nn.Module, names: dict[fx.Node, str], sha
         fields.update(_argument_fields(fields["op"], node, active))
     else:
         fields = _function_fields(node, active)
+        if fields["op"] == "concat" and values is not None and node in values.meta:
+            fields["dim"] %= len(values.meta[node][0])  # ``torch.cat(xs, -3)``: the axis counted from the first
     producers = _input_names(node, names)
     wiring = {"input": producers[0]} if len(producers) == 1 else {"inputs": producers}
     if values is not None and node not in active:
@@ -341,13 +374,15 @@ def mutates(node: fx.Node, root: nn.Module) -> bool:
 _NEW_VALUES = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub,
                torch.mul, torch.cat, torch.concat, torch.relu, torch.sigmoid, torch.tanh,
                torch.nn.functional.relu, torch.nn.functional.conv1d, torch.nn.functional.conv2d,
-               torch.nn.functional.conv3d, torch.nn.functional.pad}
+               torch.nn.functional.conv3d, torch.nn.functional.pad, torch.clone}
 
 
 def _fresh(node: fx.Node, root: nn.Module) -> bool:
     """A value in memory of its own, not possibly a view of (or the same tensor as) an input."""
     if node.op == "call_function":
         return node.target in _NEW_VALUES and not node.kwargs.get("inplace")
+    if node.op == "call_method":
+        return node.target == "clone"  # ``out = x.clone(); out += y`` leaves x as it was
     if node.op != "call_module":
         return False
     module = root.get_submodule(str(node.target))
