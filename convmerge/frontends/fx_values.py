@@ -109,11 +109,9 @@ def _identity(node: fx.Node, active: set[fx.Node], values: Values) -> Optional[t
     if node.op != "call_function":
         return None
     if node.target in _DROPOUTS:
-        bound = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
-        x = bound.kwargs["input"] if bound is not None else None
-        if bound is not None and bound.kwargs.get("training") is False and x in active:
-            return {"op": "identity"}, [x], {}
-        return None
+        a = _arguments(node, node.target) or {}
+        x = a.get("input")
+        return ({"op": "identity"}, [x], {}) if a.get("training") is False and x in active else None
     if node.target is operator.getitem and node.args[0] in active and node.args[0] in values.meta and _whole(
             node.args[1]):
         return {"op": "identity"}, [node.args[0]], {}
@@ -126,6 +124,14 @@ def _identity(node: fx.Node, active: set[fx.Node], values: Values) -> Optional[t
     return None
 
 
+def _arguments(node: fx.Node, function: Any) -> Optional[dict[str, Any]]:
+    """The arguments of a call of ``function`` by name (None: another node, or arguments that do not bind)."""
+    if node.op != "call_function" or node.target is not function:
+        return None
+    bound = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    return None if bound is None else bound.kwargs
+
+
 def _whole(index: Any) -> bool:
     """Whether ``x[index]`` is all of ``x`` at every size: ``x[...]``, ``x[:, :]``.  (Not ``x[:, :C]`` with C the
     channels at the example: one run cannot tell they are the same at every size, as after a flatten.)"""
@@ -136,12 +142,9 @@ def _whole(index: Any) -> bool:
 def _batch_norm(node: fx.Node, name: str, active: set[fx.Node], values: Values
                 ) -> Optional[tuple[dict[str, Any], Any, dict]]:
     """``F.batch_norm`` of a layer value outside training, its statistics and affine tensors constants."""
-    if node.op != "call_function" or node.target is not F.batch_norm:
+    a = _arguments(node, F.batch_norm)
+    if a is None:
         return None
-    bound = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
-    if bound is None:
-        return None
-    a = bound.kwargs
     x = a["input"]
     meta = values.meta.get(x)
     if x not in active or meta is None or len(meta[0]) < 2 or a.get("training") is not False:
@@ -165,12 +168,10 @@ def _batch_norm(node: fx.Node, name: str, active: set[fx.Node], values: Values
 def _linear(node: fx.Node, name: str, active: set[fx.Node], values: Values
             ) -> Optional[tuple[dict[str, Any], Any, dict]]:
     """``F.linear`` of an [N, C] layer value by constant tensors (timm's ``Linear``, a subclass with its own forward)."""
-    if node.op != "call_function" or node.target is not F.linear:
+    a = _arguments(node, F.linear)
+    if a is None:
         return None
-    bound = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
-    if bound is None:
-        return None
-    x, weight, bias = bound.kwargs["input"], bound.kwargs["weight"], bound.kwargs.get("bias")
+    x, weight, bias = a["input"], a["weight"], a.get("bias")
     meta = values.meta.get(x)
     w = values.constants.get(weight) if isinstance(weight, fx.Node) else None
     b = values.constants.get(bias) if isinstance(bias, fx.Node) else None
