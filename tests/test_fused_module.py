@@ -539,3 +539,22 @@ def test_a_merge_that_takes_a_batch_norms_name_rebuilds() -> None:
         assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
         for shape in ((1, 1, 3, 3), (2, 1, 12, 11)):
             same(model, fused, x(*shape))
+
+
+def test_the_end_to_end_check_puts_the_fused_modules_tensors_back_even_when_it_fails() -> None:
+    """The check runs a fused module with its tensors swapped for float64 CPU copies (no deep copy of the graph
+    module); afterwards the module holds its own tensors again, in its dtype, whatever the check found."""
+    torch.manual_seed(0)
+    model = nets.randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())).eval()
+    fused = convmerge.fuse(model, input_size=(9, 9))
+    cases = endtoend.Cases(model, (torch.randn(1, 3, 9, 9),), fixed_size=False)
+    own = dict(fused.state_dict(keep_vars=True))
+    assert cases.compare(fused) is None
+    conv = next(m for m in fused.modules() if isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        conv.bias.add_(1e-3)  # a planted error: found, and the tensors still put back
+    assert cases.compare(fused) is not None
+    after = dict(fused.state_dict(keep_vars=True))
+    assert after.keys() == own.keys() and all(after[k] is own[k] for k in own)
+    assert all(t.dtype == torch.float32 for t in after.values() if t.is_floating_point())
+    assert not fused.training

@@ -14,11 +14,12 @@ module that holds merges exact only at one input size is checked at that size, b
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -108,17 +109,19 @@ class Cases:
         return found[-1]
 
     def compare(self, fused: nn.Module, only_first: bool = False) -> Optional[str]:
-        """None when ``fused`` computes what the original does at every shape; else what differs, where."""
-        candidate = _on_cpu(fused, self.run)
-        for case in self.cases[:1] if only_first else self.cases:
-            try:
-                with torch.no_grad(), fast_grouped():
-                    got = candidate(*(t.clone() for t in case.inputs))
-            except Exception as exc:  # noqa: BLE001 - any failure where the original runs is a difference
-                return f"at {case.label} the original runs and the fused module raises {first_line(exc)}"
-            wrong = _difference(case.expected, got, self.tolerance)
-            if wrong is not None:
-                return f"{wrong} at {case.label}"
+        """None when ``fused`` (a module of ours, not yet handed out) computes what the original does at every
+        shape; else what differs, where.  It runs with its tensors swapped for CPU copies in the check's dtype and
+        put back after (`_swapped`): a deep copy of a fused graph module generates and compiles its code again."""
+        with _swapped(fused, self.run):
+            for case in self.cases[:1] if only_first else self.cases:
+                try:
+                    with torch.no_grad(), fast_grouped():
+                        got = fused(*(t.clone() for t in case.inputs))
+                except Exception as exc:  # noqa: BLE001 - any failure where the original runs is a difference
+                    return f"at {case.label} the original runs and the fused module raises {first_line(exc)}"
+                wrong = _difference(case.expected, got, self.tolerance)
+                if wrong is not None:
+                    return f"{wrong} at {case.label}"
         return None
 
     @property
@@ -164,6 +167,30 @@ def _difference(expected: Any, got: Any, tolerance: float) -> Optional[str]:
             return (f"{name} differs from the original's by {diff:.3g} ({relative:.3g} relative, more than the "
                     f"{tolerance:g} rounding explains)")
     return None
+
+
+@contextlib.contextmanager
+def _swapped(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """While it lasts, each parameter and buffer of ``module`` is a CPU copy, floating point ones in ``dtype`` (what
+    ``.to("cpu").to(dtype)`` of a copy gives), and ``module`` is in eval mode; the original tensors, and modes,
+    are put back after, whatever the run did to the copies."""
+    saved, modes = [], {m: m.training for m in module.modules()}
+    try:
+        for m in module.modules():
+            for store in (m._parameters, m._buffers):
+                for key, t in list(store.items()):
+                    if t is None:
+                        continue
+                    saved.append((store, key, t))
+                    new = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype, copy=True)
+                    store[key] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
+            m.training = False
+        yield
+    finally:
+        for store, key, t in reversed(saved):
+            store[key] = t
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def _on_cpu(module: nn.Module, dtype: torch.dtype) -> nn.Module:
