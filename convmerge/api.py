@@ -92,9 +92,9 @@ def fuse(module: nn.Module, *, input_size: Optional[Sequence[int]] = None, polic
     g, tensors, traced = _describe(module, options.leaves, options.input_size, example_inputs)
     plan = model.analyze(g, tensors, options)
     if traced.tracer == "torch.fx" and traced.example:  # the fast route, checked as every module is: where the
-        try:                                             # check fails, torch.export traces it again
+        try:                                             # module cannot be built or fails, torch.export traces it
             return _fused_and_checked(module, plan, traced, only_general=True)
-        except VerificationError:
+        except (VerificationError, trace.TraceError):
             g, tensors, traced = _describe(module, options.leaves, options.input_size, example_inputs, fx_first=False)
             plan = model.analyze(g, tensors, options)
     return _fused_and_checked(module, plan, traced)

@@ -141,6 +141,23 @@ def test_an_addition_that_broadcasts_stays_opaque() -> None:
     assert add["op"] == "opaque_add"
 
 
+def test_a_module_the_fx_route_cannot_rebuild_is_traced_again_by_torch_export(monkeypatch) -> None:
+    module = _randomised(Net())
+    built = rebuild.fused_module
+    routes = []
+
+    def refuse_fx_graphs(module, plan, traced, *args, **kwargs):
+        routes.append(traced.tracer)
+        if traced.tracer == "torch.fx":
+            raise rebuild.TraceError("the traced graph has no node for blocks.0.add: cannot rebuild the module")
+        return built(module, plan, traced, *args, **kwargs)
+
+    monkeypatch.setattr(rebuild, "fused_module", refuse_fx_graphs)
+    fused = convmerge.fuse(module, input_size=(32, 32))
+    assert routes == ["torch.fx", "torch.export"]
+    _agrees(fused, module)
+
+
 def test_a_module_the_fx_route_builds_wrong_is_traced_again_by_torch_export(monkeypatch) -> None:
     module = _randomised(Net())
     built = rebuild.fused_module
