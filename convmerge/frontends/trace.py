@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import trace_export, trace_fx
-from .trace_layers import STRUCTURAL_OPS, TraceError, Traced, first_line, is_leaf_class
+from .trace_layers import STRUCTURAL_OPS, TraceError, Traced, first_line, is_leaf_class, traced_note
 
 __all__ = ["STRUCTURAL_OPS", "TraceError", "Traced", "build_module", "describe_module", "load_callable"]
 
@@ -159,9 +159,7 @@ def _fx_with_shapes(module: nn.Module, leaves: Sequence[type | str], example_siz
             for b, value in stored:
                 b.copy_(value)
         return None
-    shapes = ", ".join(str(list(t.shape)) for t in example)
-    traced.notes.insert(0, f"traced with torch.fx on {'inputs' if len(example) > 1 else 'an input'} of shape {shapes}"
-                           f"{origin}")
+    traced.notes.insert(0, traced_note("torch.fx", example, origin))
     return traced
 
 

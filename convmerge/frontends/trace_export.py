@@ -46,7 +46,7 @@ from torch.utils import _pytree as pytree
 
 from .aten_layers import Mapper, bind
 from .leaf_op import LEAF, OUTPUTS, SESSIONS, STRUCTURES, Slot
-from .trace_layers import TraceError, Traced, first_line, is_leaf_class, model_dtype
+from .trace_layers import TraceError, Traced, first_line, is_leaf_class, model_dtype, smallest, traced_note
 
 __all__ = ["describe", "example_input"]
 
@@ -85,9 +85,7 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
         finally:
             for key in [k for k in OUTPUTS if k.startswith(session + "/")]:
                 del OUTPUTS[key], STRUCTURES[key]
-    shapes = ", ".join(str(list(t.shape)) for t in example)
-    traced.notes[:0] = [f"traced with torch.export on {'inputs' if len(example) > 1 else 'an input'} of shape {shapes}"
-                        f"{origin}"] + [
+    traced.notes[:0] = [traced_note("torch.export", example, origin)] + [
         f"module {q!r} ({type(module.get_submodule(q)).__name__}) is opaque: {why}"
         for q, why in opaque_modules.items() if q in mapper.leaves_seen]
     with _hinted(program.graph):
@@ -240,9 +238,7 @@ def _from(program: torch.export.ExportedProgram, module: nn.Module
 
 def _smallest(graph: fx.Graph, rank: int) -> tuple[int, ...]:
     """Per spatial axis, the smallest size above 1 a value of that rank has in the traced graph."""
-    sizes = [[int(n) for n in v.shape[2:]] for node in graph.nodes
-             if isinstance(v := node.meta.get("val"), torch.Tensor) and v.dim() == rank and rank >= 3]
-    return tuple(min((s[k] for s in sizes if s[k] > 1), default=1) for k in range(rank - 2)) if sizes else ()
+    return smallest([v.shape for node in graph.nodes if isinstance(v := node.meta.get("val"), torch.Tensor)], rank)
 
 
 def example_input(module: nn.Module, example_size: Optional[Sequence[int]] = None,

@@ -21,7 +21,7 @@ from . import argument_ops, fx_values
 from .. import ops
 from ..maths.spec import SpecError
 from .trace_layers import (CONV_TRANSPOSES, STRUCTURAL_MODULES, STRUCTURAL_OPS, TraceError, Traced, avg_pool_fields, first_line, is_leaf_class, is_plain,
-                           module_fields, opaque)
+                           module_fields, opaque, smallest)
 
 __all__ = ["describe", "mutates"]
 
@@ -106,8 +106,7 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
         rank = example[0].dim()
         if rank >= 2:
             doc["traced_input"] = list(example[0].shape[2:])
-        sizes = [shape[2:] for shape, _ in values.meta.values() if len(shape) == rank >= 3]
-        traced.smallest = tuple(min((s[k] for s in sizes if s[k] > 1), default=1) for k in range(rank - 2)) if sizes else ()
+        traced.smallest = smallest([shape for shape, _ in values.meta.values()], rank)
         calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
         hooked = module._forward_hooks or module._forward_pre_hooks  # fx traces the root's forward alone
         traced.blind_spots = [f"module {q!r} is opaque" for q in tracer.opaque] + (
@@ -237,7 +236,7 @@ def describe_node(node: fx.Node, root: nn.Module, names: dict[fx.Node, str], sha
             fields = {"op": opaque(type(module).__name__.lower())}  # an output_size argument sets its output_padding
         else:
             fields = module_fields(module)
-            two_d = _two_d(node.args[0], root) if values is None else len(values.meta.get(node.args[0], ((),))[0]) == 2
+            two_d = _two_d(node.args[0], root) if values is None else _rank(node.args[:1], values) == 2
             if fields["op"] == "linear" and not two_d:
                 fields = {"op": opaque("linear")}
     elif node.op == "get_attr":

@@ -9,7 +9,7 @@ silently produces a wrong merged model, a needless opaque one only misses a merg
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from ..maths.spec import padding_fields
 from ..ops.transpose import transpose_fields, transpose_spec
 
 __all__ = ["STRUCTURAL_MODULES", "STRUCTURAL_OPS", "TraceError", "Traced", "avg_pool_fields", "first_line",
-           "is_leaf_class", "is_plain", "model_dtype", "module_fields", "opaque", "pad_fields"]
+           "is_leaf_class", "is_plain", "model_dtype", "module_fields", "opaque", "pad_fields", "smallest", "traced_note"]
 
 STRUCTURAL_OPS = frozenset(name for name, row in ops.OPS.items() if row.linear or row.kind is ops.Kind.CONV_TRANSPOSE)
 """Ops a description may give a traced layer: those that mean exactly what the module computes."""
@@ -83,6 +83,18 @@ class Traced:
     blind_spots: list = field(default_factory=list)
     """What this trace left opaque that torch.export may see into (torch.fx's: a submodule it could not trace, a
     functional conv, an in-place write); empty where it sees as much."""
+
+
+def smallest(shapes: Iterable[Sequence[int]], rank: int) -> tuple[int, ...]:
+    """Per spatial axis, the smallest size above 1 among ``shapes`` of that rank (values of a traced graph)."""
+    sizes = [[int(n) for n in s[2:]] for s in shapes if len(s) == rank >= 3]
+    return tuple(min((s[k] for s in sizes if s[k] > 1), default=1) for k in range(rank - 2)) if sizes else ()
+
+
+def traced_note(tracer: str, example: Sequence[torch.Tensor], origin: str) -> str:
+    """The note that says which tracer ran, on inputs of which shape and where that shape came from."""
+    shapes = ", ".join(str(list(t.shape)) for t in example)
+    return f"traced with {tracer} on {'inputs' if len(example) > 1 else 'an input'} of shape {shapes}{origin}"
 
 
 def model_dtype(module: nn.Module) -> torch.dtype:
