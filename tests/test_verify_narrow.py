@@ -52,15 +52,14 @@ def _plan(doc: dict, tensors: dict[str, torch.Tensor]) -> plan.Plan:
     return plan.build(graph, plan.Tensors(infos(tensors), tensors.__getitem__), Options("all"))
 
 
-def _wide_runs(monkeypatch: pytest.MonkeyPatch, at_least: int) -> list[tuple[int, int]]:
-    """(input channels, output channels) of every conv the verification runs on an input of `at_least` or more
-    per axis (the size past the borders), the layers' and the merged conv's alike."""
-    seen: list[tuple[int, int]] = []
+def _runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[int, ...], int, int]]:
+    """(spatial size, input channels, output channels) of every conv the verification runs, the layers' and the
+    merged conv's alike."""
+    seen: list[tuple[tuple[int, ...], int, int]] = []
     real = algebra.apply
 
     def recorded(conv: Conv, x: torch.Tensor) -> torch.Tensor:
-        if min(x.shape[2:]) >= at_least:
-            seen.append((x.shape[1], conv.spec.out_channels))
+        seen.append((tuple(x.shape[2:]), x.shape[1], conv.spec.out_channels))
         return real(conv, x)
 
     monkeypatch.setattr(algebra, "apply", recorded)
@@ -72,16 +71,18 @@ def test_an_identity_or_bn_branch_no_longer_stops_the_narrowing(monkeypatch: pyt
                                                                  identity: str) -> None:
     c = 48
     doc, tensors = repvgg_block(c, identity)
-    seen = _wide_runs(monkeypatch, 20)
+    runs = _runs(monkeypatch)
     p = _plan(doc, tensors)
     (unit,) = p.applied
     assert set(unit.layers) == {"dense", "dense.bn", "point", "point.bn", "skip", "sum"}
     assert unit.error <= 1e-12
+    large = max(verify.sizes(p.graph, unit.layers, unit.input, unit.spec, None), key=lambda s: s[0] * s[1])
+    seen = [(cin, cout) for size, cin, cout in runs if size == large]
     assert seen, "the check runs a size past the borders"
     assert all(cin <= verify.MIXES for cin, _ in seen), seen  # every conv there reads the mixtures, none all 48
-    # the whole check costs less than the layers' own convs once at that size (3x3 and 1x1 on 48 channels)
-    large = max(verify.sizes(p.graph, unit.layers, unit.input, unit.spec, None), key=lambda s: s[0] * s[1])
-    one_pass = c * c * (9 + 1) * large[0] * large[1]
+    # the whole check costs less than half the layers' own convs (3x3 and 1x1 on 48 channels) once at its sizes
+    sizes = verify.sizes(p.graph, unit.layers, unit.input, unit.spec, None)
+    one_pass = c * c * (9 + 1) * sum(h * w for h, w in sizes)
     assert 0 < unit.checked_macs < one_pass / 2
 
 
@@ -130,9 +131,9 @@ def test_every_corrupted_entry_of_a_chain_narrowed_at_its_output_is_caught(monke
     bn = BatchNorm(*(_bn(cout, gen)[k] for k in ("running_mean", "running_var")), 1e-5,
                    *(_bn(cout, gen)[k] for k in ("weight", "bias")))
     doc, tensors = chain_of(convs, {1: bn})
-    narrowed = _wide_runs(monkeypatch, 20)
+    runs = _runs(monkeypatch)
     p = _plan(doc, tensors)
-    assert any(cout_ == verify.MIXES for _, cout_ in narrowed), narrowed  # the output mixing is in use
+    assert any(cout_ == verify.MIXES for _, _, cout_ in runs), runs  # the output mixing is in use
     _check_catches_every_entry(p, tensors)
 
 

@@ -1,5 +1,6 @@
 """A merge checked against the layers it replaces, in float64: random inputs through the original layers
-(reference.py) and through the merged conv, at the sizes that show every border case and one past them.
+(reference.py) and through the merged conv, at the sizes that show every border case and one past them (the
+first size from which, at every value, some output reads neither border: `_past_borders`).
 
 The cost stays in proportion to the layers at those sizes.  Where the merged conv is dense and reads more
 than MIXES channels, the input is MIXES random mixtures of its channels: x = R u, R a Gaussian
@@ -48,9 +49,9 @@ import torch
 from . import algebra, reference
 from .algebra import BatchNorm, Conv
 from ..maths.reasons import Why
-from ..graph import CONV_OPS, JOIN_OPS, POOL_OPS, Graph
+from ..graph import CONV_OPS, CONV_TRANSPOSE_OPS, JOIN_OPS, POOL_OPS, Graph
 from .reference import Params
-from ..maths.spec import ConvSpec, macs, pad_fits
+from ..maths.spec import Axis, ConvSpec, macs, pad_fits
 
 __all__ = ["Checked", "chain_runs", "check", "covers", "layer_sizes", "layers_run", "sizes", "storage_problem"]
 
@@ -166,8 +167,8 @@ class _Mixed:
 def sizes(graph: Graph, layers: Sequence[str], start: str, merged: ConvSpec,
           size: Optional[Sequence[int]]) -> list[tuple[int, ...]]:
     """Small sizes per axis covering every residue of the merged stride near the borders, the smallest size
-    where an output reads every tap inside the input (`covers`), and one past the borders; for a merge exact
-    only at `size`, a congruent size past the border interactions stands in."""
+    where an output reads every tap inside the input (`covers`), and one past the borders (`_past_borders`); for
+    a merge exact only at `size`, a congruent size past the borders stands in (the same border cases)."""
     if merged.ndim == 0:
         return [()]  # linear layers: one size, none
     per_axis, cover = [], []
@@ -177,12 +178,11 @@ def sizes(graph: Graph, layers: Sequence[str], start: str, merged: ConvSpec,
         first = _first(lambda n: _runs_axis(graph, layers, start, k, n, merged))
         if first is None:
             return []
-        reach = a.extent + sum(a.pad)
-        begin = 4 * reach + 4 * period + 8
+        begin = _past_borders(graph, layers, start, merged, k, first)
         if size is None:
             found = list(range(first, first + period + 1))
-            if begin + period <= MAX_VERIFY_LENGTH:
-                found.append(max(begin, first) + period)
+            if begin + period <= MAX_VERIFY_LENGTH and begin + period not in found:
+                found.append(begin + period)
             per_axis.append(found)
             cover.append(max(first, -(-a.pad[0] // period) * period - a.pad[0] + a.extent))
         else:
@@ -193,6 +193,89 @@ def sizes(graph: Graph, layers: Sequence[str], start: str, merged: ConvSpec,
     if cover and tuple(cover) not in out and layers_run(graph, layers, start, tuple(cover), merged):
         out = sorted(out + [tuple(cover)], key=math.prod)
     return out
+
+
+def _past_borders(graph: Graph, layers: Sequence[str], start: str, merged: ConvSpec, k: int, first: int) -> int:
+    """The least length n >= `first` on axis k from which on the borders are apart: at every value of the part and
+    at the merged conv's output, some output reads neither border (`_zones`).  Past it a length n + stride is n with
+    one more stride of interior: each value's zones stay as they are (each layer's input grows by whole strides of
+    its own) and only the interior grows, so every larger size congruent to n shows the same border cases.  Found
+    by trying n, n + 1, ... until a whole stride of lengths is apart; the generous bound 4 reach + 4 stride + 8
+    stands where a layer's zones are not known (a transposed conv)."""
+    a = merged.axes[k]
+    period = a.stride
+    fallback = max(first, 4 * (a.extent + sum(a.pad)) + 4 * period + 8)
+    size = [4 * (b.extent + sum(b.pad)) + 64 for b in merged.axes]
+    n, run = first, 0
+    while n < fallback:
+        size[k] = n
+        apart = _apart(graph, layers, start, merged, tuple(size), k)
+        if apart is None:
+            return fallback
+        run = run + 1 if apart else 0
+        if run == period:
+            return n - period + 1
+        n += 1
+    return fallback
+
+
+def _apart(graph: Graph, layers: Sequence[str], start: str, merged: ConvSpec, size: tuple[int, ...],
+           k: int) -> Optional[bool]:
+    """Whether, on an input of this size, every value of the part and the merged conv's output have an output
+    on axis k that reads neither border (None: a layer whose zones are not known)."""
+    zones = _zones(graph, layers, start, size, k)
+    if zones is None:
+        return None
+    if layers and layers[-1] not in zones:
+        return False
+    inner = _conv_zone(merged.axes[k], (0, 0, size[k]))
+    return all(lo + hi < n for lo, hi, n in [*zones.values(), inner])
+
+
+def _zones(graph: Graph, layers: Sequence[str], start: str, size: tuple[int, ...],
+           k: int) -> Optional[dict[str, tuple[int, int, int]]]:
+    """For each value of the part that runs at this input size: (outputs at the start of axis k that read the
+    left border, outputs at its end that read the right border, length).  An output reads a border where its
+    window covers some layer's padding (or the missing cells of a partial window), or an output of a layer that
+    reads it; the rest are the same function of the input, shifted.  None where a layer's windows are not known."""
+    at = layer_sizes(graph, layers, start, size)
+    zones = {start: (0, 0, size[k])}
+    for name in layers:
+        if name not in at:
+            continue
+        layer = graph.layers[name]
+        ins = [zones[s] for s in layer.inputs]
+        n = at[name][k]
+        lo, hi = max(z[0] for z in ins), max(z[1] for z in ins)
+        if layer.op in CONV_OPS:
+            zone = _conv_zone(graph.specs[name].axes[k], ins[0])
+        elif layer.op in POOL_OPS:
+            pool = graph.pools[name]
+            p = pool.padding[k]
+            zone = _conv_zone(Axis(pool.kernel[k], pool.stride[k], 1, (p, p)), ins[0], n)
+        elif layer.op == "pad":
+            before, after = graph.pads[name].pairs(len(at[start]))[k]
+            zone = (max(0, lo + before), max(0, hi + after), n)
+        elif layer.op in CONV_TRANSPOSE_OPS or len(at[name]) != len(size):
+            return None
+        elif any(z[2] != n for z in ins):
+            zone = (n, n, n)  # broadcast along the axis: every output reads every input
+        else:
+            zone = (lo, hi, n)
+        zones[name] = (min(zone[0], n), min(zone[1], n), n)
+    return zones
+
+
+def _conv_zone(a: Axis, src: tuple[int, int, int], n: Optional[int] = None) -> tuple[int, int, int]:
+    """A conv-like window on one axis (output o reads o·stride - pad[0] onward, `extent` cells) after a value with
+    zones `src`: output o reads the left border unless o·stride - pad[0] >= src's left zone, and the right one
+    unless its last cell lies before src's right zone.  `n`: the output length where it is not the conv's (a
+    pooling's ceil mode)."""
+    lo, hi, length = src
+    n = a.out_len(length) if n is None else n
+    left = -(-(lo + a.pad[0]) // a.stride)
+    last = (length - hi - a.extent + a.pad[0]) // a.stride  # the last output inside the right zone's bound
+    return max(0, left), max(0, n - 1 - last), n
 
 
 def _runs_axis(graph: Graph, layers: Sequence[str], start: str, k: int, n: int, merged: ConvSpec) -> bool:
