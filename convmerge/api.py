@@ -20,6 +20,7 @@ from . import io, model
 from .frontends import trace, trace_export
 from .graph import Graph, parse
 from .engine.plan import VerificationError
+from .errors import ConvmergeError
 from .options import Options
 
 
@@ -89,24 +90,26 @@ def fuse(module: nn.Module, *, input_size: Optional[Sequence[int]] = None, polic
     ``leaves``: module classes (or class or qualified names) kept opaque, untraced.
     """
     options = _check_args("fuse", module, input_size=input_size, policy=policy, leaves=leaves)
-    g, tensors, traced = _describe(module, options.leaves, options.input_size, example_inputs)
+    g, tensors, traced = _describe(module, options.leaves, options.input_size, example_inputs, enter=True)
     plan = model.analyze(g, tensors, options)
     if traced.tracer == "torch.fx" and traced.example:  # the fast route, checked as every module is: where the
         try:                                             # module cannot be built or fails, torch.export traces it
-            return _fused_and_checked(module, plan, traced, only_general=True)
+            return _fused_and_checked(module, plan, traced, options, only_general=True)
         except (VerificationError, trace.TraceError):
             g, tensors, traced = _describe(module, options.leaves, options.input_size, example_inputs, fx_first=False)
             plan = model.analyze(g, tensors, options)
-    return _fused_and_checked(module, plan, traced)
+    return _fused_and_checked(module, plan, traced, options)
 
 
-def _fused_and_checked(module: nn.Module, plan: Any, traced: trace.Traced, only_general: bool = False) -> nn.Module:
+def _fused_and_checked(module: nn.Module, plan: Any, traced: trace.Traced, options: Options,
+                       only_general: bool = False) -> nn.Module:
     """The fused module, checked end to end: the graph for every shape where the trace gives one, else
     the traced graph, which then runs only at the traced shape (and says so; not ``only_general``)."""
     example = traced.example or trace_export.example_input(module, plan.input_size)[0]
     cases = endtoend.Cases(module, example, fixed_size=rebuild.sized_merges(plan, len(example)) is not None,
                            smallest=traced.smallest)
     fused = rebuild.fused_module(module, plan, traced)
+    _fuse_within(fused, traced.untraced, replace(options, input_size=None))
     failure = cases.compare(fused)
     if failure is None:
         return fused
@@ -139,16 +142,78 @@ def save(module: nn.Module, path: Union[str, os.PathLike], *, force: bool = Fals
 
 
 def _describe(module: nn.Module, leaves: Sequence[Union[type, str]] = (), input_size: Optional[Sequence[int]] = None,
-              example_inputs: Optional[Sequence[torch.Tensor]] = None, runnable: bool = True, fx_first: bool = True
-              ) -> tuple[Graph, model.Tensors, Any]:
+              example_inputs: Optional[Sequence[torch.Tensor]] = None, runnable: bool = True, fx_first: bool = True,
+              enter: bool = False) -> tuple[Graph, model.Tensors, Any]:
     """Trace a copy of `module` (so a fused module can be rebuilt from it without touching the original)."""
     copied = copy.deepcopy(module)
     traced = trace.describe_module(copied, type(module).__name__, leaves=leaves, example_size=input_size,
-                                   example_inputs=example_inputs, runnable=runnable, fx_first=fx_first)
-    tensors = model.module_tensors({**copied.state_dict(), **traced.tensors})
+                                   example_inputs=example_inputs, runnable=runnable, fx_first=fx_first, enter=enter)
+    return (*_parsed(copied, traced), traced)
+
+
+def _parsed(traced_module: nn.Module, traced: trace.Traced) -> tuple[Graph, model.Tensors]:
+    tensors = model.module_tensors({**traced_module.state_dict(), **traced.tensors})
     graph = parse(traced.doc, tensors.info, "traced module")
     graph.notes[:0] = traced.notes
-    return graph, tensors, traced
+    return graph, tensors
+
+
+def _fuse_within(root: nn.Module, untraced: dict[str, Optional[tuple]], options: Options) -> None:
+    """Fuse inside each submodule of `root` that torch.fx kept whole (`Traced.untraced`: a forward that branches on
+    a size, say): the outermost submodules it calls are traced by fx on the inputs they had, and replaced by their
+    fused modules, with merges exact at every size only (``options`` has no input size: they may be called at
+    others); one that fx cannot trace either is entered in turn.  Nothing merges across the kept forward's own
+    code.  A part that cannot be traced or planned stays as it is; the caller's end-to-end check covers it all."""
+    for name, inputs in untraced.items():
+        if inputs is not None:
+            _fuse_calls(root.get_submodule(name), inputs, options)
+
+
+def _fuse_calls(module: nn.Module, inputs: tuple, options: Options) -> None:
+    for name, args in _first_calls(module, inputs).items():
+        child = module.get_submodule(name)
+        traced = trace.fx_with_shapes(child, options.leaves, None, args, enter=True)
+        if traced is None:
+            _fuse_calls(child, args, options)
+            continue
+        try:
+            fused = rebuild.fused_module(child, model.analyze(*_parsed(child, traced), options), traced)
+        except ConvmergeError:
+            continue
+        _fuse_within(fused, traced.untraced, options)
+        for key, value in vars(child).items():  # what its caller may read of it: ``self.attn.resolution``
+            if not key.startswith("_") and key not in vars(fused) and isinstance(value, _PLAIN):
+                setattr(fused, key, value)
+        parent, _, last = name.rpartition(".")
+        setattr(module.get_submodule(parent), last, fused)
+
+
+_PLAIN = (bool, int, float, str, tuple, type(None))
+
+
+def _first_calls(module: nn.Module, inputs: tuple) -> dict[str, tuple]:
+    """The outermost submodules with submodules of their own that `module` calls on `inputs`, each with copies of the
+    tensors of its first call (those called with other arguments are passed by, their own submodules kept)."""
+    calls: dict[str, Optional[tuple]] = {}
+
+    def recorder(name: str) -> Any:
+        def record(_: nn.Module, args: tuple, kwargs: dict) -> None:
+            if name not in calls:
+                plain = not kwargs and all(isinstance(a, torch.Tensor) for a in args)
+                calls[name] = tuple(a.clone() for a in args) if plain else None
+        return record
+
+    handles = [m.register_forward_pre_hook(recorder(n), with_kwargs=True)
+               for n, m in module.named_modules(remove_duplicate=False) if n and next(m.children(), None) is not None]
+    try:
+        with torch.no_grad():
+            module(*(t.clone() for t in inputs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    called = {n for n, args in calls.items() if args is not None}
+    return {n: calls[n] for n in sorted(called)  # type: ignore[misc]
+            if not any(n.startswith(p + ".") for p in called)}
 
 
 def load_module(arch: str, path: Union[str, os.PathLike]) -> nn.Module:

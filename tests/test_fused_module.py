@@ -509,7 +509,7 @@ def test_the_fx_fallback_keeps_arithmetic_with_constants_and_sub_opaque(monkeypa
         raise trace_export.TraceError("torch.export: refused for the test")
 
     monkeypatch.setattr(trace_export, "describe", refuse)
-    monkeypatch.setattr(trace, "_fx_with_shapes", lambda *args: None)  # fx without the shapes one run gives
+    monkeypatch.setattr(trace, "fx_with_shapes", lambda *args: None)  # fx without the shapes one run gives
     model = prepared(nets.RepMixer(4))
     fused = convmerge.fuse(model)
     ops = {node.target for node in fused.graph.nodes if node.op == "call_function"}

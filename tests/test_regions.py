@@ -436,7 +436,7 @@ def test_activations_run_in_place_only_on_a_result_no_one_else_reads(monkeypatch
     """The exported graph runs ReLU6(inplace=True) out of place (a second tensor per activation); the fused
     module runs it in place again where the activation alone reads a conv's or an add's result.  Values and
     gradients are the original's; an activation whose input is read elsewhere stays out of place."""
-    monkeypatch.setattr(trace, "_fx_with_shapes", lambda *args: None)  # torch.fx keeps the modules, in place as built
+    monkeypatch.setattr(trace, "fx_with_shapes", lambda *args: None)  # torch.fx keeps the modules, in place as built
     net = nets.randomize_bn(nets.inverted_residuals()).double().eval()
     fused = convmerge.fuse(net)
     targets = [str(n.target) for n in fused.graph.nodes if n.op == "call_function" and "hardtanh" in str(n.target)]
@@ -457,7 +457,7 @@ def test_activations_run_in_place_only_on_a_result_no_one_else_reads(monkeypatch
 def test_in_place_activations_keep_gradients(act, in_place, monkeypatch):
     """Each activation put back in place still differentiates; a leaky relu of negative slope cannot (autograd
     needs the input it would overwrite), so it stays out of place."""
-    monkeypatch.setattr(trace, "_fx_with_shapes", lambda *args: None)  # the exported graph's activations
+    monkeypatch.setattr(trace, "fx_with_shapes", lambda *args: None)  # the exported graph's activations
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), act, torch.nn.Conv2d(4, 4, 1))
     net = nets.randomize_bn(net).double().eval()
     fused = convmerge.fuse(net)

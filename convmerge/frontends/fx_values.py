@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import operator
 import types
-from typing import Any, Optional, Sequence
+from typing import Any, Collection, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,15 +52,24 @@ class Values:
         self.passed: set[fx.Node] = set()
         """The calls of Python functions fx kept whole that returned one of their tensor arguments itself
         (torchvision's ``stochastic_depth`` outside training)."""
+        self.calls: dict[str, Optional[tuple[torch.Tensor, ...]]] = {}
+        """Per submodule asked for (`run`'s ``calls``), copies of the tensors of its first call (None: it took other
+        arguments)."""
 
 
-def run(root: torch.nn.Module, graph: fx.Graph, example: Sequence[torch.Tensor], active: set[fx.Node]) -> Values:
+def run(root: torch.nn.Module, graph: fx.Graph, example: Sequence[torch.Tensor], active: set[fx.Node],
+        calls: Collection[str] = ()) -> Values:
     """Run ``graph`` (of ``root``'s modules and tensors) once on copies of ``example`` without gradients, recording
-    `Values`; TraceError where it fails.  No GraphModule: its code generation costs more than the run."""
+    `Values`, and the first call of each submodule named in ``calls``; TraceError where it fails.  No GraphModule:
+    its code generation costs more than the run."""
     values = Values()
 
     class _Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
+            if n.op == "call_module" and n.target in calls and n.target not in values.calls:
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                plain = not kwargs and all(isinstance(a, torch.Tensor) for a in args)
+                values.calls[str(n.target)] = tuple(a.clone() for a in args) if plain else None
             out = super().run_node(n)
             if n.op == "call_function" and isinstance(n.target, types.FunctionType) and isinstance(out, torch.Tensor):
                 args, kwargs = self.fetch_args_kwargs_from_env(n)

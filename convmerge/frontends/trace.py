@@ -85,7 +85,7 @@ def build_module(ref: str) -> nn.Module:
 def describe_module(module: nn.Module, name: str = "model", *, leaves: Sequence[type | str] = (),
                     example_size: Optional[Sequence[int]] = None,
                     example_inputs: Optional[Sequence[torch.Tensor]] = None, runnable: bool = True,
-                    fx_first: bool = False) -> Traced:
+                    fx_first: bool = False, enter: bool = False) -> Traced:
     """The graph description of ``module`` and the tensors it needs beyond the state dict.
 
     ``fx_first``: torch.fx traces it first, and its graph run once on the example input gives the shapes
@@ -94,6 +94,9 @@ def describe_module(module: nn.Module, name: str = "model", *, leaves: Sequence[
     export's cost (RepVGG-A0: 0.2 s against 0.8 s).  Otherwise, and without ``fx_first``, torch.export traces it.
     `convmerge.fuse` and `convmerge.check` of a module take it; descriptions that are written down (`save`,
     ``--arch``) come from torch.export, whose layer names and recorded sizes `convmerge.load` was built on.
+
+    ``enter`` (with ``fx_first``): a submodule fx cannot trace does not send the model to torch.export; it stays
+    whole (`Traced.untraced`), for `convmerge.fuse` to fuse inside.
 
     ``runnable``: the trace also serves a module that runs at every size (`Traced.graph_module`, what `fuse`
     rebuilds); without it torch.export traces at the example shape only, which is cheaper for some models.
@@ -119,7 +122,7 @@ def describe_module(module: nn.Module, name: str = "model", *, leaves: Sequence[
         raise TraceError(f"{name}: --leaf {shown}: no module of that class in it (a class name, plain or "
                          "qualified, or the class itself)")
     if fx_first:
-        traced = _fx_with_shapes(module, leaves, example_size, example_inputs)
+        traced = fx_with_shapes(module, leaves, example_size, example_inputs, enter)
         if traced is not None:
             return traced
     try:
@@ -134,19 +137,21 @@ def describe_module(module: nn.Module, name: str = "model", *, leaves: Sequence[
     return traced
 
 
-def _fx_with_shapes(module: nn.Module, leaves: Sequence[type | str], example_size: Optional[Sequence[int]],
-                    example_inputs: Optional[Sequence[torch.Tensor]]) -> Optional[Traced]:
-    """torch.fx's description with shapes from one run at the example, where it has no blind spots; else None."""
+def fx_with_shapes(module: nn.Module, leaves: Sequence[type | str], example_size: Optional[Sequence[int]],
+                   example_inputs: Optional[Sequence[torch.Tensor]], enter: bool = False) -> Optional[Traced]:
+    """torch.fx's description with shapes from one run at the example, where it has no blind spots (and, unless
+    ``enter``, no submodule it could not trace); else None, the module as it was."""
     if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
         return None  # no values to run on: torch.export traces it on fake tensors
     kept = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in module.modules()]
+    contents = [(d, dict(d)) for m in module.modules() for d in vars(m).values() if type(d) is dict]  # a cache
     tensors = list(itertools.chain(module.parameters(), module.buffers()))
     versions = [t._version for t in tensors]
     stored = [(b, b.clone()) for b in module.buffers()]
     try:
         example, origin = trace_export.example_input(module, example_size, example_inputs)
         traced = trace_fx.describe(module, leaves, example)
-        if (traced.blind_spots or _assigned_proxies(module)
+        if (traced.blind_spots or (traced.untraced and not enter) or _assigned_proxies(module)
                 or any(t._version != v for t, v in zip(tensors, versions))):  # fx ran a write to a buffer for real
             raise TraceError("torch.fx: blind spots")
     except Exception:  # noqa: BLE001 - torch.export, the main tracer, says why where it fails too
@@ -155,6 +160,9 @@ def _fx_with_shapes(module: nn.Module, leaves: Sequence[type | str], example_siz
             m.__dict__.update(attributes)
             m._parameters.clear(), m._buffers.clear(), m._modules.clear()
             m._parameters.update(parameters), m._buffers.update(buffers), m._modules.update(modules)
+        for d, items in contents:
+            d.clear()
+            d.update(items)
         with torch.no_grad():
             for b, value in stored:
                 b.copy_(value)
@@ -164,9 +172,12 @@ def _fx_with_shapes(module: nn.Module, leaves: Sequence[type | str], example_siz
 
 
 def _assigned_proxies(module: nn.Module) -> bool:
-    """Whether tracing assigned a traced value to a module attribute (``self.state = x.mean()``): fx records no
-    such write, so its graph would not compute what the forward does."""
-    return any(isinstance(v, torch.fx.Proxy) for m in module.modules()
+    """Whether tracing assigned a traced value to a module attribute (``self.state = x.mean()``) or into a dict
+    one holds (a cache: ``self.cache[key] = ...``): fx records no such write, so its graph would not compute what
+    the forward does on a later call."""
+    return any(isinstance(v, torch.fx.Proxy) or (type(v) is dict and any(isinstance(u, torch.fx.Proxy)
+                                                                         for u in v.values()))
+               for m in module.modules()
                for v in itertools.chain(vars(m).values(), m._parameters.values(), m._buffers.values()))
 
 

@@ -57,7 +57,7 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
         writes = [n for n in graph.nodes if mutates(n, module) and n.args and n.args[0] not in active]
         if writes:  # a run would change the module; torch.export's functional graph follows such writes
             raise TraceError(f"torch.fx: {names[writes[0]]} writes a parameter or buffer in place")
-        values = fx_values.run(module, graph, example, active)
+        values = fx_values.run(module, graph, example, active, calls=set(tracer.opaque))
     mutated = _seen_mutated(graph, module)
     layers, tensors, not_export_either = [], {}, set()
     for node in graph.nodes:
@@ -109,8 +109,8 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
         traced.smallest = smallest([shape for shape, _ in values.meta.values()], rank)
         calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
         hooked = module._forward_hooks or module._forward_pre_hooks  # fx traces the root's forward alone
-        traced.blind_spots = [f"module {q!r} is opaque" for q in tracer.opaque] + (
-            ["the module's own forward hooks"] if hooked else []) + [
+        traced.untraced = {q: values.calls.get(q) for q in tracer.opaque}
+        traced.blind_spots = (["the module's own forward hooks"] if hooked else []) + [
             f"module {t!r} has its tensors read beside its call" for t in sorted(shared) if calls[t] == 1] + [
             f"{names[n]} is changed in place" for n in graph.nodes if n in mutated][:1] + [
             f"layer {names[n]} calls {n.target.__module__}.{n.target.__name__}, which fx keeps whole" for n in graph.nodes

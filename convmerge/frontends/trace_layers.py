@@ -81,8 +81,11 @@ class Traced:
     tracer: str = "torch.export"
     """Which tracer it came from: "torch.export" or "torch.fx"."""
     blind_spots: list = field(default_factory=list)
-    """What this trace left opaque that torch.export may see into (torch.fx's: a submodule it could not trace, a
-    functional conv, an in-place write); empty where it sees as much."""
+    """What this trace left opaque that torch.export may see into (torch.fx's: a functional conv, an in-place
+    write...); empty where it sees as much.  Submodules fx could not trace are in ``untraced``."""
+    untraced: dict = field(default_factory=dict, repr=False)
+    """torch.fx's: each submodule it kept whole because it could not trace it (a forward that branches on a size),
+    by qualified name, with the tensors of its first call in the example run (None: no such call)."""
 
 
 def smallest(shapes: Iterable[Sequence[int]], rank: int) -> tuple[int, ...]:

@@ -1,0 +1,113 @@
+"""`convmerge.fuse` inside a submodule torch.fx cannot trace (issue 21: EfficientViT's window attention branches on
+its input's size, which sent the whole model to torch.export's symbolic trace): the submodule stays whole in the
+fx graph and the modules it calls are fused in place, each traced by fx on the input it had."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import convmerge
+from convmerge.frontends import trace_export
+from convmerge.frontends.trace import describe_module
+
+
+class Cached(nn.Module):
+    """EfficientViT's CascadedGroupAttention: a bias cached in a dict under the input's device at the first call in
+    inference (under fx the key is a Proxy's name and the value a Proxy), and an attribute its caller reads."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.resolution = 4
+        self.qkv = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.proj = nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.bias = nn.Parameter(torch.randn(c))
+        self.cache: dict = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.bias.view(1, -1, 1, 1) * 2
+        return self.proj(self.qkv(x) + self.cache[key])
+
+
+class Windowed(nn.Module):
+    """EfficientViT's LocalWindowAttention: branches on the input's size (fx cannot trace it) and reads an attribute
+    of the module it calls."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.attn = Cached(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == self.attn.resolution:
+            return self.attn(x)
+        return self.attn(x.flip(-1)).flip(-1)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.mixer = Windowed(8)
+        self.head = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(torch.relu(x + self.mixer(x)))
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    net = Net()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-1, 1)
+    return net.double().eval()  # float64 weights: the merged ones are stored unrounded, compared to 1e-10
+
+
+def _agrees(fused: nn.Module, module: nn.Module) -> None:
+    """Against the original in float64, at sizes taking both branches of `Windowed` (8: its input is 4 wide)."""
+    for shape in [(2, 3, 8, 8), (1, 3, 17, 20), (2, 3, 9, 8), (1, 3, 32, 31)]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), module(x), rtol=1e-10, atol=1e-10)
+
+
+def test_a_submodule_fx_cannot_trace_is_fused_inside_without_torch_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = _net()
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("torch.export ran")
+
+    monkeypatch.setattr(trace_export, "describe", no_export)
+    fused = convmerge.fuse(module, input_size=(8, 8))
+    assert not [m for m in fused.modules() if isinstance(m, nn.BatchNorm2d)]  # the four folded, two of them inside
+    assert isinstance(fused.get_submodule("mixer"), Windowed)  # kept whole, running its own forward
+    assert fused.get_submodule("mixer.attn").resolution == 4  # what Windowed reads of the module it calls
+    assert not any(isinstance(v, torch.fx.Proxy) for v in module.mixer.attn.cache.values())
+    _agrees(fused, module)
+    _agrees(pickle.loads(pickle.dumps(fused)), module)
+
+
+def test_check_still_traces_such_a_model_with_torch_export() -> None:
+    """`check` reports the merges of one description: fx's, with a submodule it could not see into, would miss
+    those inside, so a model with one is traced by torch.export (only `fuse` enters the submodule)."""
+    assert describe_module(_net(), "m", example_size=(8, 8), fx_first=True).tracer == "torch.export"
+    traced = describe_module(_net(), "m", example_size=(8, 8), fx_first=True, enter=True)
+    assert traced.tracer == "torch.fx" and list(traced.untraced) == ["mixer"]
+    assert [t.shape for t in traced.untraced["mixer"]] == [torch.Size([1, 8, 4, 4])]  # its input in the example run
+
+
+def test_a_proxy_written_into_a_dict_sends_the_module_to_torch_export_with_the_dict_as_it_was() -> None:
+    """fx records no write into a module's dict (a cache): its graph would recompute the value at every call."""
+    module = Cached(4).double().eval()
+    traced = describe_module(module, "m", example_size=(8, 8), fx_first=True)
+    assert traced.tracer == "torch.export"
+    assert not any(isinstance(v, torch.fx.Proxy) for v in module.cache.values())
