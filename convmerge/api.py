@@ -177,7 +177,10 @@ def _fuse_calls(module: nn.Module, inputs: tuple, options: Options) -> None:
             _fuse_calls(child, args, options)
             continue
         try:
-            fused = rebuild.fused_module(child, model.analyze(*_parsed(child, traced), options), traced)
+            plan = model.analyze(*_parsed(child, traced), options)
+            if not plan.applied and not traced.untraced:
+                continue  # nothing merges: the child stays itself
+            fused = rebuild.fused_module(child, plan, traced)
         except ConvmergeError:
             continue
         _fuse_within(fused, traced.untraced, options)
@@ -193,7 +196,8 @@ _PLAIN = (bool, int, float, str, tuple, type(None))
 
 def _first_calls(module: nn.Module, inputs: tuple) -> dict[str, tuple]:
     """The outermost submodules with submodules of their own that `module` calls on `inputs`, each with copies of the
-    tensors of its first call (those called with other arguments are passed by, their own submodules kept)."""
+    tensors of its first call (one called with other arguments is not traced: those it calls are, in its place);
+    none where the run fails."""
     calls: dict[str, Optional[tuple]] = {}
 
     def recorder(name: str) -> Any:
@@ -208,6 +212,8 @@ def _first_calls(module: nn.Module, inputs: tuple) -> dict[str, tuple]:
     try:
         with torch.no_grad():
             module(*(t.clone() for t in inputs))
+    except Exception:  # noqa: BLE001 - it ran inside the model on these inputs; if not alone, it stays as it is
+        return {}
     finally:
         for handle in handles:
             handle.remove()

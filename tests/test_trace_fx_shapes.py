@@ -447,3 +447,28 @@ def test_opaque_layers_record_their_output_size_at_the_example() -> None:
     assert {layer["name"]: layer["traced_size"] for layer in traced.doc["layers"] if layer["name"] in sizes} == sizes
     report = convmerge.check(module, input_size=(8, 9))
     assert not [note for note in report["notes"] if "input sizes unknown" in note]
+
+
+class CastToWeightDtype(nn.Module):
+    """EdgeNeXt's positional encoding: a value made in float32 cast to a conv's weight dtype before that conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.proj = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).float()
+        return self.bn(self.proj(y.to(self.proj.weight.dtype)))
+
+
+def test_reading_a_weights_dtype_beside_its_call_is_no_blind_spot() -> None:
+    """Only the values of a module's tensors read beside its call block its merges; its dtype or device does not.
+    torch.export bakes ``weight.dtype`` into its graph as float32, so the end-to-end check (in float64) refused its
+    module: EdgeNeXt could not be fused at all."""
+    module = _randomised(CastToWeightDtype())
+    assert describe_module(module, "m", example_size=(8, 8), fx_first=True).tracer == "torch.fx"
+    fused = convmerge.fuse(module, input_size=(8, 8))
+    assert not [m for m in fused.modules() if isinstance(m, nn.BatchNorm2d)]
+    _agrees(fused, module)

@@ -483,9 +483,11 @@ def _constant(kwargs: dict[str, Any], tensor_arg: str) -> bool:
 
 def _shared_targets(graph: fx.Graph, root: nn.Module) -> set[str]:
     """Modules with tensors that are called more than once, or whose tensors the graph also reads
-    directly: merging them would change the other use."""
+    directly (other than their dtype or device): merging them would change the other use."""
     calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
-    read = {str(node.target).rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
+    read = {str(node.target).rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"
+            and not all(u.op == "call_function" and u.target is getattr and u.args[1:] in (("dtype",), ("device",))
+                        for u in node.users)}  # ``x.to(self.proj.weight.dtype)``: a merge keeps both
     owners = {".".join(parts[:k]) for parts in (r.split(".") for r in read if r) for k in range(1, len(parts) + 1)}
     return {t for t, n in calls.items() if (n > 1 or t in owners) and _has_tensors(root.get_submodule(t))}
 
