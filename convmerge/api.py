@@ -18,6 +18,7 @@ from torch import nn
 from .backends import endtoend, rebuild
 from . import io, model
 from .frontends import trace, trace_export
+from .frontends.trace_layers import example_of_call
 from .graph import Graph, parse
 from .engine.plan import VerificationError
 from .errors import ConvmergeError
@@ -203,8 +204,7 @@ def _first_calls(module: nn.Module, inputs: tuple) -> dict[str, tuple]:
     def recorder(name: str) -> Any:
         def record(_: nn.Module, args: tuple, kwargs: dict) -> None:
             if name not in calls:
-                plain = not kwargs and all(isinstance(a, torch.Tensor) for a in args)
-                calls[name] = tuple(a.clone() for a in args) if plain else None
+                calls[name] = example_of_call(args, kwargs)
         return record
 
     handles = [m.register_forward_pre_hook(recorder(n), with_kwargs=True)

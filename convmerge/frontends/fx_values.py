@@ -28,7 +28,7 @@ from torch import fx
 from torch.fx.operator_schemas import normalize_function
 
 from ..ops import affine
-from .trace_layers import TraceError, first_line
+from .trace_layers import TraceError, example_of_call, first_line
 
 __all__ = ["Values", "read", "run"]
 
@@ -67,9 +67,7 @@ def run(root: torch.nn.Module, graph: fx.Graph, example: Sequence[torch.Tensor],
     class _Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             if n.op == "call_module" and n.target in calls and n.target not in values.calls:
-                args, kwargs = self.fetch_args_kwargs_from_env(n)
-                plain = not kwargs and all(isinstance(a, torch.Tensor) for a in args)
-                values.calls[str(n.target)] = tuple(a.clone() for a in args) if plain else None
+                values.calls[str(n.target)] = example_of_call(*self.fetch_args_kwargs_from_env(n))
             out = super().run_node(n)
             if n.op == "call_function" and isinstance(n.target, types.FunctionType) and isinstance(out, torch.Tensor):
                 args, kwargs = self.fetch_args_kwargs_from_env(n)

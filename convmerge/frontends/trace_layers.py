@@ -88,6 +88,14 @@ class Traced:
     by qualified name, with the tensors of its first call in the example run (None: no such call)."""
 
 
+def example_of_call(args: Sequence[Any], kwargs: dict) -> Optional[tuple[torch.Tensor, ...]]:
+    """Copies of a call's inputs, an example to trace the callee on, where they are tensors passed by position
+    alone; else None."""
+    if kwargs or not all(isinstance(a, torch.Tensor) for a in args):
+        return None
+    return tuple(a.clone() for a in args)
+
+
 def smallest(shapes: Iterable[Sequence[int]], rank: int) -> tuple[int, ...]:
     """Per spatial axis, the smallest size above 1 among ``shapes`` of that rank (values of a traced graph)."""
     sizes = [[int(n) for n in s[2:]] for s in shapes if len(s) == rank >= 3]
