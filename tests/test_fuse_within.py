@@ -14,6 +14,8 @@ import convmerge
 from convmerge.frontends import trace_export
 from convmerge.frontends.trace import describe_module
 
+from .test_trace_fx_shapes import _randomised
+
 
 class Cached(nn.Module):
     """EfficientViT's CascadedGroupAttention: a bias cached in a dict under the input's device at the first call in
@@ -61,15 +63,8 @@ class Net(nn.Module):
 
 
 def _net() -> nn.Module:
-    torch.manual_seed(0)
-    net = Net()
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-1, 1)
-    return net.double().eval()  # float64 weights: the merged ones are stored unrounded, compared to 1e-10
+    torch.manual_seed(1)
+    return _randomised(Net()).double()  # float64 weights: the merged ones are stored unrounded, compared to 1e-10
 
 
 def _agrees(fused: nn.Module, module: nn.Module) -> None:
