@@ -201,3 +201,41 @@ def test_a_module_called_on_tensors_of_another_rank_or_beside_its_callers_call_i
         module = _with(mixer)
         fused = convmerge.fuse(module, input_size=(8, 8))
         _agrees(fused, module)
+
+
+class CastsToItsWeight(nn.Module):
+    """EdgeNeXt's pattern inside a kept forward: its input cast to its conv's weight dtype, read beside the call."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.block = Block(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.bn(self.block.conv(x.to(self.block.conv.weight.dtype)))
+
+
+class Casting(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.inner = CastsToItsWeight(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 100:
+            x = x.flip(-1)
+        return self.inner(x)
+
+
+def test_a_module_whose_graph_reads_its_own_weights_dtype_keeps_that_module_where_it_was(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`inner` is fused from fx's graph, which reads
+    `block.conv.weight.dtype`: the merged conv moves away from `block.conv`, and the old module stays there for that
+    read (deleted, the fused module failed and torch.export traced the model)."""
+    def no_export(*args, **kwargs):
+        raise AssertionError("torch.export ran")
+
+    monkeypatch.setattr(trace_export, "describe", no_export)
+    module = _with(Casting(8))
+    fused = convmerge.fuse(module, input_size=(8, 8))
+    _agrees(fused, module)
+    assert not [m for m in fused.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert fused.get_submodule("mixer.inner.block.conv").weight.dtype == torch.float64

@@ -251,7 +251,8 @@ def _free_name(gm: fx.GraphModule, name: str, replaced: set[str]) -> str:
 def away_from(gm: fx.GraphModule, old: Mapping[str, nn.Module]) -> None:
     """Move each module the graph calls at a path where the traced module (`old`: its modules by path) had another
     one (a merged conv in its first layer's place) to a path it never had, so that code outside the graph reading
-    the old path (``self.block.conv.weight``) fails instead of reading the merged weights."""
+    the old path (``self.block.conv.weight``) fails instead of reading the merged weights; where the graph reads a
+    tensor of the old module (its dtype), the old module stays there."""
     moved: dict[str, str] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in old and gm.get_submodule(node.target) is not old[node.target]:
@@ -264,8 +265,12 @@ def away_from(gm: fx.GraphModule, old: Mapping[str, nn.Module]) -> None:
                 gm.add_submodule(new, gm.get_submodule(target))
                 moved[target] = new
             node.target = moved[target]
+    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}  # ``self.proj.weight.dtype``
     for target in moved:
-        gm.delete_submodule(target)
+        if any(r.startswith(target + ".") for r in read):
+            _set_module(gm, target, old[target])  # its own tensors, as they were
+        else:
+            gm.delete_submodule(target)
     if moved:
         gm.recompile()
 
