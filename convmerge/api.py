@@ -111,13 +111,13 @@ def _fused_and_checked(module: nn.Module, plan: Any, traced: trace.Traced, optio
                            smallest=traced.smallest)
     fused = rebuild.fused_module(module, plan, traced)
     _fuse_within(fused, traced.untraced, replace(options, input_size=None))
-    failure = cases.compare(fused)
+    failure = traced.bounded[0] if traced.bounded else cases.compare(fused)
     if failure is None:
         return fused
     if only_general:
         raise VerificationError(f"the fused module does not compute what the module does: {failure}")
     unmerged = rebuild.fused_module(module, None, traced)
-    if cases.compare(unmerged) is not None:  # the traced graph itself, not a merge, fails there
+    if traced.bounded or cases.compare(unmerged) is not None:  # the traced graph itself, not a merge, fails there
         shapes = [t.shape for t in example]
         only = rebuild.InputShapeCheck(shapes, False, f"the traced graph is fixed at it: {failure}")
         fixed = rebuild.fused_module(module, plan, traced, dynamic=False, only_shape=only)
