@@ -111,13 +111,13 @@ def _fused_and_checked(module: nn.Module, plan: Any, traced: trace.Traced, optio
                            smallest=traced.smallest)
     fused = rebuild.fused_module(module, plan, traced)
     _fuse_within(fused, traced.untraced, replace(options, input_size=None))
-    failure = cases.compare(fused)
+    failure = traced.bounded[0] if traced.bounded else cases.compare(fused)
     if failure is None:
         return fused
     if only_general:
         raise VerificationError(f"the fused module does not compute what the module does: {failure}")
     unmerged = rebuild.fused_module(module, None, traced)
-    if cases.compare(unmerged) is not None:  # the traced graph itself, not a merge, fails there
+    if traced.bounded or cases.compare(unmerged) is not None:  # the traced graph itself, not a merge, fails there
         shapes = [t.shape for t in example]
         only = rebuild.InputShapeCheck(shapes, False, f"the traced graph is fixed at it: {failure}")
         fixed = rebuild.fused_module(module, plan, traced, dynamic=False, only_shape=only)
@@ -173,6 +173,7 @@ def _fuse_within(root: nn.Module, untraced: dict[str, Optional[tuple]], options:
 def _fuse_calls(module: nn.Module, inputs: tuple, options: Options) -> None:
     for name, args in _first_calls(module, inputs).items():
         child = module.get_submodule(name)
+        before = dict(child.named_modules(remove_duplicate=False))
         traced = trace.fx_with_shapes(child, options.leaves, None, args, enter=True)
         if traced is None:
             _fuse_calls(child, args, options)
@@ -184,6 +185,7 @@ def _fuse_calls(module: nn.Module, inputs: tuple, options: Options) -> None:
             fused = rebuild.fused_module(child, plan, traced)
         except ConvmergeError:
             continue
+        rebuild.away_from(fused, before)  # the kept forward may read the child's modules: not the merged ones
         _fuse_within(fused, traced.untraced, options)
         for key, value in vars(child).items():  # what its caller may read of it: ``self.attn.resolution``
             if not key.startswith("_") and key not in vars(fused) and isinstance(value, _PLAIN):
@@ -197,18 +199,36 @@ _PLAIN = (bool, int, float, str, tuple, type(None))
 
 def _first_calls(module: nn.Module, inputs: tuple) -> dict[str, tuple]:
     """The outermost submodules with submodules of their own that `module` calls on `inputs`, each with copies of the
-    tensors of its first call (one called with other arguments is not traced: those it calls are, in its place);
-    none where the run fails."""
+    tensors of its first call (one called with other arguments, or later with tensors of other ranks, or one whose
+    submodules are called beside its own call (``self.block[0](x)``), is not traced: those it calls are, in its
+    place); none where the run fails."""
     calls: dict[str, Optional[tuple]] = {}
+    running: list[str] = []
+    parents = {n for n, m in module.named_modules(remove_duplicate=False) if n and next(m.children(), None) is not None}
 
-    def recorder(name: str) -> Any:
+    def enter(name: str) -> Any:
         def record(_: nn.Module, args: tuple, kwargs: dict) -> None:
+            for p in (name[:i] for i, c in enumerate(name) if c == "."):
+                if p in parents and p not in running:
+                    calls[p] = None  # fused whole, it would no longer hold the module called here
+            running.append(name)
+            if name not in parents:
+                return
             if name not in calls:
                 calls[name] = example_of_call(args, kwargs)
+            elif calls[name] is not None and _ranks(args, kwargs) != _ranks(calls[name], {}):
+                calls[name] = None  # fused, it would check its inputs' ranks against its first call's
         return record
 
-    handles = [m.register_forward_pre_hook(recorder(n), with_kwargs=True)
-               for n, m in module.named_modules(remove_duplicate=False) if n and next(m.children(), None) is not None]
+    def leave(name: str) -> Any:
+        def record(*_: Any) -> None:
+            if name in running:
+                del running[len(running) - 1 - running[::-1].index(name)]
+        return record
+
+    modules = [(n, m) for n, m in module.named_modules(remove_duplicate=False) if n]
+    handles = [m.register_forward_pre_hook(enter(n), with_kwargs=True) for n, m in modules]
+    handles += [m.register_forward_hook(leave(n), always_call=True) for n, m in modules]
     try:
         with torch.no_grad():
             module(*(t.clone() for t in inputs))
@@ -220,6 +240,10 @@ def _first_calls(module: nn.Module, inputs: tuple) -> dict[str, tuple]:
     called = {n for n, args in calls.items() if args is not None}
     return {n: calls[n] for n in sorted(called)  # type: ignore[misc]
             if not any(n.startswith(p + ".") for p in called)}
+
+
+def _ranks(args: Sequence[Any], kwargs: dict) -> Optional[tuple[int, ...]]:
+    return None if kwargs else tuple(a.dim() if isinstance(a, torch.Tensor) else -1 for a in args)
 
 
 def load_module(arch: str, path: Union[str, os.PathLike]) -> nn.Module:

@@ -106,3 +106,131 @@ def test_a_proxy_written_into_a_dict_sends_the_module_to_torch_export_with_the_d
     traced = describe_module(module, "m", example_size=(8, 8), fx_first=True)
     assert traced.tracer == "torch.export"
     assert not any(isinstance(v, torch.fx.Proxy) for v in module.cache.values())
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+class ReadsInside(nn.Module):
+    """Reads the weight of a module inside the module it calls, on a branch the example does not take."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.block = Block(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 4:
+            return self.block(x) + nn.functional.conv2d(x, self.block.conv.weight, padding=1)
+        return self.block(x)
+
+
+class PerSample(nn.Module):
+    """Calls the module it holds on the batch (4-d), and a module inside it on each sample alone (3-d)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.Conv2d(c, c, 1)),
+                                   nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 100:
+            x = x.flip(-1)
+        return self.block(x) + torch.stack([self.block[0](s) for s in x])
+
+
+class Reranked(nn.Module):
+    """Calls the module it holds on the batch (4-d), then on each sample alone (3-d)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.Conv2d(c, c, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 100:
+            x = x.flip(-1)
+        return self.block(x) + torch.stack([self.block(s) for s in x])
+
+
+def _with(mixer: nn.Module) -> nn.Module:
+    net = _net()
+    net.mixer = mixer.double().eval()
+    for m in mixer.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    return net
+
+
+def test_a_kept_forward_reading_a_merged_module_fails_rather_than_reading_the_merged_weights() -> None:
+    """The merged conv took the name of the conv it replaced: `ReadsInside` read its weight, BN folded in, beside
+    the call at other sizes (a silent wrong result).  Moved to a name the module never had, the read fails."""
+    module = _with(ReadsInside(8))
+    fused = convmerge.fuse(module, input_size=(8, 8))  # the mixer's input is 4 wide: the branch is not taken
+    assert not [m for m in fused.modules() if isinstance(m, nn.BatchNorm2d)]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), module(x), rtol=1e-10, atol=1e-10)
+    for shape in [(1, 3, 17, 20), (2, 3, 12, 11)]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        with torch.no_grad():
+            want = module(x)
+            try:
+                got = fused(x)
+            except AttributeError:
+                continue
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_a_module_called_on_tensors_of_another_rank_or_beside_its_callers_call_is_not_fused_whole() -> None:
+    """`block` fused whole lost the `block[0]` its caller calls on each sample, and `block[0]` fused whole from its
+    first call (4-d) would refuse the 3-d calls (its rank check): either sent the model to torch.export, which failed
+    on it (`fuse` raised).  Now both are entered (their modules have none of their own: nothing merges there)."""
+    for mixer in (PerSample(8), Reranked(8)):
+        module = _with(mixer)
+        fused = convmerge.fuse(module, input_size=(8, 8))
+        _agrees(fused, module)
+
+
+class CastsToItsWeight(nn.Module):
+    """EdgeNeXt's pattern inside a kept forward: its input cast to its conv's weight dtype, read beside the call."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.block = Block(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.bn(self.block.conv(x.to(self.block.conv.weight.dtype)))
+
+
+class Casting(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.inner = CastsToItsWeight(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 100:
+            x = x.flip(-1)
+        return self.inner(x)
+
+
+def test_a_module_whose_graph_reads_its_own_weights_dtype_keeps_that_module_where_it_was(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`inner` is fused from fx's graph, which reads
+    `block.conv.weight.dtype`: the merged conv moves away from `block.conv`, and the old module stays there for that
+    read (deleted, the fused module failed and torch.export traced the model)."""
+    def no_export(*args, **kwargs):
+        raise AssertionError("torch.export ran")
+
+    monkeypatch.setattr(trace_export, "describe", no_export)
+    module = _with(Casting(8))
+    fused = convmerge.fuse(module, input_size=(8, 8))
+    _agrees(fused, module)
+    assert not [m for m in fused.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert fused.get_submodule("mixer.inner.block.conv").weight.dtype == torch.float64

@@ -71,3 +71,45 @@ def test_a_map_that_is_1x1_at_the_traced_size_stays_symbolic():
         with torch.no_grad():
             want, got = net(x), fused(x)
         assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5), shape
+
+
+class BranchesOnSize(nn.Module):
+    """A forward that branches on its input's size: neither tracer follows both branches."""
+
+    def __init__(self, above: int) -> None:
+        super().__init__()
+        self.above = above
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        if x.shape[-1] > self.above:
+            y = y * 2
+        return y
+
+
+def test_a_model_branching_on_its_input_size_is_fused_for_the_traced_shape_only() -> None:
+    """torch.export's graph at symbolic sizes follows the example's branch and holds up to the size the branch
+    turns at (its range constraints); its guards were left out and the end-to-end check (the example's size and
+    smaller ones) did not reach the other branch: fused at 8x8, the module computed the 8x8 branch at 9x9 (2x off).
+    Now it runs at the traced shape only, and says why."""
+    torch.manual_seed(0)
+    module = BranchesOnSize(8).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = convmerge.fuse(module, input_size=(8, 8))
+    assert any("branches on its input's size" in str(w.message) for w in caught)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), module(x), rtol=1e-5, atol=1e-5)
+    for shape in [(1, 3, 9, 9), (2, 3, 16, 12)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            want = module(x)
+            try:
+                got = fused(x)
+            except ValueError:
+                continue
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+

@@ -472,3 +472,30 @@ def test_reading_a_weights_dtype_beside_its_call_is_no_blind_spot() -> None:
     fused = convmerge.fuse(module, input_size=(8, 8))
     assert not [m for m in fused.modules() if isinstance(m, nn.BatchNorm2d)]
     _agrees(fused, module)
+
+
+def test_a_merge_keeps_the_dtype_and_device_read_of_its_weight() -> None:
+    """The dtype and device reads a merged module's weight gives stay as they were: here a float32 conv casts its
+    output to the float64 weight of the conv its batch norm folds into, and to its device for a scale.  The merged
+    conv is stored in its convs' dtype (float64), so what the graph reads, and the output's dtype, do not change
+    (torch.export baked float64 into its graph and its fused module raised)."""
+
+    class Mixed(CastToWeightDtype):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            w = self.proj.weight
+            scale = torch.full((1,), 2.0, dtype=w.dtype, device=w.device)
+            return self.bn(self.proj(y.to(w.dtype))) * scale
+
+    module = _randomised(Mixed())
+    module.proj.double(), module.bn.double()
+    fused = convmerge.fuse(module, input_size=(8, 8))
+    assert not [m for m in fused.modules() if isinstance(m, nn.BatchNorm2d)]
+    reads = {str(n.target): n for n in fused.graph.nodes if n.op == "get_attr"}
+    assert {t: fused.get_parameter(t).dtype for t in reads} == {"proj.weight": torch.float64}
+    for shape in [(2, 3, 9, 9), (1, 3, 17, 20)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            want, got = module(x), fused(x)
+        assert got.dtype == want.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -11,7 +11,7 @@ It computes the inference form (batch norms folded with their running statistics
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -246,6 +246,33 @@ def _free_name(gm: fx.GraphModule, name: str, replaced: set[str]) -> str:
                               (leaf.isidentifier() and not hasattr(owner, leaf))):
         return name
     return _suffixed(gm, "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "merged")
+
+
+def away_from(gm: fx.GraphModule, old: Mapping[str, nn.Module]) -> None:
+    """Move each module the graph calls at a path where the traced module (`old`: its modules by path) had another
+    one (a merged conv in its first layer's place) to a path it never had, so that code outside the graph reading
+    the old path (``self.block.conv.weight``) fails instead of reading the merged weights; where the graph reads a
+    tensor of the old module (its dtype), the old module stays there."""
+    moved: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in old and gm.get_submodule(node.target) is not old[node.target]:
+            target = str(node.target)
+            if target not in moved:
+                base, k = target.replace(".", "_") + "_merged", 1
+                new = base
+                while hasattr(gm, new) or new in old:
+                    new, k = f"{base}_{k}", k + 1
+                gm.add_submodule(new, gm.get_submodule(target))
+                moved[target] = new
+            node.target = moved[target]
+    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}  # ``self.proj.weight.dtype``
+    for target in moved:
+        if any(r.startswith(target + ".") for r in read):
+            _set_module(gm, target, old[target])  # its own tensors, as they were
+        else:
+            gm.delete_submodule(target)
+    if moved:
+        gm.recompile()
 
 
 def _suffixed(gm: fx.GraphModule, base: str) -> str:

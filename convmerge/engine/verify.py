@@ -222,14 +222,18 @@ def _past_borders(graph: Graph, layers: Sequence[str], start: str, merged: ConvS
 def _apart(graph: Graph, layers: Sequence[str], start: str, merged: ConvSpec, size: tuple[int, ...],
            k: int) -> Optional[bool]:
     """Whether, on an input of this size, every value of the part and the merged conv's output have an output
-    on axis k that reads neither border (None: a layer whose zones are not known)."""
+    on axis k that reads neither border, and the part's output and the merged conv's have one in common: there
+    both are the interior's function of the input, so a shift between them shows (replicate padding copies the
+    one cell of a length-1 input, where no shift shows).  None: a layer whose zones are not known."""
     zones = _zones(graph, layers, start, size, k)
-    if zones is None:
+    if zones is None or merged.padding_mode == "circular":
         return None
     if layers and layers[-1] not in zones:
         return False
     inner = _conv_zone(merged.axes[k], (0, 0, size[k]))
-    return all(lo + hi < n for lo, hi, n in [*zones.values(), inner])
+    last = zones[layers[-1]] if layers else zones[start]
+    both = (max(last[0], inner[0]), max(last[1], inner[1]), inner[2])  # an output reading neither border on both sides
+    return all(lo + hi < n for lo, hi, n in [*zones.values(), inner, both])
 
 
 def _zones(graph: Graph, layers: Sequence[str], start: str, size: tuple[int, ...],
@@ -244,6 +248,8 @@ def _zones(graph: Graph, layers: Sequence[str], start: str, size: tuple[int, ...
         if name not in at:
             continue
         layer = graph.layers[name]
+        if _wraps(graph, name):
+            return None
         ins = [zones[s] for s in layer.inputs]
         n = at[name][k]
         lo, hi = max(z[0] for z in ins), max(z[1] for z in ins)
@@ -264,6 +270,15 @@ def _zones(graph: Graph, layers: Sequence[str], start: str, size: tuple[int, ...
             zone = (lo, hi, n)
         zones[name] = (min(zone[0], n), min(zone[1], n), n)
     return zones
+
+
+def _wraps(graph: Graph, name: str) -> bool:
+    """Circular padding: an output at one end reads the other end too, so at a small length the cells it reads at
+    both ends can be the same cells, where at a larger one they are not (no size where the zones are apart shows
+    every border case; the generous bound stands)."""
+    spec = graph.specs.get(name)
+    pad = graph.pads.get(name)
+    return (spec is not None and spec.padding_mode == "circular") or (pad is not None and pad.mode == "circular")
 
 
 def _conv_zone(a: Axis, src: tuple[int, int, int], n: Optional[int] = None) -> tuple[int, int, int]:

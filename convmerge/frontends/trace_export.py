@@ -43,6 +43,7 @@ from torch.export._unlift import _get_codegen
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental import _config as fx_config
 from torch.utils import _pytree as pytree
+from torch.utils._sympy.numbers import int_oo
 
 from .aten_layers import Mapper, bind
 from .leaf_op import LEAF, OUTPUTS, SESSIONS, STRUCTURES, Slot
@@ -64,8 +65,10 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
     session = f"{id(module):x}.{next(SESSIONS)}"
     calls: dict[str, Any] = {}
     raised: list[bool] = []  # whether the symbolic export itself failed (then the fallback need not try it again)
+    bounded: list[str] = []  # Traced.bounded
     with _given_output_size(module) as sized:
-        once = None if opaque_modules else _export_once(module, example, symbolic=symbolic, raised=raised)
+        once = None if opaque_modules else _export_once(module, example, symbolic=symbolic, raised=raised,
+                                                        bounded=bounded)
     if once is not None:
         try:
             program, mapper = once, Mapper(module, once, sized)
@@ -81,10 +84,12 @@ def describe(module: nn.Module, leaves: Sequence[type | str] = (),
             mapper = Mapper(module, program, sized)
             traced = mapper.describe()
             kept = {k: (OUTPUTS[k], STRUCTURES[k]) for k in OUTPUTS if k.startswith(session + "/")}
-            traced.graph_module = runnable(module, example, program, kept, calls, tried=bool(raised) and symbolic)
+            traced.graph_module = runnable(module, example, program, kept, calls,
+                                           tried=bool(raised or bounded) and symbolic, bounded=bounded)
         finally:
             for key in [k for k in OUTPUTS if k.startswith(session + "/")]:
                 del OUTPUTS[key], STRUCTURES[key]
+    traced.bounded = bounded
     traced.notes[:0] = [traced_note("torch.export", example, origin)] + [
         f"module {q!r} ({type(module.get_submodule(q)).__name__}) is opaque: {why}"
         for q, why in opaque_modules.items() if q in mapper.leaves_seen]
@@ -114,7 +119,8 @@ def _given_output_size(module: nn.Module) -> Iterator[set[str]]:
 
 
 def _export_once(module: nn.Module, example: tuple[torch.Tensor, ...], symbolic: bool = True,
-                 raised: Optional[list[bool]] = None) -> Optional[torch.export.ExportedProgram]:
+                 raised: Optional[list[bool]] = None, bounded: Optional[list[str]] = None
+                 ) -> Optional[torch.export.ExportedProgram]:
     """One export at symbolic batch and spatial sizes that serves both the description (read at the sizes
     it was traced at, `_hinted`) and the fused module (which then runs at any size the model allows), with
     no `run_decompositions`: the export's own graph, its in-place ops made out of place (`_out_of_place`).
@@ -122,7 +128,7 @@ def _export_once(module: nn.Module, example: tuple[torch.Tensor, ...], symbolic:
     input, a batch norm in training mode): the caller then exports at the traced shape, decomposes and
     exports again at symbolic sizes for the module, as before.  Not ``symbolic`` (a description only, for
     `check`): at the example shape, which some models export much faster (EfficientViT-M0: 3 s against 24 s).
-    ``raised`` gets True where the export itself failed."""
+    ``raised`` gets True where the export itself failed, ``bounded`` why where it holds up to some size only."""
     if not all(t.dim() >= 3 for t in example):
         return None
     batch, dims = symbolic_example(example)
@@ -136,6 +142,8 @@ def _export_once(module: nn.Module, example: tuple[torch.Tensor, ...], symbolic:
     except Exception:  # noqa: BLE001 - the static export says why, or falls back to fx
         if raised is not None:
             raised.append(True)
+        return None
+    if symbolic and _bounded(program, bounded):
         return None
     if not _out_of_place(program.graph_module):
         return None
@@ -396,8 +404,8 @@ def symbolic_example(example: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tenso
 
 
 def runnable(module: nn.Module, example: tuple[torch.Tensor, ...], program: torch.export.ExportedProgram,
-             leaves: dict[str, Any], calls: dict[str, Any],
-             tried: bool = False) -> Callable[[bool], tuple[fx.GraphModule, dict[str, str]]]:
+             leaves: dict[str, Any], calls: dict[str, Any], tried: bool = False,
+             bounded: Optional[list[str]] = None) -> Callable[[bool], tuple[fx.GraphModule, dict[str, str]]]:
     """A builder of a runnable module of the traced graph, and the names its nodes have there.
 
     With ``dynamic``, the model is exported again with symbolic batch and spatial sizes, so the module
@@ -406,7 +414,8 @@ def runnable(module: nn.Module, example: tuple[torch.Tensor, ...], program: torc
     pair up) it is the traced graph.  Either way the shape guards are left out (the fused module is
     checked end to end instead) and each opaque leaf calls its module again.  ``leaves`` are the leaf
     calls' recorded outputs, ``calls`` their arguments (`Slot` where a tensor goes).  ``tried``: the same
-    export at symbolic sizes already failed (without leaves): it is not tried again.
+    export at symbolic sizes already failed (without leaves): it is not tried again.  ``bounded`` gets why
+    where that export holds up to some size only (`Traced.bounded`).
     """
 
     again: list[Any] = [None] if tried and not leaves else []  # the export at symbolic sizes and its names
@@ -426,7 +435,7 @@ def runnable(module: nn.Module, example: tuple[torch.Tensor, ...], program: torc
                     program_again = torch.export.export(module, batch, dynamic_shapes=dims, strict=False)
                 program_again = program_again.run_decompositions({})  # torch warns about its own pytree code here
             names = _pair_nodes(program.graph, program_again.graph)
-            if names is not None:
+            if names is not None and not _bounded(program_again, bounded):
                 again[0] = (program_again, names)
         except Exception:  # noqa: BLE001 - code that needs fixed sizes: the traced graph it is
             pass
@@ -443,6 +452,17 @@ def runnable(module: nn.Module, example: tuple[torch.Tensor, ...], program: torc
         return gm, {k: moved.get(v, v) for k, v in names.items()}
 
     return build
+
+
+def _bounded(program: torch.export.ExportedProgram, why: Optional[list[str]]) -> bool:
+    """Whether the export at symbolic sizes holds up to some size only (adding why to ``why``): the model branched
+    on a size (``if x.shape[-1] > 8``) and the graph follows the example's branch.  Its guards go (`_general`), so
+    at a larger size it would compute the example's branch where the model takes the other, unseen by the
+    end-to-end check (its sizes are the example's and smaller ones)."""
+    upper = [vr.upper for vr in program.range_constraints.values() if vr.upper != int_oo]
+    if upper and why is not None and not why:
+        why.append(f"the model branches on its input's size (its graph holds up to size {min(upper)} only)")
+    return bool(upper)
 
 
 _LIFTED = {InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR}

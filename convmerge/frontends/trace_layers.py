@@ -83,6 +83,10 @@ class Traced:
     blind_spots: list = field(default_factory=list)
     """What this trace left opaque that torch.export may see into (torch.fx's: a functional conv, an in-place
     write...); empty where it sees as much.  Submodules fx could not trace are in ``untraced``."""
+    bounded: list = field(default_factory=list, repr=False)
+    """torch.export's: why its graph at symbolic sizes holds up to some size only (the model branches on its input's
+    size, and the graph follows the example's branch; its guards are left out), filled in when that graph is built:
+    the fused module then runs at the traced shape only."""
     untraced: dict = field(default_factory=dict, repr=False)
     """torch.fx's: each submodule it kept whole because it could not trace it (a forward that branches on a size),
     by qualified name, with the tensors of its first call in the example run (None: no such call)."""
