@@ -154,6 +154,9 @@ def fx_with_shapes(module: nn.Module, leaves: Sequence[type | str], example_size
         if (traced.blind_spots or (traced.untraced and not enter) or _assigned_proxies(module)
                 or any(t._version != v for t, v in zip(tensors, versions))):  # fx ran a write to a buffer for real
             raise TraceError("torch.fx: blind spots")
+        for d, items in contents:  # a cache of values computed from the tensors alone: the graph computes them
+            d.clear()
+            d.update(items)
     except Exception:  # noqa: BLE001 - torch.export, the main tracer, says why where it fails too
         for m, attributes, parameters, buffers, modules in kept:  # what the trace assigned (a Proxy) is undone
             m.__dict__.clear()
@@ -172,13 +175,27 @@ def fx_with_shapes(module: nn.Module, leaves: Sequence[type | str], example_size
 
 
 def _assigned_proxies(module: nn.Module) -> bool:
-    """Whether tracing assigned a traced value to a module attribute (``self.state = x.mean()``) or into a dict
-    one holds (a cache: ``self.cache[key] = ...``): fx records no such write, so its graph would not compute what
-    the forward does on a later call."""
-    return any(isinstance(v, torch.fx.Proxy) or (type(v) is dict and any(isinstance(u, torch.fx.Proxy)
-                                                                         for u in v.values()))
+    """Whether tracing assigned a traced value to a module attribute (``self.state = x.mean()``), or one that
+    depends on the inputs into a dict it holds (``self.seen[key] = x.amax()``): fx records no such write, so its graph
+    would not compute what the forward does on a later call.  A dict entry computed from the module's tensors alone
+    (LeViT's and EfficientViT's ``attention_bias_cache``) is a value the graph computes at every call instead."""
+    return any(isinstance(v, torch.fx.Proxy) or (type(v) is dict and any(
+        isinstance(u, torch.fx.Proxy) and _reads_inputs(u.node) for u in v.values()))
                for m in module.modules()
                for v in itertools.chain(vars(m).values(), m._parameters.values(), m._buffers.values()))
+
+
+def _reads_inputs(node: torch.fx.Node) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n.op == "placeholder":
+            return True
+        for m in n.all_input_nodes:
+            if m not in seen:
+                seen.add(m)
+                stack.append(m)
+    return False
 
 
 def _import_module(ref: str, dotted: str) -> Any:
