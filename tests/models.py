@@ -305,3 +305,20 @@ def _pad(layer: dict, x: torch.Tensor, value: Optional[torch.Tensor]) -> torch.T
     out = F.pad(x, flat)
     inside = F.pad(torch.ones_like(x), flat)
     return out + (1 - inside) * value.double().view(1, -1, *([1] * nd))
+
+
+def right_or_refused(fused: Callable[..., torch.Tensor], module: Callable[..., torch.Tensor],
+                     shapes: Sequence[Sequence[int]], refusal: type, tolerance: float,
+                     dtype: torch.dtype = torch.float32) -> None:
+    """At each shape where the module runs, the fused module computes what it does or raises `refusal`: never a
+    different result."""
+    for shape in shapes:
+        x = torch.randn(*shape, dtype=dtype)
+        with torch.no_grad():
+            want = module(x)
+            try:
+                got = fused(x)
+            except refusal:
+                continue
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
