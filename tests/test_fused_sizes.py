@@ -8,6 +8,7 @@ no other size.  The oracle is the original module itself.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import convmerge
+from convmerge.frontends import trace
 
 from .models import right_or_refused
 
@@ -107,3 +109,41 @@ def test_a_model_branching_on_its_input_size_is_fused_for_the_traced_shape_only(
         torch.testing.assert_close(fused(x), module(x), rtol=1e-5, atol=1e-5)
     right_or_refused(fused, module, [(1, 3, 9, 9), (2, 3, 16, 12)], ValueError, 1e-5)
 
+
+
+def _pad_same(x: torch.Tensor, k: int, s: int) -> torch.Tensor:
+    ih, iw = x.size()[-2:]
+    ph, pw = (max((math.ceil(n / s) - 1) * s + k - n, 0) for n in (ih, iw))
+    return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+
+
+class PadSameAroundAChain(nn.Module):
+    """timm's Conv2dSame (TF's 'same' padding, from the input's size) before and after a 1x1 conv chain: torch.export's
+    graph computes the second pad from the size of a conv the chain's merge replaces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(4, 4, 3, stride=2)
+        self.a, self.bn_a = nn.Conv2d(4, 6, 1, bias=False), nn.BatchNorm2d(6)
+        self.b, self.bn_b = nn.Conv2d(6, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.c = nn.Conv2d(8, 8, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(_pad_same(x, 3, 2))
+        y = torch.relu(self.bn_b(self.b(self.bn_a(self.a(y)))))
+        return self.c(_pad_same(y, 3, 2))
+
+
+def test_a_replaced_conv_the_graphs_size_arithmetic_still_reads_keeps_its_own_weights(monkeypatch) -> None:
+    """The merged conv took the module path of a conv it replaced, whose op stayed in the graph for the size it gives:
+    that op then ran with the merged weights and the fused module raised (timm's tf_efficientnet_b0 on the
+    torch.export route: no module returned).  The merged conv now takes a path of its own there."""
+    monkeypatch.setattr(trace, "fx_with_shapes", lambda *args, **kwargs: None)  # the torch.export route
+    torch.manual_seed(0)
+    module = PadSameAroundAChain().double().eval()
+    fused = convmerge.fuse(module, input_size=(16, 16))
+    assert any(isinstance(m, nn.Conv2d) and (m.in_channels, m.out_channels) == (4, 8) for m in fused.modules())
+    for shape in [(1, 4, 16, 16), (2, 4, 9, 13)]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), module(x), rtol=1e-10, atol=1e-10)

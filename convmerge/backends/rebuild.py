@@ -57,7 +57,7 @@ def fused_module(module: nn.Module, plan: Optional[Plan], traced: Traced, dynami
         raise TraceError(f"the traced graph has no node for {', '.join(missing[:3])}: cannot rebuild the module")
     replaced = {n for u in applied for n in u.layers}
     current = dict(nodes)  # a merged output is read through its new conv by later merges too
-    later: list[tuple[str, nn.Module]] = []  # convs that take the place of a replaced layer's module
+    later: list[tuple[str, nn.Module, fx.Node]] = []  # convs that take the place of a replaced layer's module
     for unit in applied:
         source, output = current[unit.input], nodes[unit.output]
         target = _free_name(gm, unit.name, replaced)
@@ -67,16 +67,20 @@ def fused_module(module: nn.Module, plan: Optional[Plan], traced: Traced, dynami
             if isinstance(unit.spec, ConvSpec) and not unit.spec.symmetric:
                 pads = [p for a in reversed(unit.spec.axes) for p in a.pad]
                 x = graph.call_function(F.pad, (x, pads), {"mode": _PAD_MODE[unit.spec.padding_mode]})
-            if target in replaced and _has_module(gm, target):  # its old nodes (a batch norm's running_mean) go first
-                later.append((target, conv))
-            else:
+            first = target in replaced and _has_module(gm, target)  # its old nodes (a BN's running_mean) go first
+            if not first:
                 _set_module(gm, target, conv)
             new = graph.call_module(target, (x,))
+            if first:
+                later.append((target, conv, new))
         output.replace_all_uses_with(new)
         current[unit.output] = new
     inside = {nodes[n] for n in replaced if n in nodes}  # an in-place join inside a merged part: no one else sees it
     graph.eliminate_dead_code(lambda node: node.is_impure() or (mutates(node, gm) and node not in inside))  # `y += x`
-    for target, conv in later:
+    read = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+    for target, conv, new in later:
+        if any(r.startswith(target + ".") for r in read):  # a replaced op still runs: torch.export's size arithmetic
+            new.target = target = _suffixed(gm, target)     # reads its output (tf_efficientnet_b0's 'same' pads)
         _set_module(gm, target, conv)
     _activations_in_place(gm)
     sized = sized_merges(plan, len(placeholders)) if plan is not None else None
