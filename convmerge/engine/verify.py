@@ -205,11 +205,9 @@ def _past_borders(graph: Graph, layers: Sequence[str], start: str, merged: ConvS
     a = merged.axes[k]
     period = a.stride
     fallback = max(first, 4 * (a.extent + sum(a.pad)) + 4 * period + 8)
-    size = [4 * (b.extent + sum(b.pad)) + 64 for b in merged.axes]
     n, run = first, 0
     while n < fallback:
-        size[k] = n
-        apart = _apart(graph, layers, start, merged, tuple(size), k)
+        apart = _apart(graph, layers, start, merged, _on_axis(merged, k, n), k)
         if apart is None:
             return fallback
         run = run + 1 if apart else 0
@@ -294,9 +292,12 @@ def _conv_zone(a: Axis, src: tuple[int, int, int], n: Optional[int] = None) -> t
 
 
 def _runs_axis(graph: Graph, layers: Sequence[str], start: str, k: int, n: int, merged: ConvSpec) -> bool:
-    size = [4 * (a.extent + sum(a.pad)) + 64 for a in merged.axes]
-    size[k] = n
-    return layers_run(graph, layers, start, tuple(size), merged)
+    return layers_run(graph, layers, start, _on_axis(merged, k, n), merged)
+
+
+def _on_axis(merged: ConvSpec, k: int, n: int) -> tuple[int, ...]:
+    """Length n on axis k, and on the others one well past the merged conv's reach (where they run and are apart)."""
+    return tuple(n if i == k else 4 * (a.extent + sum(a.pad)) + 64 for i, a in enumerate(merged.axes))
 
 
 def layer_sizes(graph: Graph, layers: Sequence[str], start: str, size: Sequence[int]) -> dict[str, tuple[int, ...]]:
