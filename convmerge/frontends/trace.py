@@ -154,22 +154,20 @@ def fx_with_shapes(module: nn.Module, leaves: Sequence[type | str], example_size
         if (traced.blind_spots or (traced.untraced and not enter) or _assigned_proxies(module)
                 or any(t._version != v for t, v in zip(tensors, versions))):  # fx ran a write to a buffer for real
             raise TraceError("torch.fx: blind spots")
-        for d, items in contents:  # a cache of values computed from the tensors alone: the graph computes them
-            d.clear()
-            d.update(items)
     except Exception:  # noqa: BLE001 - torch.export, the main tracer, says why where it fails too
         for m, attributes, parameters, buffers, modules in kept:  # what the trace assigned (a Proxy) is undone
             m.__dict__.clear()
             m.__dict__.update(attributes)
             m._parameters.clear(), m._buffers.clear(), m._modules.clear()
             m._parameters.update(parameters), m._buffers.update(buffers), m._modules.update(modules)
-        for d, items in contents:
-            d.clear()
-            d.update(items)
         with torch.no_grad():
             for b, value in stored:
                 b.copy_(value)
         return None
+    finally:  # either way, what fx wrote into a dict (a cache: on success, of values the graph computes) is taken out
+        for d, items in contents:
+            d.clear()
+            d.update(items)
     traced.notes.insert(0, traced_note("torch.fx", example, origin))
     return traced
 
