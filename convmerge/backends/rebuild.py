@@ -11,7 +11,7 @@ It computes the inference form (batch norms folded with their running statistics
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Container, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,9 +77,9 @@ def fused_module(module: nn.Module, plan: Optional[Plan], traced: Traced, dynami
         current[unit.output] = new
     inside = {nodes[n] for n in replaced if n in nodes}  # an in-place join inside a merged part: no one else sees it
     graph.eliminate_dead_code(lambda node: node.is_impure() or (mutates(node, gm) and node not in inside))  # `y += x`
-    read = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+    read = _attributes_read(graph)
     for target, conv, new in later:
-        if any(r.startswith(target + ".") for r in read):  # a replaced op still runs: torch.export's size arithmetic
+        if _reads_tensors_of(read, target):  # a replaced op still runs: torch.export's size arithmetic
             new.target = target = _suffixed(gm, target)     # reads its output (tf_efficientnet_b0's 'same' pads)
         _set_module(gm, target, conv)
     _activations_in_place(gm)
@@ -262,16 +262,13 @@ def away_from(gm: fx.GraphModule, old: Mapping[str, nn.Module]) -> None:
         if node.op == "call_module" and node.target in old and gm.get_submodule(node.target) is not old[node.target]:
             target = str(node.target)
             if target not in moved:
-                base, k = target.replace(".", "_") + "_merged", 1
-                new = base
-                while hasattr(gm, new) or new in old:
-                    new, k = f"{base}_{k}", k + 1
+                new = _suffixed(gm, target + "_merged", avoid=old)
                 gm.add_submodule(new, gm.get_submodule(target))
                 moved[target] = new
             node.target = moved[target]
-    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}  # ``self.proj.weight.dtype``
+    read = _attributes_read(gm.graph)  # ``self.proj.weight.dtype``
     for target in moved:
-        if any(r.startswith(target + ".") for r in read):
+        if _reads_tensors_of(read, target):
             _set_module(gm, target, old[target])  # its own tensors, as they were
         else:
             gm.delete_submodule(target)
@@ -279,12 +276,21 @@ def away_from(gm: fx.GraphModule, old: Mapping[str, nn.Module]) -> None:
         gm.recompile()
 
 
-def _suffixed(gm: fx.GraphModule, base: str) -> str:
+def _suffixed(gm: fx.GraphModule, base: str, avoid: Container[str] = ()) -> str:
     base = base.replace(".", "_")
     cand, k = base, 1
-    while hasattr(gm, cand):
+    while hasattr(gm, cand) or cand in avoid:
         cand, k = f"{base}_{k}", k + 1
     return cand
+
+
+def _attributes_read(graph: fx.Graph) -> set[str]:
+    return {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+
+
+def _reads_tensors_of(read: set[str], target: str) -> bool:
+    """Whether the graph (`_attributes_read`) still reads a tensor of the module at `target`."""
+    return any(r.startswith(target + ".") for r in read)
 
 
 def _has_module(gm: fx.GraphModule, target: str) -> bool:
