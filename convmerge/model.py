@@ -42,6 +42,14 @@ def module_tensors(state: Mapping[str, torch.Tensor]) -> Tensors:
     return Tensors({k: ModuleTensor(v) for k, v in state.items()}, lambda name: state[name].detach())
 
 
+def traced_graph(module: Any, traced: Any) -> tuple[Graph, Tensors]:
+    """The graph of a traced module (`trace.Traced`) and its tensors: the module's state and what the trace computed."""
+    tensors = module_tensors({**module.state_dict(), **traced.tensors})
+    graph = parse(traced.doc, tensors.info, "traced module")
+    graph.notes[:0] = traced.notes
+    return graph, tensors
+
+
 @dataclass
 class Described:
     """A model file with its description: the graph, where it came from, and its tensors, including
